@@ -1,0 +1,1 @@
+"""dglm.engine: diffusion-guided controllable generation."""
