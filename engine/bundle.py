@@ -1,0 +1,132 @@
+"""Bundle directories: config.json + safetensors, never pickle.
+
+    <bundle>/config.json                 BundleConfig (below), with the encoder/decoder references
+    <bundle>/score_network.safetensors   ScoreNetwork state dict
+    <bundle>/prompt_generator.safetensors
+    <bundle>/probes.safetensors          all probes, labels and metrics in the header metadata
+
+Encoder and decoder are references (a name or a path; relative paths resolve against the bundle).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from dglm.engine.networks import PromptGeneratorConfig, ScoreNetConfig
+from dglm.engine.sampling import SamplerConfig
+from safetensors.torch import load_file, save_file
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "dglm-bundle"
+VERSION = 1
+SCORE_NET_FILE = "score_network.safetensors"
+PROMPT_GEN_FILE = "prompt_generator.safetensors"
+PROBES_FILE = "probes.safetensors"
+BUNDLES_DIR = Path(__file__).resolve().parent / "bundles"
+
+
+@dataclass(frozen=True)
+class BundleConfig:
+    encoder: str  # sentence-transformers name or path (relative: to the bundle directory)
+    decoder: str  # "smollm2", a Hugging Face name, or a path
+    score_network: ScoreNetConfig
+    prompt_generator: PromptGeneratorConfig
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)  # the bundle's default sampler
+    cfg_scale: float = 1.0  # default classifier-free guidance weight w (1 = conditional only)
+    trained: bool = True  # False for bundles made with untrained (random) networks
+    notes: str = ""  # free text: how the bundle was made
+
+    def __post_init__(self) -> None:
+        if self.score_network.latent_dim != self.prompt_generator.latent_dim:
+            raise ValueError(
+                "score_network.latent_dim and prompt_generator.latent_dim differ: "
+                f"{self.score_network.latent_dim} vs {self.prompt_generator.latent_dim}"
+            )
+
+    def to_dict(self) -> dict:
+        return {"format": FORMAT, "version": VERSION, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> BundleConfig:
+        data = dict(data)
+        if data.pop("format", None) != FORMAT:
+            raise ValueError(f"not a {FORMAT} config.json")
+        version = data.pop("version", None)
+        if version != VERSION:
+            raise ValueError(
+                f"bundle format version {version} is not supported (expected {VERSION})"
+            )
+        return cls(
+            encoder=data.pop("encoder"),
+            decoder=data.pop("decoder"),
+            score_network=ScoreNetConfig.from_dict(data.pop("score_network")),
+            prompt_generator=PromptGeneratorConfig.from_dict(data.pop("prompt_generator")),
+            sampler=SamplerConfig(**data.pop("sampler", {})),
+            **data,
+        )
+
+
+def resolve_bundle_dir(name_or_path: str | Path) -> Path:
+    """A bundle directory, or the name of one shipped with the package (e.g. "default")."""
+    path = Path(name_or_path)
+    if (path / "config.json").is_file():
+        return path
+    shipped = BUNDLES_DIR / str(name_or_path)
+    if (shipped / "config.json").is_file():
+        return shipped
+    available = (
+        sorted(p.name for p in BUNDLES_DIR.iterdir() if (p / "config.json").is_file())
+        if BUNDLES_DIR.is_dir()
+        else []
+    )
+    raise ValueError(
+        f"no bundle at {str(name_or_path)!r}: expected a directory with config.json, or one of the "
+        f"shipped bundles {available}"
+    )
+
+
+def resolve_reference(ref: str, bundle_dir: Path) -> str:
+    """A relative path in config.json points inside the bundle; names pass through."""
+    candidate = bundle_dir / ref
+    if not Path(ref).is_absolute() and candidate.exists():
+        return str(candidate)
+    return ref
+
+
+def read_config(bundle_dir: Path) -> BundleConfig:
+    with open(bundle_dir / "config.json") as f:
+        return BundleConfig.from_dict(json.load(f))
+
+
+def save_state(module: torch.nn.Module, path: Path, dtype: torch.dtype = torch.float16) -> None:
+    state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in module.state_dict().items()}
+    save_file(state, str(path))
+
+
+def load_state(module: torch.nn.Module, path: Path) -> None:
+    state = load_file(str(path))
+    ref = module.state_dict()
+    missing, unexpected = set(ref) - set(state), set(state) - set(ref)
+    if missing or unexpected:
+        raise ValueError(
+            f"{path.name}: weights do not match the config (missing {sorted(missing)[:5]}, "
+            f"unexpected {sorted(unexpected)[:5]})"
+        )
+    for k, v in state.items():
+        if v.shape != ref[k].shape:
+            raise ValueError(
+                f"{path.name}: {k} has shape {tuple(v.shape)}, config expects {tuple(ref[k].shape)}"
+            )
+    module.load_state_dict({k: v.to(ref[k].dtype) for k, v in state.items()})
+
+
+def write_config(config: BundleConfig, bundle_dir: Path) -> None:
+    bundle_dir.mkdir(parents=True, exist_ok=True)
+    with open(bundle_dir / "config.json", "w") as f:
+        json.dump(config.to_dict(), f, indent=2)
+        f.write("\n")

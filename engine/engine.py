@@ -1,0 +1,409 @@
+"""The batched DGLM engine: prefix → latent proposal (guided) → soft prompt → decoder.
+
+engine = Engine.from_pretrained("default")
+outs = engine.generate(["The movie was"], GenerationParams(controls=(Control("sentiment", "positive"),)))
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+from dglm.engine import bundle as bundle_io
+from dglm.engine.bundle import BundleConfig
+from dglm.engine.encoder import SentenceEncoder
+from dglm.engine.networks import PromptGenerator, ScoreNetwork
+from dglm.engine.probes import Control, Probe, ProbeSet, load_probes, save_probes
+from dglm.engine.sampling import Guidance, SamplerConfig, draw_noise, sample
+from dglm.kernels.guided_update import select_guided_update
+
+logger = logging.getLogger(__name__)
+
+STAGES = ("encode", "diffusion", "prompt_generator", "prefill", "decode")
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    controls: tuple[Control, ...] = ()  # probe guidance, composed by summed loss
+    num_samples: int = 1  # continuations per prompt
+    seed: int | None = None  # None: fresh randomness
+    max_new_tokens: int = 32
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 0.95
+    top_k: int = 0  # 0 = off
+    stop: tuple[str, ...] = ()  # stop strings (cut from the text)
+    cfg_scale: float | None = None  # classifier-free guidance weight; None: the bundle's
+    num_inference_steps: int | None = None  # None: the bundle's sampler setting
+    sampler: str | None = None  # "ddpm" | "ddim"; None: the bundle's
+    guidance_mode: str | None = None  # "fast" | "exact"; None: the bundle's
+    renoise_alpha2: float | None = None  # None: the bundle's (0.95 in the reference)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.controls, Control):
+            object.__setattr__(self, "controls", (self.controls,))
+        object.__setattr__(self, "controls", tuple(self.controls))
+        object.__setattr__(self, "stop", tuple(self.stop))
+        for c in self.controls:
+            if not isinstance(c, Control):
+                raise ValueError(f"controls must be Control objects, got {c!r}")
+            if not math.isfinite(c.scale):
+                raise ValueError(
+                    f"controls: scale for probe {c.probe!r} must be finite, got {c.scale!r}"
+                )
+        _int_in("num_samples", self.num_samples, 1, 1024)
+        _int_in("max_new_tokens", self.max_new_tokens, 1, 1 << 20)
+        if self.seed is not None:
+            _int_in("seed", self.seed, 0, 2**62)
+        _finite_in("temperature", self.temperature, 0.0, 100.0)
+        _finite_in("top_p", self.top_p, 1e-6, 1.0)
+        _int_in("top_k", self.top_k, 0, 1 << 30)
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise ValueError(f"stop strings must be non-empty strings, got {self.stop!r}")
+        if self.cfg_scale is not None:
+            _finite_in("cfg_scale", self.cfg_scale, -100.0, 100.0)
+
+    def sampler_config(self, base: SamplerConfig) -> SamplerConfig:
+        overrides = {
+            k: getattr(self, k)
+            for k in ("num_inference_steps", "sampler", "guidance_mode", "renoise_alpha2")
+            if getattr(self, k) is not None
+        }
+        return replace(base, **overrides) if overrides else base
+
+
+def _int_in(name: str, value: object, lo: int, hi: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise ValueError(f"{name} must be an integer in [{lo}, {hi}], got {value!r}")
+
+
+def _finite_in(name: str, value: object, lo: float, hi: float) -> None:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or not lo <= value <= hi
+    ):
+        raise ValueError(f"{name} must be a finite number in [{lo}, {hi}], got {value!r}")
+
+
+@dataclass
+class Sample:
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop" | "length"
+    latent: torch.Tensor  # (d,) the sampled continuation latent x̂0 (before re-noising), fp32 CPU
+
+
+@dataclass
+class RequestOutput:
+    prompt: str
+    samples: list[Sample]
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage, for the batch
+
+    @property
+    def text(self) -> str:
+        return self.samples[0].text
+
+
+class Engine:
+    def __init__(
+        self,
+        config: BundleConfig,
+        encoder: SentenceEncoder,
+        score_net: ScoreNetwork,
+        prompt_gen: PromptGenerator,
+        probes: list[Probe],
+        decoder: torch.nn.Module,
+        tokenizer,
+        device: torch.device,
+        dtype: torch.dtype,
+        guided_update: str = "auto",
+    ) -> None:
+        self.config = config
+        self.encoder = encoder
+        self.score_net = score_net.eval().to(device, dtype)
+        self.prompt_gen = prompt_gen.eval().to(device, dtype)
+        self.decoder = decoder
+        self.tokenizer = tokenizer
+        self.device, self.dtype = device, dtype
+        if encoder.dim != config.score_network.latent_dim:
+            raise ValueError(
+                f"encoder {config.encoder!r} is {encoder.dim}-d but the score network expects "
+                f"{config.score_network.latent_dim}-d latents"
+            )
+        if decoder.hidden_size != config.prompt_generator.decoder_dim:
+            raise ValueError(
+                f"decoder {config.decoder!r} has width {decoder.hidden_size} but the prompt generator "
+                f"emits {config.prompt_generator.decoder_dim}-d vectors"
+            )
+        self.probes = ProbeSet(probes, encoder.dim)
+        self.update_fn = select_guided_update(device, guided_update)
+        if not config.trained:
+            logger.warning("bundle networks are untrained (random): outputs are not meaningful")
+
+    # ---------------------------------------------------------------- loading and saving
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_name: str | Path = "default",
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | str = torch.float32,
+        guided_update: str = "auto",
+    ) -> Engine:
+        from dglm.engine.decoders import load_decoder
+
+        device = torch.device(device)
+        dtype = _as_dtype(dtype)
+        bundle_dir = bundle_io.resolve_bundle_dir(path_or_name)
+        config = bundle_io.read_config(bundle_dir)
+        score_net = ScoreNetwork(config.score_network)
+        bundle_io.load_state(score_net, bundle_dir / bundle_io.SCORE_NET_FILE)
+        prompt_gen = PromptGenerator(config.prompt_generator)
+        bundle_io.load_state(prompt_gen, bundle_dir / bundle_io.PROMPT_GEN_FILE)
+        probes_path = bundle_dir / bundle_io.PROBES_FILE
+        probes = load_probes(probes_path) if probes_path.exists() else []
+        encoder = SentenceEncoder(
+            bundle_io.resolve_reference(config.encoder, bundle_dir), device=device
+        )
+        decoder, tokenizer = load_decoder(
+            bundle_io.resolve_reference(config.decoder, bundle_dir), device=device, dtype=dtype
+        )
+        logger.info("loaded bundle %s (%d probes)", bundle_dir, len(probes))
+        return cls(
+            config,
+            encoder,
+            score_net,
+            prompt_gen,
+            probes,
+            decoder,
+            tokenizer,
+            device,
+            dtype,
+            guided_update,
+        )
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """Write this engine's bundle (networks in fp16, probes in fp32) to `path`."""
+        out = Path(path)
+        bundle_io.write_config(self.config, out)
+        bundle_io.save_state(self.score_net, out / bundle_io.SCORE_NET_FILE)
+        bundle_io.save_state(self.prompt_gen, out / bundle_io.PROMPT_GEN_FILE)
+        save_probes(out / bundle_io.PROBES_FILE, list(self.probes.probes.values()))
+
+    def add_probe(self, probe: Probe) -> None:
+        self.probes.add(probe)
+
+    # ---------------------------------------------------------------- generation
+    def validate(self, prompts: list[str], params: list[GenerationParams]) -> list[list[int]]:
+        """All user-input checks, before any model work; returns the prefix token ids."""
+        if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)):
+            raise ValueError(f"prompts must be a list of strings, got {type(prompts).__name__}")
+        if not prompts:
+            raise ValueError("prompts is empty: pass at least one prompt")
+        if len(params) != len(prompts):
+            raise ValueError(f"params has {len(params)} entries for {len(prompts)} prompts")
+        prefix_ids = []
+        p_len = self.config.prompt_generator.prompt_len
+        for i, (prompt, p) in enumerate(zip(prompts, params, strict=True)):
+            if not isinstance(prompt, str) or not prompt.strip():
+                raise ValueError(
+                    f"prompts[{i}] is empty ({prompt!r}): every prompt needs some text"
+                )
+            self.probes.validate(p.controls)
+            p.sampler_config(self.config.sampler)  # validates the overrides
+            ids = self.tokenizer.encode(prompt)
+            total = len(ids) + p_len + p.max_new_tokens
+            if total > self.decoder.max_context:
+                raise ValueError(
+                    f"max_new_tokens={p.max_new_tokens} for prompts[{i}] ({len(ids)} tokens + {p_len} "
+                    f"soft-prompt vectors) exceeds the decoder's context of {self.decoder.max_context}"
+                )
+            prefix_ids.append(ids)
+        return prefix_ids
+
+    def generate(
+        self,
+        prompts: list[str],
+        params: GenerationParams | list[GenerationParams] | None = None,
+    ) -> list[RequestOutput]:
+        """One output per prompt, in input order; each holds `num_samples` samples."""
+        from dglm.engine.decoding import DecodeParams
+        from dglm.engine.decoding import generate as decode
+
+        if params is None:
+            params = GenerationParams()
+        if isinstance(params, GenerationParams):
+            params = [params] * (len(prompts) if isinstance(prompts, (list, tuple)) else 1)
+        params = list(params)
+        prefix_ids = self.validate(prompts, params)
+
+        timings = dict.fromkeys(STAGES, 0.0)
+        t0 = time.perf_counter()
+        # rows: one per sample; row → (request, sample index)
+        rows = [(i, j) for i, p in enumerate(params) for j in range(p.num_samples)]
+        seeds = []
+        for i, j in rows:
+            base = params[i].seed if params[i].seed is not None else random.getrandbits(62)
+            seeds.append(base + j)
+
+        t = time.perf_counter()
+        ctx = self.encoder.latents(list(prompts)).to(self.device)  # (N, d)
+        timings["encode"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        x0 = torch.empty(len(rows), self.encoder.dim, device=self.device)
+        renoise_noise = torch.empty_like(x0)
+        renoise_a2 = torch.empty(len(rows), device=self.device)
+        groups: dict[SamplerConfig, list[int]] = {}
+        for r, (i, _) in enumerate(rows):
+            groups.setdefault(params[i].sampler_config(self.config.sampler), []).append(r)
+        for sampler_cfg, idx in groups.items():
+            x0[idx], renoise_noise[idx] = self._sample_group(
+                sampler_cfg, [rows[r] for r in idx], [seeds[r] for r in idx], ctx, params
+            )
+            renoise_a2[idx] = sampler_cfg.renoise_alpha2
+        timings["diffusion"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        with torch.inference_mode():
+            a2 = renoise_a2[:, None]
+            z = a2.sqrt() * x0 + (1 - a2).sqrt() * renoise_noise
+            soft_prompt = self.prompt_gen(z.to(self.dtype), renoise_a2.to(self.dtype))  # (R, P, H)
+        timings["prompt_generator"] = time.perf_counter() - t
+
+        decode_params = [
+            DecodeParams(
+                max_new_tokens=params[i].max_new_tokens,
+                temperature=params[i].temperature,
+                top_p=params[i].top_p,
+                top_k=params[i].top_k,
+                seed=seeds[r] ^ 0x5DEECE66D,
+                stop=params[i].stop,
+            )
+            for r, (i, _) in enumerate(rows)
+        ]
+        results, dec_t = decode(
+            self.decoder,
+            self.tokenizer,
+            [prefix_ids[i] for i, _ in rows],
+            decode_params,
+            soft_prompt=soft_prompt,
+        )
+        timings["prefill"] = dec_t.get("prefill_s", 0.0)
+        timings["decode"] = dec_t.get("decode_s", 0.0)
+        timings["total"] = time.perf_counter() - t0
+
+        outputs = [RequestOutput(prompt=p, samples=[], timings=dict(timings)) for p in prompts]
+        latents = x0.float().cpu()
+        for r, (i, _) in enumerate(rows):
+            res = results[r]
+            outputs[i].samples.append(
+                Sample(res.text, list(res.token_ids), res.finish_reason, latents[r])
+            )
+        return outputs
+
+    @torch.no_grad()
+    def _sample_group(
+        self,
+        cfg: SamplerConfig,
+        rows: list[tuple[int, int]],
+        seeds: list[int],
+        ctx: torch.Tensor,
+        params: list[GenerationParams],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Diffusion for the rows sharing one sampler config → (x̂0 (R, d), re-noising noise (R, d))."""
+        d, n = self.encoder.dim, cfg.num_inference_steps
+        gens = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
+        noise = draw_noise(gens, n + 2, d, self.device)  # (steps + 2, R, d)
+        req = [i for i, _ in rows]
+        context = ctx[req]
+        cfg_scale = torch.tensor(
+            [
+                params[i].cfg_scale if params[i].cfg_scale is not None else self.config.cfg_scale
+                for i in req
+            ],
+            device=self.device,
+        )
+        use_cfg = bool((cfg_scale != 1.0).any())
+        targets, scales = self.probes.batch_targets([params[i].controls for i in req])
+        guidance = Guidance(
+            self.probes.weight.to(self.device),
+            self.probes.bias.to(self.device),
+            targets.to(self.device),
+            scales.to(self.device),
+        )
+        net, dt = self.score_net, self.dtype
+
+        def model_fn(
+            z: torch.Tensor, alpha2: torch.Tensor
+        ) -> tuple[torch.Tensor, torch.Tensor | None]:
+            if not use_cfg:
+                return net(z.to(dt), context.to(dt), alpha2.to(dt)).float(), None
+            b = z.shape[0]
+            drop = torch.arange(2 * b, device=z.device) >= b  # second half: null context
+            v = net(
+                torch.cat((z, z)).to(dt),
+                torch.cat((context, context)).to(dt),
+                torch.cat((alpha2, alpha2)).to(dt),
+                drop,
+            )
+            return v[:b].float(), v[b:].float()
+
+        mc = None
+        if cfg.guidance_mode == "exact":
+
+            def mc(step: int) -> torch.Tensor:
+                return torch.stack([torch.randn(cfg.mc_samples, d, generator=g) for g in gens]).to(
+                    self.device
+                )
+
+        x0 = sample(model_fn, noise[: n + 1], cfg, cfg_scale, guidance, self.update_fn, mc)
+        return x0, noise[n + 1]
+
+    def info(self) -> dict:
+        return {
+            "encoder": self.config.encoder,
+            "decoder": self.config.decoder,
+            "latent_dim": self.encoder.dim,
+            "decoder_width": self.decoder.hidden_size,
+            "decoder_context": self.decoder.max_context,
+            "score_network": {
+                **self.config.score_network.__dict__,
+                "parameters": sum(p.numel() for p in self.score_net.parameters()),
+            },
+            "prompt_generator": {
+                **self.config.prompt_generator.__dict__,
+                "parameters": sum(p.numel() for p in self.prompt_gen.parameters()),
+            },
+            "sampler": self.config.sampler.__dict__,
+            "cfg_scale": self.config.cfg_scale,
+            "trained": self.config.trained,
+            "probes": {
+                name: {"labels": list(p.labels), "metrics": p.metrics}
+                for name, p in self.probes.probes.items()
+            },
+            "guided_update": getattr(self.update_fn, "__name__", str(self.update_fn)),
+            "device": str(self.device),
+            "dtype": str(self.dtype).replace("torch.", ""),
+        }
+
+
+def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    table = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+    }
+    if dtype not in table:
+        raise ValueError(f"dtype must be one of {sorted(table)}, got {dtype!r}")
+    return table[dtype]

@@ -1,0 +1,169 @@
+"""The score network (semantic diffusion over sentence embeddings) and the prompt generator.
+
+Both follow the DGLM reference (shared/design/reference.md) with widths that scale with the encoder
+(latent_dim = the encoder's width d) and the decoder (the prompt generator's output width).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+import torch
+from dglm.engine.layers import TimeMLP, Transformer
+from torch import nn
+
+
+def _positive(owner: str, **values: int) -> None:
+    for name, value in values.items():
+        if not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{owner}.{name} must be a positive integer, got {value!r}")
+
+
+def _from_dict(cls, data: dict):
+    known = {f.name for f in fields(cls)}
+    unknown = set(data) - known
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown fields {sorted(unknown)}")
+    return cls(**data)
+
+
+@dataclass(frozen=True)
+class ScoreNetConfig:
+    latent_dim: int = 384  # d: the encoder's embedding width
+    dim: int = 256  # transformer width
+    depth: int = 8  # transformer blocks (even: dense skips pair them)
+    head_dim: int = 64  # attention head width
+    num_tokens: int = 32  # T: tokens the splicers cut a latent into
+    output_dim_mult: int = 8  # inverse splicer width: d·mult/T per token
+
+    def __post_init__(self) -> None:
+        _positive("ScoreNetConfig", **{k: v for k, v in asdict(self).items()})
+        if self.dim % self.head_dim or self.dim % 2:
+            raise ValueError(
+                f"ScoreNetConfig.dim={self.dim} must be even and divisible by head_dim={self.head_dim}"
+            )
+        if self.depth % 2:
+            raise ValueError(f"ScoreNetConfig.depth must be even (dense skips), got {self.depth}")
+        for mult in (8, 4, self.output_dim_mult):
+            if (self.latent_dim * mult) % self.num_tokens:
+                raise ValueError(
+                    f"ScoreNetConfig: latent_dim·{mult}={self.latent_dim * mult} is not divisible by "
+                    f"num_tokens={self.num_tokens}"
+                )
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ScoreNetConfig:
+        return _from_dict(cls, data)
+
+
+SCORE_NET_PRESETS: dict[str, ScoreNetConfig] = {
+    # The reference's shape (Sentence-T5 XL latents).
+    "reference": ScoreNetConfig(latent_dim=768, dim=768, depth=12),
+    # The default bundle's shape (all-MiniLM-L6-v2 latents).
+    "small": ScoreNetConfig(latent_dim=384, dim=256, depth=8),
+    # For tests.
+    "tiny": ScoreNetConfig(latent_dim=32, dim=64, depth=2, head_dim=32, num_tokens=8),
+}
+
+
+class ScoreNetwork(nn.Module):
+    """v-prediction network: (z_t (B,d), context (B,d) | None, alpha² (B,)) → v̂ (B,d).
+
+    Splicer: Linear(d → 8d) → T tokens of 8d/T → Linear → dim/2; context splicer likewise with 4d;
+    a learned null context replaces the prefix for classifier-free guidance.
+    """
+
+    def __init__(self, config: ScoreNetConfig) -> None:
+        super().__init__()
+        self.config = c = config
+        d, t, half = c.latent_dim, c.num_tokens, c.dim // 2
+        self.splice_in = nn.Linear(d, 8 * d)
+        self.splice_tok = nn.Linear(8 * d // t, half)
+        self.ctx_in = nn.Linear(d, 4 * d)
+        self.ctx_tok = nn.Linear(4 * d // t, half)
+        self.null_context = nn.Parameter(torch.randn(d))
+        self.time_mlp = TimeMLP(c.dim, half)
+        self.input_proj = nn.Linear(c.dim, c.dim)
+        self.transformer = Transformer(c.dim, c.depth, c.head_dim, half, t, dense=True)
+        self.unsplice_tok = nn.Linear(c.dim, d * c.output_dim_mult // t)
+        self.unsplice_out = nn.Linear(d * c.output_dim_mult, d)
+
+    def forward(
+        self,
+        z: torch.Tensor,  # (B, d) noised latent
+        context: torch.Tensor | None,  # (B, d) prefix latent, None = null context for every row
+        alpha2: torch.Tensor,  # (B,) noise level
+        drop_context: torch.Tensor | None = None,  # (B,) bool: rows that use the null context
+    ) -> torch.Tensor:
+        b, t = z.shape[0], self.config.num_tokens
+        null = self.null_context.to(z.dtype).expand(b, -1)
+        if context is None:
+            context = null
+        elif drop_context is not None:
+            context = torch.where(drop_context[:, None], null, context)
+        x = self.splice_tok(self.splice_in(z).view(b, t, -1))  # (B, T, dim/2)
+        c = self.ctx_tok(self.ctx_in(context).view(b, t, -1))  # (B, T, dim/2)
+        h = self.input_proj(torch.cat((x, c), dim=-1))  # (B, T, dim)
+        h = self.transformer(h, self.time_mlp(alpha2))
+        return self.unsplice_out(self.unsplice_tok(h).reshape(b, -1))  # (B, d)
+
+
+@dataclass(frozen=True)
+class PromptGeneratorConfig:
+    latent_dim: int = 384  # d: the encoder's embedding width
+    decoder_dim: int = 576  # width of the decoder's token embeddings (soft-prompt vectors)
+    dim: int = 256  # transformer width
+    depth: int = 4  # transformer blocks
+    head_dim: int = 64  # attention head width
+    prompt_len: int = 8  # P: soft-prompt vectors per latent
+
+    def __post_init__(self) -> None:
+        _positive("PromptGeneratorConfig", **{k: v for k, v in asdict(self).items()})
+        if self.dim % self.head_dim:
+            raise ValueError(
+                f"PromptGeneratorConfig.dim={self.dim} must be divisible by head_dim={self.head_dim}"
+            )
+        if (4 * self.latent_dim) % self.prompt_len or self.latent_dim % 2:
+            raise ValueError(
+                f"PromptGeneratorConfig: 4·latent_dim={4 * self.latent_dim} must be divisible by "
+                f"prompt_len={self.prompt_len} and latent_dim even"
+            )
+
+    @classmethod
+    def from_dict(cls, data: dict) -> PromptGeneratorConfig:
+        return _from_dict(cls, data)
+
+
+PROMPT_GENERATOR_PRESETS: dict[str, PromptGeneratorConfig] = {
+    # The reference's shape (Sentence-T5 XL → GPT-2 Large).
+    "reference": PromptGeneratorConfig(latent_dim=768, decoder_dim=1280, dim=768, depth=6),
+    # The default bundle's shape (all-MiniLM-L6-v2 → SmolLM2-135M).
+    "small": PromptGeneratorConfig(latent_dim=384, decoder_dim=576, dim=256, depth=4),
+    "tiny": PromptGeneratorConfig(
+        latent_dim=32, decoder_dim=64, dim=64, depth=2, head_dim=32, prompt_len=4
+    ),
+}
+
+
+class PromptGenerator(nn.Module):
+    """(noised latent (B,d), alpha² (B,)) → soft prompt (B, P, decoder_dim).
+
+    Splicer Linear(d → 4d) → P tokens → Linear → dim; time-conditioned transformer (no dense
+    skips); Linear(dim → decoder_dim).
+    """
+
+    def __init__(self, config: PromptGeneratorConfig) -> None:
+        super().__init__()
+        self.config = c = config
+        d, p = c.latent_dim, c.prompt_len
+        self.splice_in = nn.Linear(d, 4 * d)
+        self.splice_tok = nn.Linear(4 * d // p, c.dim)
+        self.time_mlp = TimeMLP(d, d // 2)
+        self.transformer = Transformer(c.dim, c.depth, c.head_dim, d // 2, p, dense=False)
+        self.out = nn.Linear(c.dim, c.decoder_dim)
+
+    def forward(self, z: torch.Tensor, alpha2: torch.Tensor) -> torch.Tensor:
+        b, p = z.shape[0], self.config.prompt_len
+        h = self.splice_tok(self.splice_in(z).view(b, p, -1))  # (B, P, dim)
+        h = self.transformer(h, self.time_mlp(alpha2))
+        return self.out(h)  # (B, P, decoder_dim)
