@@ -1,1 +1,6 @@
-"""dglm.engine: diffusion-guided controllable generation."""
+"""dglm.engine: diffusion-guided controllable generation behind a batched Engine API."""
+
+from dglm.engine.engine import Engine, GenerationParams, RequestOutput, Sample
+from dglm.engine.probes import Control, Probe
+
+__all__ = ["Control", "Engine", "GenerationParams", "Probe", "RequestOutput", "Sample"]
