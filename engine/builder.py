@@ -20,7 +20,7 @@ from dglm.engine.probes import Probe, load_probes, save_probes, train_probe
 
 logger = logging.getLogger(__name__)
 
-SEED_SENTIMENT = Path(__file__).resolve().parent / "data" / "sentiment_seed.jsonl"
+SEED_SENTIMENT = Path(__file__).resolve().parent / "assets" / "sentiment_seed.jsonl"
 
 
 def read_labelled_jsonl(path: str | Path) -> tuple[list[str], list[str]]:
