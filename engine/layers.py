@@ -64,6 +64,11 @@ class TimeScaleShift(nn.Module):
         return x * (scale + 1) + shift
 
 
+# Attention on CUDA uses the fused Triton kernel (dglm.kernels.attention) when triton is installed;
+# set False to force the PyTorch path (A/B benchmarks, debugging). CPU always uses PyTorch.
+FUSED_ATTENTION = True
+
+
 class Attention(nn.Module):
     def __init__(self, dim: int, head_dim: int, time_dim: int) -> None:
         super().__init__()
@@ -80,6 +85,17 @@ class Attention(nn.Module):
         b, t, d = x.shape
         h = self.time_cond(self.pre_norm(x), time_emb)
         q, k, v = self.to_qkv(h).view(b, t, 3, self.n_heads, self.head_dim).unbind(2)  # (B,T,H,Dh)
+        if FUSED_ATTENTION and q.is_cuda and not q.requires_grad:
+            # One Triton launch for qk-norm + attention over all (item, head) pairs, reading the
+            # strided q/k/v views in place and writing (B, T, H, Dh) = to_out's layout. The kernel
+            # has no backward, so autograd (`exact` guidance, training) stays on the path below.
+            from dglm.kernels.attention import fused_attention_supported, qk_norm_attention
+
+            assert self.q_norm.eps == self.k_norm.eps
+            if fused_attention_supported(t, self.head_dim):
+                w_q, w_k = self.q_norm.weight, self.k_norm.weight
+                o = qk_norm_attention(q, k, v, w_q, w_k, self.q_norm.eps)  # (B, T, H, Dh)
+                return self.to_out(o.view(b, t, d))
         q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = (y.transpose(1, 2) for y in (q, k, v))  # (B, H, T, Dh)
         o = F.scaled_dot_product_attention(q, k, v)  # softmax(q·kᵀ/√Dh)·v, bidirectional
