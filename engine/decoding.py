@@ -1,0 +1,331 @@
+"""KV-cached batched generation for the compact decoders.
+
+Row layout in the cache: left padding, prefix tokens, P soft-prompt vectors, generated tokens.
+Positions count real tokens only (pads excluded), as HF does from an attention mask.
+
+Sampling is the exponential race / Gumbel-max trick: argmax(log p − log E), E ~ Exp(1) drawn from a
+per-row torch.Generator, so a row's samples depend only on its own seed, never on its batch
+neighbours, and no torch.multinomial (a host sync) is needed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+from dglm.engine.decoders.base import Decoder, KVCache
+
+logger = logging.getLogger(__name__)
+
+# the host looks at the generated tokens (stop strings, all rows finished) every this many steps
+STOP_CHECK_EVERY = 8
+
+
+@dataclass(frozen=True)
+class DecodeParams:
+    max_new_tokens: int = 32  # tokens to generate at most
+    temperature: float = 1.0  # softmax temperature; 0 = greedy
+    top_p: float = 1.0  # nucleus mass in (0, 1]; 1 = off
+    top_k: int = 0  # keep the k most likely tokens; 0 = off
+    seed: int | None = None  # sampling seed; None = drawn from torch's global RNG
+    stop: tuple[str, ...] = ()  # generation ends before the first of these strings
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be ≥ 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be ≥ 0 (0 = greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be ≥ 0 (0 = off), got {self.top_k}")
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise ValueError(f"stop must be a tuple of non-empty strings, got {self.stop!r}")
+
+
+@dataclass
+class DecodeResult:
+    token_ids: list[int]  # generated tokens only, stop string / EOS excluded
+    text: str  # their text, cut at the first stop string
+    finish_reason: str  # "stop" (EOS or stop string) | "length"
+
+
+def filter_logits(scores: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor):
+    """Top-k, then top-p (nucleus) filtering of temperature-scaled logits, as HF's warpers.
+
+    scores (B, V) fp32; top_k (B, 1) long, 0 = off; top_p (B, 1) fp32, 1 = off.
+    Returns (sorted filtered scores (B, V), descending, −inf where removed; their token ids (B, V)).
+    Nucleus (Holtzman et al., 2020, "The Curious Case of Neural Text Degeneration"): drop the
+    tokens whose ascending cumulative probability is ≤ 1 − top_p, always keeping the top one.
+    """
+    V = scores.shape[-1]
+    sorted_scores, sorted_ids = scores.sort(dim=-1, descending=True)  # (B, V)
+    k = torch.where(top_k > 0, top_k.clamp(max=V), V)  # (B, 1)
+    kth = sorted_scores.gather(-1, k - 1)  # (B, 1): ties with the k-th score are kept, as in HF
+    sorted_scores = sorted_scores.masked_fill(sorted_scores < kth, float("-inf"))
+    probs = sorted_scores.softmax(dim=-1)
+    tail = probs.flip(-1).cumsum(-1).flip(-1)  # (B, V): mass of this token and all less likely
+    remove = tail <= 1 - top_p
+    remove[:, 0] = False
+    return sorted_scores.masked_fill(remove, float("-inf")), sorted_ids
+
+
+def sample_tokens(
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    greedy: torch.Tensor,
+    gumbel: torch.Tensor | None,
+    use_filter: bool,
+) -> torch.Tensor:
+    """Next tokens (B,) long from logits (B, V) fp32; per row: greedy argmax where `greedy`,
+    else the Gumbel-max sample argmax(logits / T − log E) after top-k / top-p filtering.
+
+    temperature (B, 1) (1 on greedy rows), top_k (B, 1), top_p (B, 1), greedy (B,) bool;
+    gumbel (B, V) = −log E, None when every row is greedy. No host sync.
+    """
+    best = logits.argmax(dim=-1)  # (B,)
+    if gumbel is None:
+        return best
+    scores = logits / temperature  # (B, V)
+    if use_filter:
+        scores, ids = filter_logits(scores, top_k, top_p)
+        sampled = ids.gather(-1, (scores + gumbel).argmax(dim=-1, keepdim=True))[:, 0]
+    else:
+        sampled = (scores + gumbel).argmax(dim=-1)
+    return torch.where(greedy, best, sampled)
+
+
+def _eos_ids(decoder: Decoder, tokenizer) -> list[int]:
+    ids = list(getattr(decoder, "eos_token_ids", ()))
+    tok_eos = getattr(tokenizer, "eos_token_id", None)
+    if tok_eos is not None:
+        ids.append(int(tok_eos))
+    return list(dict.fromkeys(ids))
+
+
+def _pad_id(decoder: Decoder, tokenizer, eos: list[int]) -> int:
+    for pad in (getattr(tokenizer, "pad_token_id", None), decoder.config.pad_token_id):
+        if pad is not None and 0 <= pad < decoder.vocab_size:
+            return int(pad)
+    return eos[0] if eos else 0
+
+
+def _decode(tokenizer, ids: list[int]) -> str:
+    if tokenizer is None:
+        return ""
+    return tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def _first_stop(text: str, stops: tuple[str, ...]) -> int:
+    """Index of the first occurrence of any stop string in text, or −1."""
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(hits) if hits else -1
+
+
+def _check_cache(cache: KVCache | None, decoder: Decoder, batch: int, need: int) -> KVCache:
+    if cache is None:
+        return decoder.new_cache(batch, need)
+    if cache.batch_size < batch or cache.max_len < need:
+        raise ValueError(
+            f"cache of {cache.batch_size} rows × {cache.max_len} slots is too small for "
+            f"{batch} rows × {need} slots; allocate it with decoder.new_cache({batch}, {need})"
+        )
+    if cache.dtype != decoder.dtype or cache.device != decoder.device:
+        raise ValueError(
+            f"cache is {cache.dtype} on {cache.device} but the decoder is {decoder.dtype} on "
+            f"{decoder.device}"
+        )
+    return cache.rows(batch) if cache.batch_size > batch else cache
+
+
+@torch.inference_mode()
+def generate(
+    decoder: Decoder,
+    tokenizer,
+    prefix_ids: list[list[int]],
+    params: list[DecodeParams],
+    soft_prompt: torch.Tensor | None = None,
+    cache: KVCache | None = None,
+) -> tuple[list[DecodeResult], dict[str, float]]:
+    """Generate a continuation per row → (results in row order, {"prefill_s", "decode_s"}).
+
+    prefix_ids: token ids per row (may be empty when a soft prompt follows); params: one per row
+    (or one for all); soft_prompt (B, P, H) is spliced after each prefix; cache: a KVCache of at
+    least B rows × (longest prefix + P + max_new_tokens) slots to reuse, else one is allocated.
+
+    The decode loop keeps everything on the device: no .item(), no torch.multinomial, no Python
+    branch on tensor values; the host reads the tokens only every STOP_CHECK_EVERY steps (stop
+    strings and the all-rows-finished exit). Finished rows keep feeding pad but their output is
+    frozen.
+    """
+    B = len(prefix_ids)
+    if B == 0:
+        raise ValueError("prefix_ids is empty: pass at least one row")
+    params = list(params)
+    if len(params) == 1 and B > 1:
+        params = params * B
+    if len(params) != B:
+        raise ValueError(f"params has {len(params)} entries for {B} rows of prefix_ids")
+    P = 0
+    if soft_prompt is not None:
+        if soft_prompt.ndim != 3 or soft_prompt.shape[0] != B:
+            raise ValueError(
+                f"soft_prompt has shape {tuple(soft_prompt.shape)}, expected ({B}, P, "
+                f"{decoder.hidden_size})"
+            )
+        if soft_prompt.shape[2] != decoder.hidden_size:
+            raise ValueError(
+                f"soft_prompt width {soft_prompt.shape[2]} != decoder hidden_size "
+                f"{decoder.hidden_size}"
+            )
+        P = soft_prompt.shape[1]
+    lens = [len(p) for p in prefix_ids]
+    if P == 0 and min(lens) == 0:
+        raise ValueError(f"prefix_ids[{lens.index(0)}] is empty and there is no soft prompt")
+    device = decoder.device
+    eos = _eos_ids(decoder, tokenizer)
+    pad = _pad_id(decoder, tokenizer, eos)
+    t_prefix = max(lens)
+    t0 = t_prefix + P  # prefill length
+    max_new = max(p.max_new_tokens for p in params)
+    total = t0 + max_new
+    if total > decoder.max_context:
+        raise ValueError(
+            f"{t_prefix} prefix tokens + {P} soft-prompt vectors + max_new_tokens={max_new} "
+            f"exceed the decoder's context of {decoder.max_context}"
+        )
+    t_start = time.perf_counter()
+    cache = _check_cache(cache, decoder, B, total)
+    cache.reset()
+
+    # ---- host-side setup: padded ids, key mask, positions, sampler settings
+    ids = torch.full((B, t_prefix), pad, dtype=torch.long)
+    key_mask = torch.ones(B, total, dtype=torch.bool)  # (B, S): prefix + soft + generated are real
+    for b, row in enumerate(prefix_ids):
+        if row:
+            ids[b, t_prefix - len(row) :] = torch.tensor(row, dtype=torch.long)
+        key_mask[b, : t_prefix - len(row)] = False
+    positions = (key_mask[:, :t0].long().cumsum(-1) - 1).clamp_min(0)  # (B, T0)
+    next_pos = torch.tensor([n + P for n in lens], dtype=torch.long)  # (B,)
+    temps = [p.temperature if p.temperature > 0 else 1.0 for p in params]
+    greedy_rows = [p.temperature == 0 for p in params]
+    temperature = torch.tensor(temps, dtype=torch.float32)[:, None]  # (B, 1)
+    top_k = torch.tensor([p.top_k for p in params], dtype=torch.long)[:, None]  # (B, 1)
+    top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32)[:, None]  # (B, 1)
+    greedy = torch.tensor(greedy_rows, dtype=torch.bool)  # (B,)
+    sampled_rows = [b for b in range(B) if not greedy_rows[b]]
+    use_filter = any(params[b].top_k > 0 or params[b].top_p < 1 for b in sampled_rows)
+    ids, key_mask, positions, next_pos = (
+        t.to(device) for t in (ids, key_mask, positions, next_pos)
+    )
+    temperature, top_k, top_p, greedy = (t.to(device) for t in (temperature, top_k, top_p, greedy))
+    generators = {}
+    for b in sampled_rows:
+        seed = params[b].seed
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (1,)).item())
+        generators[b] = torch.Generator(device=device).manual_seed(seed)
+    noise = torch.ones(B, decoder.vocab_size, device=device) if sampled_rows else None  # (B, V)
+    eos_t = torch.tensor(eos or [-1], dtype=torch.long, device=device)
+    out = torch.full((B, max_new), pad, dtype=torch.long, device=device)  # generated tokens
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    row_max = [p.max_new_tokens for p in params]
+    stop_at: dict[int, int] = {}  # row → index into its text where a stop string starts
+    tiny = torch.finfo(torch.float32).tiny
+
+    def next_tokens(logits: torch.Tensor) -> torch.Tensor:  # (B, V) → (B,)
+        gumbel = None
+        if noise is not None:
+            for b, g in generators.items():
+                noise[b].exponential_(generator=g)
+            gumbel = noise.clamp_min_(tiny).log_().neg_()  # −log E, E ~ Exp(1), in place
+        tok = sample_tokens(logits, temperature, top_k, top_p, greedy, gumbel, use_filter)
+        return tok.masked_fill_(finished, pad)
+
+    # ---- prefill: pads, prefix, soft prompt in one causal pass
+    x = decoder.embed(ids)  # (B, T_prefix, H)
+    if P:
+        x = torch.cat([x, soft_prompt.to(device=device, dtype=x.dtype)], dim=1)  # (B, T0, H)
+    logits = decoder(x, positions, cache, key_mask[:, :t0], last_only=True)[:, -1]  # (B, V)
+    tok = next_tokens(logits)
+    out[:, 0] = tok
+    finished |= torch.isin(tok, eos_t)
+    _sync(device)
+    t_prefill = time.perf_counter()
+
+    # ---- decode: one token per row per step, static cache, no host sync between checks
+    steps = 1
+    for step in range(1, max_new):
+        if step % STOP_CHECK_EVERY == 0 and _check(
+            out, finished, steps, row_max, params, tokenizer, pad, eos, stop_at
+        ):
+            break
+        x = decoder.embed(tok[:, None])  # (B, 1, H)
+        logits = decoder(x, next_pos[:, None], cache, key_mask[:, : cache.length + 1])[:, -1]
+        next_pos += 1
+        tok = next_tokens(logits)
+        out[:, step] = tok
+        finished |= torch.isin(tok, eos_t)
+        steps += 1
+    _sync(device)
+    t_decode = time.perf_counter()
+
+    results = _results(out[:, :steps].tolist(), row_max, params, tokenizer, eos)
+    timings = {
+        "prefill_s": t_prefill - t_start,
+        "decode_s": t_decode - t_prefill,
+        "decode_steps": float(steps - 1),
+    }
+    return results, timings
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _check(out, finished, steps, row_max, params, tokenizer, pad, eos, stop_at) -> bool:
+    """Host check every few steps: mark rows that hit a stop string finished; True when every
+    row is done (EOS, stop string, or its own max_new_tokens)."""
+    done = finished.tolist()
+    stop_rows = [b for b, p in enumerate(params) if p.stop and not done[b]]
+    if stop_rows:
+        rows = out[stop_rows, :steps].tolist()
+        for b, toks in zip(stop_rows, rows, strict=True):
+            toks = _until_eos(toks[: row_max[b]], eos)
+            if _first_stop(_decode(tokenizer, toks), params[b].stop) >= 0:
+                finished[b] = True
+                done[b] = True
+    return all(d or steps >= row_max[b] for b, d in enumerate(done))
+
+
+def _until_eos(toks: list[int], eos: list[int]) -> list[int]:
+    for i, t in enumerate(toks):
+        if t in eos:
+            return toks[:i]
+    return toks
+
+
+def _results(out, row_max, params, tokenizer, eos) -> list[DecodeResult]:
+    results = []
+    for b, row in enumerate(out):
+        row = row[: row_max[b]]
+        toks = _until_eos(row, eos)
+        reason = "stop" if len(toks) < len(row) else "length"
+        text = _decode(tokenizer, toks)
+        cut = _first_stop(text, params[b].stop) if params[b].stop else -1
+        if cut >= 0:
+            text, reason = text[:cut], "stop"
+            # keep the tokens whose text lies entirely before the stop string
+            n = 0
+            while n < len(toks) and len(_decode(tokenizer, toks[: n + 1])) <= cut:
+                n += 1
+            toks = toks[:n]
+        results.append(DecodeResult(toks, text, reason))
+    return results
