@@ -125,6 +125,176 @@ def cmd_probe_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bar(total: int, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, dynamic_ncols=True, disable=None)
+
+
+def cmd_data_pairs(args: argparse.Namespace) -> int:
+    from dglm.engine.data import SOURCES
+    from dglm.engine.recipes import prepare_pairs
+
+    sources = sorted(SOURCES) if args.sources == "all" else args.sources.split(",")
+    counts = prepare_pairs(
+        args.out, sources, args.decoder, args.prefix_tokens, args.continuation_tokens, args.limit
+    )
+    print(json.dumps({"out": args.out, "pairs": counts}))
+    return 0
+
+
+def cmd_data_embed(args: argparse.Namespace) -> int:
+    from dglm.engine.recipes import embed_pairs
+
+    bars: dict = {}
+
+    def progress(split: str, done: int, total: int) -> None:
+        bar = bars.setdefault(split, _bar(total, f"embed {split}"))
+        bar.update(done - bar.n)
+
+    counts = embed_pairs(args.data, args.encoder, args.device, progress)
+    for bar in bars.values():
+        bar.close()
+    print(json.dumps({"data": args.data, "latents": counts}))
+    return 0
+
+
+def _train_config(args: argparse.Namespace):
+    from dglm.engine.training import TrainConfig
+
+    return TrainConfig(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        warmup=args.warmup,
+        ema_decay=args.ema_decay,
+        eval_every=args.eval_every,
+        save_every=args.save_every,
+        seed=args.seed,
+    )
+
+
+def _progress(total: int, desc: str):
+    bar = _bar(total, desc)
+
+    def update(step: int, logs: dict) -> None:
+        bar.update(step - bar.n)
+        bar.set_postfix(
+            {
+                k: f"{v:.4g}"
+                for k, v in logs.items()
+                if k in ("loss", "eval_loss", "eval_loss_a2_0.95")
+            }
+        )
+
+    return bar, update
+
+
+def cmd_train_diffusion(args: argparse.Namespace) -> int:
+    from dglm.engine.networks import SCORE_NET_PRESETS, ScoreNetwork
+    from dglm.engine.recipes import load_latents
+    from dglm.engine.training import train_diffusion
+
+    if args.preset not in SCORE_NET_PRESETS:
+        raise ValueError(
+            f"--preset must be one of {sorted(SCORE_NET_PRESETS)}, got {args.preset!r}"
+        )
+    train, held = load_latents(args.data, "train"), load_latents(args.data, "eval")
+    preset = SCORE_NET_PRESETS[args.preset]
+    net = ScoreNetwork(type(preset)(**{**preset.__dict__, "latent_dim": train[0].shape[1]}))
+    cfg = _train_config(args)
+    torch_seed(cfg.seed)
+    bar, update = _progress(cfg.steps, "diffusion")
+    train_diffusion(net, train, held, args.out, cfg, args.device, update)
+    bar.close()
+    print(json.dumps({"out": args.out, "steps": cfg.steps}))
+    return 0
+
+
+def cmd_train_prompt_generator(args: argparse.Namespace) -> int:
+    from dglm.engine.decoders import load_decoder
+    from dglm.engine.networks import PROMPT_GENERATOR_PRESETS, PromptGenerator
+    from dglm.engine.recipes import load_token_pairs
+    from dglm.engine.training import train_prompt_generator
+
+    if args.preset not in PROMPT_GENERATOR_PRESETS:
+        raise ValueError(
+            f"--preset must be one of {sorted(PROMPT_GENERATOR_PRESETS)}, got {args.preset!r}"
+        )
+    decoder, tok = load_decoder(args.decoder, device=args.device)
+    train = load_token_pairs(args.data, "train", tok, args.limit)
+    held = load_token_pairs(args.data, "eval", tok)
+    preset = PROMPT_GENERATOR_PRESETS[args.preset]
+    pg = PromptGenerator(
+        type(preset)(
+            **{
+                **preset.__dict__,
+                "latent_dim": train[2].shape[1],
+                "decoder_dim": decoder.hidden_size,
+            }
+        )
+    )
+    cfg = _train_config(args)
+    torch_seed(cfg.seed)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    bar, update = _progress(cfg.steps, "prompt generator")
+    train_prompt_generator(pg, decoder, train, held, pad, args.out, cfg, args.device, update)
+    bar.close()
+    print(json.dumps({"out": args.out, "steps": cfg.steps}))
+    return 0
+
+
+def cmd_train_probe(args: argparse.Namespace) -> int:
+    from dglm.engine.probes import save_probes
+    from dglm.engine.recipes import train_named_probe
+
+    probe = train_named_probe(args.which, args.encoder, args.device)
+    save_probes(args.out, [probe])
+    print(json.dumps({"probe": probe.name, "labels": list(probe.labels), **probe.metrics}))
+    return 0
+
+
+def cmd_bundle_assemble(args: argparse.Namespace) -> int:
+    from dglm.engine.recipes import assemble_bundle
+    from dglm.engine.sampling import SamplerConfig
+
+    sampler = SamplerConfig(sampler=args.sampler, num_inference_steps=args.steps)
+    assemble_bundle(
+        args.out,
+        args.diffusion,
+        args.prompt_generator,
+        args.probes,
+        args.encoder,
+        args.decoder,
+        sampler,
+        args.cfg_scale,
+        args.notes,
+    )
+    print(f"wrote a trained bundle to {args.out}")
+    return 0
+
+
+def torch_seed(seed: int) -> None:
+    import torch
+
+    torch.manual_seed(seed)
+
+
+def _add_train_args(p: argparse.ArgumentParser, steps: int, batch: int, lr: float) -> None:
+    p.add_argument("data", help="directory made by `dglm data pairs` + `dglm data embed`")
+    p.add_argument("--out", required=True, help="run directory (resumes from its checkpoint.pt)")
+    p.add_argument("--preset", default="small")
+    p.add_argument("--steps", type=int, default=steps)
+    p.add_argument("--batch-size", type=int, default=batch)
+    p.add_argument("--lr", type=float, default=lr)
+    p.add_argument("--warmup", type=int, default=200)
+    p.add_argument("--ema-decay", type=float, default=0.999)
+    p.add_argument("--eval-every", type=int, default=500)
+    p.add_argument("--save-every", type=int, default=500)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dglm", description="Diffusion-guided controllable generation")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
@@ -164,6 +334,41 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--device", default="cpu")
     i.set_defaults(func=cmd_info)
 
+    d = sub.add_parser("data", help="prepare training data from the offline sources")
+    dsub = d.add_subparsers(dest="data_command", required=True)
+    dp = dsub.add_parser(
+        "pairs", help="cut texts into prefix/continuation pairs (hash split train/eval)"
+    )
+    dp.add_argument("--out", required=True)
+    dp.add_argument("--sources", default="all", help="comma-separated, or 'all'")
+    dp.add_argument("--decoder", default="smollm2", help="whose tokenizer cuts the pairs")
+    dp.add_argument("--prefix-tokens", type=int, default=32)
+    dp.add_argument("--continuation-tokens", type=int, default=32)
+    dp.add_argument("--limit", type=int, default=None)
+    dp.set_defaults(func=cmd_data_pairs)
+    de = dsub.add_parser("embed", help="encode pairs into latents")
+    de.add_argument("data")
+    de.add_argument("--encoder", default="all-MiniLM-L6-v2")
+    de.add_argument("--device", default="cpu")
+    de.set_defaults(func=cmd_data_embed)
+
+    t = sub.add_parser("train", help="train the networks and probes")
+    tsub = t.add_subparsers(dest="train_command", required=True)
+    td = tsub.add_parser("diffusion", help="the score network (v-prediction, CFG dropout, EMA)")
+    _add_train_args(td, steps=20_000, batch=256, lr=3e-4)
+    td.set_defaults(func=cmd_train_diffusion)
+    tp = tsub.add_parser("prompt-generator", help="the prompt generator against the frozen decoder")
+    _add_train_args(tp, steps=5_000, batch=16, lr=3e-4)
+    tp.add_argument("--decoder", default="smollm2")
+    tp.add_argument("--limit", type=int, default=None, help="use only the first N training pairs")
+    tp.set_defaults(func=cmd_train_prompt_generator)
+    tb = tsub.add_parser("probe", help="a logistic probe from the offline labelled sets")
+    tb.add_argument("which", choices=("sentiment", "topic"))
+    tb.add_argument("--out", required=True, help="probe safetensors file")
+    tb.add_argument("--encoder", default="all-MiniLM-L6-v2")
+    tb.add_argument("--device", default="cpu")
+    tb.set_defaults(func=cmd_train_probe)
+
     b = sub.add_parser("bundle", help="make bundles")
     bsub = b.add_subparsers(dest="bundle_command", required=True)
     bc = bsub.add_parser(
@@ -181,6 +386,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="add a sentiment probe trained on the small labelled set shipped with the engine",
     )
     bc.set_defaults(func=cmd_bundle_create)
+
+    ba = bsub.add_parser("assemble", help="a trained bundle from training runs and probe files")
+    ba.add_argument("out")
+    ba.add_argument("--diffusion", required=True, help="run directory of `dglm train diffusion`")
+    ba.add_argument(
+        "--prompt-generator", required=True, help="run directory of `dglm train prompt-generator`"
+    )
+    ba.add_argument("--probes", nargs="*", default=[], help="probe safetensors files")
+    ba.add_argument("--encoder", default="all-MiniLM-L6-v2")
+    ba.add_argument("--decoder", default="smollm2")
+    ba.add_argument("--sampler", default="ddpm", choices=("ddpm", "ddim"))
+    ba.add_argument("--steps", type=int, default=50)
+    ba.add_argument("--cfg-scale", type=float, default=1.0)
+    ba.add_argument("--notes", default="")
+    ba.set_defaults(func=cmd_bundle_assemble)
 
     pr = sub.add_parser("probe", help="probes")
     psub = pr.add_subparsers(dest="probe_command", required=True)

@@ -1,0 +1,188 @@
+"""The steps that build a bundle from offline data, as library functions the CLI wraps.
+
+dglm data pairs    --out D            text → prefix/continuation pairs (train / eval by hash)
+dglm data embed    D                  pairs → encoder latents (safetensors)
+dglm train diffusion D --out R1       score network (resumable)
+dglm train prompt-generator D --out R2
+dglm train probe sentiment|topic --out P.safetensors
+dglm bundle assemble OUT --diffusion R1 --prompt-generator R2 --probes P.safetensors ...
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from dglm.engine import bundle as bundle_io
+from dglm.engine import data as data_mod
+from dglm.engine.bundle import BundleConfig
+from dglm.engine.encoder import SentenceEncoder
+from dglm.engine.networks import PromptGeneratorConfig, ScoreNetConfig
+from dglm.engine.probes import Probe, load_probes, save_probes
+from dglm.engine.sampling import SamplerConfig
+from safetensors.torch import load_file, save_file
+
+logger = logging.getLogger(__name__)
+
+PAIRS = "pairs_{split}.jsonl"
+LATENTS = "latents_{split}.safetensors"
+
+
+def prepare_pairs(
+    out: str | Path,
+    sources: list[str],
+    decoder: str = "smollm2",
+    prefix_tokens: int = 32,
+    continuation_tokens: int = 32,
+    limit: int | None = None,
+) -> dict[str, int]:
+    """Write pairs_train.jsonl / pairs_eval.jsonl (split by the hash of the prefix + continuation)."""
+    from dglm.engine.decoders import load_decoder
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    _, tok = load_decoder(decoder)
+    splits: dict[str, list[data_mod.Pair]] = {"train": [], "eval": []}
+    for pair in data_mod.make_pairs(
+        data_mod.documents(sources), tok, prefix_tokens, continuation_tokens
+    ):
+        splits[data_mod.split_of(pair.prefix + pair.continuation)].append(pair)
+        if limit and sum(map(len, splits.values())) >= limit:
+            break
+    counts = {k: data_mod.write_jsonl(out / PAIRS.format(split=k), v) for k, v in splits.items()}
+    (out / "pairs.json").write_text(
+        json.dumps(
+            {
+                "sources": sources,
+                "decoder": decoder,
+                "prefix_tokens": prefix_tokens,
+                "continuation_tokens": continuation_tokens,
+                "counts": counts,
+            },
+            indent=2,
+        )
+    )
+    return counts
+
+
+def embed_pairs(
+    data_dir: str | Path, encoder: str = "all-MiniLM-L6-v2", device: str = "cpu", progress=None
+) -> dict[str, int]:
+    """latents_<split>.safetensors with prefix (N, d) and continuation (N, d) latents (fp16)."""
+    data_dir = Path(data_dir)
+    enc = SentenceEncoder(encoder, device=device)
+    counts = {}
+    for split in ("train", "eval"):
+        pairs = data_mod.read_pairs(data_dir / PAIRS.format(split=split))
+        chunks_p, chunks_c = [], []
+        step = 1024
+        for i in range(0, len(pairs), step):
+            part = pairs[i : i + step]
+            chunks_p.append(enc.latents([p.prefix for p in part]).half().cpu())
+            chunks_c.append(enc.latents([p.continuation for p in part]).half().cpu())
+            if progress:
+                progress(split, min(len(pairs), i + step), len(pairs))
+        save_file(
+            {"prefix": torch.cat(chunks_p), "continuation": torch.cat(chunks_c)},
+            str(data_dir / LATENTS.format(split=split)),
+            metadata={"encoder": encoder},
+        )
+        counts[split] = len(pairs)
+    return counts
+
+
+def load_latents(data_dir: str | Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    path = Path(data_dir) / LATENTS.format(split=split)
+    if not path.exists():
+        raise ValueError(f"no {path.name} in {data_dir}: run `dglm data embed {data_dir}` first")
+    t = load_file(str(path))
+    return t["prefix"].float(), t["continuation"].float()
+
+
+def load_token_pairs(data_dir: str | Path, split: str, tokenizer, limit: int | None = None):
+    """(prefix ids, continuation ids, continuation latents) for prompt-generator training."""
+    pairs = data_mod.read_pairs(Path(data_dir) / PAIRS.format(split=split))
+    _, cont_lat = load_latents(data_dir, split)
+    n = len(pairs) if limit is None else min(limit, len(pairs))
+    pre = [tokenizer.encode(p.prefix, add_special_tokens=False) for p in pairs[:n]]
+    cont = [tokenizer.encode(p.continuation, add_special_tokens=False) for p in pairs[:n]]
+    return pre, cont, cont_lat[:n]
+
+
+def train_named_probe(which: str, encoder: str = "all-MiniLM-L6-v2", device: str = "cpu") -> Probe:
+    """sentiment (Rotten Tomatoes fresh vs rotten) or topic (fortunes categories, one-vs-rest).
+
+    The held-out split is the engine-wide hash split, so evaluation texts are never trained on.
+    """
+    from dglm.engine.probes import train_probe
+
+    sets = {
+        "sentiment": (data_mod.sentiment_set, ("negative", "positive")),
+        "topic": (data_mod.topic_set, data_mod.TOPICS),
+    }
+    if which not in sets:
+        raise ValueError(f"probe must be one of {sorted(sets)}, got {which!r}")
+    loader, label_names = sets[which]
+    texts, labels = loader()
+    enc = SentenceEncoder(encoder, device=device)
+    emb = enc.embed(texts).cpu()
+    y = torch.tensor([label_names.index(label) for label in labels])
+    is_eval = torch.tensor([data_mod.split_of(t) == "eval" for t in texts])
+    probe = train_probe(which, emb[~is_eval], y[~is_eval], label_names)
+    pred = torch.tensor([label_names.index(p) for p in probe.predict(emb)])
+    metrics = {
+        "source": loader.__name__,
+        "train_size": int((~is_eval).sum()),
+        "test_size": int(is_eval.sum()),
+        "train_accuracy": float((pred[~is_eval] == y[~is_eval]).float().mean()),
+        "test_accuracy": float((pred[is_eval] == y[is_eval]).float().mean()),
+        "majority_baseline": float(torch.bincount(y[is_eval]).max() / is_eval.sum()),
+    }
+    logger.info("probe %s: %s", which, metrics)
+    return Probe(probe.name, probe.labels, probe.weight, probe.bias, metrics)
+
+
+def _ema_state(run_dir: Path, kind: str) -> tuple[dict, dict]:
+    path = Path(run_dir) / "checkpoint.pt"
+    if not path.exists():
+        raise ValueError(f"no checkpoint.pt in {run_dir}")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state["meta"]["kind"] != kind:
+        raise ValueError(f"{run_dir} is a {state['meta']['kind']} run, not {kind}")
+    return state["ema"], state["meta"]["model_config"]
+
+
+def assemble_bundle(
+    out: str | Path,
+    diffusion_run: str | Path,
+    prompt_generator_run: str | Path,
+    probe_files: list[str | Path],
+    encoder: str = "all-MiniLM-L6-v2",
+    decoder: str = "smollm2",
+    sampler: SamplerConfig | None = None,
+    cfg_scale: float = 1.0,
+    notes: str = "",
+) -> BundleConfig:
+    """A trained bundle from the EMA weights of two runs and probe files (fp16 networks)."""
+    from dglm.engine.networks import PromptGenerator, ScoreNetwork
+
+    sn_state, sn_cfg = _ema_state(Path(diffusion_run), "diffusion")
+    pg_state, pg_cfg = _ema_state(Path(prompt_generator_run), "prompt_generator")
+    sn, pg = (
+        ScoreNetwork(ScoreNetConfig(**sn_cfg)),
+        PromptGenerator(PromptGeneratorConfig(**pg_cfg)),
+    )
+    sn.load_state_dict(sn_state)
+    pg.load_state_dict(pg_state)
+    probes = [p for f in probe_files for p in load_probes(f)]
+    config = BundleConfig(
+        encoder, decoder, sn.config, pg.config, sampler or SamplerConfig(), cfg_scale, True, notes
+    )
+    out = Path(out)
+    bundle_io.write_config(config, out)
+    bundle_io.save_state(sn, out / bundle_io.SCORE_NET_FILE)
+    bundle_io.save_state(pg, out / bundle_io.PROMPT_GEN_FILE)
+    save_probes(out / bundle_io.PROBES_FILE, probes)
+    return config
