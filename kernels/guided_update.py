@@ -26,6 +26,7 @@ import logging
 import math
 import os
 
+import numpy as np
 import torch
 
 logger = logging.getLogger(__name__)
@@ -117,27 +118,32 @@ def _guided_update_cpu(
     """The C++ twin (`dglm.kernels._cpu.guided_update`) on fp32 CPU tensors."""
     from dglm.kernels import _cpu
 
-    def f32(t: torch.Tensor) -> torch.Tensor:
-        return t.detach().to(torch.float32).contiguous()
+    def f32(t: torch.Tensor) -> np.ndarray:
+        # fp32 tensors go in as zero-copy views (the op copies a non-contiguous one itself)
+        if t.dtype != torch.float32 or t.requires_grad:
+            t = t.detach().to(torch.float32)
+        return t.numpy()
 
-    z_next = torch.empty(z.shape, dtype=torch.float32)
-    x0 = torch.empty(z.shape, dtype=torch.float32)
+    out = np.empty((2, *z.shape), dtype=np.float32)  # (2, B, D): [z_next, x0]
     _cpu.guided_update(
-        f32(z).numpy(),
-        f32(v_cond).numpy(),
-        None if v_uncond is None else f32(v_uncond).numpy(),
-        f32(cfg_scale).numpy(),
-        f32(probe_weight).numpy(),
-        f32(probe_bias).numpy(),
-        f32(probe_target).numpy(),
-        f32(probe_scale).numpy(),
-        f32(noise).numpy(),
-        f32(coefs).numpy(),
+        f32(z),
+        f32(v_cond),
+        None if v_uncond is None else f32(v_uncond),
+        f32(cfg_scale),
+        f32(probe_weight),
+        f32(probe_bias),
+        f32(probe_target),
+        f32(probe_scale),
+        f32(noise),
+        f32(coefs),
         bool(rescale),
-        z_next.numpy(),
-        x0.numpy(),
+        out[0],
+        out[1],
     )
-    return z_next.to(z.dtype), x0.to(z.dtype)
+    z_next, x0 = torch.from_numpy(out[0]), torch.from_numpy(out[1])
+    if z.dtype != torch.float32:
+        z_next, x0 = z_next.to(z.dtype), x0.to(z.dtype)
+    return z_next, x0
 
 
 IMPLEMENTATIONS = ("auto", "reference", "cpp")
