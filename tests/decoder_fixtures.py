@@ -9,6 +9,7 @@ import string
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 import torch
 
 VOCAB = 101
@@ -102,6 +103,16 @@ TINY = {
     ),
 }
 FAMILIES = list(TINY)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Run these modules single-threaded: the models are tiny (or batch-1), and two OpenMP threads
+    on a busy 2-core machine spend far more time in barriers than in arithmetic."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def make_char_tokenizer(out: Path):

@@ -18,6 +18,7 @@ from decoder_fixtures import (
     left_pad,
     make_tiny_hf_dir,
     mask_positions,
+    one_thread,  # noqa: F401 - autouse fixture
     smollm2,
 )
 from dglm.engine.decoders import (
