@@ -16,12 +16,14 @@ Math, per row b (D = latent width, K = probes, all in fp32):
 `coefs` is a (B, 5) fp32 tensor [α_t, σ_t, c0, cz, n] so that rows may sit at different times and
 the step can be replayed from a CUDA graph without baking Python floats into it.
 
-Implementations sharing this contract: `guided_update_ref` (PyTorch, here) and the C++ op
-`dglm.kernels._cpu.guided_update` (CPU). `select_guided_update` picks one once per engine.
+Implementations sharing this contract: `guided_update_ref` (PyTorch, here), the C++ op
+`dglm.kernels._cpu.guided_update` (CPU) and `guided_update_triton` (Triton, here; CUDA, or CPU
+under TRITON_INTERPRET=1). `select_guided_update` picks one once per engine.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -146,7 +148,112 @@ def _guided_update_cpu(
     return z_next, x0
 
 
-IMPLEMENTATIONS = ("auto", "reference", "cpp")
+def _build_triton_kernel():
+    """Decorate the kernel on first use: TRITON_INTERPRET is read when @triton.jit runs."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _guided_update_kernel(
+        z_ptr, vc_ptr, vu_ptr, cfg_ptr, w_ptr, bias_ptr, tgt_ptr, scl_ptr, noise_ptr, coef_ptr,
+        z_next_ptr, x0_ptr,
+        D, K, sqrt_d, eps,
+        HAS_UNCOND: tl.constexpr, HAS_PROBES: tl.constexpr, RESCALE: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+    ):  # fmt: skip
+        # one program = one batch row; the module docstring has the math
+        row = tl.program_id(0).to(tl.int64)
+        d = tl.arange(0, BLOCK_D)
+        ok = d < D
+        offs = row * D + d
+        z = tl.load(z_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        v = tl.load(vc_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        alpha = tl.load(coef_ptr + row * 5 + 0).to(tl.float32)
+        sigma = tl.load(coef_ptr + row * 5 + 1).to(tl.float32)
+        c_x0 = tl.load(coef_ptr + row * 5 + 2).to(tl.float32)
+        c_z = tl.load(coef_ptr + row * 5 + 3).to(tl.float32)
+        c_noise = tl.load(coef_ptr + row * 5 + 4).to(tl.float32)
+        if HAS_UNCOND:  # v = v_u + w·(v_c − v_u)
+            v_u = tl.load(vu_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+            v = v_u + tl.load(cfg_ptr + row).to(tl.float32) * (v - v_u)
+        x0 = alpha * z - sigma * v  # v-prediction → x̂0
+        if RESCALE:  # x̂0 · √D / ‖x̂0‖
+            x0 = x0 * (sqrt_d / tl.maximum(tl.sqrt(tl.sum(x0 * x0, axis=0)), eps))
+        if HAS_PROBES:
+            n = tl.maximum(tl.sqrt(tl.sum(x0 * x0, axis=0)), eps)
+            u = x0 / n
+            g_u = tl.zeros([BLOCK_D], dtype=tl.float32)
+            for k in range(K):  # g_u = Σ_k s_k·(sigmoid(W_k·u + b_k) − y_k)·W_k, W_k read once
+                w = tl.load(w_ptr + k * D + d, mask=ok, other=0.0).to(tl.float32)
+                logit = tl.sum(w * u, axis=0) + tl.load(bias_ptr + k).to(tl.float32)
+                s = tl.load(scl_ptr + row * K + k).to(tl.float32)
+                y = tl.load(tgt_ptr + row * K + k).to(tl.float32)
+                g_u += s * (tl.sigmoid(logit) - y) * w
+            g = (g_u - tl.sum(g_u * u, axis=0) * u) / n  # through the normalisation
+            x0 = x0 - sigma * sigma * g
+            if RESCALE:
+                x0 = x0 * (sqrt_d / tl.maximum(tl.sqrt(tl.sum(x0 * x0, axis=0)), eps))
+        noise = tl.load(noise_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        z_next = c_x0 * x0 + c_z * z + c_noise * noise
+        tl.store(z_next_ptr + offs, z_next.to(z_next_ptr.dtype.element_ty), mask=ok)
+        tl.store(x0_ptr + offs, x0.to(x0_ptr.dtype.element_ty), mask=ok)
+
+    return _guided_update_kernel
+
+
+_triton_kernel = functools.cache(_build_triton_kernel)
+TRITON_MAX_DIM = 4096  # D in one block per row
+
+
+def guided_update_triton(
+    z: torch.Tensor,
+    v_cond: torch.Tensor,
+    v_uncond: torch.Tensor | None,
+    cfg_scale: torch.Tensor,
+    probe_weight: torch.Tensor,
+    probe_bias: torch.Tensor,
+    probe_target: torch.Tensor,
+    probe_scale: torch.Tensor,
+    noise: torch.Tensor,
+    coefs: torch.Tensor,
+    rescale: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Triton twin: one launch, one program per row, the K probes looped in-register.
+
+    Any float dtypes in, fp32 math, outputs in z's dtype. No host sync (safe to capture in a CUDA
+    graph once compiled by a first call). Runs on CUDA, or on CPU under TRITON_INTERPRET=1.
+    """
+    _check(z, v_cond, v_uncond, cfg_scale, probe_weight, probe_bias, probe_target, probe_scale,
+           noise, coefs)  # fmt: skip
+    b, d = z.shape
+    k = probe_weight.shape[0]
+    if d > TRITON_MAX_DIM:
+        raise ValueError(f"guided_update_triton handles D ≤ {TRITON_MAX_DIM}, got D={d}")
+    z_next = torch.empty((b, d), dtype=z.dtype, device=z.device)
+    x0 = torch.empty((b, d), dtype=z.dtype, device=z.device)
+    if b == 0:
+        return z_next, x0
+    z, v_cond, noise, coefs, cfg_scale = (
+        t.contiguous() for t in (z, v_cond, noise, coefs, cfg_scale)
+    )
+    has_uncond = v_uncond is not None
+    v_uncond = v_uncond.contiguous() if has_uncond else v_cond  # v_cond: a dummy, never read
+    if k > 0:
+        w, bias, tgt, scl = (t.contiguous() for t in (probe_weight, probe_bias, probe_target,
+                                                      probe_scale))  # fmt: skip
+    else:  # zero-size tensors may have no storage: pass z, never read
+        w = bias = tgt = scl = z
+    block_d = max(16, 1 << (d - 1).bit_length())
+    _triton_kernel()[(b,)](
+        z, v_cond, v_uncond, cfg_scale, w, bias, tgt, scl, noise, coefs, z_next, x0,
+        d, k, math.sqrt(d), _EPS,
+        HAS_UNCOND=has_uncond, HAS_PROBES=k > 0, RESCALE=bool(rescale),
+        BLOCK_D=block_d, num_warps=4 if block_d <= 1024 else 8,
+    )  # fmt: skip
+    return z_next, x0
+
+
+IMPLEMENTATIONS = ("auto", "reference", "cpp", "triton")
 
 
 def cpp_available() -> bool:
@@ -157,26 +264,54 @@ def cpp_available() -> bool:
     return True
 
 
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def select_guided_update(device: torch.device | str, prefer: str = "auto"):
     """Pick the guided-update implementation for `device` once; logs the choice.
 
-    prefer: "auto" (C++ on CPU, the reference elsewhere), or force "reference" or "cpp".
+    prefer: "auto" (Triton on CUDA, C++ on CPU, the reference otherwise), or force "reference",
+    "cpp" (CPU) or "triton" (CUDA; CPU only under TRITON_INTERPRET=1, for tests).
     The environment variable DGLM_GUIDED_UPDATE overrides "auto".
     """
     if prefer not in IMPLEMENTATIONS:
-        raise ValueError(f"guided_update implementation must be one of {IMPLEMENTATIONS}, got {prefer!r}")
+        raise ValueError(
+            f"guided_update implementation must be one of {IMPLEMENTATIONS}, got {prefer!r}"
+        )
     device = torch.device(device)
     if prefer == "auto":
         prefer = os.environ.get("DGLM_GUIDED_UPDATE", "auto")
     if prefer == "auto":
+        if device.type == "cuda" and triton_available():
+            logger.info("guided_update: Triton kernel")
+            return guided_update_triton
         if device.type == "cpu" and cpp_available():
             logger.info("guided_update: C++ op (dglm.kernels._cpu)")
             return _guided_update_cpu
-        logger.info("guided_update: PyTorch reference (C++ extension not built)")
+        why = "triton is not installed" if device.type == "cuda" else "C++ extension not built"
+        logger.info("guided_update: PyTorch reference (%s)", why)
         return guided_update_ref
     if prefer == "reference":
         logger.info("guided_update: PyTorch reference (forced)")
         return guided_update_ref
+    if prefer == "triton":
+        if not triton_available():
+            raise RuntimeError(
+                "guided_update 'triton' needs triton (pip install triton); "
+                "or set the guided_update implementation to 'auto'"
+            )
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise RuntimeError(
+                f"guided_update 'triton' runs on CUDA (on {device.type} only with "
+                "TRITON_INTERPRET=1, for tests); set the guided_update implementation to 'auto'"
+            )
+        logger.info("guided_update: Triton kernel (forced)")
+        return guided_update_triton
     # prefer == "cpp"
     if device.type != "cpu":
         raise RuntimeError("guided_update 'cpp' runs on CPU only; set the implementation to 'auto'")
@@ -198,5 +333,7 @@ __all__ = [
     "IMPLEMENTATIONS",
     "cpp_available",
     "guided_update_ref",
+    "guided_update_triton",
     "select_guided_update",
+    "triton_available",
 ]

@@ -15,7 +15,6 @@ pytest.importorskip("triton", reason="triton is not installed (pip install trito
 
 from dglm.kernels.attention import (  # noqa: E402
     MAX_TOKENS,
-    _build_kernel,
     qk_norm_attention,
     qk_norm_attention_ref,
 )
@@ -85,7 +84,7 @@ def test_rejects_bad_arguments(device, gen):
 
 @pytest.mark.parametrize(
     ("dtype", "block_t", "block_d"),
-    [(torch.float32, 64, 64), (torch.bfloat16, 64, 64), (torch.float16, 16, 32)],
+    [(torch.float32, 64, 64), (torch.bfloat16, 16, 32)],  # fp16 shares bf16's code path
     ids=str,
 )
 def test_compiles_for_sm90(compile_sm90, dtype, block_t, block_d):
@@ -96,8 +95,8 @@ def test_compiles_for_sm90(compile_sm90, dtype, block_t, block_d):
     sig |= dict.fromkeys(ints, "i32") | {"eps": "fp32", "qk_scale": "fp32"}
     precision = "ieee" if dtype == torch.float32 else "tf32"
     consts = {"BLOCK_T": block_t, "BLOCK_D": block_d, "DOT_PRECISION": precision}
-    shared, ptx = compile_sm90(_build_kernel, sig, consts, num_warps=4)
-    assert shared <= 227 * 1024 and ".entry" in ptx
+    out = compile_sm90("dglm.kernels.attention:_build_kernel", sig, consts, num_warps=4)
+    assert out["entry"] and out["shared"] <= 227 * 1024
 
 
 # ------------------------------------------------------------------------------------------ GPU
