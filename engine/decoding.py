@@ -76,29 +76,44 @@ def filter_logits(scores: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
 
 def sample_tokens(
     logits: torch.Tensor,
+    gumbel: torch.Tensor | None,
     temperature: torch.Tensor,
     top_k: torch.Tensor,
     top_p: torch.Tensor,
-    greedy: torch.Tensor,
-    gumbel: torch.Tensor | None,
-    use_filter: bool,
+    rows: torch.Tensor | None = None,
+    max_k: int = 0,
+    full_sort: bool = False,
 ) -> torch.Tensor:
-    """Next tokens (B,) long from logits (B, V) fp32; per row: greedy argmax where `greedy`,
-    else the Gumbel-max sample argmax(logits / T − log E) after top-k / top-p filtering.
+    """Next tokens (B,) long from logits (B, V) fp32. No host sync.
 
-    temperature (B, 1) (1 on greedy rows), top_k (B, 1), top_p (B, 1), greedy (B,) bool;
-    gumbel (B, V) = −log E, None when every row is greedy. No host sync.
+    Sampled rows draw the Gumbel-max sample argmax(filtered logits / T + G), G = −log(−log U)
+    (the exponential race; Gumbel 1954, as used by Kool et al., 2019, "Stochastic Beams and
+    Where to Find Them"); every other row is greedy (argmax of the raw logits, as HF).
+    gumbel (S, V) noise for the S sampled rows, None = every row greedy; rows (S,) long indexes
+    them (None = all B rows); temperature (S, 1), top_k (S, 1) long (0 = off), top_p (S, 1).
+    Host-side choices of the filter: full_sort sorts (exact top-k then top-p, as HF's warpers);
+    else max_k > 0 (every sampled row has 0 < top_k ≤ max_k) masks below the k-th score found
+    with torch.topk (ties kept, as HF); else no filtering.
     """
-    best = logits.argmax(dim=-1)  # (B,)
     if gumbel is None:
-        return best
-    scores = logits / temperature  # (B, V)
-    if use_filter:
-        scores, ids = filter_logits(scores, top_k, top_p)
-        sampled = ids.gather(-1, (scores + gumbel).argmax(dim=-1, keepdim=True))[:, 0]
+        return logits.argmax(dim=-1)
+    scores = logits if rows is None else logits.index_select(0, rows)  # (S, V)
+    scores = scores / temperature
+    if full_sort:
+        scores, ids = filter_logits(scores, top_k, top_p)  # sorted, (S, V) each
+        # noise stays attached to its token id, so a row samples the same token whichever
+        # filter path its batch takes
+        choice = (scores + gumbel.gather(-1, ids)).argmax(dim=-1, keepdim=True)  # (S, 1)
+        sampled = ids.gather(-1, choice)[:, 0]
     else:
-        sampled = (scores + gumbel).argmax(dim=-1)
-    return torch.where(greedy, best, sampled)
+        if max_k:
+            best = scores.topk(max_k, dim=-1).values  # (S, max_k), descending
+            kth = best.gather(-1, (top_k.clamp(1, max_k) - 1))  # (S, 1)
+            scores = scores.masked_fill(scores < kth, float("-inf"))
+        sampled = (scores + gumbel).argmax(dim=-1)  # (S,)
+    if rows is None:
+        return sampled
+    return logits.argmax(dim=-1).index_copy_(0, rows, sampled)
 
 
 def _eos_ids(decoder: Decoder, tokenizer) -> list[int]:
@@ -212,47 +227,47 @@ def generate(
             ids[b, t_prefix - len(row) :] = torch.tensor(row, dtype=torch.long)
         key_mask[b, : t_prefix - len(row)] = False
     positions = (key_mask[:, :t0].long().cumsum(-1) - 1).clamp_min(0)  # (B, T0)
+    padded = min(lens) < t_prefix  # without padding every key is real: no mask needed
     next_pos = torch.tensor([n + P for n in lens], dtype=torch.long)  # (B,)
-    temps = [p.temperature if p.temperature > 0 else 1.0 for p in params]
-    greedy_rows = [p.temperature == 0 for p in params]
-    temperature = torch.tensor(temps, dtype=torch.float32)[:, None]  # (B, 1)
-    top_k = torch.tensor([p.top_k for p in params], dtype=torch.long)[:, None]  # (B, 1)
-    top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32)[:, None]  # (B, 1)
-    greedy = torch.tensor(greedy_rows, dtype=torch.bool)  # (B,)
-    sampled_rows = [b for b in range(B) if not greedy_rows[b]]
-    use_filter = any(params[b].top_k > 0 or params[b].top_p < 1 for b in sampled_rows)
+    sampled_rows = [b for b, p in enumerate(params) if p.temperature > 0]
+    sampled = [params[b] for b in sampled_rows]
+    # filter choice, made on the host once: a full sort for top-p (or mixed top-k / no top-k
+    # rows), a torch.topk threshold when every sampled row uses top-k alone, else nothing
+    some_k = any(p.top_k > 0 for p in sampled)
+    all_k = bool(sampled) and all(p.top_k > 0 for p in sampled)
+    full_sort = any(p.top_p < 1 for p in sampled) or (some_k and not all_k)
+    max_k = min(max(p.top_k for p in sampled), decoder.vocab_size) if all_k else 0
     ids, key_mask, positions, next_pos = (
         t.to(device) for t in (ids, key_mask, positions, next_pos)
     )
-    temperature, top_k, top_p, greedy = (t.to(device) for t in (temperature, top_k, top_p, greedy))
-    generators = {}
-    for b in sampled_rows:
-        seed = params[b].seed
-        if seed is None:
-            seed = int(torch.randint(0, 2**62, (1,)).item())
-        generators[b] = torch.Generator(device=device).manual_seed(seed)
-    noise = torch.ones(B, decoder.vocab_size, device=device) if sampled_rows else None  # (B, V)
+    temperature = torch.tensor([[p.temperature] for p in sampled], device=device)  # (S, 1)
+    top_k = torch.tensor([[p.top_k] for p in sampled], dtype=torch.long, device=device)  # (S, 1)
+    top_p = torch.tensor([[p.top_p] for p in sampled], device=device)  # (S, 1)
+    rows = None if len(sampled) == B else torch.tensor(sampled_rows, device=device)  # (S,)
+    generators = []
+    for p in sampled:
+        seed = p.seed if p.seed is not None else int(torch.randint(0, 2**62, (1,)).item())
+        generators.append(torch.Generator(device=device).manual_seed(seed))
+    gumbel = torch.empty(len(sampled), decoder.vocab_size, device=device) if sampled else None
     eos_t = torch.tensor(eos or [-1], dtype=torch.long, device=device)
     out = torch.full((B, max_new), pad, dtype=torch.long, device=device)  # generated tokens
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     row_max = [p.max_new_tokens for p in params]
-    stop_at: dict[int, int] = {}  # row → index into its text where a stop string starts
-    tiny = torch.finfo(torch.float32).tiny
 
     def next_tokens(logits: torch.Tensor) -> torch.Tensor:  # (B, V) → (B,)
-        gumbel = None
-        if noise is not None:
-            for b, g in generators.items():
-                noise[b].exponential_(generator=g)
-            gumbel = noise.clamp_min_(tiny).log_().neg_()  # −log E, E ~ Exp(1), in place
-        tok = sample_tokens(logits, temperature, top_k, top_p, greedy, gumbel, use_filter)
+        if gumbel is not None:
+            for i, g in enumerate(generators):
+                gumbel[i].uniform_(generator=g)  # U (V,), this row's own stream
+            gumbel.log_().neg_().log_().neg_()  # −log(−log U), in place
+        tok = sample_tokens(logits, gumbel, temperature, top_k, top_p, rows, max_k, full_sort)
         return tok.masked_fill_(finished, pad)
 
     # ---- prefill: pads, prefix, soft prompt in one causal pass
     x = decoder.embed(ids)  # (B, T_prefix, H)
     if P:
         x = torch.cat([x, soft_prompt.to(device=device, dtype=x.dtype)], dim=1)  # (B, T0, H)
-    logits = decoder(x, positions, cache, key_mask[:, :t0], last_only=True)[:, -1]  # (B, V)
+    km = key_mask[:, :t0] if padded else None
+    logits = decoder(x, positions, cache, km, last_only=True)[:, -1]  # (B, V)
     tok = next_tokens(logits)
     out[:, 0] = tok
     finished |= torch.isin(tok, eos_t)
@@ -263,11 +278,12 @@ def generate(
     steps = 1
     for step in range(1, max_new):
         if step % STOP_CHECK_EVERY == 0 and _check(
-            out, finished, steps, row_max, params, tokenizer, pad, eos, stop_at
+            out, finished, steps, row_max, params, tokenizer, eos
         ):
             break
         x = decoder.embed(tok[:, None])  # (B, 1, H)
-        logits = decoder(x, next_pos[:, None], cache, key_mask[:, : cache.length + 1])[:, -1]
+        km = key_mask[:, : cache.length + 1] if padded else None
+        logits = decoder(x, next_pos[:, None], cache, km)[:, -1]  # (B, V)
         next_pos += 1
         tok = next_tokens(logits)
         out[:, step] = tok
@@ -290,7 +306,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _check(out, finished, steps, row_max, params, tokenizer, pad, eos, stop_at) -> bool:
+def _check(out, finished, steps, row_max, params, tokenizer, eos) -> bool:
     """Host check every few steps: mark rows that hit a stop string finished; True when every
     row is done (EOS, stop string, or its own max_new_tokens)."""
     done = finished.tolist()

@@ -147,25 +147,43 @@ def test_filter_logits_matches_hf_warpers(gen, temperature, top_k, top_p):
     torch.testing.assert_close(ours[kept], ref[kept])
 
 
-def test_gumbel_sampling_follows_the_filtered_softmax(gen):
+@pytest.mark.parametrize(
+    "temperature, top_k, top_p, mode",
+    [(0.8, 6, 0.9, "full_sort"), (1.0, 3, 1.0, "max_k"), (1.5, 0, 1.0, "none")],
+)
+def test_gumbel_sampling_follows_the_filtered_softmax(gen, temperature, top_k, top_p, mode):
     """20k draws of the exponential race match softmax(top-k/top-p filtered logits / T)."""
     n, V = 20000, 8
     logits = torch.randn(1, V, generator=gen).expand(n, V)
-    T, k, p = 0.8, 6, 0.9
-    gumbel = -torch.empty(n, V).exponential_(generator=gen).log()
+    gumbel = -(-torch.rand(n, V, generator=gen).log()).log()
     tokens = sample_tokens(
         logits,
-        torch.full((n, 1), T),
-        torch.full((n, 1), k),
-        torch.full((n, 1), p),
-        torch.zeros(n, dtype=torch.bool),
         gumbel,
-        use_filter=True,
+        torch.full((n, 1), temperature),
+        torch.full((n, 1), top_k),
+        torch.full((n, 1), top_p),
+        max_k=top_k if mode == "max_k" else 0,
+        full_sort=mode == "full_sort",
     )
     freq = torch.bincount(tokens, minlength=V).double() / n
-    expected = hf_warped(logits[:1], T, k, p).softmax(-1)[0].double()
+    expected = hf_warped(logits[:1], temperature, top_k, top_p).softmax(-1)[0].double()
     assert (freq[expected == 0] == 0).all()
     assert (freq - expected).abs().max() < 0.015
+
+
+def test_sample_tokens_mixes_greedy_and_sampled_rows(gen):
+    logits = torch.randn(4, 30, generator=gen)
+    gumbel = -(-torch.rand(2, 30, generator=gen).log()).log()
+    rows = torch.tensor([1, 3])
+    one = torch.ones(2, 1)
+    for kw in (dict(max_k=1), dict(full_sort=True), dict()):
+        k = torch.full((2, 1), 1 if kw else 0)
+        tokens = sample_tokens(logits, gumbel, one, k, one, rows, **kw)
+        assert tokens[[0, 2]].tolist() == logits[[0, 2]].argmax(-1).tolist()
+        if kw:  # top-k = 1 is greedy too
+            assert tokens.tolist() == logits.argmax(-1).tolist()
+        else:
+            assert tokens[[1, 3]].tolist() == (logits[[1, 3]] + gumbel).argmax(-1).tolist()
 
 
 def test_sampling_reproducible_and_independent_of_batch(tiny, gen):
@@ -185,6 +203,14 @@ def test_sampling_reproducible_and_independent_of_batch(tiny, gen):
     assert batch[1].token_ids == alone[0].token_ids
     other, _ = generate(decoder, tok, [rows[0]], [dataclasses.replace(p, seed=4321)])
     assert other[0].token_ids != alone[0].token_ids
+    # rows whose own filter needs no sort (top-k only, or none) sample the same tokens when a
+    # neighbour forces the batch onto the full-sort path
+    for own in (dataclasses.replace(p, top_p=1.0), dataclasses.replace(p, top_k=0, top_p=1.0)):
+        alone, _ = generate(decoder, tok, [rows[0]], [own])
+        batch, _ = generate(decoder, tok, [rows[0], rows[1]], [own, neighbours[0]])
+        nucleus = dataclasses.replace(neighbours[0], top_p=0.5)
+        mixed, _ = generate(decoder, tok, [rows[0], rows[1]], [own, nucleus])
+        assert alone[0].token_ids == batch[0].token_ids == mixed[0].token_ids
 
 
 def test_degenerate_sampling_is_greedy(tiny, gen):
