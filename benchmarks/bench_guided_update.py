@@ -109,7 +109,7 @@ def machine() -> dict[str, object]:
         "cpu_model": cpu_model,
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
-        "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "load_avg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
         "torch": torch.__version__,
         "numpy": np.__version__,
         "python": platform.python_version(),
