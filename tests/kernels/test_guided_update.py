@@ -12,6 +12,16 @@ from dglm.kernels.guided_update import (
 )
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """The float64 reference on ≤ 64 × 768 inputs: torch's intra-op threads only add barrier
+    waits (seconds per test on a busy 2-core machine). The C++ op's OpenMP pool is separate."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def cpu_ext():
     return pytest.importorskip(
