@@ -137,17 +137,37 @@ def test_cached_decoding_matches_full_forward(tiny: Tiny, ours, gen, chunks):
 
 
 def test_cached_decoding_without_padding(tiny: Tiny, ours, gen):
+    """No key_mask: prefill, 3 tokens at an offset (explicit causal mask), then single tokens."""
     ids = rand_ids(gen, 2, 12)
     ref = hf_logits(tiny.hf, ids)
     cache = ours.new_cache(2, 12)
     positions = torch.arange(12).expand(2, 12)
+    pieces, start = [], 0
     with torch.inference_mode():
-        first = ours(ours.embed(ids[:, :6]), positions[:, :6], cache)
-        rest = [
-            ours(ours.embed(ids[:, t : t + 1]), positions[:, t : t + 1], cache)
-            for t in range(6, 12)
-        ]
-    assert max_diff(torch.cat([first, *rest], 1), ref) < 1e-4
+        for n in (6, 3, 1, 1, 1):
+            sl = slice(start, start + n)
+            pieces.append(ours(ours.embed(ids[:, sl]), positions[:, sl], cache))
+            start += n
+    assert max_diff(torch.cat(pieces, 1), ref) < 1e-4
+
+
+def test_gradients_to_inputs_embeds_match_hf(tiny: Tiny, gen):
+    """The frozen decoder passes gradients to inputs_embeds (prompt-generator training), with
+    left padding and a key mask."""
+    decoder, _ = load_decoder(str(tiny.path), dtype=torch.float64)
+    rows = [rand_ids(gen, n).tolist() for n in (8, 5)]
+    ids, mask = left_pad(rows, PAD)
+    positions = mask_positions(mask)
+    weights = torch.randn(*ids.shape, VOCAB, generator=gen, dtype=torch.float64) * mask[..., None]
+    x_ref = hf_embed(tiny.hf, ids).detach().requires_grad_(True)
+    out = tiny.hf(inputs_embeds=x_ref, attention_mask=mask, position_ids=positions).logits
+    (out * weights).sum().backward()
+    x = decoder.embed(ids).detach().requires_grad_(True)
+    hidden = decoder.hidden_states(x, positions, key_mask=mask.bool())
+    (hidden @ decoder.lm_head_weight().T * weights).sum().backward()
+    real = mask.bool()
+    assert max_diff(x.grad[real], x_ref.grad[real]) < 1e-9
+    assert not any(p.grad is not None for p in decoder.parameters())
 
 
 def test_soft_prompt_in_the_middle(tiny: Tiny, ours, gen):

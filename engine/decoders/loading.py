@@ -48,8 +48,9 @@ def load_decoder(
 ):
     """(decoder, tokenizer) for "smollm2", a .gguf file, a local HF directory or a hub name.
 
-    The decoder is in eval mode with frozen-free parameters on `device` in `dtype`; the tokenizer
-    is the Hugging Face tokenizer saved with the model (None, with a warning, if there is none).
+    The decoder is in eval mode on `device` in `dtype`, its parameters frozen (requires_grad False;
+    gradients still flow to inputs_embeds); the tokenizer is the Hugging Face tokenizer saved with
+    the model (None, with a warning, if there is none).
     """
     name = str(name_or_path)
     path = Path(name).expanduser()
