@@ -55,31 +55,34 @@ def guided_update_ref(
     coefs: torch.Tensor,  # (B, 5) [alpha_t, sigma_t, coef_x0, coef_z, noise_std]
     rescale: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference fast guided step in fp32; returns (z_next (B, D), x0 (B, D)) in z's dtype."""
+    """Reference fast guided step in fp32 (float64 for float64 inputs); returns
+    (z_next (B, D), x0 (B, D)) in z's dtype."""
     out_dtype = z.dtype
-    z, v_c = z.float(), v_cond.float()
-    c = coefs.float()
+    ct = torch.promote_types(z.dtype, torch.float32)  # compute dtype: fp32 at least
+    z, v_c = z.to(ct), v_cond.to(ct)
+    c = coefs.to(ct)
     alpha, sigma = c[:, COEF_ALPHA : COEF_ALPHA + 1], c[:, COEF_SIGMA : COEF_SIGMA + 1]
     if v_uncond is not None:
-        v = v_uncond.float() + cfg_scale.float()[:, None] * (v_c - v_uncond.float())
+        v_u = v_uncond.to(ct)
+        v = v_u + cfg_scale.to(ct)[:, None] * (v_c - v_u)
     else:
         v = v_c
     x0 = alpha * z - sigma * v
     if rescale:
         x0 = _rescale(x0)
     if probe_weight.shape[0] > 0:
-        w = probe_weight.float()
+        w = probe_weight.to(ct)
         n = x0.norm(dim=-1, keepdim=True).clamp_min(_EPS)  # (B, 1)
         u = x0 / n
-        logits = u @ w.T + probe_bias.float()  # (B, K)
-        r = probe_scale.float() * (torch.sigmoid(logits) - probe_target.float())  # (B, K)
+        logits = u @ w.T + probe_bias.to(ct)  # (B, K)
+        r = probe_scale.to(ct) * (torch.sigmoid(logits) - probe_target.to(ct))  # (B, K)
         g_u = r @ w  # (B, D)
         g = (g_u - (g_u * u).sum(-1, keepdim=True) * u) / n
         x0 = x0 - sigma * sigma * g
         if rescale:
             x0 = _rescale(x0)
     z_next = c[:, COEF_X0 : COEF_X0 + 1] * x0 + c[:, COEF_Z : COEF_Z + 1] * z
-    z_next = z_next + c[:, COEF_NOISE : COEF_NOISE + 1] * noise.float()
+    z_next = z_next + c[:, COEF_NOISE : COEF_NOISE + 1] * noise.to(ct)
     return z_next.to(out_dtype), x0.to(out_dtype)
 
 
