@@ -1,11 +1,9 @@
-"""`guided_update_triton` against the guided-update math in float64 (and `guided_update_ref`).
+"""`guided_update_triton` against `guided_update_ref` computed in float64.
 
 fp32 runs everywhere (CPU: Triton interpreter); bf16/fp16 and CUDA-graph capture need a GPU.
 """
 
 from __future__ import annotations
-
-import math
 
 import pytest
 import torch
@@ -51,30 +49,10 @@ def make_inputs(
 
 
 def update64(x: dict, rescale: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """The module docstring's math, transcribed in float64."""
-    f = {n: None if t is None else t.double() for n, t in x.items()}
-    z, c = f["z"], f["coefs"]
-    alpha, sigma = c[:, 0:1], c[:, 1:2]
-    d = z.shape[1]
-
-    def sphere(y):
-        return y * (math.sqrt(d) / y.norm(dim=-1, keepdim=True).clamp_min(1e-12))
-
-    v = f["v_cond"]
-    if f["v_uncond"] is not None:
-        v = f["v_uncond"] + f["cfg_scale"][:, None] * (v - f["v_uncond"])
-    x0 = alpha * z - sigma * v
-    x0 = sphere(x0) if rescale else x0
-    if f["probe_weight"].shape[0]:
-        n = x0.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        u = x0 / n
-        logits = u @ f["probe_weight"].T + f["probe_bias"]
-        r = f["probe_scale"] * (torch.sigmoid(logits) - f["probe_target"])
-        g_u = r @ f["probe_weight"]
-        g = (g_u - (g_u * u).sum(-1, keepdim=True) * u) / n
-        x0 = x0 - sigma**2 * g
-        x0 = sphere(x0) if rescale else x0
-    return c[:, 2:3] * x0 + c[:, 3:4] * z + c[:, 4:5] * f["noise"], x0
+    """The reference computed in float64 (it keeps float64 inputs in float64)."""
+    out = guided_update_ref(*(None if x[n] is None else x[n].double() for n in NAMES), rescale)
+    assert out[0].dtype == out[1].dtype == torch.float64
+    return out
 
 
 def call(fn, x: dict, rescale: bool):
@@ -93,12 +71,9 @@ def test_fp32_matches_f64(case, tol, rescale, device, gen):
     z_next, x0 = call(guided_update_triton, x, rescale)
     z64, x064 = update64(x, rescale)
     assert z_next.dtype == x0.dtype == torch.float32 and z_next.shape == x["z"].shape
-    # the same yardstick holds the PyTorch reference: both are fp32 evaluations of that math
-    ref = call(guided_update_ref, x, rescale)
-    for got, want, r in ((z_next, z64, ref[0]), (x0, x064, ref[1])):
+    for got, want in ((z_next, z64), (x0, x064)):
         scale = want.abs().max().item()
         torch.testing.assert_close(got.double(), want, atol=tol * scale, rtol=tol)
-        torch.testing.assert_close(r.double().cpu(), want.cpu(), atol=tol * scale, rtol=tol)
 
 
 def test_noncontiguous_and_empty(device, gen):
