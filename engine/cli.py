@@ -222,8 +222,9 @@ def cmd_train_prompt_generator(args: argparse.Namespace) -> int:
             f"--preset must be one of {sorted(PROMPT_GENERATOR_PRESETS)}, got {args.preset!r}"
         )
     decoder, tok = load_decoder(args.decoder, device=args.device)
-    train = load_token_pairs(args.data, "train", tok, args.limit)
-    held = load_token_pairs(args.data, "eval", tok)
+    cut = {"max_prefix_tokens": args.max_prefix_tokens, "max_continuation_tokens": args.max_continuation_tokens}
+    train = load_token_pairs(args.data, "train", tok, args.limit, **cut)
+    held = load_token_pairs(args.data, "eval", tok, **cut)
     preset = PROMPT_GENERATOR_PRESETS[args.preset]
     pg = PromptGenerator(
         type(preset)(
@@ -361,6 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_args(tp, steps=5_000, batch=16, lr=3e-4)
     tp.add_argument("--decoder", default="smollm2")
     tp.add_argument("--limit", type=int, default=None, help="use only the first N training pairs")
+    tp.add_argument("--max-prefix-tokens", type=int, default=None, help="keep the last N prefix tokens")
+    tp.add_argument("--max-continuation-tokens", type=int, default=None, help="train on the first N continuation tokens")
     tp.set_defaults(func=cmd_train_prompt_generator)
     tb = tsub.add_parser("probe", help="a logistic probe from the offline labelled sets")
     tb.add_argument("which", choices=("sentiment", "topic"))

@@ -101,13 +101,26 @@ def load_latents(data_dir: str | Path, split: str) -> tuple[torch.Tensor, torch.
     return t["prefix"].float(), t["continuation"].float()
 
 
-def load_token_pairs(data_dir: str | Path, split: str, tokenizer, limit: int | None = None):
-    """(prefix ids, continuation ids, continuation latents) for prompt-generator training."""
+def load_token_pairs(
+    data_dir: str | Path,
+    split: str,
+    tokenizer,
+    limit: int | None = None,
+    max_prefix_tokens: int | None = None,
+    max_continuation_tokens: int | None = None,
+):
+    """(prefix ids, continuation ids, continuation latents) for prompt-generator training.
+
+    Prefixes keep their last `max_prefix_tokens` tokens and continuations their first
+    `max_continuation_tokens` (the latent still describes the whole continuation): the soft prompt
+    shapes the start of a continuation most, and shorter rows make CPU training affordable.
+    """
     pairs = data_mod.read_pairs(Path(data_dir) / PAIRS.format(split=split))
     _, cont_lat = load_latents(data_dir, split)
     n = len(pairs) if limit is None else min(limit, len(pairs))
-    pre = [tokenizer.encode(p.prefix, add_special_tokens=False) for p in pairs[:n]]
-    cont = [tokenizer.encode(p.continuation, add_special_tokens=False) for p in pairs[:n]]
+    keep_pre = -(max_prefix_tokens or 0)
+    pre = [tokenizer.encode(p.prefix, add_special_tokens=False)[keep_pre:] for p in pairs[:n]]
+    cont = [tokenizer.encode(p.continuation, add_special_tokens=False)[:max_continuation_tokens] for p in pairs[:n]]
     return pre, cont, cont_lat[:n]
 
 

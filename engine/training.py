@@ -343,10 +343,11 @@ def lm_loss_with_soft_prompt(
     if soft_prompt is not None:
         emb = emb.masked_scatter(batch["soft_mask"][..., None], soft_prompt.to(emb.dtype))
     positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
-    logits = decoder(emb, positions, key_mask=batch["key_mask"])
-    return F.cross_entropy(
-        logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=-100
-    )
+    hidden = decoder.hidden_states(emb, positions, key_mask=batch["key_mask"])  # (B, S, H)
+    labels = batch["labels"]
+    keep = labels != -100  # the LM head runs only where a continuation token is predicted
+    logits = decoder.logits(hidden[keep][None])[0]  # (N, V) fp32
+    return F.cross_entropy(logits, labels[keep])
 
 
 def train_prompt_generator(
