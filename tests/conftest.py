@@ -49,7 +49,9 @@ def make_tiny_tokenizer(out: Path):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=300,
+        special_tokens=["<eos>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator(CORPUS * 4, trainer)
     hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
@@ -63,9 +65,16 @@ def make_tiny_llama_dir(out: Path, seed: int = 0) -> Path:
 
     tok = make_tiny_tokenizer(out)
     cfg = LlamaConfig(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id,
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.eos_token_id,
+        pad_token_id=tok.eos_token_id,
         tie_word_embeddings=True,
     )
     torch.manual_seed(seed)
@@ -98,16 +107,27 @@ def tiny_bundle(tmp_path_factory, tiny_llama_dir, minilm, sentiment_probe) -> Pa
     """Real MiniLM encoder + tiny random Llama decoder + tiny random networks + a real probe."""
     from dglm.engine import bundle as bundle_io
     from dglm.engine.bundle import BundleConfig
-    from dglm.engine.networks import PromptGenerator, PromptGeneratorConfig, ScoreNetConfig, ScoreNetwork
+    from dglm.engine.networks import (
+        PromptGenerator,
+        PromptGeneratorConfig,
+        ScoreNetConfig,
+        ScoreNetwork,
+    )
     from dglm.engine.probes import save_probes
     from dglm.engine.sampling import SamplerConfig
 
     out = tmp_path_factory.mktemp("bundle")
     sn = ScoreNetConfig(latent_dim=384, dim=64, depth=2, head_dim=32, num_tokens=8)
-    pg = PromptGeneratorConfig(latent_dim=384, decoder_dim=64, dim=64, depth=2, head_dim=32, prompt_len=4)
+    pg = PromptGeneratorConfig(
+        latent_dim=384, decoder_dim=64, dim=64, depth=2, head_dim=32, prompt_len=4
+    )
     config = BundleConfig(
-        encoder="all-MiniLM-L6-v2", decoder=str(tiny_llama_dir), score_network=sn,
-        prompt_generator=pg, sampler=SamplerConfig(num_inference_steps=8), trained=False,
+        encoder="all-MiniLM-L6-v2",
+        decoder=str(tiny_llama_dir),
+        score_network=sn,
+        prompt_generator=pg,
+        sampler=SamplerConfig(num_inference_steps=8),
+        trained=False,
     )
     torch.manual_seed(0)
     bundle_io.write_config(config, out)

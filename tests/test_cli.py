@@ -4,8 +4,20 @@ from dglm.engine.cli import main
 
 
 def test_generate_prints_text_and_timings(tiny_bundle, capsys):
-    rc = main(["generate", "The movie was", "--bundle", str(tiny_bundle), "--control", "sentiment=positive:20",
-               "--max-new-tokens", "4", "--seed", "3"])
+    rc = main(
+        [
+            "generate",
+            "The movie was",
+            "--bundle",
+            str(tiny_bundle),
+            "--control",
+            "sentiment=positive:20",
+            "--max-new-tokens",
+            "4",
+            "--seed",
+            "3",
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0
     assert out.startswith("The movie was")
@@ -13,7 +25,20 @@ def test_generate_prints_text_and_timings(tiny_bundle, capsys):
 
 
 def test_generate_json(tiny_bundle, capsys):
-    rc = main(["generate", "A", "B", "--bundle", str(tiny_bundle), "--json", "--max-new-tokens", "3", "-n", "2"])
+    rc = main(
+        [
+            "generate",
+            "A",
+            "B",
+            "--bundle",
+            str(tiny_bundle),
+            "--json",
+            "--max-new-tokens",
+            "3",
+            "-n",
+            "2",
+        ]
+    )
     rows = json.loads(capsys.readouterr().out)
     assert rc == 0 and [r["prompt"] for r in rows] == ["A", "B"]
     assert all(len(r["samples"]) == 2 for r in rows)
@@ -39,8 +64,14 @@ def test_probe_train_adds_probe(tiny_bundle, tmp_path, capsys):
     bundle = tmp_path / "b"
     shutil.copytree(tiny_bundle, bundle)
     data = tmp_path / "topic.jsonl"
-    rows = [{"text": f"The {w} match ended with a late goal.", "label": "sport"} for w in ("football", "hockey", "rugby", "cup", "league", "derby")]
-    rows += [{"text": f"The {w} rate rose as markets fell.", "label": "finance"} for w in ("interest", "inflation", "exchange", "tax", "mortgage", "bond")]
+    rows = [
+        {"text": f"The {w} match ended with a late goal.", "label": "sport"}
+        for w in ("football", "hockey", "rugby", "cup", "league", "derby")
+    ]
+    rows += [
+        {"text": f"The {w} rate rose as markets fell.", "label": "finance"}
+        for w in ("interest", "inflation", "exchange", "tax", "mortgage", "bond")
+    ]
     data.write_text("\n".join(json.dumps(r) for r in rows))
     assert main(["probe", "train", "topic", str(data), "--bundle", str(bundle)]) == 0
     assert json.loads(capsys.readouterr().out.strip())["train_accuracy"] == 1.0

@@ -4,7 +4,6 @@ import math
 
 import pytest
 import torch
-
 from dglm.engine.engine import Engine, GenerationParams
 from dglm.engine.probes import Control, Probe
 
@@ -13,29 +12,44 @@ def test_generate_outputs_in_order_with_timings(tiny_engine):
     prompts = ["The movie was", "I think that the food", "Prices are"]
     params = [
         GenerationParams(seed=1, max_new_tokens=5),
-        GenerationParams(seed=2, max_new_tokens=7, num_samples=2, controls=(Control("sentiment", "positive", 20.0),)),
+        GenerationParams(
+            seed=2,
+            max_new_tokens=7,
+            num_samples=2,
+            controls=(Control("sentiment", "positive", 20.0),),
+        ),
         GenerationParams(seed=3, max_new_tokens=3, temperature=0.0),
     ]
     outs = tiny_engine.generate(prompts, params)
     assert [o.prompt for o in outs] == prompts
     assert [len(o.samples) for o in outs] == [1, 2, 1]
-    for o, p in zip(outs, params):
+    for o, p in zip(outs, params, strict=True):
         for s in o.samples:
             assert 0 < len(s.token_ids) <= p.max_new_tokens
             assert s.finish_reason in ("stop", "length")
             assert s.latent.shape == (384,) and torch.isfinite(s.latent).all()
             assert s.text == tiny_engine.tokenizer.decode(s.token_ids)
-        assert set(o.timings) >= {"encode", "diffusion", "prompt_generator", "prefill", "decode", "total"}
+        assert set(o.timings) >= {
+            "encode",
+            "diffusion",
+            "prompt_generator",
+            "prefill",
+            "decode",
+            "total",
+        }
         assert all(v >= 0 for v in o.timings.values())
     # the latent sits on the √d sphere (fast guidance projects x̂0)
     assert math.isclose(float(outs[0].samples[0].latent.norm()), math.sqrt(384), rel_tol=1e-3)
 
 
 def test_seeded_requests_reproducible_and_independent(tiny_engine):
-    p = GenerationParams(seed=42, max_new_tokens=6, controls=(Control("sentiment", "negative", 10.0),))
+    p = GenerationParams(
+        seed=42, max_new_tokens=6, controls=(Control("sentiment", "negative", 10.0),)
+    )
     alone = tiny_engine.generate(["The movie was"], p)[0].samples[0]
     batched = tiny_engine.generate(
-        ["Something else entirely", "The movie was"], [GenerationParams(seed=7, max_new_tokens=4), p]
+        ["Something else entirely", "The movie was"],
+        [GenerationParams(seed=7, max_new_tokens=4), p],
     )[1].samples[0]
     assert alone.token_ids == batched.token_ids
     torch.testing.assert_close(alone.latent, batched.latent, rtol=1e-4, atol=1e-4)
@@ -48,8 +62,18 @@ def test_guidance_moves_latents_toward_target(tiny_engine):
     base = [GenerationParams(seed=i, max_new_tokens=1) for i in range(6)]
     for mode in ("fast", "exact"):
         plain = tiny_engine.generate(prompts, base)
-        pos = tiny_engine.generate(prompts, [GenerationParams(seed=i, max_new_tokens=1, guidance_mode=mode,
-                                                              controls=(Control("sentiment", "positive", 30.0),)) for i in range(6)])
+        pos = tiny_engine.generate(
+            prompts,
+            [
+                GenerationParams(
+                    seed=i,
+                    max_new_tokens=1,
+                    guidance_mode=mode,
+                    controls=(Control("sentiment", "positive", 30.0),),
+                )
+                for i in range(6)
+            ],
+        )
         lat = lambda outs: torch.stack([o.samples[0].latent for o in outs])  # noqa: E731
         p_plain = torch.sigmoid(probe.logits(lat(plain)))[:, 0]
         p_pos = torch.sigmoid(probe.logits(lat(pos)))[:, 0]
@@ -62,7 +86,11 @@ def test_guidance_moves_latents_toward_target(tiny_engine):
         ([], GenerationParams(), "prompts"),
         (["ok", "  "], GenerationParams(), r"prompts\[1\]"),
         ("just a string", GenerationParams(), "prompts"),
-        (["ok"], GenerationParams(controls=(Control("toxicity", "low"),)), "unknown probe 'toxicity'"),
+        (
+            ["ok"],
+            GenerationParams(controls=(Control("toxicity", "low"),)),
+            "unknown probe 'toxicity'",
+        ),
         (["ok"], GenerationParams(controls=(Control("sentiment", "meh"),)), "not a label"),
         (["ok"], GenerationParams(max_new_tokens=10_000), "context"),
     ],
@@ -71,7 +99,9 @@ def test_bad_input_raises_before_model_work(tiny_engine, prompts, params, field)
     with pytest.raises(ValueError, match=field):
         tiny_engine.generate(prompts, params)
     # the engine stays usable
-    assert tiny_engine.generate(["still works"], GenerationParams(seed=0, max_new_tokens=2))[0].samples
+    assert tiny_engine.generate(["still works"], GenerationParams(seed=0, max_new_tokens=2))[
+        0
+    ].samples
 
 
 @pytest.mark.parametrize(
@@ -117,7 +147,9 @@ def test_save_and_reload_roundtrip(tiny_engine, tmp_path):
 def test_cfg_and_steps_overrides(tiny_engine):
     out = tiny_engine.generate(
         ["The movie was"],
-        GenerationParams(seed=1, max_new_tokens=2, cfg_scale=2.0, num_inference_steps=3, sampler="ddim"),
+        GenerationParams(
+            seed=1, max_new_tokens=2, cfg_scale=2.0, num_inference_steps=3, sampler="ddim"
+        ),
     )
     assert len(out[0].samples) == 1
 

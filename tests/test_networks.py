@@ -1,6 +1,5 @@
 import pytest
 import torch
-
 from dglm.engine.networks import (
     PROMPT_GENERATOR_PRESETS,
     SCORE_NET_PRESETS,
@@ -22,7 +21,9 @@ def test_score_network_shapes_and_null_context(batch, gen):
     v = net(z, ctx, a2)
     assert v.shape == (batch, cfg.latent_dim) and torch.isfinite(v).all()
     # dropping every row's context is the same as passing no context
-    torch.testing.assert_close(net(z, ctx, a2, torch.ones(batch, dtype=torch.bool)), net(z, None, a2))
+    torch.testing.assert_close(
+        net(z, ctx, a2, torch.ones(batch, dtype=torch.bool)), net(z, None, a2)
+    )
     assert not torch.allclose(net(z, None, a2), v)
     # dropping one row changes only that row
     drop = torch.zeros(batch, dtype=torch.bool)
@@ -35,7 +36,10 @@ def test_score_network_uses_time_after_training_step(gen):
     """Time conditioning starts at zero (zero-init scale/shift) and becomes active once trained."""
     cfg = SCORE_NET_PRESETS["tiny"]
     net = ScoreNetwork(cfg)
-    z, ctx = torch.randn(2, cfg.latent_dim, generator=gen), torch.randn(2, cfg.latent_dim, generator=gen)
+    z, ctx = (
+        torch.randn(2, cfg.latent_dim, generator=gen),
+        torch.randn(2, cfg.latent_dim, generator=gen),
+    )
     a = net.transformer.blocks[0].attn.time_cond.proj
     assert a.weight.abs().sum() == 0 and a.bias.abs().sum() == 0
     loss = net(z, ctx, torch.tensor([0.1, 0.9])).pow(2).mean()

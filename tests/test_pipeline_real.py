@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-
 from dglm.engine.engine import Engine, GenerationParams
 from dglm.engine.probes import Control
 
@@ -27,7 +26,9 @@ def test_real_pipeline_generates_with_controls(real_engine):
     assert real_engine.encoder.dim == 384 and real_engine.decoder.hidden_size == 576
     prompts = ["The movie was", "The food at this place"]
     params = [
-        GenerationParams(seed=0, max_new_tokens=12, controls=(Control("sentiment", "positive", 10.0),)),
+        GenerationParams(
+            seed=0, max_new_tokens=12, controls=(Control("sentiment", "positive", 10.0),)
+        ),
         GenerationParams(seed=1, max_new_tokens=12, temperature=0.0, stop=(".",)),
     ]
     outs = real_engine.generate(prompts, params)
@@ -44,10 +45,17 @@ def test_real_pipeline_guidance_raises_probe_score(real_engine):
     probe = real_engine.probes.probes["sentiment"]
     n = 4
     for target, sign in (("positive", 1.0), ("negative", -1.0)):
-        plain = real_engine.generate(["The movie was"] * n, [GenerationParams(seed=i, max_new_tokens=1) for i in range(n)])
+        plain = real_engine.generate(
+            ["The movie was"] * n, [GenerationParams(seed=i, max_new_tokens=1) for i in range(n)]
+        )
         guided = real_engine.generate(
             ["The movie was"] * n,
-            [GenerationParams(seed=i, max_new_tokens=1, controls=(Control("sentiment", target, 20.0),)) for i in range(n)],
+            [
+                GenerationParams(
+                    seed=i, max_new_tokens=1, controls=(Control("sentiment", target, 20.0),)
+                )
+                for i in range(n)
+            ],
         )
         lat = lambda outs: torch.stack([o.samples[0].latent for o in outs])  # noqa: E731
         delta = probe.logits(lat(guided))[:, 0] - probe.logits(lat(plain))[:, 0]

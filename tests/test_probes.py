@@ -1,6 +1,5 @@
 import pytest
 import torch
-
 from dglm.engine.probes import Control, Probe, ProbeSet, load_probes, save_probes, train_probe
 
 
@@ -45,7 +44,9 @@ def test_batch_targets_and_composition(gen):
     t = Probe("t", ("x", "y", "z"), torch.randn(3, 4, generator=gen), torch.zeros(3))
     ps = ProbeSet([a, t], 4)
     assert ps.weight.shape == (4, 4)
-    targets, scales = ps.batch_targets([[Control("a", "yes", 5.0), Control("t", "z", 2.0)], [], [Control("a", "no")]])
+    targets, scales = ps.batch_targets(
+        [[Control("a", "yes", 5.0), Control("t", "z", 2.0)], [], [Control("a", "no")]]
+    )
     assert targets.tolist() == [[1, 0, 0, 1], [0, 0, 0, 0], [0, 0, 0, 0]]
     assert scales.tolist() == [[5, 0, 0, 2], [0, 0, 0, 0], [10, 0, 0, 0]]
 

@@ -1,6 +1,5 @@
 import pytest
 import torch
-
 from dglm.engine.networks import SCORE_NET_PRESETS, ScoreNetwork
 from dglm.engine.sampling import Guidance, SamplerConfig, draw_noise, sample
 from dglm.kernels.guided_update import guided_update_ref
@@ -58,7 +57,9 @@ def test_probe_guidance_raises_probe_score(mode, sampler):
     assert (p_down < p_plain).float().mean() >= 0.75, (p_down, p_plain)
     assert p_up.mean() > p_plain.mean() + 0.1 and p_down.mean() < p_plain.mean() - 0.1
     if mode == "fast":  # x̂0 is projected onto the √d sphere
-        torch.testing.assert_close(x_up.norm(dim=-1), torch.full((b,), d**0.5), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(
+            x_up.norm(dim=-1), torch.full((b,), d**0.5), rtol=1e-4, atol=1e-4
+        )
 
 
 def test_rows_independent_of_batch_neighbours():
@@ -67,27 +68,44 @@ def test_rows_independent_of_batch_neighbours():
     gens = lambda: [torch.Generator().manual_seed(50 + i) for i in range(4)]  # noqa: E731
     noise = draw_noise(gens(), 7, d, torch.device("cpu"))
     g = Guidance(w, torch.zeros(1), torch.ones(4, 1), torch.tensor([[10.0], [0.0], [5.0], [0.0]]))
-    full = sample(_model_fn(net, ctx, True), noise, cfg, torch.full((4,), 1.5), g, guided_update_ref)
+    full = sample(
+        _model_fn(net, ctx, True), noise, cfg, torch.full((4,), 1.5), g, guided_update_ref
+    )
     sub_noise = draw_noise(gens()[2:3], 7, d, torch.device("cpu"))
     g1 = Guidance(w, torch.zeros(1), torch.ones(1, 1), torch.tensor([[5.0]]))
-    one = sample(_model_fn(net, ctx[2:3], True), sub_noise, cfg, torch.full((1,), 1.5), g1, guided_update_ref)
+    one = sample(
+        _model_fn(net, ctx[2:3], True), sub_noise, cfg, torch.full((1,), 1.5), g1, guided_update_ref
+    )
     torch.testing.assert_close(one[0], full[2], rtol=1e-4, atol=1e-4)
 
 
 def test_cfg_scale_one_equals_no_uncond():
     net, ctx, w, d = _setup(2, b=3)
     cfg = SamplerConfig(num_inference_steps=5)
-    noise = draw_noise([torch.Generator().manual_seed(i) for i in range(3)], 6, d, torch.device("cpu"))
+    noise = draw_noise(
+        [torch.Generator().manual_seed(i) for i in range(3)], 6, d, torch.device("cpu")
+    )
     none = Guidance(w, torch.zeros(1), torch.zeros(3, 1), torch.zeros(3, 1))
     a = sample(_model_fn(net, ctx, False), noise, cfg, torch.ones(3), none, guided_update_ref)
     b = sample(_model_fn(net, ctx, True), noise, cfg, torch.ones(3), none, guided_update_ref)
-    c = sample(_model_fn(net, ctx, True), noise, cfg, torch.full((3,), 3.0), none, guided_update_ref)
+    c = sample(
+        _model_fn(net, ctx, True), noise, cfg, torch.full((3,), 3.0), none, guided_update_ref
+    )
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(a, c, atol=1e-3)
 
 
-@pytest.mark.parametrize("kwargs", [dict(sampler="x"), dict(num_inference_steps=0), dict(guidance_mode="slow"),
-                                    dict(renoise_alpha2=1.5), dict(mc_samples=0), dict(schedule_scale=-1.0)])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(sampler="x"),
+        dict(num_inference_steps=0),
+        dict(guidance_mode="slow"),
+        dict(renoise_alpha2=1.5),
+        dict(mc_samples=0),
+        dict(schedule_scale=-1.0),
+    ],
+)
 def test_sampler_config_validation(kwargs):
     with pytest.raises(ValueError):
         SamplerConfig(**kwargs)

@@ -2,7 +2,6 @@ import math
 
 import pytest
 import torch
-
 from dglm.engine.schedule import NoiseSchedule, step_coefficients, time_grid
 
 
@@ -24,11 +23,17 @@ def test_log_snr_shift_and_clamp():
 def test_ddpm_coefficients_equal_eps_form(var_lambda):
     """c0·x0 + cz·z equals the reference's (z − (1−a²_{t|s})/σ_t·ε̂)/√a²_{t|s} form."""
     sched, gen = NoiseSchedule(), torch.Generator().manual_seed(0)
-    x0, eps = torch.randn(5, 16, generator=gen, dtype=torch.float64), torch.randn(5, 16, generator=gen, dtype=torch.float64)
+    x0, eps = (
+        torch.randn(5, 16, generator=gen, dtype=torch.float64),
+        torch.randn(5, 16, generator=gen, dtype=torch.float64),
+    )
     for t, s in [(0.9, 0.85), (0.5, 0.3), (0.1, 0.05)]:
         a_t, s_t, c0, cz, n = step_coefficients(sched, t, s, "ddpm", var_lambda)
         z = a_t * x0 + s_t * eps
-        a2_t, a2_s = float(sched.alpha2(torch.tensor(t, dtype=torch.float64))), float(sched.alpha2(torch.tensor(s, dtype=torch.float64)))
+        a2_t, a2_s = (
+            float(sched.alpha2(torch.tensor(t, dtype=torch.float64))),
+            float(sched.alpha2(torch.tensor(s, dtype=torch.float64))),
+        )
         a2_now = a2_t / a2_s
         ref_mean = (z - (1 - a2_now) / math.sqrt(1 - a2_t) * eps) / math.sqrt(a2_now)
         torch.testing.assert_close(c0 * x0 + cz * z, ref_mean, rtol=1e-9, atol=1e-9)
@@ -40,7 +45,10 @@ def test_ddpm_coefficients_equal_eps_form(var_lambda):
 
 def test_ddim_is_exact_on_exact_predictions():
     sched, gen = NoiseSchedule(), torch.Generator().manual_seed(1)
-    x0, eps = torch.randn(3, 8, generator=gen, dtype=torch.float64), torch.randn(3, 8, generator=gen, dtype=torch.float64)
+    x0, eps = (
+        torch.randn(3, 8, generator=gen, dtype=torch.float64),
+        torch.randn(3, 8, generator=gen, dtype=torch.float64),
+    )
     a_t, s_t, c0, cz, n = step_coefficients(sched, 0.7, 0.4, "ddim")
     a_s = math.sqrt(float(sched.alpha2(torch.tensor(0.4, dtype=torch.float64))))
     z_s = c0 * x0 + cz * (a_t * x0 + s_t * eps)
