@@ -366,7 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--max-continuation-tokens", type=int, default=None, help="train on the first N continuation tokens")
     tp.set_defaults(func=cmd_train_prompt_generator)
     tb = tsub.add_parser("probe", help="a logistic probe from the offline labelled sets")
-    tb.add_argument("which", choices=("sentiment", "topic"))
+    tb.add_argument("which", choices=("sentiment", "topic", "toxicity"))
     tb.add_argument("--out", required=True, help="probe safetensors file")
     tb.add_argument("--encoder", default="all-MiniLM-L6-v2")
     tb.add_argument("--device", default="cpu")

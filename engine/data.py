@@ -205,3 +205,29 @@ def topic_set(topics: tuple[str, ...] = TOPICS) -> tuple[list[str], list[str]]:
             texts.append(d.text)
             labels.append(d.label)
     return texts, labels
+
+
+def toxicity_set(max_words: int = 60, negatives_per_positive: int = 3, seed: int = 0) -> tuple[list[str], list[str]]:
+    """Weak toxicity labels: alt-profanity-check's probability over the offline texts.
+
+    "high" where p > 0.5, "low" for a random sample of texts with p < 0.1 (3 per "high"). No
+    hand-labelled toxicity data can be had offline; the labels inherit that classifier's view
+    (profanity and insults rather than subtle toxicity).
+    """
+    import random
+
+    try:
+        from profanity_check import predict_prob
+    except ImportError as e:
+        raise RuntimeError("toxicity labels need alt-profanity-check: pip install alt-profanity-check") from e
+    texts = [
+        d.text
+        for name in ("fortunes", "rotten_tomatoes", "speeches", "debates", "headlines")
+        for d in SOURCES[name]()
+        if len(d.text.split()) <= max_words
+    ]
+    probs = predict_prob(texts)
+    high = [t for t, p in zip(texts, probs, strict=True) if p > 0.5]
+    low = [t for t, p in zip(texts, probs, strict=True) if p < 0.1]
+    low = random.Random(seed).sample(low, min(len(low), negatives_per_positive * len(high)))
+    return high + low, ["high"] * len(high) + ["low"] * len(low)

@@ -137,6 +137,7 @@ def train_named_probe(which: str, encoder: str = "all-MiniLM-L6-v2", device: str
     sets = {
         "sentiment": (data_mod.sentiment_set, ("negative", "positive")),
         "topic": (data_mod.topic_set, data_mod.TOPICS),
+        "toxicity": (data_mod.toxicity_set, ("low", "high")),
     }
     if which not in sets:
         raise ValueError(f"probe must be one of {sorted(sets)}, got {which!r}")
