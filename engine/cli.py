@@ -417,6 +417,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--labels", default=None, help="label order, e.g. negative,positive (y=1 is last)"
     )
     pt.set_defaults(func=cmd_probe_train)
+
+    from dglm.engine.evaluation import add_eval_parser
+
+    add_eval_parser(sub)
     return p
 
 
