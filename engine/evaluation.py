@@ -950,10 +950,14 @@ def _finite(o):
 
 
 def _floats(text: str) -> tuple[float, ...]:
+    import argparse
+
     try:
         return tuple(float(x) for x in text.split(",") if x.strip())
     except ValueError:
-        raise ValueError(f"expected comma-separated numbers, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers, got {text!r}"
+        ) from None
 
 
 def add_eval_parser(sub) -> None:
