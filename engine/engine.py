@@ -154,9 +154,18 @@ class Engine:
         device: str | torch.device = "cpu",
         dtype: torch.dtype | str = torch.float32,
         guided_update: str = "auto",
+        backend: str = "torch",
     ) -> Engine:
+        """backend="onnx": `path_or_name` is a `dglm export onnx` directory, run on ONNX Runtime
+        (dglm.export.runtime.OnnxEngine; the export fixes the dtype, `dtype` is not used)."""
         from dglm.engine.decoders import load_decoder
 
+        if backend == "onnx":
+            from dglm.export.runtime import OnnxEngine
+
+            return OnnxEngine.from_exported(path_or_name, device, guided_update)
+        if backend != "torch":
+            raise ValueError(f"backend must be 'torch' or 'onnx', got {backend!r}")
         device = torch.device(device)
         dtype = _as_dtype(dtype)
         bundle_dir = bundle_io.resolve_bundle_dir(path_or_name)
