@@ -34,7 +34,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         guidance_mode=args.guidance,
         renoise_alpha2=args.renoise_alpha2,
     )
-    engine = Engine.from_pretrained(args.bundle, device=args.device, dtype=args.dtype)
+    engine = Engine.from_pretrained(
+        args.bundle, device=args.device, dtype=args.dtype, backend=args.backend
+    )
     outputs = engine.generate(list(args.prompt), params)
     if args.json:
         rows = [
@@ -68,6 +70,32 @@ def cmd_generate(args: argparse.Namespace) -> int:
     t = outputs[0].timings
     stages = " ".join(f"{k}={1000 * v:.1f}ms" for k, v in t.items())
     print(f"timings: {stages}")
+    return 0
+
+
+def cmd_export_onnx(args: argparse.Namespace) -> int:
+    from dglm.export.onnx import ExportConfig, export_onnx
+
+    try:
+        buckets = tuple(int(b) for b in args.batch_buckets.split(","))
+    except ValueError:
+        raise ValueError(
+            f"--batch-buckets must be comma-separated integers, got {args.batch_buckets!r}"
+        ) from None
+    config = ExportConfig(
+        dtype=args.dtype, batch_buckets=buckets, max_len=args.max_len, validate=not args.no_validate
+    )
+    manifest = export_onnx(args.bundle, args.outdir, config)
+    print(f"wrote {args.outdir} ({config.dtype}, opset {manifest['opset']}, buckets {buckets})")
+    for name, g in manifest["graphs"].items():
+        print(f"  {name}: {g['file']} ({g['nodes']} nodes)")
+    v = manifest["validation"]
+    if v:
+        worst = max(o["rel"] for g in v["graphs"].values() for o in g.values())
+        print(
+            f"validated: max relative diff {worst:.2e} (rtol {v['rtol']:g}), greedy tokens "
+            f"{'identical' if v['greedy']['identical'] else 'differ at near-ties'}"
+        )
     return 0
 
 
@@ -327,6 +355,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--renoise-alpha2", type=float, default=None)
     g.add_argument("--device", default="cpu")
     g.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+    g.add_argument(
+        "--backend",
+        default="torch",
+        choices=("torch", "onnx"),
+        help="onnx: --bundle is a `dglm export onnx` directory, run on ONNX Runtime",
+    )
     g.add_argument("--json", action="store_true", help="print JSON")
     g.set_defaults(func=cmd_generate)
 
@@ -404,6 +438,19 @@ def build_parser() -> argparse.ArgumentParser:
     ba.add_argument("--cfg-scale", type=float, default=1.0)
     ba.add_argument("--notes", default="")
     ba.set_defaults(func=cmd_bundle_assemble)
+
+    ex = sub.add_parser("export", help="export a bundle for other runtimes")
+    exsub = ex.add_subparsers(dest="export_command", required=True)
+    eo = exsub.add_parser(
+        "onnx", help="ONNX graphs + manifest, validated against PyTorch (fails on mismatch)"
+    )
+    eo.add_argument("bundle", help="bundle directory or shipped name")
+    eo.add_argument("outdir")
+    eo.add_argument("--dtype", default="fp32", choices=("fp32", "fp16"))
+    eo.add_argument("--batch-buckets", default="1,2,4,8", help="comma-separated batch sizes")
+    eo.add_argument("--max-len", type=int, default=256, help="KV slots: prefix + soft prompt + new")
+    eo.add_argument("--no-validate", action="store_true", help="skip the PyTorch comparison")
+    eo.set_defaults(func=cmd_export_onnx)
 
     pr = sub.add_parser("probe", help="probes")
     psub = pr.add_subparsers(dest="probe_command", required=True)
