@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 from dglm.engine.decoders.base import Decoder, KVCache
+from dglm.engine.decoders.graphs import DecodeRunner, DecodeRunnerConfig
 
 logger = logging.getLogger(__name__)
 
@@ -167,12 +168,20 @@ def generate(
     params: list[DecodeParams],
     soft_prompt: torch.Tensor | None = None,
     cache: KVCache | None = None,
+    runner: DecodeRunner | None = None,
+    *,
+    static: bool = True,
 ) -> tuple[list[DecodeResult], dict[str, float]]:
     """Generate a continuation per row → (results in row order, {"prefill_s", "decode_s"}).
 
     prefix_ids: token ids per row (may be empty when a soft prompt follows); params: one per row
     (or one for all); soft_prompt (B, P, H) is spliced after each prefix; cache: a KVCache of at
     least B rows × (longest prefix + P + max_new_tokens) slots to reuse, else one is allocated.
+
+    The step: `runner` (a DecodeRunner built once per engine: CUDA graphs, or its eager / compiled
+    step on CPU) when given; otherwise an eager DecodeRunner over `cache` (the same static step,
+    `Decoder.forward_static`); static=False runs the reference loop instead, `Decoder.forward`
+    over a growing KVCache.
 
     The decode loop keeps everything on the device: no .item(), no torch.multinomial, no Python
     branch on tensor values; the host reads the tokens only every STOP_CHECK_EVERY steps (stop
@@ -216,8 +225,17 @@ def generate(
             f"exceed the decoder's context of {decoder.max_context}"
         )
     t_start = time.perf_counter()
-    cache = _check_cache(cache, decoder, B, total)
-    cache.reset()
+    if runner is not None:
+        if cache is not None:
+            raise ValueError("pass either cache or runner (the runner owns its KV buffers)")
+        if runner.decoder is not decoder:
+            raise ValueError("runner was built for another decoder")
+    elif static:
+        cache = _check_cache(cache, decoder, B, total)
+        config = DecodeRunnerConfig(batch_sizes=(B,), max_len=total, enforce_eager=True)
+        runner = DecodeRunner(decoder, config, cache=cache)
+    else:
+        runner = _CacheStepper(decoder, _check_cache(cache, decoder, B, total))
 
     # ---- host-side setup: padded ids, key mask, positions, sampler settings
     ids = torch.full((B, t_prefix), pad, dtype=torch.long)
@@ -228,7 +246,6 @@ def generate(
         key_mask[b, : t_prefix - len(row)] = False
     positions = (key_mask[:, :t0].long().cumsum(-1) - 1).clamp_min(0)  # (B, T0)
     padded = min(lens) < t_prefix  # without padding every key is real: no mask needed
-    next_pos = torch.tensor([n + P for n in lens], dtype=torch.long)  # (B,)
     sampled_rows = [b for b, p in enumerate(params) if p.temperature > 0]
     sampled = [params[b] for b in sampled_rows]
     # filter choice, made on the host once: a full sort for top-p (or mixed top-k / no top-k
@@ -237,9 +254,7 @@ def generate(
     all_k = bool(sampled) and all(p.top_k > 0 for p in sampled)
     full_sort = any(p.top_p < 1 for p in sampled) or (some_k and not all_k)
     max_k = min(max(p.top_k for p in sampled), decoder.vocab_size) if all_k else 0
-    ids, key_mask, positions, next_pos = (
-        t.to(device) for t in (ids, key_mask, positions, next_pos)
-    )
+    ids, key_mask, positions = (t.to(device) for t in (ids, key_mask, positions))
     temperature = torch.tensor([[p.temperature] for p in sampled], device=device)  # (S, 1)
     top_k = torch.tensor([[p.top_k] for p in sampled], dtype=torch.long, device=device)  # (S, 1)
     top_p = torch.tensor([[p.top_p] for p in sampled], device=device)  # (S, 1)
@@ -263,11 +278,11 @@ def generate(
         return tok.masked_fill_(finished, pad)
 
     # ---- prefill: pads, prefix, soft prompt in one causal pass
+    runner.begin(B, total, key_mask if padded else None)
     x = decoder.embed(ids)  # (B, T_prefix, H)
     if P:
         x = torch.cat([x, soft_prompt.to(device=device, dtype=x.dtype)], dim=1)  # (B, T0, H)
-    km = key_mask[:, :t0] if padded else None
-    logits = decoder(x, positions, cache, km, last_only=True)[:, -1]  # (B, V)
+    logits = runner.prefill(x, positions)  # (B, V)
     tok = next_tokens(logits)
     out[:, 0] = tok
     finished |= torch.isin(tok, eos_t)
@@ -281,11 +296,7 @@ def generate(
             out, finished, steps, row_max, params, tokenizer, eos
         ):
             break
-        x = decoder.embed(tok[:, None])  # (B, 1, H)
-        km = key_mask[:, : cache.length + 1] if padded else None
-        logits = decoder(x, next_pos[:, None], cache, km)[:, -1]  # (B, V)
-        next_pos += 1
-        tok = next_tokens(logits)
+        tok = next_tokens(runner.step(tok))  # (B, V) logits → (B,)
         out[:, step] = tok
         finished |= torch.isin(tok, eos_t)
         steps += 1
@@ -299,6 +310,34 @@ def generate(
         "decode_steps": float(steps - 1),
     }
     return results, timings
+
+
+class _CacheStepper:
+    """The reference step (`generate(..., static=False)`): `Decoder.forward` over a KVCache that
+    grows by one slot per step, the attention mask rebuilt from the key mask every step. Same
+    interface as DecodeRunner's begin / prefill / step."""
+
+    def __init__(self, decoder: Decoder, cache: KVCache) -> None:
+        self.decoder, self.cache = decoder, cache
+
+    def begin(self, batch_size: int, slots: int, key_mask: torch.Tensor | None) -> None:
+        self.cache.reset()
+        self.key_mask = key_mask  # (B, slots) bool, or None without padding
+
+    def prefill(self, inputs_embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        t0 = inputs_embeds.shape[1]
+        km = None if self.key_mask is None else self.key_mask[:, :t0]
+        logits = self.decoder(inputs_embeds, positions, self.cache, km, last_only=True)
+        self.next_pos = positions[:, -1:] + 1  # (B, 1)
+        return logits[:, -1]
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.decoder.embed(tokens[:, None])  # (B, 1, H)
+        n = self.cache.length + 1
+        km = None if self.key_mask is None else self.key_mask[:, :n]
+        logits = self.decoder(x, self.next_pos, self.cache, km)[:, -1]  # (B, V)
+        self.next_pos += 1
+        return logits
 
 
 def _sync(device: torch.device) -> None:

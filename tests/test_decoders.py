@@ -342,6 +342,149 @@ def test_kvcache_is_a_plain_dataclass():
     assert cache.length == 0
 
 
+# ------------------------------------------------------------------------- forward_static
+
+
+def static_inputs(ours, gen, lengths=(9, 4, 6), steps=6, spare=3):
+    """Left-padded rows + `steps` more tokens: (embeds (B, N, H), positions (B, N), real mask
+    (B, N) bool, T0, S), S = N + spare KV slots."""
+    rows = [rand_ids(gen, n).tolist() for n in lengths]
+    ids, mask = left_pad(rows, PAD)
+    T0 = ids.shape[1]
+    extra = rand_ids(gen, len(rows), steps)
+    full_mask = torch.cat([mask, torch.ones_like(extra)], 1)
+    x = ours.embed(torch.cat([ids, extra], 1))
+    return x, mask_positions(full_mask), full_mask.bool(), T0, x.shape[1] + spare
+
+
+def junk_cache(ours, B, S, gen, dtype=torch.float32):
+    """KV buffers full of finite junk: forward_static must never read an unwritten slot."""
+    shape = (ours.num_layers, B, ours.num_kv_heads, S, ours.head_dim)
+    return (
+        torch.randn(shape, generator=gen).to(dtype),
+        torch.randn(shape, generator=gen).to(dtype),
+    )
+
+
+def static_run(ours, x, positions, real, T0, S, k, v, chunks):
+    """Prefill T0 slots, then `chunks` (token counts) through forward_static in place."""
+    B, N, _ = x.shape
+    key_mask = torch.ones(B, S, dtype=torch.bool)
+    key_mask[:, :N] = real
+    pieces, start = [], 0
+    for n in (T0, *chunks):
+        sl = slice(start, start + n)
+        write_pos = torch.arange(start, start + n)
+        pieces.append(ours.forward_static(x[:, sl], positions[:, sl], k, v, write_pos, key_mask))
+        start += n
+    return torch.cat(pieces, 1)  # (B, N, V)
+
+
+@pytest.mark.parametrize("chunks", [(1, 1, 1, 1, 1, 1), (2, 1, 3)])
+def test_forward_static_matches_forward(tiny: Tiny, ours, gen, chunks):
+    """Prefill + decode steps (and multi-token chunks) with left padding, in place, over junk-
+    filled buffers: the logits of every real token equal the plain forward's (< 1e-5, fp32), and
+    pad queries stay finite."""
+    x, positions, real, T0, S = static_inputs(ours, gen, steps=sum(chunks))
+    k, v = junk_cache(ours, x.shape[0], S, gen)
+    with torch.inference_mode():
+        ref = ours(x, positions, key_mask=real)
+        logits = static_run(ours, x, positions, real, T0, S, k, v, chunks)
+    assert torch.isfinite(logits).all()
+    assert max_diff(logits[real], ref[real]) < 1e-5
+    # and the same through forward with a KVCache, token by token (the generate reference)
+    cache = ours.new_cache(x.shape[0], S)
+    with torch.inference_mode():
+        cached = [ours(x[:, :T0], positions[:, :T0], cache, real[:, :T0])]
+        for t in range(T0, x.shape[1]):
+            cached.append(ours(x[:, t : t + 1], positions[:, t : t + 1], cache, real[:, : t + 1]))
+    assert max_diff(torch.cat(cached, 1)[real], logits[real]) < 1e-5
+    written = slice(0, x.shape[1])
+    assert max_diff(cache.k[:, :, :, written], k[:, :, :, written]) < 1e-5
+
+
+def test_forward_static_functional_matches_in_place(tiny: Tiny, ours, gen):
+    """functional=True reads the buffers only, returns the K/V the in-place call writes; the
+    caller scatters them and gets the same logits step after step."""
+    x, positions, real, T0, S = static_inputs(ours, gen, steps=4)
+    B, N, _ = x.shape
+    k, v = junk_cache(ours, B, S, gen)
+    kf, vf = k.clone(), v.clone()
+    key_mask = torch.ones(B, S, dtype=torch.bool)
+    key_mask[:, :N] = real
+    start = 0
+    with torch.inference_mode():
+        for n in (T0, 1, 2, 1):
+            sl, write_pos = slice(start, start + n), torch.arange(start, start + n)
+            before = kf.clone(), vf.clone()
+            logits = ours.forward_static(x[:, sl], positions[:, sl], k, v, write_pos, key_mask)
+            out, k_new, v_new = ours.forward_static(
+                x[:, sl], positions[:, sl], kf, vf, write_pos, key_mask, functional=True
+            )
+            assert torch.equal(kf, before[0]) and torch.equal(vf, before[1])  # read only
+            assert k_new.shape == (ours.num_layers, B, ours.num_kv_heads, n, ours.head_dim)
+            assert max_diff(out, logits) < 1e-5
+            assert max_diff(k_new, k[:, :, :, sl]) < 1e-5
+            assert max_diff(v_new, v[:, :, :, sl]) < 1e-5
+            kf[:, :, :, sl], vf[:, :, :, sl] = k_new, v_new
+            start += n
+
+
+def test_forward_static_last_only_and_gap(ours, gen):
+    """last_only gives the last position's logits; a skipped slot masked off in key_mask changes
+    nothing (write slots need not be contiguous)."""
+    x, positions, real, T0, S = static_inputs(ours, gen, lengths=(5, 3), steps=2, spare=2)
+    B, N, _ = x.shape
+    k, v = junk_cache(ours, B, S, gen)
+    key_mask = torch.ones(B, S, dtype=torch.bool)
+    key_mask[:, :N] = real
+    with torch.inference_mode():
+        full = ours.forward_static(x[:, :T0], positions[:, :T0], k, v, torch.arange(T0), key_mask)
+        last = ours.forward_static(
+            x[:, :T0], positions[:, :T0], k, v, torch.arange(T0), key_mask, last_only=True
+        )
+        assert last.shape == (B, 1, ours.vocab_size)
+        assert max_diff(last, full[:, -1:]) < 1e-6
+        step = ours.forward_static(
+            x[:, T0 : T0 + 1], positions[:, T0 : T0 + 1], k, v, torch.tensor([T0]), key_mask
+        )
+        gap_mask = key_mask.clone()
+        gap_mask[:, T0] = False  # slot T0 left unwritten, the token goes to T0 + 1
+        k2, v2 = junk_cache(ours, B, S, gen)
+        ours.forward_static(x[:, :T0], positions[:, :T0], k2, v2, torch.arange(T0), gap_mask)
+        gapped = ours.forward_static(
+            x[:, T0 : T0 + 1], positions[:, T0 : T0 + 1], k2, v2, torch.tensor([T0 + 1]), gap_mask
+        )
+    assert max_diff(gapped, step) < 1e-5
+
+
+def test_forward_static_bf16_within_own_error(tiny: Tiny, gen):
+    """bf16 static steps vs the fp64 reference, judged by the bf16 plain forward's own error."""
+    decoder, _ = load_decoder(str(tiny.path), dtype=torch.bfloat16)
+    ref64, _ = load_decoder(str(tiny.path), dtype=torch.float64)
+    x, positions, real, T0, S = static_inputs(ref64, gen, steps=3)
+    k, v = junk_cache(decoder, x.shape[0], S, gen, torch.bfloat16)
+    with torch.inference_mode():
+        ref = ref64.hidden_states(x, positions, key_mask=real) @ ref64.lm_head_weight().T
+        plain = decoder(x.bfloat16(), positions, key_mask=real)
+        static = static_run(decoder, x.bfloat16(), positions, real, T0, S, k, v, (1, 1, 1))
+    bound = 2 * max_diff(plain[real], ref[real]) + 1e-3
+    assert max_diff(static[real], ref[real]) <= bound
+
+
+def test_forward_static_shape_errors(ours):
+    B, S = 2, 8
+    k, v = junk_cache(ours, B, S, torch.Generator().manual_seed(0))
+    x = torch.zeros(B, 1, ours.hidden_size)
+    pos, wp, km = torch.zeros(B, 1, dtype=torch.long), torch.tensor([3]), torch.ones(B, S).bool()
+    with pytest.raises(ValueError, match="k_cache"):
+        ours.forward_static(x, pos, k[:, :1], v[:, :1], wp, km)
+    with pytest.raises(ValueError, match="write_pos"):
+        ours.forward_static(x, pos, k, v, torch.tensor([3, 4]), km)
+    with pytest.raises(ValueError, match="key_mask"):
+        ours.forward_static(x, pos, k, v, wp, km[:, :4])
+
+
 # ------------------------------------------------------------------------- SmolLM2 (real weights)
 
 

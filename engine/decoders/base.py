@@ -5,6 +5,10 @@ Without a cache the call is a plain causal forward over T tokens. With a cache t
 values are written in place at `cache.length` and attention runs over the first `cache.length + T`
 cache slots. `key_mask (B, S)` marks real (non-pad) keys; S = T without a cache and
 `cache.length + T` with one. Rows are left padded, so every row shares the same cache length.
+
+`Decoder.forward_static` is the same computation with every shape fixed by its buffers: it writes
+at slots given by a device tensor and attends over all S slots under a mask, which is what a CUDA
+graph, `torch.compile` and an ONNX export need (see its docstring for the exact contract).
 """
 
 from __future__ import annotations
@@ -94,6 +98,60 @@ def attention_mask(
     return allowed[:, None], False  # (B|1, 1, T, S)
 
 
+class StaticKV:
+    """The key/value store `forward_static` hands to the blocks, with KVCache's `write` interface.
+
+    In place (functional=False): `write` stores the T new keys/values of a layer at slots
+    `write_pos` of the full buffers with `index_copy_` and returns the full buffers (B, n_kv, S, Dh).
+    Functional: the buffers are only read; `write` returns them with the T new keys/values appended
+    (B, n_kv, S + T, Dh) and collects the new ones for the caller.
+    """
+
+    def __init__(
+        self, k: torch.Tensor, v: torch.Tensor, write_pos: torch.Tensor, functional: bool
+    ) -> None:
+        self.k, self.v, self.write_pos, self.functional = k, v, write_pos, functional
+        self.new_k: list[torch.Tensor] = []
+        self.new_v: list[torch.Tensor] = []
+
+    def write(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.functional:
+            self.new_k.append(k)
+            self.new_v.append(v)
+            return torch.cat([self.k[layer], k], dim=2), torch.cat([self.v[layer], v], dim=2)
+        self.k[layer].index_copy_(2, self.write_pos, k)  # slots write_pos of (B, n_kv, S, Dh)
+        self.v[layer].index_copy_(2, self.write_pos, v)
+        return self.k[layer], self.v[layer]
+
+
+def static_attention_mask(
+    write_pos: torch.Tensor, key_mask: torch.Tensor, functional: bool = False
+) -> torch.Tensor:
+    """Bool mask (B, 1, T, S) for `forward_static`, True = attend; (B, 1, T, S + T) when functional.
+
+    Query t sits at slot p_t = write_pos[t]. Key slot j is visible iff j ≤ p_t and (key_mask[b, j]
+    or j = p_t): the self key keeps a pad query's row finite, and slots after p_t (stale or not yet
+    written) are never read. Functional: the cache's slots that are being written this call are
+    hidden, and the T new keys (appended after the S cache slots) follow the same rule.
+    Built from tensors only: no host sync, static shapes.
+    """
+    S = key_mask.shape[1]
+    slots = torch.arange(S, device=key_mask.device)  # (S,)
+    q = write_pos[:, None]  # (T, 1)
+    if not functional:
+        allowed = (slots <= q) & (key_mask[:, None, :] | (slots == q))  # (B, T, S)
+        return allowed[:, None]
+    written = (slots[:, None] == write_pos[None, :]).any(dim=1)  # (S,): overwritten this call
+    old = (slots <= q) & ~written & key_mask[:, None, :]  # (B, T, S)
+    T = write_pos.shape[0]
+    own = torch.eye(T, dtype=torch.bool, device=key_mask.device)  # (T, T)
+    new_real = key_mask.index_select(1, write_pos)  # (B, T)
+    new = (write_pos[None, :] <= q) & (new_real[:, None, :] | own)  # (B, T, T)
+    return torch.cat([old, new], dim=-1)[:, None]  # (B, 1, T, S + T)
+
+
 def attend(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -164,7 +222,9 @@ class Decoder(nn.Module):
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ) -> KVCache:
-        """Static buffers (L, B, n_kv, max_len, Dh), left uninitialised: written before read."""
+        """Static buffers (L, B, n_kv, max_len, Dh), zero-filled: `forward` never reads a slot
+        before writing it, but `forward_static` reads every slot (masked ones with weight 0, and
+        0 · NaN from uninitialised memory would poison the output)."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
         if not 0 < max_len <= self.max_context:
@@ -173,7 +233,7 @@ class Decoder(nn.Module):
             )
         shape = (self.num_layers, batch_size, self.num_kv_heads, max_len, self.head_dim)
         kw = {"dtype": dtype or self.dtype, "device": device or self.device}
-        return KVCache(torch.empty(shape, **kw), torch.empty(shape, **kw), 0)
+        return KVCache(torch.zeros(shape, **kw), torch.zeros(shape, **kw), 0)
 
     def hidden_states(
         self,
@@ -208,6 +268,65 @@ class Decoder(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """LM head: (B, T, H) final-norm hidden states → fp32 logits (B, T, V)."""
         return F.linear(hidden, self.lm_head_weight()).float()
+
+    def forward_static(
+        self,
+        inputs_embeds: torch.Tensor,
+        positions: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        write_pos: torch.Tensor,
+        key_mask: torch.Tensor,
+        *,
+        functional: bool = False,
+        last_only: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One static-shape step: the form for CUDA graphs, `torch.compile` and ONNX export.
+
+        Arguments (every shape fixed by the buffers, nothing read back to the host):
+            inputs_embeds (B, T, H): embeddings of the T new tokens (`embed(ids)` or soft-prompt
+                vectors); T = prompt length at prefill, 1 per decode step.
+            positions (B, T) long: position ids (RoPE / learned positions) of the new tokens,
+                counting real tokens only (a left-padded row starts at 0 after its pads).
+            k_cache, v_cache (L, B, n_kv, S, Dh) in the decoder's dtype: the static KV buffers of
+                S slots (S = max context of the run; `new_cache(B, S).k / .v`).
+            write_pos (T,) long: the slot each new token goes to, the same for every row (rows are
+                left padded to a common length); slot = step index, not position.
+            key_mask (B, S) bool: False at pad slots, True elsewhere. Slots beyond the query need
+                no clearing: key slot j is visible to the query at slot p iff j ≤ p and
+                (key_mask[b, j] or j = p), so the mask can stay constant for a whole generation.
+            functional: False → the new keys/values are written in place at `write_pos`
+                (`index_copy_`) and logits (B, T, V) are returned. True → the caches are read
+                only (their slots at `write_pos` are ignored) and (logits, k_new, v_new) are
+                returned, k_new / v_new (L, B, n_kv, T, Dh): what the in-place call would have
+                written, for a graph without in-place updates (the caller scatters them).
+            last_only: logits for the last of the T positions only, (B, 1, V).
+
+        Returns fp32 logits. Equals `forward` with a KVCache holding the same slots (the parity
+        tests check < 1e-5 in fp32); attention runs over all S slots, so cost grows with S.
+        """
+        B, T, _ = inputs_embeds.shape
+        S = k_cache.shape[3] if k_cache.ndim == 5 else -1
+        expected = (self.num_layers, B, self.num_kv_heads, S, self.head_dim)
+        if k_cache.shape != expected or v_cache.shape != expected:
+            raise ValueError(
+                f"k_cache / v_cache have shapes {tuple(k_cache.shape)} / {tuple(v_cache.shape)}, "
+                f"expected (layers, batch, kv_heads, slots, head_dim) = {expected}"
+            )
+        if positions.shape != (B, T) or write_pos.shape != (T,) or key_mask.shape != (B, S):
+            raise ValueError(
+                f"positions {tuple(positions.shape)}, write_pos {tuple(write_pos.shape)}, "
+                f"key_mask {tuple(key_mask.shape)}: expected ({B}, {T}), ({T},), ({B}, {S})"
+            )
+        kv = StaticKV(k_cache, v_cache, write_pos, functional)
+        mask = static_attention_mask(write_pos, key_mask, functional)
+        h = self.blocks_forward(inputs_embeds, positions, kv, mask, False)  # (B, T, H)
+        if last_only:
+            h = h[:, -1:]
+        logits = self.logits(h)
+        if not functional:
+            return logits
+        return logits, torch.stack(kv.new_k), torch.stack(kv.new_v)  # (L, B, n_kv, T, Dh)
 
     def forward(
         self,

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from dglm.engine.decoders.base import Decoder, KVCache, attend
+from dglm.engine.decoders.base import Decoder, KVCache, StaticKV, attend
 from torch import nn
 
 ACTIVATIONS = {
@@ -111,7 +111,7 @@ class GPT2Block(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        cache: KVCache | None,
+        cache: KVCache | StaticKV | None,
         mask: torch.Tensor | None,
         is_causal: bool,
     ) -> torch.Tensor:

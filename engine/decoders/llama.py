@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from dglm.engine.decoders.base import Decoder, KVCache, attend
+from dglm.engine.decoders.base import Decoder, KVCache, StaticKV, attend
 from torch import nn
 
 ROPE_TYPES = ("default", "linear", "llama3")
@@ -184,7 +184,7 @@ class LlamaBlock(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        cache: KVCache | None,
+        cache: KVCache | StaticKV | None,
         mask: torch.Tensor | None,
         is_causal: bool,
     ) -> torch.Tensor:
