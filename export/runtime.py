@@ -689,7 +689,9 @@ class OnnxEngine(Engine):
                 f"{config.score_network.latent_dim}-d latents"
             )
         self.probes = ProbeSet(probes, encoder.dim)
+        self.guided_update = guided_update
         self.update_fn = select_guided_update(self.device, guided_update)
+        self.captured = None  # the torch CUDA-graph sampler: here the ORT graphs capture instead
         if not config.trained:
             logger.warning("bundle networks are untrained (random): outputs are not meaningful")
 
