@@ -123,6 +123,7 @@ class Engine:
         device: torch.device,
         dtype: torch.dtype,
         guided_update: str = "auto",
+        cuda_graphs: bool = True,
     ) -> None:
         self.config = config
         self.encoder = encoder
@@ -142,7 +143,16 @@ class Engine:
                 f"emits {config.prompt_generator.decoder_dim}-d vectors"
             )
         self.probes = ProbeSet(probes, encoder.dim)
+        self.guided_update = guided_update
         self.update_fn = select_guided_update(device, guided_update)
+        # On CUDA the `fast` sampler step replays from CUDA graphs (one per batch bucket).
+        self.captured = None
+        if cuda_graphs and device.type == "cuda":
+            from dglm.engine.graphs import CapturedSampler
+
+            self.captured = CapturedSampler(
+                self.score_net, self.probes.num_rows, guided_update=guided_update
+            )
         if not config.trained:
             logger.warning("bundle networks are untrained (random): outputs are not meaningful")
 
@@ -155,6 +165,7 @@ class Engine:
         dtype: torch.dtype | str = torch.float32,
         guided_update: str = "auto",
         backend: str = "torch",
+        cuda_graphs: bool = True,
     ) -> Engine:
         """backend="onnx": `path_or_name` is a `dglm export onnx` directory, run on ONNX Runtime
         (dglm.export.runtime.OnnxEngine; the export fixes the dtype, `dtype` is not used)."""
@@ -194,6 +205,7 @@ class Engine:
             device,
             dtype,
             guided_update,
+            cuda_graphs,
         )
 
     def save_pretrained(self, path: str | Path) -> None:
@@ -206,6 +218,12 @@ class Engine:
 
     def add_probe(self, probe: Probe) -> None:
         self.probes.add(probe)
+        if self.captured is not None:  # its static guidance buffers are sized by the probe rows
+            from dglm.engine.graphs import CapturedSampler
+
+            self.captured = CapturedSampler(
+                self.score_net, self.probes.num_rows, guided_update=self.guided_update
+            )
 
     # ---------------------------------------------------------------- generation
     def validate(self, prompts: list[str], params: list[GenerationParams]) -> list[list[int]]:
@@ -371,7 +389,14 @@ class Engine:
                     self.device
                 )
 
-        x0 = sample(model_fn, noise[: n + 1], cfg, cfg_scale, guidance, self.update_fn, mc)
+        if (
+            self.captured is not None
+            and cfg.guidance_mode == "fast"
+            and n <= self.captured.max_steps
+        ):
+            x0 = self.captured.sample(noise[: n + 1], cfg, context, cfg_scale, guidance)
+        else:
+            x0 = sample(model_fn, noise[: n + 1], cfg, cfg_scale, guidance, self.update_fn, mc)
         return x0, noise[n + 1]
 
     def info(self) -> dict:

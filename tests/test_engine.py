@@ -157,3 +157,19 @@ def test_cfg_and_steps_overrides(tiny_engine):
 def test_missing_bundle_error():
     with pytest.raises(ValueError, match="no bundle"):
         Engine.from_pretrained("/nonexistent/bundle")
+
+
+@pytest.mark.gpu
+def test_cuda_graph_sampler_matches_eager_on_gpu(tiny_bundle):
+    eager = Engine.from_pretrained(tiny_bundle, device="cuda", cuda_graphs=False)
+    graphs = Engine.from_pretrained(tiny_bundle, device="cuda")
+    assert graphs.captured is not None
+    p = [
+        GenerationParams(
+            seed=i, max_new_tokens=2, controls=(Control("sentiment", "positive", 10.0),)
+        )
+        for i in range(3)
+    ]
+    a = torch.stack([o.samples[0].latent for o in eager.generate(["The movie was"] * 3, p)])
+    b = torch.stack([o.samples[0].latent for o in graphs.generate(["The movie was"] * 3, p)])
+    torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
