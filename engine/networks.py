@@ -61,6 +61,8 @@ SCORE_NET_PRESETS: dict[str, ScoreNetConfig] = {
     "reference": ScoreNetConfig(latent_dim=768, dim=768, depth=12),
     # The default bundle's shape (all-MiniLM-L6-v2 latents).
     "small": ScoreNetConfig(latent_dim=384, dim=256, depth=8),
+    # A shape that trains in minutes on two CPU cores (half the blocks and tokens of "small").
+    "compact": ScoreNetConfig(latent_dim=384, dim=256, depth=4, num_tokens=16),
     # For tests.
     "tiny": ScoreNetConfig(latent_dim=32, dim=64, depth=2, head_dim=32, num_tokens=8),
 }
@@ -139,6 +141,7 @@ PROMPT_GENERATOR_PRESETS: dict[str, PromptGeneratorConfig] = {
     "reference": PromptGeneratorConfig(latent_dim=768, decoder_dim=1280, dim=768, depth=6),
     # The default bundle's shape (all-MiniLM-L6-v2 → SmolLM2-135M).
     "small": PromptGeneratorConfig(latent_dim=384, decoder_dim=576, dim=256, depth=4),
+    "compact": PromptGeneratorConfig(latent_dim=384, decoder_dim=576, dim=256, depth=2),
     "tiny": PromptGeneratorConfig(
         latent_dim=32, decoder_dim=64, dim=64, depth=2, head_dim=32, prompt_len=4
     ),
