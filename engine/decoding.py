@@ -58,21 +58,56 @@ class DecodeResult:
 def filter_logits(scores: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor):
     """Top-k, then top-p (nucleus) filtering of temperature-scaled logits, as HF's warpers.
 
-    scores (B, V) fp32; top_k (B, 1) long, 0 = off; top_p (B, 1) fp32, 1 = off.
+    scores (B, V) fp32; top_k (B, 1) long, 0 = off; top_p (B, 1), 1 = off.
     Returns (sorted filtered scores (B, V), descending, −inf where removed; their token ids (B, V)).
     Nucleus (Holtzman et al., 2020, "The Curious Case of Neural Text Degeneration"): drop the
     tokens whose ascending cumulative probability is ≤ 1 − top_p, always keeping the top one.
+    Probabilities and their tail sums are fp64, so `filter_top` (no full sort) reaches the same
+    decisions: the two differ by reduction order only (~1e-16), not fp32 rounding (~1e-7).
     """
     V = scores.shape[-1]
     sorted_scores, sorted_ids = scores.sort(dim=-1, descending=True)  # (B, V)
     k = torch.where(top_k > 0, top_k.clamp(max=V), V)  # (B, 1)
     kth = sorted_scores.gather(-1, k - 1)  # (B, 1): ties with the k-th score are kept, as in HF
     sorted_scores = sorted_scores.masked_fill(sorted_scores < kth, float("-inf"))
-    probs = sorted_scores.softmax(dim=-1)
+    probs = sorted_scores.double().softmax(dim=-1)
     tail = probs.flip(-1).cumsum(-1).flip(-1)  # (B, V): mass of this token and all less likely
-    remove = tail <= 1 - top_p
+    remove = tail <= 1 - top_p.double()
     remove[:, 0] = False
     return sorted_scores.masked_fill(remove, float("-inf")), sorted_ids
+
+
+def filter_top(
+    scores: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`filter_logits` restricted to the k best tokens (torch.topk instead of a full sort).
+
+    Every row must have top_k = 0 or top_k ≤ k. Returns (filtered scores (B, k) descending, −inf
+    where removed; their ids (B, k); covered (B,) bool). A row is covered when the filter removes
+    every token outside its k best, i.e. their kept mass m_out = Σ_{j ∉ top k} p_j ≤ 1 − top_p
+    (each such token's tail is ≤ m_out); its (scores, ids) then hold all that filter_logits keeps.
+    Same fp64 math: p = exp(s − max) / Z over the tokens top-k keeps, tail_i = m_out + Σ_{j ≥ i} p_j.
+    Ties straddling the k-th place may be ordered differently from the full sort.
+    """
+    V = scores.shape[-1]
+    vals, ids = scores.topk(k, dim=-1)  # (B, k) descending
+    kk = torch.where(top_k > 0, top_k.clamp(max=V), V)  # (B, 1)
+    kth = torch.where(kk <= k, vals.gather(-1, kk.clamp(max=k) - 1), float("-inf"))  # (B, 1)
+    top = vals.masked_fill(vals < kth, float("-inf"))  # (B, k)
+    m = vals[:, :1]  # (B, 1) row max
+    z = (scores - m).double().exp().masked_fill(scores < kth, 0).sum(-1, keepdim=True)  # (B, 1)
+    e_top = (top - m).double().exp()  # (B, k), 0 where top-k removed
+    m_out = ((z - e_top.sum(-1, keepdim=True)) / z).clamp_min(0)  # (B, 1)
+    tail = m_out + (e_top / z).flip(-1).cumsum(-1).flip(-1)  # (B, k)
+    remove = tail <= 1 - top_p.double()
+    remove[:, 0] = False
+    covered = (m_out <= 1 - top_p.double())[:, 0]
+    return top.masked_fill(remove, float("-inf")), ids, covered
+
+
+# filter_top sizes tried before a full sort (CPU only): the nucleus of a peaked next-token
+# distribution fits in a few hundred tokens; a 49k-entry sort costs ~6 ms on one core
+PARTIAL_SORT_SIZES = (256, 2048)
 
 
 def sample_tokens(
@@ -84,8 +119,9 @@ def sample_tokens(
     rows: torch.Tensor | None = None,
     max_k: int = 0,
     full_sort: bool = False,
+    partial_sizes: tuple[int, ...] = (),
 ) -> torch.Tensor:
-    """Next tokens (B,) long from logits (B, V) fp32. No host sync.
+    """Next tokens (B,) long from logits (B, V) fp32. No host sync unless `partial_sizes`.
 
     Sampled rows draw the Gumbel-max sample argmax(filtered logits / T + G), G = −log(−log U)
     (the exponential race; Gumbel 1954, as used by Kool et al., 2019, "Stochastic Beams and
@@ -94,17 +130,29 @@ def sample_tokens(
     them (None = all B rows); temperature (S, 1), top_k (S, 1) long (0 = off), top_p (S, 1).
     Host-side choices of the filter: full_sort sorts (exact top-k then top-p, as HF's warpers);
     else max_k > 0 (every sampled row has 0 < top_k ≤ max_k) masks below the k-th score found
-    with torch.topk (ties kept, as HF); else no filtering.
+    with torch.topk (ties kept, as HF); else no filtering. partial_sizes (CPU, where reading a
+    flag back costs nothing): before the full sort, try `filter_top` with each size and use it
+    when every row is covered (same tokens, see filter_top); every row's top_k must be 0 or
+    ≤ the sizes tried.
     """
     if gumbel is None:
         return logits.argmax(dim=-1)
     scores = logits if rows is None else logits.index_select(0, rows)  # (S, V)
     scores = scores / temperature
     if full_sort:
-        scores, ids = filter_logits(scores, top_k, top_p)  # sorted, (S, V) each
+        top = ids = None
+        for size in partial_sizes:
+            if size >= scores.shape[-1]:
+                break
+            part, part_ids, covered = filter_top(scores, top_k, top_p, size)
+            if bool(covered.all()):  # host branch: CPU only (see above)
+                top, ids = part, part_ids
+                break
+        if top is None:
+            top, ids = filter_logits(scores, top_k, top_p)  # sorted, (S, V) each
         # noise stays attached to its token id, so a row samples the same token whichever
         # filter path its batch takes
-        choice = (scores + gumbel.gather(-1, ids)).argmax(dim=-1, keepdim=True)  # (S, 1)
+        choice = (top + gumbel.gather(-1, ids)).argmax(dim=-1, keepdim=True)  # (S, 1)
         sampled = ids.gather(-1, choice)[:, 0]
     else:
         if max_k:
@@ -257,7 +305,11 @@ def generate(
     ids, key_mask, positions = (t.to(device) for t in (ids, key_mask, positions))
     temperature = torch.tensor([[p.temperature] for p in sampled], device=device)  # (S, 1)
     top_k = torch.tensor([[p.top_k] for p in sampled], dtype=torch.long, device=device)  # (S, 1)
-    top_p = torch.tensor([[p.top_p] for p in sampled], device=device)  # (S, 1)
+    top_p = torch.tensor([[p.top_p] for p in sampled], dtype=torch.float64, device=device)
+    # on CPU the nucleus is first looked for among the few best tokens (no full sort)
+    partial = ()
+    if device.type == "cpu" and full_sort:
+        partial = tuple(n for n in PARTIAL_SORT_SIZES if all(p.top_k <= n for p in sampled))
     rows = None if len(sampled) == B else torch.tensor(sampled_rows, device=device)  # (S,)
     generators = []
     for p in sampled:
@@ -274,7 +326,9 @@ def generate(
             for i, g in enumerate(generators):
                 gumbel[i].uniform_(generator=g)  # U (V,), this row's own stream
             gumbel.log_().neg_().log_().neg_()  # −log(−log U), in place
-        tok = sample_tokens(logits, gumbel, temperature, top_k, top_p, rows, max_k, full_sort)
+        tok = sample_tokens(
+            logits, gumbel, temperature, top_k, top_p, rows, max_k, full_sort, partial
+        )
         return tok.masked_fill_(finished, pad)
 
     # ---- prefill: pads, prefix, soft prompt in one causal pass

@@ -22,6 +22,7 @@ from dglm.engine.decoding import (
     DecodeParams,
     DecodeResult,
     filter_logits,
+    filter_top,
     generate,
     sample_tokens,
 )
@@ -169,6 +170,48 @@ def test_gumbel_sampling_follows_the_filtered_softmax(gen, temperature, top_k, t
     expected = hf_warped(logits[:1], temperature, top_k, top_p).softmax(-1)[0].double()
     assert (freq[expected == 0] == 0).all()
     assert (freq - expected).abs().max() < 0.015
+
+
+@pytest.mark.parametrize(
+    "V, k, top_k, top_p, scale",
+    [(341, 32, 0, 0.9, 4.0), (341, 32, 20, 0.95, 4.0), (1000, 64, 0, 0.5, 8.0), (97, 8, 5, 1.0, 3)],
+)
+def test_filter_top_matches_the_full_sort(gen, V, k, top_k, top_p, scale):
+    """On covered rows filter_top keeps exactly the tokens filter_logits keeps, with the same
+    scores; rows whose nucleus reaches past the k best are reported as not covered."""
+    scores = torch.randn(9, V, generator=gen) * torch.linspace(0.5, scale, 9)[:, None]
+    kk, pp = torch.full((9, 1), top_k), torch.full((9, 1), top_p, dtype=torch.float64)
+    full, full_ids = filter_logits(scores, kk, pp)
+    top, ids, covered = filter_top(scores, kk, pp, k)
+    ref = torch.full_like(scores, float("-inf")).scatter(1, full_ids, full)
+    ours = torch.full_like(scores, float("-inf")).scatter(1, ids, top)
+    kept = torch.isfinite(ref)
+    beyond = kept.sum(-1) > k  # the nucleus needs more than k tokens
+    assert not (covered & beyond).any()
+    assert covered.any()
+    assert torch.equal(ours[covered], ref[covered])
+    # a covered row keeps nothing outside its k best, so its kept count is ≤ k
+    assert (kept[covered].sum(-1) <= k).all()
+
+
+def test_partial_sort_samples_the_same_tokens(gen):
+    """sample_tokens with partial sizes (CPU path) draws exactly the full sort's tokens, on
+    peaked rows (covered) and flat ones (fallback to the sort)."""
+    n, V = 64, 500
+    logits = torch.randn(n, V, generator=gen) * torch.linspace(0.2, 6.0, n)[:, None]
+    gumbel = -(-torch.rand(n, V, generator=gen).log()).log()
+    t = torch.full((n, 1), 0.9)
+    for top_k, top_p in ((0, 0.9), (16, 0.95), (0, 0.99)):
+        k = torch.full((n, 1), top_k)
+        p = torch.full((n, 1), top_p, dtype=torch.float64)
+        full = sample_tokens(logits, gumbel, t, k, p, full_sort=True)
+        for sizes in ((16,), (16, 128), (32, 1000)):
+            part = sample_tokens(logits, gumbel, t, k, p, full_sort=True, partial_sizes=sizes)
+            assert torch.equal(part, full)
+        for row in range(0, n, 8):  # row by row, where most rows take the partial path
+            one = sample_tokens(logits[row : row + 1], gumbel[row : row + 1], t[:1], k[:1],
+                                p[:1], full_sort=True, partial_sizes=(16, 128))  # fmt: skip
+            assert one.item() == full[row].item()
 
 
 def test_sample_tokens_mixes_greedy_and_sampled_rows(gen):

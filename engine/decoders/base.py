@@ -319,7 +319,10 @@ class Decoder(nn.Module):
                 f"key_mask {tuple(key_mask.shape)}: expected ({B}, {T}), ({T},), ({B}, {S})"
             )
         kv = StaticKV(k_cache, v_cache, write_pos, functional)
-        mask = static_attention_mask(write_pos, key_mask, functional)
+        allowed = static_attention_mask(write_pos, key_mask, functional)  # (B, 1, T, S[+T])
+        # additive form, built once for all layers (SDPA would convert a bool mask per call)
+        mask = torch.zeros(allowed.shape, dtype=inputs_embeds.dtype, device=allowed.device)
+        mask = mask.masked_fill_(~allowed, float("-inf"))
         h = self.blocks_forward(inputs_embeds, positions, kv, mask, False)  # (B, T, H)
         if last_only:
             h = h[:, -1:]
