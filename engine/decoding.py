@@ -220,7 +220,8 @@ def generate(
     *,
     static: bool = True,
 ) -> tuple[list[DecodeResult], dict[str, float]]:
-    """Generate a continuation per row → (results in row order, {"prefill_s", "decode_s"}).
+    """Generate a continuation per row → (results in row order, timings: "prefill_s",
+    "decode_s" (wall), "decode_steps" (steps after the first token), "decode_cpu_s").
 
     prefix_ids: token ids per row (may be empty when a soft prompt follows); params: one per row
     (or one for all); soft_prompt (B, P, H) is spliced after each prefix; cache: a KVCache of at
@@ -341,7 +342,7 @@ def generate(
     out[:, 0] = tok
     finished |= torch.isin(tok, eos_t)
     _sync(device)
-    t_prefill = time.perf_counter()
+    t_prefill, c_prefill = time.perf_counter(), time.process_time()
 
     # ---- decode: one token per row per step, static cache, no host sync between checks
     steps = 1
@@ -355,13 +356,14 @@ def generate(
         finished |= torch.isin(tok, eos_t)
         steps += 1
     _sync(device)
-    t_decode = time.perf_counter()
+    t_decode, c_decode = time.perf_counter(), time.process_time()
 
     results = _results(out[:, :steps].tolist(), row_max, params, tokenizer, eos)
     timings = {
         "prefill_s": t_prefill - t_start,
         "decode_s": t_decode - t_prefill,
         "decode_steps": float(steps - 1),
+        "decode_cpu_s": c_decode - c_prefill,  # this process's CPU time (all its threads)
     }
     return results, timings
 
