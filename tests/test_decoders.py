@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 
 import pytest
 import torch
@@ -470,6 +471,50 @@ def test_forward_static_bf16_within_own_error(tiny: Tiny, gen):
         static = static_run(decoder, x.bfloat16(), positions, real, T0, S, k, v, (1, 1, 1))
     bound = 2 * max_diff(plain[real], ref[real]) + 1e-3
     assert max_diff(static[real], ref[real]) <= bound
+
+
+class _FunctionalStep(torch.nn.Module):
+    """Token ids → forward_static(functional=True): the decode graph an ONNX export wants."""
+
+    def __init__(self, decoder) -> None:
+        super().__init__()
+        self.decoder = decoder
+
+    def forward(self, ids, positions, write_pos, key_mask, k_cache, v_cache):
+        x = self.decoder.embed(ids)
+        return self.decoder.forward_static(
+            x, positions, k_cache, v_cache, write_pos, key_mask, functional=True
+        )
+
+
+def test_forward_static_functional_exports_to_onnx(tiny: Tiny, ours, gen, tmp_path):
+    """The functional step exports (TorchScript exporter, dynamic batch) and ONNX Runtime
+    reproduces its logits and new K/V at another batch size."""
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    S = 12
+    k, v = junk_cache(ours, 2, S, gen)
+    km = torch.ones(2, S, dtype=torch.bool)
+    args = (rand_ids(gen, 2, 1), torch.tensor([[7], [5]]), torch.tensor([7]), km, k, v)
+    path = tmp_path / "decode.onnx"
+    names = ["ids", "positions", "write_pos", "key_mask", "k_cache", "v_cache"]
+    batch = {"ids": {0: "b"}, "positions": {0: "b"}, "key_mask": {0: "b"}, "k_cache": {1: "b"},
+             "v_cache": {1: "b"}, "logits": {0: "b"}, "k_new": {1: "b"}, "v_new": {1: "b"}}  # fmt: skip
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(_FunctionalStep(ours).eval(), args, str(path), dynamo=False,
+                          opset_version=17, input_names=names,
+                          output_names=["logits", "k_new", "v_new"], dynamic_axes=batch)  # fmt: skip
+    k3, v3 = junk_cache(ours, 3, S, gen)
+    km3 = torch.ones(3, S, dtype=torch.bool)
+    km3[2, :3] = False  # a row with pads
+    args3 = (rand_ids(gen, 3, 1), torch.tensor([[7], [5], [4]]), torch.tensor([7]), km3, k3, v3)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {n: a.numpy() for n, a in zip(names, args3, strict=True)})
+    with torch.inference_mode():
+        ref = _FunctionalStep(ours)(*args3)
+    for g, r in zip(got, ref, strict=True):
+        assert max_diff(torch.from_numpy(g), r) < 1e-4
 
 
 def test_forward_static_shape_errors(ours):

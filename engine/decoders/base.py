@@ -145,8 +145,7 @@ def static_attention_mask(
         return allowed[:, None]
     written = (slots[:, None] == write_pos[None, :]).any(dim=1)  # (S,): overwritten this call
     old = (slots <= q) & ~written & key_mask[:, None, :]  # (B, T, S)
-    T = write_pos.shape[0]
-    own = torch.eye(T, dtype=torch.bool, device=key_mask.device)  # (T, T)
+    own = write_pos[None, :] == q  # (T, T): the query's own key (write slots are distinct)
     new_real = key_mask.index_select(1, write_pos)  # (B, T)
     new = (write_pos[None, :] <= q) & (new_real[:, None, :] | own)  # (B, T, T)
     return torch.cat([old, new], dim=-1)[:, None]  # (B, 1, T, S + T)
@@ -170,7 +169,7 @@ def attend(
         o = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=scale)
         return o.reshape(B, 1, nh * Dh)
     o = F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=nh != nkv
+        q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=bool(nh != nkv)
     )  # (B, nh, T, Dh)
     return o.transpose(1, 2).reshape(B, T, nh * Dh)
 

@@ -161,6 +161,10 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x / sqrt(mean(x²) + ε) in fp32, cast back, then the gain (the HF order)
+        if torch.onnx.is_in_onnx_export():  # aten::rms_norm has no TorchScript-exporter symbolic
+            y = x.float()
+            y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
+            return self.weight * y.type_as(x)
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)  # one call, same math
         y = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
