@@ -82,6 +82,8 @@ class _StaticDecoder(nn.Module):
         self.nh = c.num_heads
         self.nkv, self.dh = decoder.num_kv_heads, decoder.head_dim
         self.max_len = max_len
+        w = decoder.lm_head_weight()
+        self.register_buffer("head_bias", torch.zeros(w.shape[0], dtype=w.dtype), persistent=False)
         if self.llama:
             # only the positions a buffer of max_len slots can hold
             self.register_buffer("cos", decoder.rope_cos[:max_len].clone(), persistent=False)
@@ -126,11 +128,12 @@ class _StaticDecoder(nn.Module):
     def final_logits(self, h: torch.Tensor) -> torch.Tensor:
         """(B, H) last hidden states → fp32 logits (B, V).
 
-        Written (W·hᵀ)ᵀ so the graph multiplies by W (V, H) as stored: F.linear would make the
-        exporter fold a transposed copy of W, a second embedding matrix when they are tied.
+        With a (zero) bias the 2-D linear exports as one Gemm(transB=1) on W (V, H) as stored;
+        without one the exporter folds a transposed copy of W (a second embedding matrix when
+        they are tied), and W·hᵀ as MatMul runs ~1.6× slower on ORT's CPU EP.
         """
         h = _rms_norm(h, self.dec.norm) if self.llama else self.dec.ln_f(h)
-        return torch.matmul(self.dec.lm_head_weight(), h.T).T.float()
+        return F.linear(h, self.dec.lm_head_weight(), self.head_bias).float()
 
     def attend(
         self,

@@ -277,6 +277,11 @@ def _save(model, path: Path, name: str, provenance: dict) -> None:
     onnx.checker.check_model(str(path))
 
 
+def _absolute(reference: str) -> str:
+    """A reference that is a path, made absolute (the export directory lives elsewhere)."""
+    return str(Path(reference).resolve()) if Path(reference).exists() else reference
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -315,7 +320,8 @@ def export_onnx(
     bundle_io.load_state(score_net, bundle_dir / bundle_io.SCORE_NET_FILE)
     prompt_gen = PromptGenerator(bcfg.prompt_generator)
     bundle_io.load_state(prompt_gen, bundle_dir / bundle_io.PROMPT_GEN_FILE)
-    score_net.eval(), prompt_gen.eval()
+    score_net.eval()
+    prompt_gen.eval()
     probes_path = bundle_dir / bundle_io.PROBES_FILE
     probes = load_probes(probes_path) if probes_path.exists() else []
     probe_set = ProbeSet(probes, bcfg.score_network.latent_dim)
@@ -408,7 +414,7 @@ def export_onnx(
     if probes:
         shutil.copyfile(probes_path, out / "probes.safetensors")
     tokenizer.save_pretrained(str(out / "tokenizer"))
-    encoder_ref = bundle_io.resolve_reference(bcfg.encoder, bundle_dir)
+    encoder_ref = _absolute(bundle_io.resolve_reference(bcfg.encoder, bundle_dir))
     manifest = {
         "format": FORMAT,
         "version": VERSION,
@@ -441,7 +447,7 @@ def export_onnx(
             "note": "not exported: the sentence encoder runs in PyTorch (sentence-transformers)",
         },
         "decoder": {
-            "reference": decoder_ref,
+            "reference": _absolute(decoder_ref),
             "family": "llama" if isinstance(decoder, LlamaDecoder) else "gpt2",
             "hidden_size": decoder.hidden_size,
             "vocab_size": decoder.vocab_size,

@@ -519,7 +519,8 @@ class OrtDecoder:
         state.v[:, :, :, s].copy_(out["v_new"][:, :, :, 0])
         state.next_pos += 1
         state.slot += 1
-        return out["logits"][: state.rows]
+        logits = out["logits"][: state.rows]
+        return logits.clone() if self.decode_graph.capture else logits  # static buffer: copy
 
     @torch.inference_mode()
     def generate(
