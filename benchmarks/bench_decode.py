@@ -244,9 +244,7 @@ def bench_model(args, name, decoder, tok, hf, pad, device, dtype, rows_out, conf
 
     for batch, n in configs:
         rows = [prompt_ids[i % len(prompt_ids)] for i in range(batch)]
-        repeats = 3 if batch == 1 else 2 if batch <= 8 else 1
-        if args.quick:
-            repeats = min(repeats, 2)
+        repeats = {1: 3, 8: 2}.get(batch, 1) if n <= 32 else {1: 2}.get(batch, 1)
         modes = [True, False] if (batch, n) == (1, 32) else [True]  # greedy parity at batch 1
         for sampled in modes:
             seed = 1000 * batch + n

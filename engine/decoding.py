@@ -1,7 +1,9 @@
 """KV-cached batched generation for the compact decoders.
 
 Row layout in the cache: left padding, prefix tokens, P soft-prompt vectors, generated tokens.
-Positions count real tokens only (pads excluded), as HF does from an attention mask.
+Positions count real tokens only (pads excluded), as HF does from an attention mask. Each step is
+the static one (`Decoder.forward_static` through a `DecodeRunner`: CUDA graphs when the caller
+passes a graph runner, op by op otherwise); `static=False` keeps the growing-cache reference loop.
 
 Sampling is the exponential race / Gumbel-max trick: argmax(log p − log E), E ~ Exp(1) drawn from a
 per-row torch.Generator, so a row's samples depend only on its own seed, never on its batch

@@ -158,7 +158,7 @@ def test_compiled_eager_step_gives_the_same_tokens(tiny, gen):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_cuda_graphs_match_the_eager_step(tiny_dir, gen, dtype):
     """Replayed graphs (batch 3 in bucket 4, KV buckets) give the eager static step's tokens, and
-    in fp32 the CPU reference loop's."""
+    in fp32 greedy the CPU reference loop's."""
     decoder, tok = load_decoder(str(tiny_dir), device="cuda", dtype=dtype)
     config = DecodeRunnerConfig(batch_sizes=(1, 2, 4, 8), max_len=48, seq_buckets=(16, 32))
     runner = DecodeRunner(decoder, config)
@@ -170,7 +170,8 @@ def test_cuda_graphs_match_the_eager_step(tiny_dir, gen, dtype):
         ours, _ = generate(decoder, tok, rows, params, runner=runner)
         ref, _ = generate(decoder, tok, rows, params, runner=eager)
         assert tokens(ours) == tokens(ref)
-        if dtype == torch.float32:
+        if dtype == torch.float32 and all(p.temperature == 0 for p in params):
+            # greedy only: CUDA and CPU generators draw different noise for the same seed
             cpu, cpu_tok = load_decoder(str(tiny_dir))
             assert tokens(ours) == tokens(generate(cpu, cpu_tok, rows, params, static=False)[0])
 
