@@ -269,6 +269,8 @@ def train_diffusion(
         if run.step % cfg.save_every == 0 or run.step == cfg.steps:
             run.extra["gamma_bins"] = sampler.state()
             run.save()
+        if run.step % 50 == 0:
+            logger.info("%s step %d/%d: %s", run.kind, run.step, cfg.steps, logs)
         if progress:
             progress(run.step, logs)
     return run.ema
@@ -396,6 +398,8 @@ def train_prompt_generator(
             run.log(logs)
         if run.step % cfg.save_every == 0 or run.step == cfg.steps:
             run.save()
+        if run.step % 50 == 0:
+            logger.info("%s step %d/%d: %s", run.kind, run.step, cfg.steps, logs)
         if progress:
             progress(run.step, logs)
     return run.ema
