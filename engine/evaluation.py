@@ -332,11 +332,13 @@ class EvalConfig:
 
 PRESETS = {
     "full": EvalConfig(),
-    # < 15 minutes on 2 CPU cores for MiniLM + SmolLM2-135M
+    # < 15 minutes on CPU for MiniLM + SmolLM2-135M (one torch thread; about 12.5 minutes on a
+    # 2-core machine shared with a load of ~8, with FUDGE at top-k 50)
     "quick": EvalConfig(
         num_prefixes=16,
         num_samples=1,
         guidance_scales=(20.0, 100.0),
+        fudge_top_k=20,
         fudge_strengths=(1.0,),
     ),
 }
@@ -578,6 +580,14 @@ def score_setting(
     return m, cos
 
 
+def _warm_up(engine, prefix: str) -> None:
+    """One tiny untimed call through every model, so no setting pays first-call costs."""
+    from dglm.engine.engine import GenerationParams
+
+    engine.generate([prefix], GenerationParams(max_new_tokens=2, seed=0))
+    engine.encoder.embed([prefix, prefix + " and"])
+
+
 def _target_rate(setting: Setting, m: dict) -> float | None:
     if setting.group == "sentiment":
         return m["vader_" + setting.target]
@@ -616,6 +626,7 @@ def run_eval(
     def key(s: Setting) -> tuple:
         return (s.method, s.controls, s.renoise_alpha2, s.probe, s.target, s.scale)
 
+    _warm_up(engine, prefixes[0])
     first: dict[tuple, str] = {}
     for s in settings:
         first.setdefault(key(s), s.name)
@@ -895,6 +906,24 @@ def render_markdown(report: dict) -> str:
             f"{_fmt(m['toxicity_mean'])} | {_fmt(m['toxicity_frac'], '.0%')} | {fid_s} | "
             f"{_fmt(r['timings']['per_sample_s'], '.3f')} |"
         )
+    lines += ["", "Generation time per sample, by stage (seconds; batched as above):", ""]
+    lines += ["| setting | total | stages |", "|---|---:|---|"]
+    for r in report["rows"]:
+        if "same_run_as" in r:
+            continue
+        t = r["timings"]
+        stages = ", ".join(
+            f"{k.removesuffix('_s')} {v / r['n']:.3f}"
+            for k, v in t.items()
+            if k.endswith("_s") and k not in ("wall_s", "per_sample_s")
+        )
+        lines.append(f"| {r['setting']} | {t['per_sample_s']:.3f} | {stages} |")
+    if any(r["group"] == "toxicity" for r in report["rows"]):
+        lines += [
+            "",
+            "Note: the toxicity probe's training labels come from alt-profanity-check, the same "
+            "classifier that judges toxicity here, so that evaluator is not independent of it.",
+        ]
     if report["skipped"]:
         lines += [
             "",
@@ -986,6 +1015,13 @@ def add_eval_parser(sub) -> None:
     e.add_argument("--batch-size", type=int, default=None, help="prompts per generation call")
     e.add_argument("--sources", default=None, help="comma-separated held-out sources")
     e.add_argument("--seed", type=int, default=None)
+    e.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: 1 with --quick on CPU, which is robust on a busy "
+        "shared machine; otherwise torch's default)",
+    )
     e.set_defaults(func=cmd_eval)
 
 
@@ -1008,6 +1044,13 @@ def cmd_eval(args) -> int:
         "seed": args.seed,
     }
     config = replace(config, **{k: v for k, v in overrides.items() if v is not None})
+    threads = args.threads
+    if threads is None and args.quick and torch.device(args.device).type == "cpu":
+        threads = 1
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"--threads must be ≥ 1, got {threads}")
+        torch.set_num_threads(threads)
     bundle_dir = bundle_io.resolve_bundle_dir(args.bundle)
     out = args.out or Path("benchmarks/results") / torch.device(args.device).type / (
         f"eval_{bundle_dir.name}"

@@ -9,11 +9,14 @@ import math
 import pytest
 import torch
 from dglm.engine.evaluation import (
+    RENOISE_SWEEP,
     EvalConfig,
+    build_settings,
     continuation_nll,
     distinct_n,
     fidelity,
     heldout_prefixes,
+    low_toxicity_target,
     mean_and_se,
     perplexity,
     render_markdown,
@@ -23,6 +26,7 @@ from dglm.engine.evaluation import (
     toxicity,
     write_report,
 )
+from dglm.engine.probes import Probe
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -168,6 +172,31 @@ def test_target_checks_pick_smallest_passing_scale_and_report_margins():
 
 
 # ------------------------------------------------------------------ harness
+
+
+def test_settings_cover_every_probe_and_skip_missing_ones(gen):
+    def probe(name, labels):
+        rows = 1 if len(labels) == 2 else len(labels)
+        return Probe(name, labels, torch.randn(rows, 8, generator=gen), torch.zeros(rows))
+
+    config = EvalConfig(guidance_scales=(10.0, 50.0), fudge_strengths=(1.0,))
+    probes = {
+        "sentiment": probe("sentiment", ("negative", "positive")),
+        "toxicity": probe("toxicity", ("low", "high")),
+    }
+    settings, skipped = build_settings(config, probes, 0.95)
+    names = [s.name for s in settings]
+    assert skipped == []
+    assert "dglm toxicity=low:10" in names and "dglm toxicity=low:50" in names
+    assert "fudge sentiment=negative λ=1" in names
+    assert [s.renoise_alpha2 for s in settings if s.group == "fidelity"] == list(RENOISE_SWEEP)
+    assert low_toxicity_target(probe("toxicity", ("clean", "toxic"))) == "clean"
+    assert low_toxicity_target(probe("toxicity", ("a", "b"))) == "a"  # binary: y = 0
+    with pytest.raises(ValueError, match="no non-toxic class"):
+        low_toxicity_target(probe("toxicity", ("a", "b", "c")))
+    settings, skipped = build_settings(config, {}, 0.95)
+    assert [s["setting"] for s in skipped] == ["sentiment", "toxicity=low"]
+    assert [s.name for s in settings][:2] == ["decoder", "dglm unguided"]
 
 
 def test_heldout_prefixes_are_deterministic_and_held_out(tiny_engine):
