@@ -16,6 +16,11 @@ over all S slots under `key_mask`, and returns the new key/value for the runtime
 shape in the decode graph is static except the batch, which the runtime fixes to its buckets; the
 graph has no If/Loop/Scan and no Shape-dependent reshapes (all reshapes use −1 for the batch), so
 ONNX Runtime's CUDA graphs can capture it.
+
+Why not `Decoder.forward_static(..., functional=True)`: it exports too, but for SmolLM2 its decode
+graph carries 245 Shape ops and a folded transposed copy of the tied LM head (651 MB of weights
+against 538 MB here); the wrapper below reuses the decoders' modules and weights, spells out only
+the per-layer wiring with static shapes, and is checked against `Decoder.forward` in the tests.
 """
 
 from __future__ import annotations
