@@ -14,9 +14,11 @@ Per token = one decode step after the prompt's forward: ours from generate's own
 divided by the steps between). Both wall clock and this process's CPU time are recorded: on a
 shared machine wall time swings with the load average (recorded per row), CPU time much less.
 
-Implementations: `ours_eager` (generate's default static step, op by op), `ours_compiled` (CPU:
-the same step through torch.compile with frozen weights; compile time recorded), `ours_graphs`
-(CUDA: DecodeRunner replaying CUDA graphs), `hf_generate` (transformers eager). Sampled tokens of
+Implementations: `ours_eager` (generate's default static step, op by op), `ours_traced` (CPU:
+a DecodeRunner with step_impl="trace", the same step as one TorchScript trace per bucket; bit-
+identical logits; trace time recorded), `ours_compiled` (CPU, with --compile: torch.compile with
+frozen weights, compile time recorded), `ours_graphs` (CUDA: DecodeRunner replaying CUDA graphs),
+`hf_generate` (transformers eager). Sampled tokens of
 each of ours are checked against the reference loop (`generate(..., static=False)`), same seeds.
 On CUDA also: the fraction of the bf16 memory-bandwidth floor (every weight read once per step,
 design/anchors.md), and a GPT-2 Large shaped decoder with random weights (ours vs HF, same weights).
@@ -226,12 +228,19 @@ def bench_model(args, name, decoder, tok, hf, pad, device, dtype, rows_out, conf
         runners["ours_graphs"].warmup()
         extra["capture_s"] = round(time.perf_counter() - t0, 1)
         print(f"{name}: captured graphs in {extra['capture_s']} s", file=sys.stderr)
-    elif args.compile:
+    else:
         max_len = longest + max(n for _, n in configs)
         buckets = tuple(s for s in (32, 64, 128, 256) if s < max_len)
-        config = DecodeRunnerConfig(batch_sizes=(1, 8, 32, 64), max_len=max_len,
-                                    seq_buckets=buckets, enforce_eager=True, compile=True)  # fmt: skip
-        runners["ours_compiled"] = DecodeRunner(decoder, config)
+        batches = tuple(sorted({b for b, _ in configs}))
+        kw = dict(batch_sizes=batches, max_len=max_len, seq_buckets=buckets, enforce_eager=True)
+        t0 = time.perf_counter()
+        runners["ours_traced"] = DecodeRunner(decoder, DecodeRunnerConfig(**kw, step_impl="trace"))
+        runners["ours_traced"].warmup()
+        extra["trace_s"] = round(time.perf_counter() - t0, 1)
+        print(f"{name}: traced every bucket in {extra['trace_s']} s", file=sys.stderr)
+        if args.compile:
+            config = DecodeRunnerConfig(**kw, step_impl="compile")
+            runners["ours_compiled"] = DecodeRunner(decoder, config)
     base = {"model": name, "dtype": dt, "device": device_name(device), "threads": args.threads}
     floor = {}
     if device.type == "cuda" and device_name(device) in BANDWIDTH:
@@ -327,7 +336,8 @@ def markdown(report: dict) -> str:
     lines = [
         f"# Decode benchmark — {report['device']}",
         "",
-        f"commit `{report['commit']}`, " + ", ".join(f"{k} {v}" for k, v in report["versions"].items())
+        f"commit `{report['commit']}`, "
+        + ", ".join(f"{k} {v}" for k, v in report["versions"].items())
         + f"; {report['machine']}",
         "",
         "ms per token = one decode step (after the prompt's forward), median over repeats; "
@@ -363,8 +373,8 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--quick", action="store_true", help=f"configs {QUICK} instead of {FULL}")
     ap.add_argument("--threads", type=int, default=1, help="torch threads for ours and HF")
-    ap.add_argument("--no-compile", dest="compile", action="store_false",
-                    help="CPU: skip the torch.compile'd step")  # fmt: skip
+    ap.add_argument("--compile", action="store_true",
+                    help="CPU: also torch.compile (compiles 3-7 min on 2 busy cores)")  # fmt: skip
     ap.add_argument(
         "--compile-batches",
         type=int,
@@ -413,7 +423,10 @@ def main() -> None:
     ]
     if "compile_s" in extra:
         notes.append(f"ours_compiled: first call compiled in {extra['compile_s']} s "
-                     "(torch.compile, dynamic shapes, frozen weights; b = 1 specialised)")  # fmt: skip
+                     "(torch.compile, dynamic shapes, frozen weights; b = 1 apart)")  # fmt: skip
+    if "trace_s" in extra:
+        notes.append(f"ours_traced: every batch × KV bucket traced in {extra['trace_s']} s "
+                     "(TorchScript, at warm-up)")  # fmt: skip
     if "capture_s" in extra:
         notes.append(f"ours_graphs: captured every batch × KV bucket in {extra['capture_s']} s")
     if args.quick:

@@ -88,7 +88,8 @@ def filter_top(
     where removed; their ids (B, k); covered (B,) bool). A row is covered when the filter removes
     every token outside its k best, i.e. their kept mass m_out = Σ_{j ∉ top k} p_j ≤ 1 − top_p
     (each such token's tail is ≤ m_out); its (scores, ids) then hold all that filter_logits keeps.
-    Same fp64 math: p = exp(s − max) / Z over the tokens top-k keeps, tail_i = m_out + Σ_{j ≥ i} p_j.
+    Same fp64 math: p = exp(s − max) / Z over the tokens top-k keeps,
+    tail_i = m_out + Σ_{j ≥ i} p_j.
     Ties straddling the k-th place may be ordered differently from the full sort.
     """
     V = scores.shape[-1]

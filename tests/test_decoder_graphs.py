@@ -117,7 +117,8 @@ def test_round_up_and_config_errors(tiny, tiny_dir):
         dict(batch_sizes=(0, 2)),
         dict(max_len=0),
         dict(max_len=32, seq_buckets=(64,)),
-        dict(compile=True),  # compile needs enforce_eager
+        dict(step_impl="trace"),  # trace / compile need enforce_eager
+        dict(step_impl="jit", enforce_eager=True),
     ):
         with pytest.raises(ValueError):
             DecodeRunnerConfig(**bad)
@@ -138,11 +139,39 @@ def test_round_up_and_config_errors(tiny, tiny_dir):
         generate(other, tok, [[5]], [GREEDY], runner=runner)
 
 
+def test_traced_step_gives_bit_identical_logits(tiny, gen):
+    """step_impl="trace": one TorchScript trace per (batch, KV) bucket, the same kernels without
+    Python: the same tokens as the reference loop, and the same logits bit for bit."""
+    decoder, tok = tiny
+    config = DecodeRunnerConfig((1, 2, 4), 48, (16, 32), enforce_eager=True, step_impl="trace")
+    runner = DecodeRunner(decoder, config)
+    runner.warmup((3,))  # traces bucket 4 × every KV bucket now; bucket 1 at its first use
+    assert sorted(runner._graphs) == [(4, 16), (4, 32), (4, 48)]
+    for lengths, params in (((7, 3, 11), list(SAMPLED)), ((5,), [GREEDY]), ((7, 3, 11), [GREEDY])):
+        rows = rand_rows(gen, *lengths)
+        ref, _ = generate(decoder, tok, rows, params, static=False)
+        ours, _ = generate(decoder, tok, rows, params, runner=runner)
+        assert tokens(ours) == tokens(ref)
+    assert all(step.traced is not None for step in runner._graphs.values())
+    eager = DecodeRunner(decoder, DecodeRunnerConfig((4,), 16, enforce_eager=True))
+    traced = DecodeRunner(decoder, DecodeRunnerConfig((4,), 16, enforce_eager=True,
+                                                      step_impl="trace"))  # fmt: skip
+    ids = torch.randint(4, VOCAB, (3, 8), generator=gen)
+    positions = torch.arange(8).expand(3, 8)
+    with torch.inference_mode():
+        logits = []
+        for r in (eager, traced):
+            r.begin(3, 16, None)
+            r.prefill(decoder.embed(ids[:, :5]), positions[:, :5])
+            logits.append(torch.stack([r.step(ids[:, t]).clone() for t in range(5, 8)]))
+    assert torch.equal(logits[0], logits[1])
+
+
 @pytest.mark.slow
 def test_compiled_eager_step_gives_the_same_tokens(tiny, gen):
     """torch.compile of the eager step (CPU): the same tokens as the uncompiled step."""
     decoder, tok = tiny
-    config = DecodeRunnerConfig(batch_sizes=(1, 3), max_len=40, enforce_eager=True, compile=True)
+    config = DecodeRunnerConfig((1, 3), 40, enforce_eager=True, step_impl="compile")
     runner = DecodeRunner(decoder, config)
     for lengths, params in (((7, 3, 11), list(SAMPLED)), ((5,), [GREEDY])):
         rows = rand_rows(gen, *lengths)

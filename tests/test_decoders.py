@@ -498,13 +498,15 @@ def test_forward_static_functional_exports_to_onnx(tiny: Tiny, ours, gen, tmp_pa
     args = (rand_ids(gen, 2, 1), torch.tensor([[7], [5]]), torch.tensor([7]), km, k, v)
     path = tmp_path / "decode.onnx"
     names = ["ids", "positions", "write_pos", "key_mask", "k_cache", "v_cache"]
-    batch = {"ids": {0: "b"}, "positions": {0: "b"}, "key_mask": {0: "b"}, "k_cache": {1: "b"},
-             "v_cache": {1: "b"}, "logits": {0: "b"}, "k_new": {1: "b"}, "v_new": {1: "b"}}  # fmt: skip
+    batch = {"ids": {0: "b"}, "positions": {0: "b"}, "key_mask": {0: "b"}}
+    batch |= {n: {1: "b"} for n in ("k_cache", "v_cache", "k_new", "v_new")}
+    batch["logits"] = {0: "b"}
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(_FunctionalStep(ours).eval(), args, str(path), dynamo=False,
-                          opset_version=17, input_names=names,
-                          output_names=["logits", "k_new", "v_new"], dynamic_axes=batch)  # fmt: skip
+        torch.onnx.export(
+            _FunctionalStep(ours).eval(), args, str(path), dynamo=False, opset_version=17,
+            input_names=names, output_names=["logits", "k_new", "v_new"], dynamic_axes=batch,
+        )  # fmt: skip
     k3, v3 = junk_cache(ours, 3, S, gen)
     km3 = torch.ones(3, S, dtype=torch.bool)
     km3[2, :3] = False  # a row with pads

@@ -102,7 +102,8 @@ class StaticKV:
     """The key/value store `forward_static` hands to the blocks, with KVCache's `write` interface.
 
     In place (functional=False): `write` stores the T new keys/values of a layer at slots
-    `write_pos` of the full buffers with `index_copy_` and returns the full buffers (B, n_kv, S, Dh).
+    `write_pos` of the full buffers with `index_copy_` and returns the full buffers
+    (B, n_kv, S, Dh).
     Functional: the buffers are only read; `write` returns them with the T new keys/values appended
     (B, n_kv, S + T, Dh) and collects the new ones for the caller.
     """

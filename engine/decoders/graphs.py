@@ -16,8 +16,9 @@ dummy tokens and are independent of the live ones (row-wise matmuls, per-row att
 buckets (`seq_buckets`) let early steps attend over fewer slots than `max_len`.
 
 With `enforce_eager` (and on CPU) the same step, with the same buckets, runs op by op on the same
-buffers; `compile=True` wraps it in `torch.compile`. `decoding.generate` without a runner builds an
-eager one sized to the call (one bucket = the batch, max_len = the slots it needs: no padding).
+buffers, or through a TorchScript trace / torch.compile (`step_impl`, see STEP_IMPLS).
+`decoding.generate` without a runner builds an eager one sized to the call (one bucket = the
+batch, max_len = the slots it needs: no padding).
 Sampling stays outside the step (`decoding.generate` samples from `logits` without a host sync).
 """
 
@@ -25,15 +26,25 @@ from __future__ import annotations
 
 import bisect
 import logging
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from dglm.engine.decoders.base import Decoder, KVCache
+from torch import nn
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
+# How a runner without graphs runs the step:
+# - "eager": op by op from Python.
+# - "trace": a TorchScript trace of the step per (batch bucket, KV bucket), made at its first use
+#   (~3 s for SmolLM2): the same aten kernels in the same order, without the Python interpreter
+#   between them; bit-identical logits. TorchScript is deprecated upstream but still shipped.
+# - "compile": torch.compile (inductor) with dynamic shapes and frozen weights: fuses the small
+#   ops (logits differ by ~1e-5), but compiling SmolLM2 takes 3-7 minutes on 2 busy cores.
+STEP_IMPLS = ("eager", "trace", "compile")
 
 
 @dataclass(frozen=True)
@@ -42,7 +53,7 @@ class DecodeRunnerConfig:
     max_len: int = 512  # KV slots per row: longest prefix + soft prompt + max_new_tokens
     seq_buckets: tuple[int, ...] = ()  # KV lengths with their own graphs; () = max_len only
     enforce_eager: bool = False  # run the step op by op on the static buffers (no CUDA graphs)
-    compile: bool = False  # eager only: torch.compile the step (the first call compiles, minutes)
+    step_impl: str = "eager"  # without graphs: one of STEP_IMPLS (see there)
 
     def __post_init__(self):
         sizes = tuple(sorted({int(b) for b in self.batch_sizes}))
@@ -60,10 +71,14 @@ class DecodeRunnerConfig:
                 f"{self.seq_buckets}"
             )
         object.__setattr__(self, "seq_buckets", buckets)
-        if self.compile and not self.enforce_eager:
+        if self.step_impl not in STEP_IMPLS:
             raise ValueError(
-                "DecodeRunnerConfig.compile=True needs enforce_eager=True (CUDA graphs already "
-                "remove the per-op overhead that compiling targets)"
+                f"DecodeRunnerConfig.step_impl={self.step_impl!r} is not one of {STEP_IMPLS}"
+            )
+        if self.step_impl != "eager" and not self.enforce_eager:
+            raise ValueError(
+                f"DecodeRunnerConfig.step_impl={self.step_impl!r} needs enforce_eager=True (CUDA "
+                "graphs already remove the per-op host overhead it targets)"
             )
 
 
@@ -107,14 +122,39 @@ def round_up(sizes: list[int] | tuple[int, ...], n: int, setting: str) -> int:
     return sizes[i]
 
 
+class _DecodeModule(nn.Module):
+    """decode_logits as a module (what torch.jit.trace records; the decoder's weights stay its
+    parameters, shared, not copied)."""
+
+    def __init__(self, decoder: Decoder) -> None:
+        super().__init__()
+        self.decoder = decoder
+
+    def forward(self, tokens, positions, k, v, write_pos, key_mask) -> torch.Tensor:
+        return decode_logits(self.decoder, tokens, positions, k, v, write_pos, key_mask)
+
+
 class _EagerStep:
-    """What a captured graph replays, launched op by op: `replay()` runs one step."""
+    """What a captured graph replays, run without one: `replay()` runs one step, op by op or
+    (step_impl="trace") through a TorchScript trace of this bucket made at the first replay."""
 
     def __init__(self, runner: DecodeRunner, b: int, s: int) -> None:
         self.runner, self.b, self.s = runner, b, s
+        self.traced: torch.jit.ScriptModule | None = None
+
+    def _decode(self, decoder, *args: torch.Tensor) -> torch.Tensor:
+        if self.traced is None:
+            # tracing runs the step once; running it again rewrites the same K/V at the same
+            # slot before reading it, so the step stays idempotent
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # TracerWarnings on shape checks: shapes are fixed
+                self.traced = torch.jit.trace(_DecodeModule(decoder), args, check_trace=False)
+            logger.info("traced the decode step: batch bucket %d, %d KV slots", self.b, self.s)
+        return self.traced(*args)
 
     def replay(self) -> None:
-        self.runner._step(self.b, self.s)
+        trace = self.runner.config.step_impl == "trace"
+        self.runner._step(self.b, self.s, self._decode if trace else None)
 
 
 class DecodeRunner:
@@ -177,7 +217,8 @@ class DecodeRunner:
                 "memory: lower DecodeRunnerConfig.max_len or the largest of "
                 "DecodeRunnerConfig.batch_sizes"
             ) from e
-        self._decode = compiled_decode_logits() if config.compile else decode_logits
+        compiled = config.step_impl == "compile"
+        self._decode = compiled_decode_logits() if compiled else decode_logits
         self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph | _EagerStep] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.graphs else None
         self.batch = self.rows = self.slot = self.slots = 0  # current batch, set by begin()
@@ -196,13 +237,13 @@ class DecodeRunner:
         return round_up(self.batch_sizes, batch_size, "batch_sizes")
 
     def seq_bucket(self, slots: int) -> int:
-        """KV slots the step attends over while `slots` are in use: the KV bucket it rounds up to."""
+        """KV slots the step attends over while `slots` are in use (the KV bucket ≥ slots)."""
         return round_up(self.config.seq_buckets, slots, "max_len")
 
     # ------------------------------------------------------------------ the step
-    def _step(self, b: int, s: int) -> None:
+    def _step(self, b: int, s: int, decode: Callable | None = None) -> None:
         """One decode step on rows [0, b) and slots [0, s) of the buffers (what a graph records)."""
-        logits = self._decode(
+        logits = (decode or self._decode)(
             self.decoder,
             self.tokens[:b],
             self.positions[:b],
@@ -246,15 +287,24 @@ class DecodeRunner:
         return graph
 
     @torch.inference_mode()
-    def warmup(self) -> None:
+    def warmup(self, batch_sizes: tuple[int, ...] | None = None) -> None:
         """Capture every (batch bucket, KV bucket) graph, largest first so the later ones reuse
-        the shared memory pool. No-op when eager (a compiled step compiles at its first call)."""
-        if not self.graphs:
+        the shared memory pool; step_impl "trace" / "compile": trace / compile them by running
+        each once. `batch_sizes` limits it to the buckets those batches use. Call it before
+        `begin` (it runs steps on the buffers)."""
+        if not self.graphs and self.config.step_impl == "eager":
             return
-        for b in reversed(self.batch_sizes):
+        buckets = sorted({self.bucket(n) for n in (batch_sizes or self.batch_sizes)})
+        for b in reversed(buckets):
             for s in reversed(self.config.seq_buckets):
-                if (b, s) not in self._graphs:
-                    self._capture(b, s)
+                if (b, s) in self._graphs:
+                    continue
+                step = self._capture(b, s)
+                if not self.graphs:  # trace / compile now: one step, its state advance undone
+                    saved = self.positions.clone(), self.write_pos.clone()
+                    step.replay()
+                    self.positions.copy_(saved[0])
+                    self.write_pos.copy_(saved[1])
 
     # ------------------------------------------------------------------ one batch
     @torch.inference_mode()
@@ -314,6 +364,7 @@ __all__ = [
     "DEFAULT_BATCH_SIZES",
     "DecodeRunner",
     "DecodeRunnerConfig",
+    "STEP_IMPLS",
     "compiled_decode_logits",
     "decode_logits",
 ]
