@@ -14,6 +14,7 @@ import torch
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
+from decoder_fixtures import FAMILIES, make_tiny_hf_dir  # noqa: E402
 from dglm.engine import bundle as bundle_io  # noqa: E402
 from dglm.engine.decoding import DecodeParams, _eos_ids, _pad_id  # noqa: E402
 from dglm.engine.decoding import generate as torch_generate  # noqa: E402
@@ -394,3 +395,68 @@ def test_cuda_engine_generate_matches_cpu(exports):
     assert _outputs(gpu.generate(["The movie was"], p)) == _outputs(
         cpu.generate(["The movie was"], p)
     )
+
+
+# ------------------------------------------------------------------------------ every family
+@pytest.mark.parametrize("family", FAMILIES)
+def test_decoder_graphs_match_forward_for_every_family(family, tmp_path):
+    """Prefill + decode graphs of each tiny decoder family (GQA, biases, head_dim ≠ H/nh, llama3
+    RoPE, GPT-2 tied/untied) on ORT against `Decoder.forward` with a KV cache, left padded."""
+    from dglm.engine.decoders import load_decoder
+    from dglm.export.graphs import DecodeGraph, PrefillGraph
+    from dglm.export.onnx import _example, _export_graph, _specs
+
+    make_tiny_hf_dir(family, tmp_path / "hf")
+    dec, _ = load_decoder(str(tmp_path / "hf"))
+    S, P, steps = 24, 3, 4
+    dims = {"latent_dim": 8, "prompt_len": P, "hidden_size": dec.hidden_size, "probe_rows": 1,
+            "num_layers": dec.num_layers, "num_kv_heads": dec.num_kv_heads,
+            "head_dim": dec.head_dim, "max_len": S, "vocab": dec.vocab_size}  # fmt: skip
+    specs = _specs(dims, "float32")
+    g = torch.Generator().manual_seed(3)
+    sizes = {"batch": 3, "prefix_len": 5, "prefill_len": 5 + P}  # tracing sizes
+    (tmp_path / "trace").mkdir()
+    run = {}
+    for name, module in (("prefill", PrefillGraph(dec, S)), ("decode", DecodeGraph(dec, S))):
+        args = _example(specs[name], sizes, g, dec.vocab_size)
+        model = _export_graph(module, args, specs[name], OPSET, tmp_path / "trace")
+        sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        run[name] = lambda sess=sess, **feeds: [
+            torch.from_numpy(o) for o in sess.run(None, {k: v.numpy() for k, v in feeds.items()})
+        ]
+    # two left-padded rows: prefix of 4 and 6 tokens, then P soft-prompt vectors
+    ids = torch.randint(4, dec.vocab_size, (2, 6), generator=g)
+    soft = torch.randn(2, P, dec.hidden_size, generator=g)
+    km = torch.ones(2, S, dtype=torch.bool)
+    km[0, :2] = False
+    t0 = 6 + P
+    pos = (km[:, :t0].long().cumsum(-1) - 1).clamp_min(0)
+    with torch.no_grad():
+        cache = dec.new_cache(2, S)
+        x = torch.cat((dec.embed(ids), soft), 1)
+        ref = [dec(x, pos, cache, km[:, :t0], last_only=True)[:, -1]]
+        lg, k, v = run["prefill"](
+            input_ids=ids, soft_prompt=soft, positions=pos, key_mask=km[:, :t0]
+        )
+        got = [lg]
+        kb = torch.zeros(dec.num_layers, 2, dec.num_kv_heads, S, dec.head_dim)
+        vb = torch.zeros_like(kb)
+        kb[..., :t0, :], vb[..., :t0, :] = k, v
+        next_pos = pos[:, -1:] + 1
+        for i in range(steps):
+            tok = ref[-1].argmax(-1)[:, None]
+            slot = t0 + i
+            ref.append(dec(dec.embed(tok), next_pos, cache, km[:, : slot + 1])[:, -1])
+            lg, kn, vn = run["decode"](
+                input_ids=tok,
+                positions=next_pos,
+                slot=torch.tensor([slot]),
+                key_mask=km & (torch.arange(S) <= slot),  # slots written so far
+                k_cache=kb,
+                v_cache=vb,
+            )
+            got.append(lg)
+            kb[..., slot, :], vb[..., slot, :] = kn[..., 0, :], vn[..., 0, :]
+            next_pos = next_pos + 1
+    for i, (a, b) in enumerate(zip(got, ref, strict=True)):
+        assert _rel(a, b) <= 1e-4, (family, i)
