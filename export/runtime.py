@@ -203,7 +203,18 @@ class OrtGraph:
             providers = [("CUDAExecutionProvider", cuda_opts)]
         else:
             providers = ["CPUExecutionProvider"]
-        self.session = ort.InferenceSession(str(path), so, providers=providers)
+        try:
+            self.session = ort.InferenceSession(str(path), so, providers=providers)
+        except Exception as e:  # ORT raises its own Fail types
+            if not self.capture:
+                raise
+            # ORT refuses to capture when a compute node falls back to the CPU provider
+            logger.warning(
+                "graph %s: no CUDA graph capture (%s); running it uncaptured", spec["name"], e
+            )
+            self.capture = False
+            del cuda_opts["enable_cuda_graph"]
+            self.session = ort.InferenceSession(str(path), so, providers=providers)
         self.inputs = {i["name"]: i for i in spec["inputs"]}
         self.outputs = {o["name"]: o for o in spec["outputs"]}
         self.output_names = [o["name"] for o in spec["outputs"]]
