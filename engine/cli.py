@@ -250,7 +250,10 @@ def cmd_train_prompt_generator(args: argparse.Namespace) -> int:
             f"--preset must be one of {sorted(PROMPT_GENERATOR_PRESETS)}, got {args.preset!r}"
         )
     decoder, tok = load_decoder(args.decoder, device=args.device)
-    cut = {"max_prefix_tokens": args.max_prefix_tokens, "max_continuation_tokens": args.max_continuation_tokens}
+    cut = {
+        "max_prefix_tokens": args.max_prefix_tokens,
+        "max_continuation_tokens": args.max_continuation_tokens,
+    }
     train = load_token_pairs(args.data, "train", tok, args.limit, **cut)
     held = load_token_pairs(args.data, "eval", tok, **cut)
     preset = PROMPT_GENERATOR_PRESETS[args.preset]
@@ -327,6 +330,12 @@ def _add_train_args(p: argparse.ArgumentParser, steps: int, batch: int, lr: floa
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dglm", description="Diffusion-guided controllable generation")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: torch's choice; 1 is fastest on a busy machine)",
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="continue prefixes, optionally steered by probes")
@@ -396,8 +405,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_args(tp, steps=5_000, batch=16, lr=3e-4)
     tp.add_argument("--decoder", default="smollm2")
     tp.add_argument("--limit", type=int, default=None, help="use only the first N training pairs")
-    tp.add_argument("--max-prefix-tokens", type=int, default=None, help="keep the last N prefix tokens")
-    tp.add_argument("--max-continuation-tokens", type=int, default=None, help="train on the first N continuation tokens")
+    tp.add_argument(
+        "--max-prefix-tokens", type=int, default=None, help="keep the last N prefix tokens"
+    )
+    tp.add_argument(
+        "--max-continuation-tokens",
+        type=int,
+        default=None,
+        help="train on the first N continuation tokens",
+    )
     tp.set_defaults(func=cmd_train_prompt_generator)
     tb = tsub.add_parser("probe", help="a logistic probe from the offline labelled sets")
     tb.add_argument("which", choices=("sentiment", "topic", "toxicity"))
@@ -473,6 +489,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
