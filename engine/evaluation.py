@@ -736,7 +736,7 @@ def _sentiment_checks(r: dict, ref: dict, target: str) -> list[dict]:
             f"{m['perplexity']:.2f} vs unguided {m0['perplexity']:.2f}",
         ),
         _check(
-            f"sentiment {target}: |Dist-3 − unguided| ≤ {TARGET_DIST3_DELTA}",
+            f"sentiment {target}: Dist-3 within {TARGET_DIST3_DELTA} of unguided",
             r["setting"],
             dd,
             TARGET_DIST3_DELTA,
@@ -751,7 +751,7 @@ def target_checks(rows: list[dict], fidelity_cos: dict[float, torch.Tensor | Non
     """Issue 3's targets, each met or missed with its margin (positive = met by that much).
 
     Sentiment, per target: the smallest guidance scale meeting all three of VADER rate ≥ 85%,
-    perplexity ≤ 1.3× unguided DGLM and |Dist-3 − unguided| ≤ 0.05; if none does, the scale
+    perplexity ≤ 1.3× unguided DGLM and Dist-3 within 0.05 of unguided; if none does, the scale
     meeting the most of them, then with the highest rate. Fidelity: the paired mean difference
     cos(α² = 0.95) − cos(α² = 0) over the same prefixes and seeds, met when it exceeds twice its
     standard error (margin = difference − 2·se).
@@ -871,7 +871,7 @@ def render_markdown(report: dict) -> str:
     lines = [
         f"# dglm eval: {report['bundle']}",
         "",
-        f"{len(report['prefixes'])} held-out prefixes × {cfg['num_samples']} samples, "
+        f"{len(report['prefixes'])} held-out prefixes × {cfg['num_samples']} sample(s), "
         f"{cfg['max_new_tokens']} new tokens, top-p {cfg['top_p']}, temperature "
         f"{cfg['temperature']}, batches of {cfg['batch_size']} prompts; device {env['device']} "
         f"({env['device_name']}, {env['torch_threads']} torch threads); commit "

@@ -228,9 +228,7 @@ def test_eval_end_to_end_quick_on_tiny_bundle(tiny_engine, tmp_path):
         batch_size=1,
     )
     calls = []
-    report, samples = run_eval(
-        tiny_engine, config, lambda *a: calls.append(a), bundle="tiny"
-    )
+    report, samples = run_eval(tiny_engine, config, lambda *a: calls.append(a), bundle="tiny")
     names = [r["setting"] for r in report["rows"]]
     assert names == [
         "decoder",
