@@ -11,6 +11,7 @@ from decoder_fixtures import (
     VOCAB,
     make_tiny_hf_dir,
     one_thread,  # noqa: F401 - autouse fixture
+    smollm2,
 )
 from dglm.engine.decoders import load_decoder
 from dglm.engine.decoders.graphs import DecodeRunner, DecodeRunnerConfig, round_up
@@ -178,6 +179,24 @@ def test_compiled_eager_step_gives_the_same_tokens(tiny, gen):
         ref, _ = generate(decoder, tok, rows, params)
         ours, _ = generate(decoder, tok, rows, params, runner=runner)
         assert tokens(ours) == tokens(ref)
+
+
+@pytest.mark.slow
+def test_smollm2_fast_cpu_path_matches_hf_greedy():
+    """SmolLM2, the CPU fast path (input-major weights, traced step, KV buckets): HF generate's
+    greedy tokens at batch 1 and for 4 mixed-length prompts."""
+    from test_decoding import hf_greedy
+
+    smol = smollm2()
+    fast, tok = load_decoder("smollm2")
+    fast.use_input_major_weights()
+    config = DecodeRunnerConfig((1, 4), 96, (32, 64), enforce_eager=True, step_impl="trace")
+    runner = DecodeRunner(fast, config)
+    for prompts in (SMOL_PROMPTS[:1], SMOL_PROMPTS):
+        rows = [tok.encode(p) for p in prompts]
+        params = [DecodeParams(max_new_tokens=24, temperature=0.0)] * len(rows)
+        ours, _ = generate(fast, tok, rows, params, runner=runner)
+        assert tokens(ours) == hf_greedy(smol.hf, rows, 24, tok.pad_token_id, tok.eos_token_id)
 
 
 # ------------------------------------------------------------------------- CUDA graphs

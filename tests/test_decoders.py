@@ -473,6 +473,26 @@ def test_forward_static_bf16_within_own_error(tiny: Tiny, gen):
     assert max_diff(static[real], ref[real]) <= bound
 
 
+def test_input_major_weights(tiny: Tiny, ours, gen):
+    """use_input_major_weights: every Linear (and a tied head) becomes the transpose of a
+    contiguous (in, out) array; logits stay within fp32 reordering error, plain and static."""
+    fast, _ = load_decoder(str(tiny.path))
+    assert fast.use_input_major_weights() is fast
+    linears = [m.weight for m in fast.modules() if isinstance(m, torch.nn.Linear)]
+    assert all(w.t().is_contiguous() and not w.is_contiguous() for w in linears)
+    assert fast.lm_head_weight().t().is_contiguous()
+    assert not any(p.requires_grad for p in fast.parameters())
+    x, positions, real, T0, S = static_inputs(ours, gen, steps=3)
+    k, v = junk_cache(ours, x.shape[0], S, gen)
+    k2, v2 = k.clone(), v.clone()
+    with torch.inference_mode():
+        ref = ours(x, positions, key_mask=real)
+        assert max_diff(fast(x, positions, key_mask=real)[real], ref[real]) < 1e-5
+        a = static_run(ours, x, positions, real, T0, S, k, v, (1, 1, 1))
+        b = static_run(fast, x, positions, real, T0, S, k2, v2, (1, 1, 1))
+    assert max_diff(a[real], b[real]) < 1e-5
+
+
 class _FunctionalStep(torch.nn.Module):
     """Token ids → forward_static(functional=True): the decode graph an ONNX export wants."""
 

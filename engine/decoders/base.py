@@ -215,6 +215,24 @@ class Decoder(nn.Module):
     def eos_token_ids(self) -> tuple[int, ...]:
         return tuple(getattr(self.config, "eos_token_ids", ()))
 
+    @torch.no_grad()
+    def use_input_major_weights(self) -> Decoder:
+        """Store every matrix a decode step reads in full (each nn.Linear weight, and a tied LM
+        head's embedding) as the transpose of a contiguous (in, out) array; returns self.
+
+        F.linear(x, W) then hands MKL a plain x @ Wt product (Wt contiguous), which on one CPU
+        core at batch 1 streams ~15% faster than the (out, in) dot-product form (measured on
+        SmolLM2: traced step 69 vs 80 ms CPU). Values are unchanged, sums run in another order:
+        logits move by ~1e-5. Meant for CPU decoding; the embedding lookup reads a strided row.
+        """
+        head = self.lm_head_weight()
+        for module in self.modules():
+            is_head = isinstance(module, nn.Embedding) and module.weight is head
+            if isinstance(module, nn.Linear) or is_head:
+                w = module.weight
+                module.weight = nn.Parameter(w.t().contiguous().t(), requires_grad=w.requires_grad)
+        return self
+
     def new_cache(
         self,
         batch_size: int,
