@@ -997,7 +997,11 @@ def add_eval_parser(sub) -> None:
         "FUDGE baseline)",
     )
     e.add_argument("--bundle", default="default", help="bundle directory or shipped name")
-    e.add_argument("--quick", action="store_true", help="the small preset (< 15 min on CPU)")
+    e.add_argument(
+        "--quick",
+        action="store_true",
+        help="the small preset (< 15 min on CPU; one torch thread unless `dglm --threads N`)",
+    )
     e.add_argument(
         "--out",
         default=None,
@@ -1015,13 +1019,6 @@ def add_eval_parser(sub) -> None:
     e.add_argument("--batch-size", type=int, default=None, help="prompts per generation call")
     e.add_argument("--sources", default=None, help="comma-separated held-out sources")
     e.add_argument("--seed", type=int, default=None)
-    e.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="torch CPU threads (default: 1 with --quick on CPU, which is robust on a busy "
-        "shared machine; otherwise torch's default)",
-    )
     e.set_defaults(func=cmd_eval)
 
 
@@ -1044,13 +1041,10 @@ def cmd_eval(args) -> int:
         "seed": args.seed,
     }
     config = replace(config, **{k: v for k, v in overrides.items() if v is not None})
-    threads = args.threads
-    if threads is None and args.quick and torch.device(args.device).type == "cpu":
-        threads = 1
-    if threads is not None:
-        if threads < 1:
-            raise ValueError(f"--threads must be ≥ 1, got {threads}")
-        torch.set_num_threads(threads)
+    if getattr(args, "threads", None) is None and args.quick and args.device == "cpu":
+        # `dglm --threads N eval` chooses; --quick on CPU defaults to one thread, by far the
+        # fastest on a busy shared machine (two threads there spend their time in barriers)
+        torch.set_num_threads(1)
     bundle_dir = bundle_io.resolve_bundle_dir(args.bundle)
     out = args.out or Path("benchmarks/results") / torch.device(args.device).type / (
         f"eval_{bundle_dir.name}"
