@@ -204,8 +204,8 @@ class DecodeRunner:
                     )
                 self.k, self.v = cache.k[:, :bmax, :, :S], cache.v[:, :bmax, :, :S]
             else:
-                self.k = decoder.new_cache(bmax, S).k  # zeros: every slot is finite
-                self.v = torch.zeros_like(self.k)
+                fresh = decoder.new_cache(bmax, S)  # zeros: every slot is finite
+                self.k, self.v = fresh.k, fresh.v
             self.tokens = torch.zeros(bmax, dtype=torch.long, device=device)  # fed tokens
             self.positions = torch.zeros(bmax, dtype=torch.long, device=device)
             self.write_pos = torch.zeros(1, dtype=torch.long, device=device)  # slot of the token
