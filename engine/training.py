@@ -114,9 +114,6 @@ class LossEMASampler:
         hit = counts > 0
         self.bins[hit] = self.decay * self.bins[hit] + (1 - self.decay) * sums[hit] / counts[hit]
 
-    def state(self) -> torch.Tensor:
-        return self.bins.clone()
-
 
 # ------------------------------------------------------------------------- shared loop machinery
 class EMA:
@@ -157,6 +154,7 @@ class _Run:
         self.step = 0
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.extra: dict[str, torch.Tensor] = {}
+        self.last_grad_norm = 0.0
         self.meta = {"kind": kind, "model_config": model_config, "train_config": asdict(cfg)}
         ckpt = out / "checkpoint.pt"
         if ckpt.exists():
@@ -191,6 +189,29 @@ class _Run:
         with open(self.out / "log.jsonl", "a") as f:
             f.write(json.dumps({"step": self.step, "time": time.time(), **row}) + "\n")
 
+    def finish_step(
+        self,
+        loss: torch.Tensor,
+        evaluate: Callable[[], dict[str, float]],
+        progress: Progress | None,
+    ) -> None:
+        """After an optimizer step: held-out evaluation + log.jsonl, checkpoint, progress."""
+        cfg, step = self.cfg, self.step
+        logs = {
+            "loss": float(loss.detach()),
+            "grad_norm": self.last_grad_norm,
+            "lr": lr_at(step - 1, cfg),
+        }
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            logs.update(evaluate())
+            self.log(logs)
+        if step % cfg.save_every == 0 or step == cfg.steps:
+            self.save()
+        if step % 50 == 0:
+            logger.info("%s step %d/%d: %s", self.kind, step, cfg.steps, logs)
+        if progress:
+            progress(step, logs)
+
     def optimizer_step(self, loss: torch.Tensor) -> float:
         for group in self.opt.param_groups:
             group["lr"] = lr_at(self.step, self.cfg)
@@ -202,6 +223,7 @@ class _Run:
         self.opt.step()
         self.step += 1
         self.ema.update(self.model, self.step)
+        self.last_grad_norm = norm
         return norm
 
 
@@ -261,18 +283,9 @@ def train_diffusion(
         w = weighting(gamma)
         loss, mse = diffusion_loss(net, prefix[idx], cont[idx], gamma, w / density, drop, eps)
         sampler.update(gamma, w * mse)
-        norm = run.optimizer_step(loss)
-        logs = {"loss": float(loss.detach()), "grad_norm": norm, "lr": lr_at(run.step - 1, cfg)}
-        if run.step % cfg.eval_every == 0 or run.step == cfg.steps:
-            logs.update(evaluate_diffusion(run.ema.model, held_out, device))
-            run.log(logs)
-        if run.step % cfg.save_every == 0 or run.step == cfg.steps:
-            run.extra["gamma_bins"] = sampler.state()
-            run.save()
-        if run.step % 50 == 0:
-            logger.info("%s step %d/%d: %s", run.kind, run.step, cfg.steps, logs)
-        if progress:
-            progress(run.step, logs)
+        run.optimizer_step(loss)
+        run.extra["gamma_bins"] = sampler.bins  # the live histogram: checkpoints save its values
+        run.finish_step(loss, lambda: evaluate_diffusion(run.ema.model, held_out, device), progress)
     return run.ema
 
 
@@ -391,17 +404,12 @@ def train_prompt_generator(
         eps = torch.randn(len(idx), lat.shape[1], generator=run.gen).to(device)
         z = a2[:, None].sqrt() * lat[idx].to(device) + (1 - a2[:, None]).sqrt() * eps
         loss = lm_loss_with_soft_prompt(decoder, batch, pg(z, a2))
-        norm = run.optimizer_step(loss)
-        logs = {"loss": float(loss.detach()), "grad_norm": norm, "lr": lr_at(run.step - 1, cfg)}
-        if run.step % cfg.eval_every == 0 or run.step == cfg.steps:
-            logs.update(evaluate_prompt_generator(run.ema.model, decoder, held_out, pad_id, device))
-            run.log(logs)
-        if run.step % cfg.save_every == 0 or run.step == cfg.steps:
-            run.save()
-        if run.step % 50 == 0:
-            logger.info("%s step %d/%d: %s", run.kind, run.step, cfg.steps, logs)
-        if progress:
-            progress(run.step, logs)
+        run.optimizer_step(loss)
+        run.finish_step(
+            loss,
+            lambda: evaluate_prompt_generator(run.ema.model, decoder, held_out, pad_id, device),
+            progress,
+        )
     return run.ema
 
 
