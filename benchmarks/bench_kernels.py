@@ -24,7 +24,6 @@ import math
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -35,6 +34,9 @@ import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run as a script or as `python -m benchmarks...`
+from benchmarks.common import device_name, git_commit  # noqa: E402
+
 BATCHES = (1, 8, 64)
 ATTN_SHAPES = [(32, 4, 64), (64, 4, 64)]  # (T, H, Dh)
 LATENT, PROBES = 384, 2
@@ -81,30 +83,6 @@ def versions() -> dict:
     if torch.cuda.is_available():
         v["cuda"] = torch.version.cuda
     return v
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
-        )
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=ROOT, capture_output=True, text=True,
-        )  # fmt: skip
-        return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-    except OSError:
-        return "unknown"
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device).lower()
-        for short in ("h200", "h100", "a100", "l4", "a10g", "t4"):
-            if short in name:
-                return short
-        return "".join(c if c.isalnum() else "-" for c in name)
-    return "cpu"
 
 
 # ------------------------------------------------------------------------------ inputs
