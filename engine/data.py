@@ -207,7 +207,9 @@ def topic_set(topics: tuple[str, ...] = TOPICS) -> tuple[list[str], list[str]]:
     return texts, labels
 
 
-def toxicity_set(max_words: int = 60, negatives_per_positive: int = 3, seed: int = 0) -> tuple[list[str], list[str]]:
+def toxicity_set(
+    max_words: int = 60, negatives_per_positive: int = 3, seed: int = 0
+) -> tuple[list[str], list[str]]:
     """Weak toxicity labels: alt-profanity-check's probability over the offline texts.
 
     "high" where p > 0.5, "low" for a random sample of texts with p < 0.1 (3 per "high"). No
@@ -219,7 +221,9 @@ def toxicity_set(max_words: int = 60, negatives_per_positive: int = 3, seed: int
     try:
         from profanity_check import predict_prob
     except ImportError as e:
-        raise RuntimeError("toxicity labels need alt-profanity-check: pip install alt-profanity-check") from e
+        raise RuntimeError(
+            "toxicity labels need alt-profanity-check: pip install alt-profanity-check"
+        ) from e
     texts = [
         d.text
         for name in ("fortunes", "rotten_tomatoes", "speeches", "debates", "headlines")
