@@ -260,7 +260,6 @@ class Engine:
     ) -> list[RequestOutput]:
         """One output per prompt, in input order; each holds `num_samples` samples."""
         from dglm.engine.decoding import DecodeParams
-        from dglm.engine.decoding import generate as decode
 
         if params is None:
             params = GenerationParams()
@@ -314,13 +313,7 @@ class Engine:
             )
             for r, (i, _) in enumerate(rows)
         ]
-        results, dec_t = decode(
-            self.decoder,
-            self.tokenizer,
-            [prefix_ids[i] for i, _ in rows],
-            decode_params,
-            soft_prompt=soft_prompt,
-        )
+        results, dec_t = self._decode([prefix_ids[i] for i, _ in rows], decode_params, soft_prompt)
         timings["prefill"] = dec_t.get("prefill_s", 0.0)
         timings["decode"] = dec_t.get("decode_s", 0.0)
         timings["total"] = time.perf_counter() - t0
@@ -333,6 +326,12 @@ class Engine:
                 Sample(res.text, list(res.token_ids), res.finish_reason, latents[r])
             )
         return outputs
+
+    def _decode(self, prefix_ids: list[list[int]], params: list, soft_prompt: torch.Tensor):
+        """The decoding stage: (results, {"prefill_s", "decode_s", ...}); backends override it."""
+        from dglm.engine.decoding import generate as decode
+
+        return decode(self.decoder, self.tokenizer, prefix_ids, params, soft_prompt=soft_prompt)
 
     @torch.no_grad()
     def _sample_group(

@@ -22,7 +22,6 @@ from __future__ import annotations
 import bisect
 import json
 import logging
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,9 +40,8 @@ from dglm.engine.decoding import (
     _results,
     sample_tokens,
 )
-from dglm.engine.engine import STAGES, Engine, GenerationParams, RequestOutput, Sample
+from dglm.engine.engine import Engine, GenerationParams
 from dglm.engine.probes import ProbeSet, load_probes
-from dglm.engine.sampling import SamplerConfig
 from dglm.kernels.guided_update import select_guided_update
 
 logger = logging.getLogger(__name__)
@@ -744,78 +742,9 @@ class OnnxEngine(Engine):
                 )
         return prefix_ids
 
-    def generate(
-        self,
-        prompts: list[str],
-        params: GenerationParams | list[GenerationParams] | None = None,
-    ) -> list[RequestOutput]:
-        """One output per prompt, in input order; each holds `num_samples` samples."""
-        if params is None:
-            params = GenerationParams()
-        if isinstance(params, GenerationParams):
-            params = [params] * (len(prompts) if isinstance(prompts, (list, tuple)) else 1)
-        params = list(params)
-        prefix_ids = self.validate(prompts, params)
-
-        timings = dict.fromkeys(STAGES, 0.0)
-        t0 = time.perf_counter()
-        rows = [(i, j) for i, p in enumerate(params) for j in range(p.num_samples)]
-        seeds = []
-        for i, j in rows:
-            base = params[i].seed if params[i].seed is not None else random.getrandbits(62)
-            seeds.append(base + j)
-
-        t = time.perf_counter()
-        ctx = self.encoder.latents(list(prompts)).to(self.device)  # (N, d)
-        timings["encode"] = time.perf_counter() - t
-
-        t = time.perf_counter()
-        x0 = torch.empty(len(rows), self.encoder.dim, device=self.device)
-        renoise_noise = torch.empty_like(x0)
-        renoise_a2 = torch.empty(len(rows), device=self.device)
-        groups: dict[SamplerConfig, list[int]] = {}
-        for r, (i, _) in enumerate(rows):
-            groups.setdefault(params[i].sampler_config(self.config.sampler), []).append(r)
-        for sampler_cfg, idx in groups.items():
-            x0[idx], renoise_noise[idx] = self._sample_group(
-                sampler_cfg, [rows[r] for r in idx], [seeds[r] for r in idx], ctx, params
-            )
-            renoise_a2[idx] = sampler_cfg.renoise_alpha2
-        timings["diffusion"] = time.perf_counter() - t
-
-        t = time.perf_counter()
-        with torch.inference_mode():
-            a2 = renoise_a2[:, None]
-            z = a2.sqrt() * x0 + (1 - a2).sqrt() * renoise_noise
-            soft_prompt = self.prompt_gen(z.to(self.dtype), renoise_a2.to(self.dtype))  # (R, P, H)
-        timings["prompt_generator"] = time.perf_counter() - t
-
-        decode_params = [
-            DecodeParams(
-                max_new_tokens=params[i].max_new_tokens,
-                temperature=params[i].temperature,
-                top_p=params[i].top_p,
-                top_k=params[i].top_k,
-                seed=seeds[r] ^ 0x5DEECE66D,
-                stop=params[i].stop,
-            )
-            for r, (i, _) in enumerate(rows)
-        ]
-        results, dec_t = self.decoder.generate(
-            self.tokenizer, [prefix_ids[i] for i, _ in rows], decode_params, soft_prompt
-        )
-        timings["prefill"] = dec_t.get("prefill_s", 0.0)
-        timings["decode"] = dec_t.get("decode_s", 0.0)
-        timings["total"] = time.perf_counter() - t0
-
-        outputs = [RequestOutput(prompt=p, samples=[], timings=dict(timings)) for p in prompts]
-        latents = x0.float().cpu()
-        for r, (i, _) in enumerate(rows):
-            res = results[r]
-            outputs[i].samples.append(
-                Sample(res.text, list(res.token_ids), res.finish_reason, latents[r])
-            )
-        return outputs
+    def _decode(self, prefix_ids: list[list[int]], params: list, soft_prompt: torch.Tensor):
+        """Engine.generate runs unchanged; only its decoding stage runs on ONNX Runtime."""
+        return self.decoder.generate(self.tokenizer, prefix_ids, params, soft_prompt)
 
     def info(self) -> dict:
         m = self.models.manifest
