@@ -4,6 +4,8 @@
     <bundle>/score_network.safetensors   ScoreNetwork state dict
     <bundle>/prompt_generator.safetensors
     <bundle>/probes.safetensors          all probes, labels and metrics in the header metadata
+    <bundle>/student.safetensors         optional: the distilled few-step student (`dglm train
+                                         distill`), used by the "consistency" sampler
 
 Encoder and decoder are references (a name or a path; relative paths resolve against the bundle).
 """
@@ -27,6 +29,7 @@ VERSION = 1
 SCORE_NET_FILE = "score_network.safetensors"
 PROMPT_GEN_FILE = "prompt_generator.safetensors"
 PROBES_FILE = "probes.safetensors"
+STUDENT_FILE = "student.safetensors"
 BUNDLES_DIR = Path(__file__).resolve().parent / "bundles"
 
 
@@ -40,8 +43,29 @@ class BundleConfig:
     cfg_scale: float = 1.0  # default classifier-free guidance weight w (1 = conditional only)
     trained: bool = True  # False for bundles made with untrained (random) networks
     notes: str = ""  # free text: how the bundle was made
+    # The distilled student (a guidance-embedding ScoreNetwork), None when the bundle has none, and
+    # the range of guidance weights w it was distilled for.
+    student: ScoreNetConfig | None = None
+    student_cfg_range: tuple[float, float] = (1.0, 1.0)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "student_cfg_range", tuple(self.student_cfg_range))
+        lo, hi = self.student_cfg_range
+        if not lo <= hi:
+            raise ValueError(f"student_cfg_range must be (lo, hi) with lo ≤ hi, got {(lo, hi)}")
+        if self.student is not None:
+            if not self.student.guidance_embedding:
+                raise ValueError("the student network must have guidance_embedding=True")
+            if self.student.latent_dim != self.score_network.latent_dim:
+                raise ValueError(
+                    f"student latent_dim {self.student.latent_dim} differs from the score "
+                    f"network's {self.score_network.latent_dim}"
+                )
+        if self.sampler.sampler == "consistency" and self.student is None:
+            raise ValueError(
+                "the default sampler is 'consistency' but the bundle has no student; "
+                "run `dglm train distill` and `dglm bundle add-student`"
+            )
         if self.score_network.latent_dim != self.prompt_generator.latent_dim:
             raise ValueError(
                 "score_network.latent_dim and prompt_generator.latent_dim differ: "
@@ -67,6 +91,11 @@ class BundleConfig:
             score_network=ScoreNetConfig.from_dict(data.pop("score_network")),
             prompt_generator=PromptGeneratorConfig.from_dict(data.pop("prompt_generator")),
             sampler=SamplerConfig(**data.pop("sampler", {})),
+            student=(
+                ScoreNetConfig.from_dict(data.pop("student"))
+                if data.get("student") is not None
+                else data.pop("student", None)
+            ),
             **data,
         )
 

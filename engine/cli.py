@@ -306,6 +306,66 @@ def cmd_bundle_assemble(args: argparse.Namespace) -> int:
     return 0
 
 
+def _float_pair(text: str) -> tuple[float, float]:
+    parts = text.split(",")
+    try:
+        values = [float(x) for x in parts]
+    except ValueError:
+        values = []
+    if len(values) == 1:
+        values = values * 2
+    if len(values) != 2:
+        raise argparse.ArgumentTypeError(f"expected LO,HI (or one number), got {text!r}")
+    return values[0], values[1]
+
+
+def cmd_train_distill(args: argparse.Namespace) -> int:
+    from dglm.engine import bundle as bundle_io
+    from dglm.engine.distill import DistillConfig, train_distill
+    from dglm.engine.networks import ScoreNetwork
+    from dglm.engine.recipes import load_latents
+
+    bundle_dir = bundle_io.resolve_bundle_dir(args.bundle)
+    config = bundle_io.read_config(bundle_dir)
+    teacher = ScoreNetwork(config.score_network)
+    bundle_io.load_state(teacher, bundle_dir / bundle_io.SCORE_NET_FILE)
+    distill = DistillConfig(
+        grid=args.grid, skip=args.skip, cfg_range=args.cfg_range, target_ema=args.target_ema
+    )
+    train, held = load_latents(args.data, "train"), load_latents(args.data, "eval")
+    if train[0].shape[1] != config.score_network.latent_dim:
+        raise ValueError(
+            f"{args.data} holds {train[0].shape[1]}-d latents, the bundle's score network takes "
+            f"{config.score_network.latent_dim}-d ones: embed the data with the bundle's encoder"
+        )
+    cfg = _train_config(args)
+    torch_seed(cfg.seed)
+    bar, update = _progress(cfg.steps, "distill")
+    train_distill(teacher, train, held, args.out, cfg, distill, args.device, update)
+    bar.close()
+    print(json.dumps({"out": args.out, "steps": cfg.steps}))
+    return 0
+
+
+def cmd_bundle_add_student(args: argparse.Namespace) -> int:
+    from dglm.engine.recipes import add_student
+
+    config = add_student(
+        args.bundle, args.distill, args.out, None if args.keep_default else args.default_steps
+    )
+    print(
+        json.dumps(
+            {
+                "bundle": str(args.out or args.bundle),
+                "default_sampler": config.sampler.sampler,
+                "num_inference_steps": config.sampler.num_inference_steps,
+                "student_cfg_range": list(config.student_cfg_range),
+            }
+        )
+    )
+    return 0
+
+
 def torch_seed(seed: int) -> None:
     import torch
 
@@ -357,7 +417,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     g.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance weight")
     g.add_argument("--steps", type=int, default=None, help="diffusion steps (num_inference_steps)")
-    g.add_argument("--sampler", choices=("ddpm", "ddim"), default=None)
+    g.add_argument(
+        "--sampler",
+        choices=("ddpm", "ddim", "dpmpp-2m", "consistency"),
+        default=None,
+        help="diffusion sampler (consistency: the bundle's distilled student); default: the bundle's",
+    )
     g.add_argument(
         "--guidance", choices=("fast", "exact"), default=None, help="probe guidance mode"
     )
@@ -415,6 +480,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="train on the first N continuation tokens",
     )
     tp.set_defaults(func=cmd_train_prompt_generator)
+    tx = tsub.add_parser(
+        "distill",
+        help="consistency-distil a bundle's score network into a 1-4 step student",
+    )
+    _add_train_args(tx, steps=2_000, batch=256, lr=1e-4)
+    tx.add_argument("--bundle", default="default", help="the teacher's bundle")
+    tx.add_argument("--grid", type=int, default=64, help="teacher ODE grid intervals")
+    tx.add_argument("--skip", type=int, default=1, help="grid intervals per teacher DDIM step")
+    tx.add_argument(
+        "--cfg-range",
+        type=_float_pair,
+        default=(1.0, 1.0),
+        help="guidance weights w the student learns, LO,HI (w is a student input)",
+    )
+    tx.add_argument(
+        "--target-ema", type=float, default=0.0, help="target network EMA (0: stop-grad student)"
+    )
+    tx.set_defaults(func=cmd_train_distill)
     tb = tsub.add_parser("probe", help="a logistic probe from the offline labelled sets")
     tb.add_argument("which", choices=("sentiment", "topic", "toxicity"))
     tb.add_argument("--out", required=True, help="probe safetensors file")
@@ -449,11 +532,26 @@ def build_parser() -> argparse.ArgumentParser:
     ba.add_argument("--probes", nargs="*", default=[], help="probe safetensors files")
     ba.add_argument("--encoder", default="all-MiniLM-L6-v2")
     ba.add_argument("--decoder", default="smollm2")
-    ba.add_argument("--sampler", default="ddpm", choices=("ddpm", "ddim"))
+    ba.add_argument("--sampler", default="ddpm", choices=("ddpm", "ddim", "dpmpp-2m"))
     ba.add_argument("--steps", type=int, default=50)
     ba.add_argument("--cfg-scale", type=float, default=1.0)
     ba.add_argument("--notes", default="")
     ba.set_defaults(func=cmd_bundle_assemble)
+
+    bs = bsub.add_parser(
+        "add-student", help="put a distilled student (`dglm train distill`) into a bundle"
+    )
+    bs.add_argument("bundle", help="bundle directory or shipped name")
+    bs.add_argument("--distill", required=True, help="run directory of `dglm train distill`")
+    bs.add_argument("--out", default=None, help="write a copy here instead of in place")
+    bs.add_argument(
+        "--default-steps",
+        type=int,
+        default=4,
+        help="make the student's N-step sampler the bundle's default (default 4)",
+    )
+    bs.add_argument("--keep-default", action="store_true", help="keep the bundle's default sampler")
+    bs.set_defaults(func=cmd_bundle_add_student)
 
     ex = sub.add_parser("export", help="export a bundle for other runtimes")
     exsub = ex.add_subparsers(dest="export_command", required=True)

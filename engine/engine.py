@@ -20,6 +20,7 @@ from dglm.engine.encoder import SentenceEncoder
 from dglm.engine.networks import PromptGenerator, ScoreNetwork
 from dglm.engine.probes import Control, Probe, ProbeSet, load_probes, save_probes
 from dglm.engine.sampling import Guidance, SamplerConfig, draw_noise, sample
+from dglm.engine.schedule import MULTISTEP_SAMPLERS
 from dglm.kernels.guided_update import select_guided_update
 
 logger = logging.getLogger(__name__)
@@ -39,7 +40,7 @@ class GenerationParams:
     stop: tuple[str, ...] = ()  # stop strings (cut from the text)
     cfg_scale: float | None = None  # classifier-free guidance weight; None: the bundle's
     num_inference_steps: int | None = None  # None: the bundle's sampler setting
-    sampler: str | None = None  # "ddpm" | "ddim"; None: the bundle's
+    sampler: str | None = None  # "ddpm" | "ddim" | "dpmpp-2m" | "consistency"; None: the bundle's
     guidance_mode: str | None = None  # "fast" | "exact"; None: the bundle's
     renoise_alpha2: float | None = None  # None: the bundle's (0.95 in the reference)
 
@@ -124,11 +125,19 @@ class Engine:
         dtype: torch.dtype,
         guided_update: str = "auto",
         cuda_graphs: bool = True,
+        student: ScoreNetwork | None = None,
     ) -> None:
         self.config = config
         self.encoder = encoder
         self.score_net = score_net.eval().to(device, dtype)
         self.prompt_gen = prompt_gen.eval().to(device, dtype)
+        self.student = None if student is None else student.eval().to(device, dtype)
+        if (student is None) != (config.student is None):
+            raise ValueError(
+                "the bundle config and the networks disagree about the distilled student: "
+                f"config.student is {'set' if config.student else 'None'}, student network "
+                f"{'given' if student is not None else 'missing'}"
+            )
         self.decoder = decoder
         self.tokenizer = tokenizer
         self.device, self.dtype = device, dtype
@@ -146,13 +155,9 @@ class Engine:
         self.guided_update = guided_update
         self.update_fn = select_guided_update(device, guided_update)
         # On CUDA the `fast` sampler step replays from CUDA graphs (one per batch bucket).
-        self.captured = None
-        if cuda_graphs and device.type == "cuda":
-            from dglm.engine.graphs import CapturedSampler
-
-            self.captured = CapturedSampler(
-                self.score_net, self.probes.num_rows, guided_update=guided_update
-            )
+        self.cuda_graphs = cuda_graphs
+        self.captured = self.captured_student = None
+        self._capture_samplers()
         if not config.trained:
             logger.warning("bundle networks are untrained (random): outputs are not meaningful")
 
@@ -185,6 +190,10 @@ class Engine:
         bundle_io.load_state(score_net, bundle_dir / bundle_io.SCORE_NET_FILE)
         prompt_gen = PromptGenerator(config.prompt_generator)
         bundle_io.load_state(prompt_gen, bundle_dir / bundle_io.PROMPT_GEN_FILE)
+        student = None
+        if config.student is not None:
+            student = ScoreNetwork(config.student)
+            bundle_io.load_state(student, bundle_dir / bundle_io.STUDENT_FILE)
         probes_path = bundle_dir / bundle_io.PROBES_FILE
         probes = load_probes(probes_path) if probes_path.exists() else []
         encoder = SentenceEncoder(
@@ -206,6 +215,7 @@ class Engine:
             dtype,
             guided_update,
             cuda_graphs,
+            student,
         )
 
     def save_pretrained(self, path: str | Path) -> None:
@@ -215,15 +225,26 @@ class Engine:
         bundle_io.save_state(self.score_net, out / bundle_io.SCORE_NET_FILE)
         bundle_io.save_state(self.prompt_gen, out / bundle_io.PROMPT_GEN_FILE)
         save_probes(out / bundle_io.PROBES_FILE, list(self.probes.probes.values()))
+        if self.student is not None:
+            bundle_io.save_state(self.student, out / bundle_io.STUDENT_FILE)
+
+    def _capture_samplers(self) -> None:
+        """On CUDA the `fast` sampler step replays from CUDA graphs (one per batch bucket)."""
+        if not (self.cuda_graphs and self.device.type == "cuda"):
+            return
+        from dglm.engine.graphs import CapturedSampler
+
+        k = self.probes.num_rows  # the static guidance buffers are sized by the probe rows
+        self.captured = CapturedSampler(self.score_net, k, guided_update=self.guided_update)
+        if self.student is not None:
+            self.captured_student = CapturedSampler(
+                self.student, k, guided_update=self.guided_update
+            )
 
     def add_probe(self, probe: Probe) -> None:
         self.probes.add(probe)
-        if self.captured is not None:  # its static guidance buffers are sized by the probe rows
-            from dglm.engine.graphs import CapturedSampler
-
-            self.captured = CapturedSampler(
-                self.score_net, self.probes.num_rows, guided_update=self.guided_update
-            )
+        if self.captured is not None:
+            self._capture_samplers()
 
     # ---------------------------------------------------------------- generation
     def validate(self, prompts: list[str], params: list[GenerationParams]) -> list[list[int]]:
@@ -242,7 +263,7 @@ class Engine:
                     f"prompts[{i}] is empty ({prompt!r}): every prompt needs some text"
                 )
             self.probes.validate(p.controls)
-            p.sampler_config(self.config.sampler)  # validates the overrides
+            self._check_sampler(p.sampler_config(self.config.sampler), p)  # and the overrides
             ids = self.tokenizer.encode(prompt)
             total = len(ids) + p_len + p.max_new_tokens
             if total > self.decoder.max_context:
@@ -252,6 +273,23 @@ class Engine:
                 )
             prefix_ids.append(ids)
         return prefix_ids
+
+    def _check_sampler(self, cfg: SamplerConfig, p: GenerationParams) -> None:
+        if cfg.sampler != "consistency":
+            return
+        if self.student is None:
+            raise ValueError(
+                "sampler='consistency' needs a distilled student and this bundle has none: use "
+                "'ddpm', 'ddim' or 'dpmpp-2m', or add one (`dglm train distill`, "
+                "`dglm bundle add-student`)"
+            )
+        lo, hi = self.config.student_cfg_range
+        w = p.cfg_scale if p.cfg_scale is not None else self.config.cfg_scale
+        if not lo - 1e-6 <= w <= hi + 1e-6:
+            raise ValueError(
+                f"cfg_scale={w} is outside the range [{lo}, {hi}] the student was distilled for: "
+                "pass a cfg_scale in that range or use sampler='dpmpp-2m'"
+            )
 
     def generate(
         self,
@@ -355,7 +393,8 @@ class Engine:
             ],
             device=self.device,
         )
-        use_cfg = bool((cfg_scale != 1.0).any())
+        student = cfg.sampler == "consistency"
+        use_cfg = not student and bool((cfg_scale != 1.0).any())
         targets, scales = self.probes.batch_targets([params[i].controls for i in req])
         guidance = Guidance(
             self.probes.weight.to(self.device),
@@ -363,11 +402,14 @@ class Engine:
             targets.to(self.device),
             scales.to(self.device),
         )
-        net, dt = self.score_net, self.dtype
+        net, dt = (self.student if student else self.score_net), self.dtype
+        captured = self.captured_student if student else self.captured
 
         def model_fn(
             z: torch.Tensor, alpha2: torch.Tensor
         ) -> tuple[torch.Tensor, torch.Tensor | None]:
+            if student:  # w is an input: one evaluation per step, no null-context rows
+                return net(z.to(dt), context.to(dt), alpha2.to(dt), None, cfg_scale.to(dt)), None
             if not use_cfg:
                 return net(z.to(dt), context.to(dt), alpha2.to(dt)).float(), None
             b = z.shape[0]
@@ -389,11 +431,12 @@ class Engine:
                 )
 
         if (
-            self.captured is not None
+            captured is not None
             and cfg.guidance_mode == "fast"
-            and n <= self.captured.max_steps
+            and cfg.sampler not in MULTISTEP_SAMPLERS
+            and n <= captured.max_steps
         ):
-            x0 = self.captured.sample(noise[: n + 1], cfg, context, cfg_scale, guidance)
+            x0 = captured.sample(noise[: n + 1], cfg, context, cfg_scale, guidance)
         else:
             x0 = sample(model_fn, noise[: n + 1], cfg, cfg_scale, guidance, self.update_fn, mc)
         return x0, noise[n + 1]
@@ -414,6 +457,15 @@ class Engine:
                 "parameters": sum(p.numel() for p in self.prompt_gen.parameters()),
             },
             "sampler": self.config.sampler.__dict__,
+            "student": (
+                None
+                if self.student is None
+                else {
+                    **self.config.student.__dict__,
+                    "cfg_range": list(self.config.student_cfg_range),
+                    "parameters": sum(p.numel() for p in self.student.parameters()),
+                }
+            ),
             "cfg_scale": self.config.cfg_scale,
             "trained": self.config.trained,
             "probes": {

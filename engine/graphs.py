@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import torch
 from dglm.engine.networks import ScoreNetwork
 from dglm.engine.sampling import Guidance, SamplerConfig
-from dglm.engine.schedule import NoiseSchedule, step_coefficients, time_grid
+from dglm.engine.schedule import MULTISTEP_SAMPLERS, NoiseSchedule, multistep_coefficients
 
 logger = logging.getLogger(__name__)
 
@@ -30,11 +30,17 @@ DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
 
 def sampler_coefficients(config: SamplerConfig) -> torch.Tensor:
     """(steps, 5) fp32 [α_t, σ_t, c0, cz, n] per step, exactly as `sampling.sample` builds them."""
-    schedule = NoiseSchedule(config.schedule_scale)
-    rows = [
-        step_coefficients(schedule, t, s, config.sampler, config.var_lambda)
-        for t, s in time_grid(config.num_inference_steps)
-    ]
+    if config.sampler in MULTISTEP_SAMPLERS:
+        raise ValueError(
+            f"CapturedSampler: sampler {config.sampler!r} needs the previous step's x̂0; "
+            "run it with the eager sampler (dglm.engine.sampling.sample)"
+        )
+    rows, _ = multistep_coefficients(
+        NoiseSchedule(config.schedule_scale),
+        config.num_inference_steps,
+        config.sampler,
+        config.var_lambda,
+    )
     return torch.tensor(rows, dtype=torch.float32)
 
 
@@ -89,6 +95,7 @@ class CapturedSampler:
         from dglm.kernels.guided_update import select_guided_update
 
         self.net = score_net.eval()
+        self.embeds_cfg = score_net.config.guidance_embedding
         self.batch_sizes, self.max_steps, self.num_probes = sizes, max_steps, num_probes
         self.dtype, dev = param.dtype, param.device
         self.update_fn = select_guided_update(dev, guided_update)
@@ -123,7 +130,10 @@ class CapturedSampler:
         c = self.coefs[:, :b].index_select(0, self.step)[0]  # (b, 5) this step's coefficients
         noise = self.noise[:, :b].index_select(0, self.step)[0]  # (b, d)
         a2 = c[:, 0] ** 2  # alpha², as sampling.sample forms it
-        if use_cfg:  # conditional rows then null-context rows, as the engine's model_fn
+        if self.embeds_cfg:  # a distilled student: w is an input, one row per request
+            v_c = net(z.to(dt), ctx, a2.to(dt), None, self.cfg_scale[:b].to(dt)).float()
+            v_u = None
+        elif use_cfg:  # conditional rows then null-context rows, as the engine's model_fn
             v = net(torch.cat((z, z)).to(dt), torch.cat((ctx, ctx)), torch.cat((a2, a2)).to(dt),
                     self._drop[b])  # fmt: skip
             v_c, v_u = v[:b].float(), v[b:].float()
@@ -200,7 +210,8 @@ class CapturedSampler:
                 f"guidance carries {guidance.weight.shape[0]} probes, the sampler was built for "
                 f"num_probes={self.num_probes}"
             )
-        key = (self.bucket(b), bool((cfg_scale != 1.0).any()), guided, config.rescale)
+        use_cfg = not self.embeds_cfg and bool((cfg_scale != 1.0).any())
+        key = (self.bucket(b), use_cfg, guided, config.rescale)
         graph = self._graphs[key] if key in self._graphs else self._capture(key)  # (it steps)
         coefs = sampler_coefficients(config).to(self.coefs.device)  # (steps, 5)
         self.coefs[:steps, :b].copy_(coefs[:, None, :].expand(steps, b, 5))

@@ -203,3 +203,46 @@ def assemble_bundle(
     bundle_io.save_state(pg, out / bundle_io.PROMPT_GEN_FILE)
     save_probes(out / bundle_io.PROBES_FILE, probes)
     return config
+
+
+def add_student(
+    bundle: str | Path,
+    distill_run: str | Path,
+    out: str | Path | None = None,
+    default_steps: int | None = 4,
+) -> BundleConfig:
+    """Put the EMA student of a `dglm train distill` run into a bundle (in place, or a copy at
+    `out`); with `default_steps`, the student's multistep sampler becomes the bundle's default."""
+    import shutil
+    from dataclasses import replace
+
+    from dglm.engine.networks import ScoreNetwork
+
+    src = bundle_io.resolve_bundle_dir(bundle)
+    state, meta = _ema_state(Path(distill_run), "distill")
+    config = bundle_io.read_config(src)
+    student = ScoreNetwork(ScoreNetConfig(**meta["student"]))
+    student.load_state_dict(state)
+    if student.config.latent_dim != config.score_network.latent_dim:
+        raise ValueError(
+            f"the student is {student.config.latent_dim}-d, the bundle's score network "
+            f"{config.score_network.latent_dim}-d: distil this bundle's own score network"
+        )
+    sampler = config.sampler
+    if default_steps is not None:
+        sampler = replace(sampler, sampler="consistency", num_inference_steps=default_steps)
+    lo, hi = meta["distill"]["cfg_range"]
+    if default_steps is not None and not lo <= config.cfg_scale <= hi:
+        raise ValueError(
+            f"the bundle's cfg_scale {config.cfg_scale} is outside the student's range [{lo}, {hi}]: "
+            "distil with a --cfg-range that covers it, or keep the teacher's default sampler"
+        )
+    config = replace(config, student=student.config, student_cfg_range=(lo, hi), sampler=sampler)
+    dst = Path(out) if out is not None else src
+    if dst.resolve() != src.resolve():
+        if dst.exists():
+            raise ValueError(f"{dst} exists; pick a new --out directory")
+        shutil.copytree(src, dst)
+    bundle_io.save_state(student, dst / bundle_io.STUDENT_FILE)
+    bundle_io.write_config(config, dst)
+    return config

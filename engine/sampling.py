@@ -1,8 +1,12 @@
 """Semantic diffusion sampling with classifier-free and probe guidance.
 
-One sampler loop serves DDPM (Ho et al. 2020, `var_lambda` variance of Nichol & Dhariwal 2021) and
-DDIM (Song et al. 2021): the sampler only changes the step coefficients
-(`dglm.engine.schedule.step_coefficients`), the update is z_s = c0·x̂0 + cz·z_t + n·ξ.
+One sampler loop serves DDPM (Ho et al. 2020, `var_lambda` variance of Nichol & Dhariwal 2021),
+DDIM (Song et al. 2021), DPM-Solver++(2M) (Lu et al. 2022; training-free, 8–20 steps) and the
+multistep sampling of a distilled consistency student (1–4 steps, `dglm train distill`): the
+sampler only changes the step coefficients (`dglm.engine.schedule.multistep_coefficients`), the
+update is z_s = c0·x̂0 + cz·z_t + n·ξ (+ c_prev·x̂0_prev for DPM-Solver++(2M)).
+Probe guidance acts on x̂0 at every step of every sampler, so probes stay swappable: a distilled
+student is steered by the same probes as its teacher, without retraining.
 
 Probe guidance, two modes:
 - `fast`: the gradient of the probes' BCE is taken analytically at the projected x̂0, no backward
@@ -22,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from dglm.engine.schedule import SAMPLERS, NoiseSchedule, step_coefficients, time_grid
+from dglm.engine.schedule import SAMPLERS, NoiseSchedule, multistep_coefficients
 
 # (z (B,d), alpha2 (B,)) → (v_cond (B,d), v_uncond (B,d) | None)
 ModelFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
@@ -31,7 +35,7 @@ GUIDANCE_MODES = ("fast", "exact")
 
 @dataclass(frozen=True)
 class SamplerConfig:
-    sampler: str = "ddpm"  # "ddpm" | "ddim"
+    sampler: str = "ddpm"  # "ddpm" | "ddim" | "dpmpp-2m" | "consistency" (the distilled student)
     num_inference_steps: int = 50  # score-network evaluations (×2 rows with CFG)
     var_lambda: float = 0.2  # DDPM log-variance interpolation: 0 posterior, 1 upper bound
     schedule_scale: float = 1.0  # log-SNR shift of the sampling schedule
@@ -70,6 +74,8 @@ SAMPLER_PRESETS: dict[str, SamplerConfig] = {
     # The reference's sampler: 250 DDPM steps, Monte-Carlo guidance through the score network.
     "reference": SamplerConfig(num_inference_steps=250, guidance_mode="exact"),
     "ddim-20": SamplerConfig(sampler="ddim", num_inference_steps=20),
+    "dpmpp-2m-16": SamplerConfig(sampler="dpmpp-2m", num_inference_steps=16),
+    "student-4": SamplerConfig(sampler="consistency", num_inference_steps=4),
 }
 
 
@@ -149,11 +155,8 @@ def sample(
     b, d = noise.shape[1:]
     device = noise.device
     z = noise[0].float()
-    grid = time_grid(steps)
-    coefs = torch.tensor(
-        [step_coefficients(schedule, t, s, config.sampler, config.var_lambda) for t, s in grid],
-        dtype=torch.float32,
-    ).to(device)  # (steps, 5)
+    rows, prev = multistep_coefficients(schedule, steps, config.sampler, config.var_lambda)
+    coefs = torch.tensor(rows, dtype=torch.float32).to(device)  # (steps, 5)
     alpha2s = (coefs[:, 0] ** 2).tolist()
     guided = guidance is not None and guidance.active
     exact = guided and config.guidance_mode == "exact"
@@ -167,7 +170,7 @@ def sample(
     else:
         weight, bias = torch.zeros(0, d, device=device), torch.zeros(0, device=device)
         target = scale = torch.zeros(b, 0, device=device)
-    x0 = z
+    x0 = x0_prev = z
     for i in range(steps):
         a2 = torch.full((b,), alpha2s[i], device=device)
         row_coefs = coefs[i].expand(b, 5)
@@ -176,21 +179,24 @@ def sample(
             x0 = exact_guided_x0(model_fn, z, a2, cfg_scale, guidance, mc_noise(i))
             c = row_coefs
             z = c[:, 2:3] * x0 + c[:, 3:4] * z + c[:, 4:5] * noise[i + 1]
-            continue
-        v_c, v_u = model_fn(z, a2)
-        z, x0 = update_fn(
-            z,
-            v_c,
-            v_u,
-            cfg_scale,
-            weight,
-            bias,
-            target,
-            scale,
-            noise[i + 1],
-            row_coefs,
-            config.rescale,
-        )
+        else:
+            v_c, v_u = model_fn(z, a2)
+            z, x0 = update_fn(
+                z,
+                v_c,
+                v_u,
+                cfg_scale,
+                weight,
+                bias,
+                target,
+                scale,
+                noise[i + 1],
+                row_coefs,
+                config.rescale,
+            )
+        if prev[i] != 0.0:  # DPM-Solver++(2M): the second-order correction
+            z = z + prev[i] * x0_prev
+        x0_prev = x0
     return x0.float()
 
 

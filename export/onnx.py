@@ -31,7 +31,7 @@ import shutil
 import tempfile
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -282,6 +282,21 @@ def _absolute(reference: str) -> str:
     return str(Path(reference).resolve()) if Path(reference).exists() else reference
 
 
+def _served_config(bcfg: bundle_io.BundleConfig) -> bundle_io.BundleConfig:
+    """The bundle config the ONNX engine serves: the distilled student is not exported (yet), so
+    a bundle whose default sampler is the student falls back to DPM-Solver++(2M), 16 steps."""
+    if bcfg.student is None:
+        return bcfg
+    sampler = bcfg.sampler
+    if sampler.sampler == "consistency":
+        sampler = replace(sampler, sampler="dpmpp-2m", num_inference_steps=16)
+        logger.warning(
+            "the distilled student is not exported to ONNX: the export's default sampler is "
+            "dpmpp-2m with 16 steps"
+        )
+    return replace(bcfg, student=None, student_cfg_range=(1.0, 1.0), sampler=sampler)
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -439,7 +454,7 @@ def export_onnx(
                 )
                 if (bundle_dir / f).exists()
             },
-            "config": bcfg.to_dict(),
+            "config": _served_config(bcfg).to_dict(),
         },
         "encoder": {
             "reference": encoder_ref,

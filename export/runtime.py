@@ -702,6 +702,7 @@ class OnnxEngine(Engine):
         self.guided_update = guided_update
         self.update_fn = select_guided_update(self.device, guided_update)
         self.captured = None  # the torch CUDA-graph sampler: here the ORT graphs capture instead
+        self.student = self.captured_student = None  # the distilled student is not exported
         if not config.trained:
             logger.warning("bundle networks are untrained (random): outputs are not meaningful")
 

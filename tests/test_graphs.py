@@ -138,7 +138,56 @@ def test_coefficients_match_the_sampler():
     torch.testing.assert_close(c[-1, 2:], torch.tensor([1.0, 0.0, 0.0]))  # last step returns x̂0
 
 
+def make_student(device, dtype=torch.float32) -> ScoreNetwork:
+    from dglm.engine.distill import student_from_teacher
+
+    student = student_from_teacher(make_net("cpu"))
+    with torch.no_grad():  # the guidance embedding starts at zero: make it matter
+        student.guidance_mlp.fc2.weight.normal_(0.0, 0.05)
+    return student.to(device, dtype).eval()
+
+
+def student_model_fn(net: ScoreNetwork, context: torch.Tensor, cfg_scale: torch.Tensor):
+    """`Engine._sample_group`'s model_fn for the consistency sampler: w is an input."""
+    dt = next(net.parameters()).dtype
+
+    def model_fn(z, alpha2):
+        return net(z.to(dt), context.to(dt), alpha2.to(dt), None, cfg_scale.to(dt)).float(), None
+
+    return model_fn
+
+
+@pytest.mark.parametrize("guided", [False, True])
+def test_eager_runner_runs_the_student_with_w_as_input(guided, gen):
+    student = make_student("cpu")
+    config = SamplerConfig(sampler="consistency", num_inference_steps=4)
+    runner = CapturedSampler(
+        student, K, max_steps=8, batch_sizes=(4,), guided_update="reference", enforce_eager=True
+    )
+    noise, context, cfg_scale, guidance = make_batch(3, 4, True, guided, "cpu", gen)
+    got = runner.sample(noise, config, context, cfg_scale, guidance)
+    fn = student_model_fn(student, context, cfg_scale)
+    want = sample(fn, noise, config, cfg_scale, guidance, select_guided_update("cpu", "reference"))
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+    assert not any(key[1] for key in runner._graphs)  # no CFG rows: one evaluation per step
+    # w matters: other weights, other samples
+    other = runner.sample(noise, config, context, cfg_scale + 1, guidance)
+    assert (other - got).abs().max() > 1e-4
+
+
 # ------------------------------------------------------------------------------- GPU: graphs
+
+
+@pytest.mark.gpu
+def test_student_graph_matches_the_eager_sampler(gen):
+    student = make_student("cuda")
+    config = SamplerConfig(sampler="consistency", num_inference_steps=4)
+    graphs = CapturedSampler(student, K, max_steps=8, batch_sizes=(1, 4))
+    noise, context, cfg_scale, guidance = make_batch(3, 4, True, True, "cuda", gen)
+    got = graphs.sample(noise, config, context, cfg_scale, guidance)
+    fn = student_model_fn(student, context, cfg_scale)
+    want = sample(fn, noise, config, cfg_scale, guidance, select_guided_update("cuda", "reference"))
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.gpu
