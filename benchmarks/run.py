@@ -1,0 +1,151 @@
+"""The benchmark suite: the engine against what a user would otherwise run, in one process.
+
+    python -m benchmarks.run --suite cpu [--quick] [--threads 1] [--out DIR]
+    python -m benchmarks.run --suite gpu [--quick] [--decode-graphs]
+    → benchmarks/results/<device>/suite.{json,md}, suite_relative_runtime.png,
+      suite_latency_vs_batch.png, suite_samples.jsonl (--quick: suite_quick.*)
+
+Methods, on the same prompts, seeds and decoder, at generation lengths 16/32/64/128 and batch
+1/8/32 (--quick: 16/32 and 1/8): Hugging Face `generate` (no control); the engine uncontrolled,
+with one probe (sentiment=positive) and two (+ toxicity=<non-toxic>); reference-style DGLM (250 fp32
+DDPM steps, `exact` guidance through the score network, eager HF decoding with the soft prompt);
+FUDGE (top-k reranking with the same probe). See benchmarks/suite/ for how each is run and judged.
+
+CPU: fp32, one torch thread by default (a shared 2-core machine is erratic with two); the slow
+baselines are skipped past a batch / batch × length cap (a "skipped: reason" row). GPU: the engine
+in bf16 with its CUDA-graph sampler and the kernels it selects (Triton where available); the
+reference stays fp32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run as a script or as `python -m benchmarks.run`
+from benchmarks.common import device_name  # noqa: E402
+from benchmarks.suite.config import METHODS, preset  # noqa: E402
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--suite", required=True, choices=("cpu", "gpu"))
+    ap.add_argument("--quick", action="store_true", help="lengths 16,32 and batches 1,8")
+    ap.add_argument("--bundle", default="default", help="bundle directory or shipped name")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="output folder (default benchmarks/results/<device>)")  # fmt: skip
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads (default: 1 on the CPU suite, torch's own on GPU)")  # fmt: skip
+    ap.add_argument("--lengths", type=_ints, default=None, help="override, e.g. 16,32")
+    ap.add_argument("--batches", type=_ints, default=None, help="override, e.g. 1,8")
+    ap.add_argument("--repeats", type=_ints, default=None,
+                    help="timed repeats at batch 1 and above, e.g. 3,2")  # fmt: skip
+    ap.add_argument("--methods", default=None,
+                    help=f"comma-separated subset of {','.join(METHODS)}")  # fmt: skip
+    ap.add_argument("--scale", type=float, default=None, help="guidance scale of the controls")
+    ap.add_argument("--decode-graphs", action="store_true",
+                    help="GPU: decode the engine's rows with a DecodeRunner replaying CUDA graphs "
+                    "(Engine.generate alone decodes with an eager static step)")  # fmt: skip
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    repeats = args.repeats
+    if repeats is not None and len(repeats) == 1:
+        repeats = (repeats[0], repeats[0])
+    try:
+        config = preset(
+            args.suite,
+            args.quick,
+            lengths=args.lengths,
+            batches=args.batches,
+            repeats=repeats,
+            methods=tuple(args.methods.split(",")) if args.methods else None,
+            control_scale=args.scale,
+        )
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if config.suite == "gpu" and not torch.cuda.is_available():
+        print("error: --suite gpu needs a CUDA device but torch.cuda.is_available() is False: "
+              "install a CUDA build of torch on a GPU machine, or run --suite cpu",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    device = torch.device("cuda" if config.suite == "gpu" else "cpu")
+    threads = args.threads if args.threads is not None else (1 if device.type == "cpu" else None)
+    if threads is not None:
+        torch.set_num_threads(threads)
+
+    from dglm.engine import bundle as bundle_io
+    from dglm.engine.engine import Engine
+
+    from benchmarks.suite.methods import hf_decoder_dir, load_hf, use_decode_graphs
+    from benchmarks.suite.report import write_report
+    from benchmarks.suite.runner import run
+
+    def say(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    t0 = time.perf_counter()
+    bundle_dir = bundle_io.resolve_bundle_dir(args.bundle)
+    notes = [f"torch threads: {torch.get_num_threads()}"]
+    if device.type == "cuda":
+        engine = Engine.from_pretrained(bundle_dir, device=device, dtype="bfloat16")
+        reference = Engine.from_pretrained(
+            bundle_dir, device=device, dtype="float32", cuda_graphs=False
+        )
+        hf_dir = hf_decoder_dir(engine, bundle_dir)
+        hf = load_hf(hf_dir, device, torch.bfloat16)
+        hf_ref = load_hf(hf_dir, device, torch.float32)
+        notes.append("engine bf16 (decoder, score network, prompt generator); hf_generate bf16; "
+                     "reference_dglm fp32; perplexity from the fp32 decoder")  # fmt: skip
+        notes.append("the engine's encode / diffusion / pg stage times are taken without a device "
+                     "sync inside Engine.generate (the call's latency is synchronised)")  # fmt: skip
+        if args.decode_graphs:
+            from benchmarks.suite.config import PROMPTS
+
+            longest = max(len(engine.tokenizer.encode(p)) for p in PROMPTS)
+            max_len = longest + engine.config.prompt_generator.prompt_len + max(config.lengths)
+            use_decode_graphs(engine, config.batches, max_len)
+            notes.append("--decode-graphs: the engine's decoding stage replays CUDA graphs "
+                         "(DecodeRunner wired through Engine._decode by the benchmark)")  # fmt: skip
+    else:
+        engine = reference = Engine.from_pretrained(bundle_dir, device=device, dtype="float32")
+        hf = hf_ref = load_hf(hf_decoder_dir(engine, bundle_dir), device, torch.float32)
+        notes.append("fp32 everywhere; the engine's default CPU paths (C++ guided update)")
+    say(f"loaded in {time.perf_counter() - t0:.0f} s; preset {config.preset}: lengths "
+        f"{config.lengths}, batches {config.batches}, repeats {config.repeats}")  # fmt: skip
+    report, samples = run(
+        config, engine, reference, hf, hf_ref, device, str(args.bundle), say, tuple(notes)
+    )
+    report["wall_s"] = time.perf_counter() - t0
+    out = args.out or ROOT / "benchmarks" / "results" / device_name(device)
+    paths = write_report(report, samples, out, config.output_name)
+    for c in report["targets"]:
+        status = {True: "met", False: "MISSED", None: "not measured"}[c["met"]]
+        value = "—" if c["value"] is None else f"{c['value']:.3f}"
+        say(f"target: {c['target']} [{c['where']}]: {value} {c['threshold']} → {status}")
+    say(f"wrote {', '.join(str(p) for p in paths.values())} ({report['wall_s']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

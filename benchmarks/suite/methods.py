@@ -1,0 +1,406 @@
+"""Every method of the suite as one callable `run(prompts, length, seeds) → Run`.
+
+- hf_generate: Hugging Face `generate` of the same decoder weights, nucleus sampling,
+  min_new_tokens = max_new_tokens = L (exactly L tokens), no control.
+- engine / engine_1probe / engine_2probes: `Engine.generate` with the bundle's own sampler
+  (whatever it is: recorded per row), 0, 1 or 2 probe controls.
+- reference_dglm: reference-style DGLM (Lovelace et al. 2024): the engine's encoder, score network
+  and prompt generator in fp32 with sampler="ddpm", 250 steps, guidance_mode="exact" (Monte-Carlo
+  guidance by autograd through the score network), then eager Hugging Face decoding with
+  inputs_embeds = [prefix token embeddings ; soft prompt] (the engine's `_decode` hook, as the ONNX
+  backend overrides it), exactly L tokens.
+- fudge: `dglm.engine.fudge.fudge_generate` with the sentiment probe (top-k reranking per token).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from dglm.engine.decoding import DecodeResult
+from dglm.engine.engine import Engine, GenerationParams
+from dglm.engine.probes import Control
+
+
+@dataclass
+class Run:
+    """The output of one call: row b continues prompt b."""
+
+    prefix_ids: list[list[int]]
+    token_ids: list[list[int]]  # generated tokens, EOS excluded
+    texts: list[str]
+    stages: dict[str, float]  # seconds per stage
+
+
+@dataclass
+class Method:
+    name: str  # a key of config.METHODS
+    family: str  # "hf_generate" | "engine" | "reference_dglm" | "fudge"
+    controls: tuple[Control, ...]  # what the method steers toward (() = uncontrolled)
+    run: Callable[[list[str], int, list[int]], Run]  # (prompts, length, seeds) → Run
+    info: dict = field(default_factory=dict)  # sampler, dtype, decoding: recorded per row
+
+
+def control_label(controls: tuple[Control, ...]) -> str:
+    return " + ".join(f"{c.probe}={c.target}:{c.scale:g}" for c in controls) or "—"
+
+
+def method_label(m: Method) -> str:
+    """The controls column: probe=target:scale, or for FUDGE probe=target (λ strength)."""
+    if m.family == "fudge":
+        c = m.controls[0]
+        return f"{c.probe}={c.target} (λ {c.scale:g})"
+    return control_label(m.controls)
+
+
+def describe(m: Method) -> str:
+    """One line for the report's method list."""
+    i = m.info
+    parts = [i.get("decoding", m.family), i.get("dtype", "")]
+    if "sampler" in i:
+        s = i["sampler"]
+        parts.append(
+            f"sampler {s.get('sampler')} × {s.get('num_inference_steps')} steps, "
+            f"{s.get('guidance_mode')} guidance, cfg {i.get('cfg_scale')}"
+        )
+    if "guided_update" in i:
+        parts.append(f"guided update {i['guided_update']}, sampler CUDA graphs {i['cuda_graphs']}")
+    if m.family == "fudge":
+        parts.append(f"top-k {i['top_k']}, λ {i['strength']:g}")
+    parts.append(f"controls {method_label(m)}")
+    return "; ".join(p for p in parts if p)
+
+
+def sampler_info(config) -> dict:
+    """The sampler settings a config resolves to, as plain data (whatever its fields are)."""
+    if dataclasses.is_dataclass(config):
+        return dataclasses.asdict(config)
+    return dict(vars(config))
+
+
+# ------------------------------------------------------------------ Hugging Face decoding
+def hf_decoder_dir(engine: Engine, bundle_dir: Path) -> Path:
+    """The Hugging Face directory the engine's decoder was loaded from."""
+    from dglm.engine import bundle as bundle_io
+    from dglm.engine.decoders import loading
+
+    ref = bundle_io.resolve_reference(engine.config.decoder, bundle_dir)
+    path = Path(ref).expanduser()
+    if ref == loading.DEFAULT_DECODER:
+        return loading.smollm2_dir()
+    if path.is_file() and path.suffix == ".gguf":
+        return loading.converted_gguf_dir(path)
+    if path.is_dir():
+        return path
+    return loading._resolve_hub_name(ref)
+
+
+def load_hf(directory: Path, device: torch.device, dtype: torch.dtype):
+    """The same weights as the engine's decoder, as a transformers causal LM (eager)."""
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
+    return hf.to(device).eval().requires_grad_(False)
+
+
+class StepClock:
+    """A logits processor that timestamps its calls: the first comes right after the prefill."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.calls = device, []
+
+    def __call__(self, input_ids, scores):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.calls.append(time.perf_counter())
+        return scores
+
+
+def _pad_id(tokenizer) -> int:
+    pad = getattr(tokenizer, "pad_token_id", None)
+    return int(pad if pad is not None else tokenizer.eos_token_id)
+
+
+def _left_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids (B, T) left padded with `pad`, mask (B, T) long, 1 on real tokens)."""
+    T = max(len(r) for r in rows)
+    ids = torch.full((len(rows), T), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, r in enumerate(rows):
+        ids[b, T - len(r) :] = torch.tensor(r, dtype=torch.long)
+        mask[b, T - len(r) :] = 1
+    return ids, mask
+
+
+def hf_sample(hf, pad: int, length: int, seed: int, temperature: float, top_p: float, **inputs):
+    """HF `generate`, nucleus sampling, exactly `length` new tokens per row.
+
+    → (new tokens (B, length) as lists, prefill seconds, decode seconds). HF samples every row from
+    torch's global generator, seeded once per call with `seed`.
+    """
+    from transformers import LogitsProcessorList
+
+    clock = StepClock(hf.device)
+    torch.manual_seed(seed)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = hf.generate(
+            **inputs,
+            max_new_tokens=length,
+            min_new_tokens=length,
+            do_sample=True,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=0,
+            pad_token_id=pad,
+            logits_processor=LogitsProcessorList([clock]),
+        )
+    if hf.device.type == "cuda":
+        torch.cuda.synchronize(hf.device)
+    t_end = time.perf_counter()
+    new = out[:, -length:] if "input_ids" in inputs else out  # inputs_embeds: only new tokens
+    first = clock.calls[0] if clock.calls else t_end
+    return new.tolist(), first - t0, t_end - first
+
+
+def hf_generate_method(hf, tokenizer, temperature: float, top_p: float) -> Method:
+    pad = _pad_id(tokenizer)
+
+    def run(prompts: list[str], length: int, seeds: list[int]) -> Run:
+        prefix = [tokenizer.encode(p) for p in prompts]
+        ids, mask = _left_pad(prefix, pad)
+        toks, prefill, decode = hf_sample(
+            hf, pad, length, seeds[0], temperature, top_p,
+            input_ids=ids.to(hf.device), attention_mask=mask.to(hf.device),
+        )  # fmt: skip
+        texts = tokenizer.batch_decode(toks, skip_special_tokens=True)
+        return Run(prefix, toks, texts, {"prefill": prefill, "decode": decode})
+
+    info = {"dtype": str(hf.dtype).removeprefix("torch."), "decoding": "transformers generate"}
+    return Method("hf_generate", "hf_generate", (), run, info)
+
+
+# ------------------------------------------------------------------ the engine
+def engine_method(
+    name: str, engine: Engine, controls: tuple[Control, ...], temperature: float, top_p: float
+) -> Method:
+    def run(prompts: list[str], length: int, seeds: list[int]) -> Run:
+        params = [
+            GenerationParams(
+                controls=controls,
+                seed=s,
+                max_new_tokens=length,
+                temperature=temperature,
+                top_p=top_p,
+            )
+            for s in seeds
+        ]
+        outs = engine.generate(list(prompts), params)
+        stages = {k: v for k, v in outs[0].timings.items() if k != "total"}
+        samples = [o.samples[0] for o in outs]
+        return Run(
+            [engine.tokenizer.encode(p) for p in prompts],
+            [list(s.token_ids) for s in samples],
+            [s.text for s in samples],
+            stages,
+        )
+
+    info = {
+        "sampler": sampler_info(engine.config.sampler),
+        "cfg_scale": engine.config.cfg_scale,
+        "student": getattr(engine, "student", None) is not None,  # a distilled few-step network
+        "dtype": str(engine.dtype).removeprefix("torch."),
+        "guided_update": getattr(engine.update_fn, "__name__", str(engine.update_fn)),
+        "cuda_graphs": engine.captured is not None,
+        "decoding": "Engine.generate"
+        + (f" ({engine._suite_decoding})" if hasattr(engine, "_suite_decoding") else ""),
+    }
+    return Method(name, "engine", controls, run, info)
+
+
+def use_decode_graphs(engine: Engine, batches: tuple[int, ...], max_len: int) -> None:
+    """CUDA only: route the engine's decoding stage through one DecodeRunner replaying CUDA graphs
+    (captured now for every batch in `batches` and KV bucket ≤ max_len), via the `_decode` hook.
+    `Engine.generate` alone decodes with an eager static step."""
+    from dglm.engine.decoders.graphs import DecodeRunner, DecodeRunnerConfig
+    from dglm.engine.decoding import generate as decode
+
+    buckets = tuple(s for s in (64, 128, 256, 512) if s < max_len)
+    config = DecodeRunnerConfig(batch_sizes=batches, max_len=max_len, seq_buckets=buckets)
+    runner = DecodeRunner(engine.decoder, config)
+    runner.warmup()
+
+    def _decode(prefix_ids, params, soft_prompt):
+        return decode(
+            engine.decoder, engine.tokenizer, prefix_ids, params, soft_prompt=soft_prompt,
+            runner=runner,
+        )  # fmt: skip
+
+    engine._decode = _decode
+    engine._suite_decoding = "DecodeRunner CUDA graphs (wired by the benchmark)"
+
+
+# ------------------------------------------------------------------ reference-style DGLM
+def hf_soft_prompt_decoder(hf, tokenizer, temperature: float, top_p: float) -> Callable:
+    """An `Engine._decode(prefix_ids, params, soft_prompt)` that decodes with eager HF `generate`
+    from inputs_embeds = [left pads ; prefix token embeddings ; soft prompt] (the layout of
+    `decoding.generate`), exactly params[0].max_new_tokens tokens per row."""
+    pad = _pad_id(tokenizer)
+
+    def hf_decode(prefix_ids: list[list[int]], params: list, soft_prompt: torch.Tensor):
+        ids, mask = _left_pad(prefix_ids, pad)  # (B, T)
+        B, P = soft_prompt.shape[:2]
+        emb = hf.get_input_embeddings()(ids.to(hf.device))  # (B, T, H)
+        x = torch.cat([emb, soft_prompt.to(device=hf.device, dtype=emb.dtype)], 1)  # (B, T+P, H)
+        mask = torch.cat([mask, torch.ones(B, P, dtype=torch.long)], 1).to(hf.device)
+        length = params[0].max_new_tokens
+        toks, prefill, decode = hf_sample(
+            hf, pad, length, params[0].seed, temperature, top_p,
+            inputs_embeds=x, attention_mask=mask,
+        )  # fmt: skip
+        texts = tokenizer.batch_decode(toks, skip_special_tokens=True)
+        results = [DecodeResult(t, s, "length") for t, s in zip(toks, texts, strict=True)]
+        return results, {"prefill_s": prefill, "decode_s": decode}
+
+    return hf_decode
+
+
+def reference_method(
+    engine: Engine,
+    hf,
+    controls: tuple[Control, ...],
+    steps: int,
+    temperature: float,
+    top_p: float,
+) -> Method:
+    """`engine` must be fp32 (the reference's precision); it is copied, not changed."""
+    tokenizer = engine.tokenizer
+    ref = copy.copy(engine)  # shares the networks; only its decoding stage differs
+    ref._decode = hf_soft_prompt_decoder(hf, tokenizer, temperature, top_p)
+    overrides = {"sampler": "ddpm", "num_inference_steps": steps, "guidance_mode": "exact"}
+
+    def run(prompts: list[str], length: int, seeds: list[int]) -> Run:
+        params = [
+            GenerationParams(
+                controls=controls,
+                seed=s,
+                max_new_tokens=length,
+                temperature=temperature,
+                top_p=top_p,
+                **overrides,
+            )
+            for s in seeds
+        ]
+        outs = ref.generate(list(prompts), params)
+        stages = {k: v for k, v in outs[0].timings.items() if k != "total"}
+        samples = [o.samples[0] for o in outs]
+        return Run(
+            [tokenizer.encode(p) for p in prompts],
+            [list(s.token_ids) for s in samples],
+            [s.text for s in samples],
+            stages,
+        )
+
+    resolved = GenerationParams(**overrides).sampler_config(engine.config.sampler)
+    info = {
+        "sampler": sampler_info(resolved),
+        "cfg_scale": engine.config.cfg_scale,
+        "dtype": str(engine.dtype).removeprefix("torch."),
+        "decoding": "transformers generate (eager) with inputs_embeds = [prefix ; soft prompt]",
+    }
+    return Method("reference_dglm", "reference_dglm", controls, run, info)
+
+
+# ------------------------------------------------------------------ FUDGE
+def fudge_method(
+    engine: Engine,
+    control: Control,
+    top_k: int,
+    strength: float,
+    temperature: float,
+    top_p: float,
+) -> Method:
+    from dglm.engine.fudge import FudgeParams, fudge_generate
+
+    probe = engine.probes.probes[control.probe]
+
+    def run(prompts: list[str], length: int, seeds: list[int]) -> Run:
+        prefix = [engine.tokenizer.encode(p) for p in prompts]
+        params = FudgeParams(
+            max_new_tokens=length,
+            top_k=top_k,
+            strength=strength,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seeds[0],  # row b draws from seed + b
+        )
+        results, t = fudge_generate(
+            engine.decoder, engine.tokenizer, engine.encoder, probe, control.target, prefix, params
+        )
+        stages = {"decode": t["lm_s"], "rerank": t["probe_s"]}  # decode includes its prefill
+        return Run(prefix, [r.token_ids for r in results], [r.text for r in results], stages)
+
+    info = {
+        "top_k": top_k,
+        "strength": strength,
+        "dtype": str(engine.decoder.dtype).removeprefix("torch."),
+        "decoding": "fudge_generate (KV-cached, one encoder batch of k candidates per row and step)",
+    }
+    return Method("fudge", "fudge", (Control(control.probe, control.target, strength),), run, info)
+
+
+# ------------------------------------------------------------------ the suite's methods
+def build_methods(
+    config,
+    engine: Engine,
+    reference_engine: Engine,
+    hf,
+    hf_reference,
+) -> tuple[list[Method], list[str]]:
+    """The methods `config.methods` names → (methods in table order, notes on those left out).
+
+    engine: the engine under test; reference_engine: the same bundle in fp32 (may be `engine`);
+    hf / hf_reference: the decoder as a transformers model in the engine's / fp32 precision.
+    """
+    from dglm.engine.evaluation import low_toxicity_target
+
+    from benchmarks.suite.config import SENTIMENT_TARGET
+
+    probes = engine.probes.probes
+    probe, label = SENTIMENT_TARGET
+    if probe not in probes or label not in probes[probe].labels:
+        raise ValueError(
+            f"the bundle needs a {probe!r} probe with a {label!r} label for the suite's controls; "
+            f"it has {sorted(probes)}"
+        )
+    one = (Control(probe, label, config.control_scale),)
+    T, p = config.temperature, config.top_p
+    notes = []
+    made: dict[str, Method] = {}
+    for name in config.methods:
+        if name == "hf_generate":
+            made[name] = hf_generate_method(hf, engine.tokenizer, T, p)
+        elif name == "engine":
+            made[name] = engine_method(name, engine, (), T, p)
+        elif name == "engine_1probe":
+            made[name] = engine_method(name, engine, one, T, p)
+        elif name == "engine_2probes":
+            if "toxicity" not in probes:
+                notes.append("engine_2probes left out: the bundle has no 'toxicity' probe")
+                continue
+            low = Control("toxicity", low_toxicity_target(probes["toxicity"]), config.control_scale)
+            made[name] = engine_method(name, engine, (*one, low), T, p)
+        elif name == "reference_dglm":
+            made[name] = reference_method(
+                reference_engine, hf_reference, one, config.reference_steps, T, p
+            )
+        elif name == "fudge":
+            made[name] = fudge_method(
+                engine, one[0], config.fudge_top_k, config.fudge_strength, T, p
+            )
+    return list(made.values()), notes
