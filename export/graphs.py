@@ -49,6 +49,23 @@ class ScoreNetGraph(nn.Module):
         return self.net(z, context, alpha2, drop_context)  # (B, d)
 
 
+class StudentGraph(nn.Module):
+    """The distilled student: the guidance weight w is an input instead of a CFG row pair."""
+
+    def __init__(self, net: ScoreNetwork) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(
+        self,
+        z: torch.Tensor,  # (B, d)
+        context: torch.Tensor,  # (B, d)
+        alpha2: torch.Tensor,  # (B,)
+        cfg_scale: torch.Tensor,  # (B,) guidance weight w
+    ) -> torch.Tensor:
+        return self.net(z, context, alpha2, None, cfg_scale)  # (B, d)
+
+
 class PromptGenGraph(nn.Module):
     def __init__(self, net: PromptGenerator) -> None:
         super().__init__()

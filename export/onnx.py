@@ -6,6 +6,8 @@ PyTorch on real inputs before the manifest is written.
                                   config sha256, config), the validation results
     OUTDIR/score_network.onnx     (z, context, alpha2, drop_context) → v; the CFG pair is batched
                                   by the caller (drop_context marks the null-context rows)
+    OUTDIR/student.onnx           (z, context, alpha2, cfg_scale) → v: the distilled student
+                                  (bundles with one; w is an input, one row per request)
     OUTDIR/prompt_generator.onnx  (z, alpha2) → soft_prompt
     OUTDIR/probes.onnx            (embedding) → logits over every probe row (bundles with probes)
     OUTDIR/prefill.onnx           (input_ids, soft_prompt, positions, key_mask) → (logits, k, v)
@@ -31,7 +33,7 @@ import shutil
 import tempfile
 import time
 import warnings
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -44,6 +46,7 @@ from dglm.export.graphs import (
     ProbesGraph,
     PromptGenGraph,
     ScoreNetGraph,
+    StudentGraph,
 )
 from dglm.export.runtime import FORMAT, MANIFEST, VERSION, OrtModels, RuntimeOptions
 
@@ -126,6 +129,15 @@ def _specs(dims: dict, dt: str) -> dict[str, dict]:
                 _io("context", ["batch", d], dt),
                 _io("alpha2", ["batch"], dt),
                 _io("drop_context", ["batch"], "bool"),
+            ],
+            "outputs": [_io("v", ["batch", d], dt)],
+        },
+        "student": {
+            "inputs": [
+                _io("z", ["batch", d], dt),
+                _io("context", ["batch", d], dt),
+                _io("alpha2", ["batch"], dt),
+                _io("cfg_scale", ["batch"], dt),
             ],
             "outputs": [_io("v", ["batch", d], dt)],
         },
@@ -282,21 +294,6 @@ def _absolute(reference: str) -> str:
     return str(Path(reference).resolve()) if Path(reference).exists() else reference
 
 
-def _served_config(bcfg: bundle_io.BundleConfig) -> bundle_io.BundleConfig:
-    """The bundle config the ONNX engine serves: the distilled student is not exported (yet), so
-    a bundle whose default sampler is the student falls back to DPM-Solver++(2M), 16 steps."""
-    if bcfg.student is None:
-        return bcfg
-    sampler = bcfg.sampler
-    if sampler.sampler == "consistency":
-        sampler = replace(sampler, sampler="dpmpp-2m", num_inference_steps=16)
-        logger.warning(
-            "the distilled student is not exported to ONNX: the export's default sampler is "
-            "dpmpp-2m with 16 steps"
-        )
-    return replace(bcfg, student=None, student_cfg_range=(1.0, 1.0), sampler=sampler)
-
-
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -337,6 +334,11 @@ def export_onnx(
     bundle_io.load_state(prompt_gen, bundle_dir / bundle_io.PROMPT_GEN_FILE)
     score_net.eval()
     prompt_gen.eval()
+    student = None
+    if bcfg.student is not None:
+        student = ScoreNetwork(bcfg.student)
+        bundle_io.load_state(student, bundle_dir / bundle_io.STUDENT_FILE)
+        student.eval()
     probes_path = bundle_dir / bundle_io.PROBES_FILE
     probes = load_probes(probes_path) if probes_path.exists() else []
     probe_set = ProbeSet(probes, bcfg.score_network.latent_dim)
@@ -356,9 +358,10 @@ def export_onnx(
             "soft-prompt vectors; raise --max-len"
         )
     if dt == torch.float32:
-        sn_x, pg_x, dec_x = score_net, prompt_gen, decoder
+        sn_x, pg_x, dec_x, st_x = score_net, prompt_gen, decoder, student
     else:
         sn_x, pg_x = copy.deepcopy(score_net).to(dt), copy.deepcopy(prompt_gen).to(dt)
+        st_x = None if student is None else copy.deepcopy(student).to(dt)
         dec_x = copy.deepcopy(decoder).to(dt)
         dec_x.reset_buffers()  # RoPE tables from fp32, as load_decoder(dtype=fp16) makes them
 
@@ -383,6 +386,8 @@ def export_onnx(
     }
     if probe_set.num_rows:
         modules["probes"] = ProbesGraph(probe_set.weight, probe_set.bias)
+    if st_x is not None:
+        modules["student"] = StudentGraph(st_x)
     # tracing sizes: distinct from one another and from every static size
     p = dims["prompt_len"]
     sizes = {"batch": 3, "prefix_len": 5, "prefill_len": 5 + p}
@@ -451,10 +456,11 @@ def export_onnx(
                     bundle_io.SCORE_NET_FILE,
                     bundle_io.PROMPT_GEN_FILE,
                     bundle_io.PROBES_FILE,
+                    bundle_io.STUDENT_FILE,
                 )
                 if (bundle_dir / f).exists()
             },
-            "config": _served_config(bcfg).to_dict(),
+            "config": bcfg.to_dict(),
         },
         "encoder": {
             "reference": encoder_ref,
@@ -487,8 +493,9 @@ def export_onnx(
 
             encoder = SentenceEncoder(encoder_ref)
         manifest["validation"] = validate_export(
-            out, manifest, config, score_net, prompt_gen, probe_set, decoder, tokenizer, encoder
-        )
+            out, manifest, config, score_net, prompt_gen, probe_set, decoder, tokenizer, encoder,
+            student,
+        )  # fmt: skip
     manifest["export_seconds"] = round(time.perf_counter() - t_start, 2)
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     logger.info(
@@ -541,6 +548,7 @@ def validate_export(
     decoder,
     tokenizer,
     encoder,
+    student: ScoreNetwork | None = None,
 ) -> dict:
     """ONNX Runtime (CPU EP, batches padded to buckets) against the fp32 PyTorch modules on real
     inputs: encoder latents of the validation prompts, their tokens, soft prompts from the prompt
@@ -579,6 +587,11 @@ def validate_export(
             ref = score_net(z, ctx[rows], a2, drop)
             got = ort.score_net(z.to(dt), ctx[rows].to(dt), a2.to(dt), drop)
             record("score_network", "v", b, _compare(got, ref, rtol))
+            if student is not None:
+                w = 1 + 2 * torch.rand(b, generator=gen)
+                ref = student(z, ctx[rows], a2, None, w)
+                got = ort.student(z.to(dt), ctx[rows].to(dt), a2.to(dt), None, w.to(dt))
+                record("student", "v", b, _compare(got, ref, rtol))
             ref = prompt_gen(z, a2)
             record(
                 "prompt_generator",

@@ -344,7 +344,8 @@ def _row_chunks(n: int, size: int) -> list[slice]:
 
 
 class OrtScoreNetwork:
-    """Drop-in for `ScoreNetwork.__call__`: (z, context | None, alpha² (B,), drop_context) → v̂."""
+    """Drop-in for `ScoreNetwork.__call__`: (z, context | None, alpha² (B,), drop_context) → v̂;
+    for the student graph (z, context, alpha², None, cfg_scale) → v̂."""
 
     def __init__(self, graph: OrtGraph, buckets: _Buckets, latent_dim: int) -> None:
         self.graph, self.buckets, self.latent_dim = graph, buckets, latent_dim
@@ -356,13 +357,26 @@ class OrtScoreNetwork:
         context: torch.Tensor | None,
         alpha2: torch.Tensor,
         drop_context: torch.Tensor | None = None,
+        cfg_scale: torch.Tensor | None = None,  # the student graph's guidance weight w
     ) -> torch.Tensor:
         n = z.shape[0]
-        if context is None:
-            context = torch.zeros_like(z)
-            drop_context = torch.ones(n, dtype=torch.bool, device=z.device)
-        elif drop_context is None:
-            drop_context = torch.zeros(n, dtype=torch.bool, device=z.device)
+        student = "cfg_scale" in self.graph.inputs
+        if student != (cfg_scale is not None):
+            raise ValueError(
+                "cfg_scale is an input of the student graph only "
+                f"(this graph takes {sorted(self.graph.inputs)})"
+            )
+        if student:
+            if context is None or drop_context is not None:
+                raise ValueError("the student graph takes a context and no drop_context")
+            last_name, last = "cfg_scale", cfg_scale
+        else:
+            if context is None:
+                context = torch.zeros_like(z)
+                drop_context = torch.ones(n, dtype=torch.bool, device=z.device)
+            elif drop_context is None:
+                drop_context = torch.zeros(n, dtype=torch.bool, device=z.device)
+            last_name, last = "drop_context", drop_context
         out = []
         for rows in _row_chunks(n, self.buckets.largest):
             b = self.buckets.size(rows.stop - rows.start)
@@ -370,7 +384,7 @@ class OrtScoreNetwork:
                 "z": _pad_rows(z[rows], b),
                 "context": _pad_rows(context[rows], b),
                 "alpha2": _pad_rows(alpha2[rows], b),
-                "drop_context": _pad_rows(drop_context[rows], b),
+                last_name: _pad_rows(last[rows], b),
             }
             v = self.graph.run(feeds, {"batch": b}, self.buckets.graph_id(b))["v"]
             out.append(v[: rows.stop - rows.start].clone())
@@ -660,6 +674,11 @@ class OrtModels:
         self.score_net = OrtScoreNetwork(
             graph("score_network", True), self.buckets, self.manifest["latent_dim"]
         )
+        self.student = None
+        if "student" in graphs:
+            self.student = OrtScoreNetwork(
+                graph("student", True), self.buckets, self.manifest["latent_dim"]
+            )
         self.prompt_gen = OrtPromptGenerator(graph("prompt_generator"), self.buckets)
         self.probes = OrtProbes(graph("probes"), self.buckets) if "probes" in graphs else None
         self.decoder = OrtDecoder(
@@ -702,7 +721,12 @@ class OnnxEngine(Engine):
         self.guided_update = guided_update
         self.update_fn = select_guided_update(self.device, guided_update)
         self.captured = None  # the torch CUDA-graph sampler: here the ORT graphs capture instead
-        self.student = self.captured_student = None  # the distilled student is not exported
+        self.student, self.captured_student = models.student, None
+        if (config.student is None) != (models.student is None):
+            raise ValueError(
+                "the export's config and graphs disagree about the distilled student: re-export "
+                "the bundle"
+            )
         if not config.trained:
             logger.warning("bundle networks are untrained (random): outputs are not meaningful")
 

@@ -309,10 +309,34 @@ def test_add_student_refuses_a_cfg_range_missing_the_bundle_default(tmp_path, st
     assert cfg.student_cfg_range == (2.0, 3.0)
 
 
-def test_onnx_export_serves_the_teacher_when_the_student_is_not_exported(student_bundle):
-    from dglm.engine import bundle as bundle_io
-    from dglm.export.onnx import _served_config
+def test_onnx_export_carries_the_student(student_bundle, minilm, tmp_path):
+    """The student is exported as its own graph (w as input), validated against PyTorch, and the
+    ONNX engine's default (student) sampler gives the torch engine's latents and tokens."""
+    from dglm.engine.engine import Engine, GenerationParams
+    from dglm.engine.probes import Control
+    from dglm.export.onnx import ExportConfig, export_onnx
+    from dglm.export.runtime import OnnxEngine
 
-    served = _served_config(bundle_io.read_config(student_bundle))
-    assert served.student is None
-    assert (served.sampler.sampler, served.sampler.num_inference_steps) == ("dpmpp-2m", 16)
+    manifest = export_onnx(
+        student_bundle, tmp_path, ExportConfig(batch_buckets=(1, 4), max_len=64), encoder=minilm
+    )
+    assert manifest["graphs"]["student"]["inputs"][3]["name"] == "cfg_scale"
+    assert manifest["validation"]["graphs"]["student"]["v"]["ok"]
+    ref_engine, onnx_engine = (
+        Engine.from_pretrained(student_bundle),
+        OnnxEngine.from_exported(tmp_path),
+    )
+    assert onnx_engine.config.sampler.sampler == "consistency"
+    prompts = ["The movie was", "Prices are"]
+    params = [
+        GenerationParams(
+            seed=1, max_new_tokens=4, controls=(Control("sentiment", "positive", 20.0),)
+        ),
+        GenerationParams(seed=2, max_new_tokens=4, cfg_scale=2.0, num_inference_steps=1),
+    ]
+    ref, got = ref_engine.generate(prompts, params), onnx_engine.generate(prompts, params)
+    for o_ref, o_got in zip(ref, got, strict=True):
+        assert o_got.samples[0].token_ids == o_ref.samples[0].token_ids
+        torch.testing.assert_close(
+            o_got.samples[0].latent, o_ref.samples[0].latent, rtol=1e-4, atol=1e-4
+        )
