@@ -722,6 +722,7 @@ class OnnxEngine(Engine):
         self.update_fn = select_guided_update(self.device, guided_update)
         self.captured = None  # the torch CUDA-graph sampler: here the ORT graphs capture instead
         self.student, self.captured_student = models.student, None
+        self.decode_runner = None  # ORT decodes with its own graphs (OrtDecoder)
         if (config.student is None) != (models.student is None):
             raise ValueError(
                 "the export's config and graphs disagree about the distilled student: re-export "

@@ -173,3 +173,21 @@ def test_cuda_graph_sampler_matches_eager_on_gpu(tiny_bundle):
     a = torch.stack([o.samples[0].latent for o in eager.generate(["The movie was"] * 3, p)])
     b = torch.stack([o.samples[0].latent for o in graphs.generate(["The movie was"] * 3, p)])
     torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
+
+
+def test_fast_decode_runner_matches_the_default_path(tiny_bundle):
+    """fast_decode: a persistent traced runner (CPU) — same greedy tokens, reused across calls,
+    bypassed for batches past its buffers."""
+    plain = Engine.from_pretrained(tiny_bundle)
+    fast = Engine.from_pretrained(tiny_bundle, fast_decode=True)
+    assert fast.info()["fast_decode"] and not plain.info()["fast_decode"]
+    prompts = ["The movie was", "A quick brown fox jumps over"]
+    params = [GenerationParams(seed=i, max_new_tokens=6, temperature=0.0) for i in range(2)]
+    ref, got = plain.generate(prompts, params), fast.generate(prompts, params)
+    assert [o.samples[0].token_ids for o in got] == [o.samples[0].token_ids for o in ref]
+    traced = set(fast.decode_runner._graphs)
+    assert traced and all(b == 2 for b, _ in traced)  # the batch-2 bucket, traced on first use
+    fast.generate(prompts, params)
+    assert set(fast.decode_runner._graphs) == traced  # reused, not re-traced
+    many = fast.generate(["x"] * 33, GenerationParams(seed=0, max_new_tokens=2, temperature=0.0))
+    assert len(many) == 33 and set(fast.decode_runner._graphs) == traced  # past the buffers
