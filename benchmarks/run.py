@@ -1,7 +1,7 @@
 """The benchmark suite: the engine against what a user would otherwise run, in one process.
 
     python -m benchmarks.run --suite cpu [--quick] [--threads 1] [--out DIR]
-    python -m benchmarks.run --suite gpu [--quick] [--decode-graphs]
+    python -m benchmarks.run --suite gpu [--quick] [--no-fast-decode]
     → benchmarks/results/<device>/suite.{json,md}, suite_relative_runtime.png,
       suite_latency_vs_batch.png, suite_samples.jsonl (--quick: suite_quick.*)
 
@@ -58,9 +58,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--methods", default=None,
                     help=f"comma-separated subset of {','.join(METHODS)}")  # fmt: skip
     ap.add_argument("--scale", type=float, default=None, help="guidance scale of the controls")
-    ap.add_argument("--decode-graphs", action="store_true",
-                    help="GPU: decode the engine's rows with a DecodeRunner replaying CUDA graphs "
-                    "(Engine.generate alone decodes with an eager static step)")  # fmt: skip
+    ap.add_argument("--no-fast-decode", action="store_true",
+                    help="decode the engine's rows without its persistent runner "
+                    "(Engine(fast_decode=False): an eager static step built per call)")  # fmt: skip
     return ap.parse_args(argv)
 
 
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     from dglm.engine import bundle as bundle_io
     from dglm.engine.engine import Engine
 
-    from benchmarks.suite.methods import hf_decoder_dir, load_hf, use_decode_graphs
+    from benchmarks.suite.methods import hf_decoder_dir, load_hf
     from benchmarks.suite.report import write_report
     from benchmarks.suite.runner import run
 
@@ -107,8 +107,11 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     bundle_dir = bundle_io.resolve_bundle_dir(args.bundle)
     notes = [f"torch threads: {torch.get_num_threads()}"]
+    fast = not args.no_fast_decode
     if device.type == "cuda":
-        engine = Engine.from_pretrained(bundle_dir, device=device, dtype="bfloat16")
+        engine = Engine.from_pretrained(
+            bundle_dir, device=device, dtype="bfloat16", fast_decode=fast
+        )
         reference = Engine.from_pretrained(
             bundle_dir, device=device, dtype="float32", cuda_graphs=False
         )
@@ -119,18 +122,22 @@ def main(argv: list[str] | None = None) -> int:
                      "reference_dglm fp32; perplexity from the fp32 decoder")  # fmt: skip
         notes.append("the engine's encode / diffusion / pg stage times are taken without a device "
                      "sync inside Engine.generate (the call's latency is synchronised)")  # fmt: skip
-        if args.decode_graphs:
-            from benchmarks.suite.config import PROMPTS
-
-            longest = max(len(engine.tokenizer.encode(p)) for p in PROMPTS)
-            max_len = longest + engine.config.prompt_generator.prompt_len + max(config.lengths)
-            use_decode_graphs(engine, config.batches, max_len)
-            notes.append("--decode-graphs: the engine's decoding stage replays CUDA graphs "
-                         "(DecodeRunner wired through Engine._decode by the benchmark)")  # fmt: skip
     else:
-        engine = reference = Engine.from_pretrained(bundle_dir, device=device, dtype="float32")
+        engine = Engine.from_pretrained(bundle_dir, device=device, dtype="float32",
+                                        fast_decode=fast)  # fmt: skip
+        # the reference-style pipeline swaps in HF decoding: its own engine, untouched weights
+        reference = Engine.from_pretrained(bundle_dir, device=device, dtype="float32")
         hf = hf_ref = load_hf(hf_decoder_dir(engine, bundle_dir), device, torch.float32)
         notes.append("fp32 everywhere; the engine's default CPU paths (C++ guided update)")
+    if engine.decode_runner is not None:
+        t = time.perf_counter()
+        engine.decode_runner.warmup(
+            tuple(b for b in config.batches if b <= engine.decode_runner.max_batch)
+        )
+        what = "CUDA graphs" if device.type == "cuda" else "traced input-major step"
+        notes.append(f"engine: Engine(fast_decode=True), persistent decode runner ({what}; "
+                     f"captured/traced for every batch and KV bucket up front in "
+                     f"{time.perf_counter() - t:.0f} s, not timed)")  # fmt: skip
     say(f"loaded in {time.perf_counter() - t0:.0f} s; preset {config.preset}: lengths "
         f"{config.lengths}, batches {config.batches}, repeats {config.repeats}")  # fmt: skip
     report, samples = run(

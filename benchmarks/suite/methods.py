@@ -218,31 +218,9 @@ def engine_method(
         "guided_update": getattr(engine.update_fn, "__name__", str(engine.update_fn)),
         "cuda_graphs": engine.captured is not None,
         "decoding": "Engine.generate"
-        + (f" ({engine._suite_decoding})" if hasattr(engine, "_suite_decoding") else ""),
+        + (" (fast_decode: persistent runner)" if engine.decode_runner is not None else ""),
     }
     return Method(name, "engine", controls, run, info)
-
-
-def use_decode_graphs(engine: Engine, batches: tuple[int, ...], max_len: int) -> None:
-    """CUDA only: route the engine's decoding stage through one DecodeRunner replaying CUDA graphs
-    (captured now for every batch in `batches` and KV bucket ≤ max_len), via the `_decode` hook.
-    `Engine.generate` alone decodes with an eager static step."""
-    from dglm.engine.decoders.graphs import DecodeRunner, DecodeRunnerConfig
-    from dglm.engine.decoding import generate as decode
-
-    buckets = tuple(s for s in (64, 128, 256, 512) if s < max_len)
-    config = DecodeRunnerConfig(batch_sizes=batches, max_len=max_len, seq_buckets=buckets)
-    runner = DecodeRunner(engine.decoder, config)
-    runner.warmup()
-
-    def _decode(prefix_ids, params, soft_prompt):
-        return decode(
-            engine.decoder, engine.tokenizer, prefix_ids, params, soft_prompt=soft_prompt,
-            runner=runner,
-        )  # fmt: skip
-
-    engine._decode = _decode
-    engine._suite_decoding = "DecodeRunner CUDA graphs (wired by the benchmark)"
 
 
 # ------------------------------------------------------------------ reference-style DGLM
