@@ -342,7 +342,7 @@ class Engine:
 
         t = time.perf_counter()
         ctx = self.encoder.latents(list(prompts)).to(self.device)  # (N, d)
-        timings["encode"] = time.perf_counter() - t
+        timings["encode"] = self._elapsed(t)
 
         t = time.perf_counter()
         x0 = torch.empty(len(rows), self.encoder.dim, device=self.device)
@@ -356,14 +356,14 @@ class Engine:
                 sampler_cfg, [rows[r] for r in idx], [seeds[r] for r in idx], ctx, params
             )
             renoise_a2[idx] = sampler_cfg.renoise_alpha2
-        timings["diffusion"] = time.perf_counter() - t
+        timings["diffusion"] = self._elapsed(t)
 
         t = time.perf_counter()
         with torch.inference_mode():
             a2 = renoise_a2[:, None]
             z = a2.sqrt() * x0 + (1 - a2).sqrt() * renoise_noise
             soft_prompt = self.prompt_gen(z.to(self.dtype), renoise_a2.to(self.dtype))  # (R, P, H)
-        timings["prompt_generator"] = time.perf_counter() - t
+        timings["prompt_generator"] = self._elapsed(t)
 
         decode_params = [
             DecodeParams(
@@ -389,6 +389,12 @@ class Engine:
                 Sample(res.text, list(res.token_ids), res.finish_reason, latents[r])
             )
         return outputs
+
+    def _elapsed(self, start: float) -> float:
+        """Seconds since `start` for a stage timing; on CUDA after the stage's kernels finish."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - start
 
     def _decode(self, prefix_ids: list[list[int]], params: list, soft_prompt: torch.Tensor):
         """The decoding stage: (results, {"prefill_s", "decode_s", ...}); backends override it."""
