@@ -34,6 +34,7 @@ class DecodeParams:
     top_k: int = 0  # keep the k most likely tokens; 0 = off
     seed: int | None = None  # sampling seed; None = drawn from torch's global RNG
     stop: tuple[str, ...] = ()  # generation ends before the first of these strings
+    ignore_eos: bool = False  # never sample EOS: exactly max_new_tokens (unless a stop string)
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -324,8 +325,13 @@ def generate(
     out = torch.full((B, max_new), pad, dtype=torch.long, device=device)  # generated tokens
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     row_max = [p.max_new_tokens for p in params]
+    no_eos = [b for b, p in enumerate(params) if p.ignore_eos]
+    no_eos_rows = torch.tensor(no_eos, dtype=torch.long, device=device)[:, None] if no_eos else None
+    no_eos_ids = torch.tensor(eos, dtype=torch.long, device=device)[None, :] if eos else None
 
     def next_tokens(logits: torch.Tensor) -> torch.Tensor:  # (B, V) → (B,)
+        if no_eos_rows is not None and no_eos_ids is not None:
+            logits[no_eos_rows, no_eos_ids] = float("-inf")  # the step's own logits buffer
         if gumbel is not None:
             for i, g in enumerate(generators):
                 gumbel[i].uniform_(generator=g)  # U (V,), this row's own stream

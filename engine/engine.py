@@ -40,6 +40,7 @@ class GenerationParams:
     top_p: float = 0.95
     top_k: int = 0  # 0 = off
     stop: tuple[str, ...] = ()  # stop strings (cut from the text)
+    ignore_eos: bool = False  # never end at EOS: exactly max_new_tokens (benchmarks)
     cfg_scale: float | None = None  # classifier-free guidance weight; None: the bundle's
     num_inference_steps: int | None = None  # None: the bundle's sampler setting
     sampler: str | None = None  # "ddpm" | "ddim" | "dpmpp-2m" | "consistency"; None: the bundle's
@@ -373,6 +374,7 @@ class Engine:
                 top_k=params[i].top_k,
                 seed=seeds[r] ^ 0x5DEECE66D,
                 stop=params[i].stop,
+                ignore_eos=params[i].ignore_eos,
             )
             for r, (i, _) in enumerate(rows)
         ]

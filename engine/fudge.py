@@ -38,6 +38,7 @@ class FudgeParams:
     temperature: float = 1.0  # on the LM logits; 0 = greedy over the reweighted candidates
     top_p: float = 1.0  # nucleus over the reweighted candidates; 1 = off
     seed: int = 0  # row b samples from its own generator seeded seed + b
+    ignore_eos: bool = False  # never pick EOS: exactly max_new_tokens per row
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -161,7 +162,10 @@ def fudge_generate(
             break
         t = time.perf_counter()
         temp = params.temperature if params.temperature > 0 else 1.0
-        logp = torch.log_softmax(logits[active].float() / temp, dim=-1)  # (A, V)
+        scaled = logits[active].float() / temp
+        if params.ignore_eos and eos:
+            scaled[:, eos] = float("-inf")
+        logp = torch.log_softmax(scaled, dim=-1)  # (A, V)
         cand_lp, cand_ids = logp.topk(k, dim=-1)  # (A, k) each, descending
         cand = cand_ids.tolist()
         lm_s += time.perf_counter() - t

@@ -607,8 +607,13 @@ class OrtDecoder:
         out = torch.full((B, max_new), pad, dtype=torch.long, device=device)
         finished = torch.zeros(B, dtype=torch.bool, device=device)
         row_max = [p.max_new_tokens for p in params]
+        no_eos = [b for b, p in enumerate(params) if p.ignore_eos]
+        no_eos_rows = torch.tensor(no_eos, device=device)[:, None] if no_eos and eos else None
+        no_eos_ids = torch.tensor(eos, device=device)[None, :] if eos else None
 
         def next_tokens(logits: torch.Tensor) -> torch.Tensor:  # (B, V) → (B,)
+            if no_eos_rows is not None:
+                logits[no_eos_rows, no_eos_ids] = float("-inf")
             if gumbel is not None:
                 for i, g in enumerate(generators):
                     gumbel[i].uniform_(generator=g)

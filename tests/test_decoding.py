@@ -390,3 +390,24 @@ def test_smollm2_soft_prompt_greedy_matches_hf():
     results, _ = generate(dec, tok, rows, params, soft_prompt=soft)
     ref = hf_greedy(smol.hf, rows, 16, tok.pad_token_id, tok.eos_token_id, soft)
     assert [r.token_ids for r in results] == ref
+
+
+def test_ignore_eos_decodes_exactly_max_new_tokens(tiny, gen):
+    """Make each row's first greedy token an EOS: rows stop at once unless ignore_eos is set."""
+    decoder, tok, _ = tiny
+    rows = rand_rows(gen, 5, 3)
+    base = generate(decoder, tok, rows, [GREEDY] * 2)[0]
+    firsts = tuple(r.token_ids[0] for r in base)
+    saved = decoder.config
+    try:
+        decoder.config = dataclasses.replace(saved, eos_token_ids=(EOS, *firsts))
+        params = [GREEDY, dataclasses.replace(GREEDY, ignore_eos=True)]
+        res = generate(decoder, tok, rows, params)[0]
+        sampled = [DecodeParams(max_new_tokens=7, top_p=0.9, seed=3, ignore_eos=True)] * 2
+        res_sampled = generate(decoder, tok, rows, sampled)[0]
+    finally:
+        decoder.config = saved
+    assert res[0].finish_reason == "stop" and res[0].token_ids == []
+    assert res[1].finish_reason == "length" and len(res[1].token_ids) == GREEDY.max_new_tokens
+    assert not set(res[1].token_ids) & {EOS, *firsts}
+    assert all(len(r.token_ids) == 7 and r.finish_reason == "length" for r in res_sampled)

@@ -197,6 +197,7 @@ def engine_method(
                 max_new_tokens=length,
                 temperature=temperature,
                 top_p=top_p,
+                ignore_eos=True,
             )
             for s in seeds
         ]
@@ -316,6 +317,7 @@ def fudge_method(
             temperature=temperature,
             top_p=top_p,
             seed=seeds[0],  # row b draws from seed + b
+            ignore_eos=True,
         )
         results, t = fudge_generate(
             engine.decoder, engine.tokenizer, engine.encoder, probe, control.target, prefix, params
