@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = [
     "The movie was",
     "I think that the food at this place",
@@ -49,6 +50,18 @@ def _cache() -> Path:
     from dglm.engine.decoders.loading import cache_root
 
     return cache_root() / "bench_onnx"
+
+
+def _portable(path: Path) -> str:
+    """A path for the results file: relative to the benchmark cache ($DGLM_CACHE/...) or to the
+    repository, never this machine's absolute path."""
+    path = Path(path).resolve()
+    for root, name in ((_cache(), "$DGLM_CACHE/bench_onnx"), (ROOT, ".")):
+        try:
+            return f"{name}/{path.relative_to(root.resolve())}"
+        except ValueError:
+            continue
+    return path.name
 
 
 def ensure_bundle(path: Path | None) -> Path:
@@ -267,8 +280,8 @@ def main(argv: list[str] | None = None) -> int:
         "onnxruntime": onnxruntime.__version__,
         "python": platform.python_version(),
         "git_commit": _commit(),
-        "bundle": str(bundle),
-        "export": str(export),
+        "bundle": _portable(bundle),
+        "export": _portable(export),
         "export_dtype": oe.models.manifest["dtype"],
         "kv_slots": oe.decoder.max_context,
         "load_s": {"torch": round(load_torch, 2), "onnx": round(load_onnx, 2)},
