@@ -39,6 +39,7 @@ from dglm.engine.networks import ScoreNetwork
 from dglm.engine.sampling import SamplerConfig, sample
 from dglm.engine.schedule import NoiseSchedule
 from dglm.engine.training import Progress, TrainConfig, _batches, _Run
+from dglm.kernels.guided_update import guided_update_ref
 
 SCHEDULE = NoiseSchedule(1.0)  # the sampler's schedule (schedule_scale 1)
 
@@ -154,7 +155,6 @@ def _teacher_ode(
     """The teacher's deterministic (DDIM) sample from z_T: what the 1-step student should reach."""
     cfg = SamplerConfig(sampler="ddim", num_inference_steps=steps)
     noise = torch.cat((z_T[None], torch.zeros(steps, *z_T.shape, device=z_T.device)))
-    from dglm.kernels.guided_update import guided_update_ref
 
     def model_fn(z, a2):
         return teacher_v(teacher, z, ctx, a2, w), None
@@ -174,8 +174,6 @@ def evaluate_student(
 ) -> dict[str, float]:
     """Cosine of the student's 1/2/4-step samples to the teacher's ODE sample from the same z_T,
     and to the true continuation; the teacher's own cosine to the continuation for scale."""
-    from dglm.kernels.guided_update import guided_update_ref
-
     was_training = student.training
     student.eval()
 
@@ -227,6 +225,8 @@ def train_distill(
             target_net.load_state_dict(
                 dict(zip(target_net.state_dict(), run.extra["target"], strict=True))
             )
+        # live views of the target's weights: checkpoints save their current values, no copies
+        run.extra["target"] = list(target_net.state_dict().values())
     prefix, cont = (t.to(device).float() for t in train)
     lo, hi = distill.cfg_range
 
@@ -257,7 +257,6 @@ def train_distill(
             with torch.no_grad():
                 for p_t, p in zip(target_net.parameters(), student.parameters(), strict=True):
                     p_t.lerp_(p.detach(), 1 - distill.target_ema)
-            run.extra["target"] = [v.detach().cpu() for v in target_net.state_dict().values()]
         run.finish_step(loss, evaluate, progress)
     return run.ema
 

@@ -44,26 +44,11 @@ class ScoreNetGraph(nn.Module):
         z: torch.Tensor,  # (B, d)
         context: torch.Tensor,  # (B, d)
         alpha2: torch.Tensor,  # (B,)
-        drop_context: torch.Tensor,  # (B,) bool: rows that use the learned null context
+        last: torch.Tensor,  # (B,) bool drop_context (null-context rows), or the student's w
     ) -> torch.Tensor:
-        return self.net(z, context, alpha2, drop_context)  # (B, d)
-
-
-class StudentGraph(nn.Module):
-    """The distilled student: the guidance weight w is an input instead of a CFG row pair."""
-
-    def __init__(self, net: ScoreNetwork) -> None:
-        super().__init__()
-        self.net = net
-
-    def forward(
-        self,
-        z: torch.Tensor,  # (B, d)
-        context: torch.Tensor,  # (B, d)
-        alpha2: torch.Tensor,  # (B,)
-        cfg_scale: torch.Tensor,  # (B,) guidance weight w
-    ) -> torch.Tensor:
-        return self.net(z, context, alpha2, None, cfg_scale)  # (B, d)
+        if self.net.config.guidance_embedding:  # the distilled student: w is an input
+            return self.net(z, context, alpha2, None, last)  # (B, d)
+        return self.net(z, context, alpha2, last)  # (B, d)
 
 
 class PromptGenGraph(nn.Module):

@@ -46,7 +46,6 @@ from dglm.export.graphs import (
     ProbesGraph,
     PromptGenGraph,
     ScoreNetGraph,
-    StudentGraph,
 )
 from dglm.export.runtime import FORMAT, MANIFEST, VERSION, OrtModels, RuntimeOptions
 
@@ -387,7 +386,7 @@ def export_onnx(
     if probe_set.num_rows:
         modules["probes"] = ProbesGraph(probe_set.weight, probe_set.bias)
     if st_x is not None:
-        modules["student"] = StudentGraph(st_x)
+        modules["student"] = ScoreNetGraph(st_x)
     # tracing sizes: distinct from one another and from every static size
     p = dims["prompt_len"]
     sizes = {"batch": 3, "prefix_len": 5, "prefill_len": 5 + p}

@@ -340,3 +340,23 @@ def test_onnx_export_carries_the_student(student_bundle, minilm, tmp_path):
         torch.testing.assert_close(
             o_got.samples[0].latent, o_ref.samples[0].latent, rtol=1e-4, atol=1e-4
         )
+
+
+def test_ema_target_network_is_checkpointed_and_resumed(tmp_path):
+    torch.manual_seed(0)
+    teacher = ScoreNetwork(SCORE_NET_PRESETS["tiny"])
+    data, held = _toy_data(64, 32), _toy_data(16, 32, seed=1)
+    cfg = TrainConfig(steps=3, batch_size=16, lr=1e-3, warmup=1, eval_every=3, save_every=3)
+    dcfg = DistillConfig(grid=8, skip=2, target_ema=0.5, eval_rows=16)
+    train_distill(teacher, data, held, tmp_path, cfg, dcfg, teacher_eval_steps=4)
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    target, student = state["extra"]["target"], list(state["model"].values())
+    assert len(target) == len(student)
+    assert any((t - s).abs().max() > 0 for t, s in zip(target, student, strict=True))  # lags
+    cfg2 = TrainConfig(**{**cfg.__dict__, "steps": 4})
+    train_distill(teacher, data, held, tmp_path, cfg2, dcfg, teacher_eval_steps=4)
+    again = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert again["step"] == 4
+    assert any(
+        (a - t).abs().max() > 0 for a, t in zip(again["extra"]["target"], target, strict=True)
+    )

@@ -186,30 +186,29 @@ def hf_generate_method(hf, tokenizer, temperature: float, top_p: float) -> Metho
 
 
 # ------------------------------------------------------------------ the engine
+def _engine_run(engine: Engine, prompts, length, seeds, controls, temperature, top_p, **overrides):
+    """One `Engine.generate` call, one sample per prompt, exactly `length` tokens per row."""
+    params = [
+        GenerationParams(controls=controls, seed=s, max_new_tokens=length, temperature=temperature,
+                         top_p=top_p, ignore_eos=True, **overrides)
+        for s in seeds
+    ]  # fmt: skip
+    outs = engine.generate(list(prompts), params)
+    stages = {k: v for k, v in outs[0].timings.items() if k != "total"}
+    samples = [o.samples[0] for o in outs]
+    return Run(
+        [engine.tokenizer.encode(p) for p in prompts],
+        [list(s.token_ids) for s in samples],
+        [s.text for s in samples],
+        stages,
+    )
+
+
 def engine_method(
     name: str, engine: Engine, controls: tuple[Control, ...], temperature: float, top_p: float
 ) -> Method:
     def run(prompts: list[str], length: int, seeds: list[int]) -> Run:
-        params = [
-            GenerationParams(
-                controls=controls,
-                seed=s,
-                max_new_tokens=length,
-                temperature=temperature,
-                top_p=top_p,
-                ignore_eos=True,
-            )
-            for s in seeds
-        ]
-        outs = engine.generate(list(prompts), params)
-        stages = {k: v for k, v in outs[0].timings.items() if k != "total"}
-        samples = [o.samples[0] for o in outs]
-        return Run(
-            [engine.tokenizer.encode(p) for p in prompts],
-            [list(s.token_ids) for s in samples],
-            [s.text for s in samples],
-            stages,
-        )
+        return _engine_run(engine, prompts, length, seeds, controls, temperature, top_p)
 
     info = {
         "sampler": sampler_info(engine.config.sampler),
@@ -264,26 +263,7 @@ def reference_method(
     overrides = {"sampler": "ddpm", "num_inference_steps": steps, "guidance_mode": "exact"}
 
     def run(prompts: list[str], length: int, seeds: list[int]) -> Run:
-        params = [
-            GenerationParams(
-                controls=controls,
-                seed=s,
-                max_new_tokens=length,
-                temperature=temperature,
-                top_p=top_p,
-                **overrides,
-            )
-            for s in seeds
-        ]
-        outs = ref.generate(list(prompts), params)
-        stages = {k: v for k, v in outs[0].timings.items() if k != "total"}
-        samples = [o.samples[0] for o in outs]
-        return Run(
-            [tokenizer.encode(p) for p in prompts],
-            [list(s.token_ids) for s in samples],
-            [s.text for s in samples],
-            stages,
-        )
+        return _engine_run(ref, prompts, length, seeds, controls, temperature, top_p, **overrides)
 
     resolved = GenerationParams(**overrides).sampler_config(engine.config.sampler)
     info = {

@@ -244,17 +244,8 @@ def write_plots(rows: list[dict], out: Path, name: str) -> list[Path]:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
     except ImportError:
         return []
-
-    def plain_log_axes(ax) -> None:
-        """Log axes labelled 1, 1.5, 2, 3, 5, 7, 10, ... instead of powers of ten."""
-        fmt = FuncFormatter(lambda v, _: f"{v:g}")
-        for axis in (ax.xaxis, ax.yaxis):
-            axis.set_major_formatter(fmt)
-            axis.set_minor_formatter(NullFormatter())
-        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 1.5, 2.0, 3.0, 5.0, 7.0)))
 
     measured = [r for r in rows if "latency_ms" in r]
     methods = [m for m in METHODS if any(r["method"] == m for r in measured)]
@@ -275,15 +266,7 @@ def write_plots(rows: list[dict], out: Path, name: str) -> list[Path]:
     ax.set(xscale="log", yscale="log", xlabel="generation length (tokens)",
            ylabel="runtime / HF generate (batch 1, p50)",
            title="Relative runtime vs generation length")  # fmt: skip
-    plain_log_axes(ax)
-    if lengths:
-        ax.set_xticks(lengths, [str(L) for L in lengths])
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    paths.append(out / f"{name}_relative_runtime.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    paths.append(_finish(fig, ax, lengths, out / f"{name}_relative_runtime.png"))
 
     all_lengths = sorted({r["length"] for r in measured})
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
@@ -302,16 +285,30 @@ def write_plots(rows: list[dict], out: Path, name: str) -> list[Path]:
         batches = sorted({r["batch"] for r in measured if r["length"] == L})
         ax.set_title(f"Latency vs batch (L = {L}; bars to p90)")
     ax.set(xscale="log", yscale="log", xlabel="batch (rows per call)", ylabel="latency p50 (ms)")
-    plain_log_axes(ax)
-    if all_lengths and batches:
-        ax.set_xticks(batches, [str(b) for b in batches])
+    ticks = batches if all_lengths else []
+    paths.append(_finish(fig, ax, ticks, out / f"{name}_latency_vs_batch.png"))
+    return paths
+
+
+def _finish(fig, ax, ticks: list[int], path: Path) -> Path:
+    """Log axes labelled 1, 1.5, 2, 3, 5, 7, 10, ... (not powers of ten), `ticks` on x, grid,
+    legend; save and close."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    fmt = FuncFormatter(lambda v, _: f"{v:g}")
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_major_formatter(fmt)
+        axis.set_minor_formatter(NullFormatter())
+    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 1.5, 2.0, 3.0, 5.0, 7.0)))
+    if ticks:
+        ax.set_xticks(ticks, [str(t) for t in ticks])
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    paths.append(out / f"{name}_latency_vs_batch.png")
-    fig.savefig(paths[-1], dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
-    return paths
+    return path
 
 
 # ------------------------------------------------------------------ files
