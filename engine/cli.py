@@ -372,10 +372,13 @@ def torch_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _add_train_args(p: argparse.ArgumentParser, steps: int, batch: int, lr: float) -> None:
+def _add_train_args(
+    p: argparse.ArgumentParser, steps: int, batch: int, lr: float, preset: bool = True
+) -> None:
     p.add_argument("data", help="directory made by `dglm data pairs` + `dglm data embed`")
     p.add_argument("--out", required=True, help="run directory (resumes from its checkpoint.pt)")
-    p.add_argument("--preset", default="small")
+    if preset:  # distillation copies the teacher's shape instead
+        p.add_argument("--preset", default="small")
     p.add_argument("--steps", type=int, default=steps)
     p.add_argument("--batch-size", type=int, default=batch)
     p.add_argument("--lr", type=float, default=lr)
@@ -484,7 +487,7 @@ def build_parser() -> argparse.ArgumentParser:
         "distill",
         help="consistency-distil a bundle's score network into a 1-4 step student",
     )
-    _add_train_args(tx, steps=2_000, batch=256, lr=1e-4)
+    _add_train_args(tx, steps=2_000, batch=256, lr=1e-4, preset=False)
     tx.add_argument("--bundle", default="default", help="the teacher's bundle")
     tx.add_argument("--grid", type=int, default=64, help="teacher ODE grid intervals")
     tx.add_argument("--skip", type=int, default=1, help="grid intervals per teacher DDIM step")
