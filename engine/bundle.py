@@ -6,6 +6,8 @@
     <bundle>/probes.safetensors          all probes, labels and metrics in the header metadata
     <bundle>/student.safetensors         optional: the distilled few-step student (`dglm train
                                          distill`), used by the "consistency" sampler
+    <bundle>/decoder_lora.safetensors    optional: low-rank adapters for the decoder (`dglm train
+                                         steering`), merged into its weights at load
 
 Encoder and decoder are references (a name or a path; relative paths resolve against the bundle).
 """
@@ -18,6 +20,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from dglm.engine.decoders import load_decoder
+from dglm.engine.lora import LoraConfig, merge_lora
 from dglm.engine.networks import PromptGeneratorConfig, ScoreNetConfig
 from dglm.engine.sampling import SamplerConfig
 from safetensors.torch import load_file, save_file
@@ -30,6 +34,7 @@ SCORE_NET_FILE = "score_network.safetensors"
 PROMPT_GEN_FILE = "prompt_generator.safetensors"
 PROBES_FILE = "probes.safetensors"
 STUDENT_FILE = "student.safetensors"
+LORA_FILE = "decoder_lora.safetensors"
 BUNDLES_DIR = Path(__file__).resolve().parent / "bundles"
 
 
@@ -47,9 +52,14 @@ class BundleConfig:
     # the range of guidance weights w it was distilled for.
     student: ScoreNetConfig | None = None
     student_cfg_range: tuple[float, float] = (1.0, 1.0)
+    # Low-rank adapters trained with the prompt generator (decoder_lora.safetensors), merged into
+    # the decoder's weights at load; None: the decoder is used as released.
+    decoder_lora: LoraConfig | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "student_cfg_range", tuple(self.student_cfg_range))
+        if isinstance(self.decoder_lora, dict):
+            object.__setattr__(self, "decoder_lora", LoraConfig(**self.decoder_lora))
         lo, hi = self.student_cfg_range
         if not lo <= hi:
             raise ValueError(f"student_cfg_range must be (lo, hi) with lo ≤ hi, got {(lo, hi)}")
@@ -152,6 +162,36 @@ def load_state(module: torch.nn.Module, path: Path) -> None:
                 f"{path.name}: {k} has shape {tuple(v.shape)}, config expects {tuple(ref[k].shape)}"
             )
     module.load_state_dict({k: v.to(ref[k].dtype) for k, v in state.items()})
+
+
+def load_bundle_decoder(
+    config: BundleConfig,
+    bundle_dir: Path,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+):
+    """(decoder, tokenizer) as the bundle uses it: the referenced decoder with the bundle's
+    adapters merged into its weights (in fp32, then cast to `dtype`)."""
+    ref = resolve_reference(config.decoder, bundle_dir)
+    if config.decoder_lora is None:
+        return load_decoder(ref, device=device, dtype=dtype)
+    path = bundle_dir / LORA_FILE
+    if not path.is_file():
+        raise ValueError(f"config.json names decoder adapters but {path.name} is missing")
+    decoder, tokenizer = load_decoder(ref, device=device, dtype=torch.float32)
+    merge_lora(decoder, config.decoder_lora, load_file(str(path)))
+    if dtype != torch.float32:
+        decoder.to(dtype)
+        decoder.reset_buffers(device)  # RoPE tables from fp32, as load_decoder makes them
+    logger.info("merged %s into the decoder (rank %d)", path.name, config.decoder_lora.rank)
+    return decoder, tokenizer
+
+
+def save_lora(state: dict[str, torch.Tensor], path: Path) -> None:
+    """Adapter weights in fp16 (A and B are small; the merge runs in fp32)."""
+    save_file(
+        {k: v.detach().to("cpu", torch.float16).contiguous() for k, v in state.items()}, str(path)
+    )
 
 
 def write_config(config: BundleConfig, bundle_dir: Path) -> None:

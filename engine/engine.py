@@ -22,6 +22,7 @@ from dglm.engine.probes import Control, Probe, ProbeSet, load_probes, save_probe
 from dglm.engine.sampling import Guidance, SamplerConfig, draw_noise, sample
 from dglm.engine.schedule import MULTISTEP_SAMPLERS
 from dglm.kernels.guided_update import select_guided_update
+from safetensors.torch import load_file
 
 logger = logging.getLogger(__name__)
 
@@ -144,6 +145,8 @@ class Engine:
             )
         self.decoder = decoder
         self.tokenizer = tokenizer
+        # the bundle's decoder adapters (merged into `decoder` already), for save_pretrained
+        self.decoder_lora_state: dict[str, torch.Tensor] | None = None
         self.device, self.dtype = device, dtype
         if encoder.dim != config.score_network.latent_dim:
             raise ValueError(
@@ -182,8 +185,6 @@ class Engine:
         (dglm.export.runtime.OnnxEngine; the export fixes the dtype, `dtype` is not used).
         fast_decode: decode with a persistent runner (CUDA graphs on CUDA, traced steps on CPU;
         each batch/length bucket pays a one-time capture or trace at its first use)."""
-        from dglm.engine.decoders import load_decoder
-
         if backend == "onnx":
             from dglm.export.runtime import OnnxEngine
 
@@ -207,11 +208,9 @@ class Engine:
         encoder = SentenceEncoder(
             bundle_io.resolve_reference(config.encoder, bundle_dir), device=device
         )
-        decoder, tokenizer = load_decoder(
-            bundle_io.resolve_reference(config.decoder, bundle_dir), device=device, dtype=dtype
-        )
+        decoder, tokenizer = bundle_io.load_bundle_decoder(config, bundle_dir, device, dtype)
         logger.info("loaded bundle %s (%d probes)", bundle_dir, len(probes))
-        return cls(
+        engine = cls(
             config,
             encoder,
             score_net,
@@ -226,6 +225,9 @@ class Engine:
             student,
             fast_decode,
         )
+        if config.decoder_lora is not None:  # already merged; kept to write the bundle back
+            engine.decoder_lora_state = load_file(str(bundle_dir / bundle_io.LORA_FILE))
+        return engine
 
     def save_pretrained(self, path: str | Path) -> None:
         """Write this engine's bundle (networks in fp16, probes in fp32) to `path`."""
@@ -236,6 +238,12 @@ class Engine:
         save_probes(out / bundle_io.PROBES_FILE, list(self.probes.probes.values()))
         if self.student is not None:
             bundle_io.save_state(self.student, out / bundle_io.STUDENT_FILE)
+        if self.config.decoder_lora is not None:
+            if self.decoder_lora_state is None:
+                raise ValueError(
+                    "config.decoder_lora is set but this engine holds no adapter weights to save"
+                )
+            bundle_io.save_lora(self.decoder_lora_state, out / bundle_io.LORA_FILE)
 
     def _decode_runner(self):
         """A persistent DecodeRunner: CUDA graphs per (batch, KV) bucket on CUDA; on CPU the

