@@ -395,7 +395,6 @@ def cmd_bundle_add_student(args: argparse.Namespace) -> int:
 
 def cmd_train_steering(args: argparse.Namespace) -> int:
     from dglm.engine.lora import LoraConfig
-    from dglm.engine.recipes import train_steering_run
     from dglm.engine.training import SteerConfig, TrainConfig, bf16_is_fast
 
     joint = _train_config(args)
@@ -413,7 +412,41 @@ def cmd_train_steering(args: argparse.Namespace) -> int:
         )
     lora = None if args.lora_rank == 0 else LoraConfig(args.lora_rank, args.lora_alpha)
     bf16 = args.dtype == "bfloat16" or (args.dtype == "auto" and bf16_is_fast(args.device))
-    steer = SteerConfig(alpha2_min=args.alpha2_min, autocast_bf16=bf16)
+    steer = SteerConfig(
+        alpha2_min=args.alpha2_min, autocast_bf16=bf16, chamfer_weight=args.chamfer_weight
+    )
+    if args.procs == 1:
+        _steering_process(0, 1, args, chamfer, joint, lora, steer)
+        return 0
+    import torch
+    from dglm.engine import parallel
+
+    if args.procs < 1:
+        raise ValueError(f"--procs must be a positive integer, got {args.procs}")
+    if torch.device(args.device).type != "cpu":
+        raise ValueError(f"--procs {args.procs} runs CPU processes: use --device cpu or --procs 1")
+    for name, cfg in (("--batch-size", joint), ("--chamfer-batch-size", chamfer)):
+        if cfg is not None and cfg.batch_size % args.procs:
+            raise ValueError(
+                f"{name} {cfg.batch_size} must be a multiple of --procs {args.procs} "
+                "(it is the batch of all processes together)"
+            )
+    parallel.spawn(_steering_process, args.procs, args, chamfer, joint, lora, steer)
+    return 0
+
+
+def _steering_process(
+    rank: int, world: int, args: argparse.Namespace, chamfer, joint, lora, steer
+) -> None:
+    """One process of `dglm train steering` (of `world`, data parallel): rank 0 alone draws the
+    bars and prints the result."""
+    from dglm.engine.recipes import train_steering_run
+
+    if world > 1:  # a fresh process: set up its logging as main() does
+        logging.basicConfig(
+            level=logging.INFO if args.verbose and rank == 0 else logging.WARNING,
+            format="%(levelname)s %(name)s: %(message)s",
+        )
     torch_seed(joint.seed)
     bars: dict = {}
 
@@ -436,12 +469,12 @@ def cmd_train_steering(args: argparse.Namespace) -> int:
         args.max_prefix_tokens,
         args.max_continuation_tokens,
         args.limit,
-        progress,
+        progress if rank == 0 else None,
     )
     for bar in bars.values():
         bar.close()
-    print(json.dumps({"out": args.out, "steps": joint.steps, **logs}))
-    return 0
+    if rank == 0:
+        print(json.dumps({"out": args.out, "steps": joint.steps, **logs}), flush=True)
 
 
 def cmd_bundle_add_steering(args: argparse.Namespace) -> int:
@@ -599,6 +632,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ts.add_argument("--chamfer-batch-size", type=int, default=64)
     ts.add_argument("--chamfer-lr", type=float, default=1e-3)
+    ts.add_argument(
+        "--chamfer-weight",
+        type=float,
+        default=0.0,
+        help="joint stage: keep the chamfer loss beside the LM loss with this weight",
+    )
     ts.add_argument("--lora-rank", type=int, default=8, help="0: keep the decoder frozen")
     ts.add_argument("--lora-alpha", type=float, default=16.0)
     ts.add_argument(
@@ -613,6 +652,13 @@ def build_parser() -> argparse.ArgumentParser:
     ts.add_argument("--max-prefix-tokens", type=int, default=16)
     ts.add_argument("--max-continuation-tokens", type=int, default=24)
     ts.add_argument("--limit", type=int, default=None, help="use only the first N training pairs")
+    ts.add_argument(
+        "--procs",
+        type=int,
+        default=1,
+        help="CPU processes × 1 thread each, data parallel (gradients averaged each step); "
+        "--batch-size and --chamfer-batch-size are the batches of all of them together",
+    )
     ts.set_defaults(func=cmd_train_steering, warmup=20, eval_every=50, save_every=25)
     tx = tsub.add_parser(
         "distill",

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from dglm.engine import parallel
 from dglm.engine.networks import ScoreNetwork
 from dglm.engine.sampling import SamplerConfig, sample
 from dglm.engine.schedule import NoiseSchedule
@@ -206,7 +207,8 @@ def train_distill(
     """Distil `teacher` into a student; returns the run's EMA (its `.model` is what bundles ship).
 
     Resumable like the other trainers (`<out>/checkpoint.pt`); the teacher must be the same on
-    resume (its config is part of the run's identity).
+    resume (its config is part of the run's identity). Data parallel inside a process group, as
+    the trainers of dglm.engine.training.
     """
     device = torch.device(device)
     teacher = teacher.to(device).eval().requires_grad_(False)
@@ -248,6 +250,8 @@ def train_distill(
         n = torch.randint(distill.skip, distill.grid + 1, (b,), generator=run.gen)
         w = lo + (hi - lo) * torch.rand(b, generator=run.gen)
         eps = torch.randn(b, prefix.shape[1], generator=run.gen)
+        mine = parallel.shard(b)  # this rank's rows of the global batch (all of it alone)
+        idx, n, w, eps = idx[mine], n[mine], w[mine], eps[mine]
         n, w, eps = n.to(device), w.to(device), eps.to(device)
         loss = distill_loss(
             student, target_net, teacher, prefix[idx], cont[idx], n, w, eps, distill

@@ -11,6 +11,13 @@ Recipes follow the DGLM reference (shared/design/reference.md):
 Checkpoints (`<out>/checkpoint.pt`, loaded with `weights_only=True`) hold the model, EMA,
 optimizer, data-order state and step; training resumes from them. The exported networks go to
 bundles as safetensors. Progress is reported through a callback: the CLI draws the bar.
+
+Data parallel (called inside a process group, see dglm.engine.parallel): every rank draws the
+same global batch of `TrainConfig.batch_size` rows and the same noise from the shared generator,
+and trains on its own share of the rows; gradients are averaged between backward and clipping,
+so the weights stay identical and N processes compute what one process would (up to summation
+order). Rank 0 alone evaluates, logs, saves and reports progress; every rank resumes from the
+same checkpoint.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from dglm.engine import parallel
 from dglm.engine.lora import LoraConfig, LoRALinear, add_lora, load_lora_state
 from dglm.engine.networks import PromptGenerator, ScoreNetwork
 from dglm.engine.schedule import NoiseSchedule
@@ -143,12 +151,20 @@ def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
 
 
 class _Run:
-    """Checkpointing, logging to <out>/log.jsonl and resuming, common to both trainers."""
+    """Checkpointing, logging to <out>/log.jsonl and resuming, common to all trainers; in a
+    process group also the gradient averaging, and rank 0 alone evaluates, logs and saves."""
 
     def __init__(
         self, out: Path, model: nn.Module, cfg: TrainConfig, kind: str, model_config: dict
     ) -> None:
         self.out, self.model, self.cfg, self.kind = out, model, cfg, kind
+        self.world, self.main = parallel.world_size(), parallel.rank() == 0
+        if cfg.batch_size % self.world:
+            raise ValueError(
+                f"TrainConfig.batch_size={cfg.batch_size} must be a multiple of the number of "
+                f"processes ({self.world}): it is the batch of all processes together"
+            )
+        parallel.broadcast_parameters(model)  # every rank starts from rank 0's weights
         out.mkdir(parents=True, exist_ok=True)
         self.opt = _optimizer(model, cfg)
         self.ema = EMA(model, cfg.ema_decay)
@@ -156,6 +172,7 @@ class _Run:
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.extra: dict[str, torch.Tensor] = {}
         self.last_grad_norm = 0.0
+        self.last_loss = 0.0  # the step's loss, averaged over the ranks
         self.meta = {"kind": kind, "model_config": model_config, "train_config": asdict(cfg)}
         ckpt = out / "checkpoint.pt"
         if ckpt.exists():
@@ -170,7 +187,8 @@ class _Run:
             self.step = int(state["step"])
             self.gen.set_state(state["rng"])
             self.extra = state.get("extra", {})
-            logger.info("resumed %s from step %d", kind, self.step)
+            if self.main:
+                logger.info("resumed %s from step %d", kind, self.step)
 
     def save(self) -> None:
         state = {
@@ -196,10 +214,13 @@ class _Run:
         evaluate: Callable[[], dict[str, float]],
         progress: Progress | None,
     ) -> None:
-        """After an optimizer step: held-out evaluation + log.jsonl, checkpoint, progress."""
+        """After an optimizer step: held-out evaluation + log.jsonl, checkpoint, progress (rank 0
+        only: the other ranks return at once)."""
+        if not self.main:
+            return
         cfg, step = self.cfg, self.step
         logs = {
-            "loss": float(loss.detach()),
+            "loss": self.last_loss if self.world > 1 else float(loss.detach()),
             "grad_norm": self.last_grad_norm,
             "lr": lr_at(step - 1, cfg),
         }
@@ -218,6 +239,9 @@ class _Run:
             group["lr"] = lr_at(self.step, self.cfg)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
+        if self.world > 1:
+            (mean_loss,) = parallel.average_gradients(self.model.parameters(), loss)
+            self.last_loss = float(mean_loss)
         norm = 0.0
         if self.cfg.grad_clip > 0:
             norm = float(nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip))
@@ -280,10 +304,15 @@ def train_diffusion(
         gamma, density = sampler.sample(b, run.gen)
         drop = torch.rand(b, generator=run.gen) < cfg.cfg_dropout
         eps = torch.randn(b, prefix.shape[1], generator=run.gen)
+        mine = parallel.shard(b)  # this rank's rows of the global batch
+        idx, gamma, density, drop, eps = (t[mine] for t in (idx, gamma, density, drop, eps))
         gamma, density, drop, eps = (t.to(device) for t in (gamma, density, drop, eps))
         w = weighting(gamma)
         loss, mse = diffusion_loss(net, prefix[idx], cont[idx], gamma, w / density, drop, eps)
-        sampler.update(gamma, w * mse)
+        # every rank updates the histogram with the whole batch, so their γ draws stay equal
+        sampler.update(
+            parallel.all_gather_rows(gamma), parallel.all_gather_rows((w * mse).detach())
+        )
         run.optimizer_step(loss)
         run.extra["gamma_bins"] = sampler.bins  # the live histogram: checkpoints save its values
         run.finish_step(loss, lambda: evaluate_diffusion(run.ema.model, held_out, device), progress)
@@ -390,7 +419,11 @@ def train_prompt_generator(
         len(prefix_ids), min(cfg.batch_size, len(prefix_ids)), run.gen, torch.device("cpu")
     )
     while run.step < cfg.steps:
-        idx = next(batches).tolist()
+        idx = next(batches)
+        t = torch.rand(len(idx), generator=run.gen, dtype=torch.float64)
+        eps = torch.randn(len(idx), lat.shape[1], generator=run.gen)
+        mine = parallel.shard(len(idx))  # this rank's rows of the global batch
+        idx, t, eps = idx[mine].tolist(), t[mine], eps[mine].to(device)
         batch = {
             k: v.to(device)
             for k, v in build_lm_batch(
@@ -400,9 +433,7 @@ def train_prompt_generator(
                 pad_id,
             ).items()
         }
-        t = torch.rand(len(idx), generator=run.gen, dtype=torch.float64)
         a2 = AUGMENT_SCHEDULE.alpha2(t).float().to(device)
-        eps = torch.randn(len(idx), lat.shape[1], generator=run.gen).to(device)
         z = a2[:, None].sqrt() * lat[idx].to(device) + (1 - a2[:, None]).sqrt() * eps
         loss = lm_loss_with_soft_prompt(decoder, batch, pg(z, a2))
         run.optimizer_step(loss)
@@ -467,15 +498,22 @@ class SteerConfig:
     alpha2_min: float = 0.5
     skip_frequent: int = 150  # chamfer targets leave out the N most frequent continuation tokens
     norm_weight: float = 0.1  # chamfer: weight of matching the soft vectors' norms to the targets'
+    # joint stage: weight of the chamfer loss kept beside the LM loss (0: LM loss alone), which
+    # holds the soft vectors near the continuation's content words while the decoder adapts
+    chamfer_weight: float = 0.0
     shuffle_rows: int = 128  # held-out rows of the matched / shuffled / no-prompt diagnostic
     autocast_bf16: bool = True  # bf16 autocast (AMX on CPU, tensor cores on CUDA); fp32 masters
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.alpha2_min <= 1.0:
             raise ValueError(f"SteerConfig.alpha2_min must be in [0, 1], got {self.alpha2_min!r}")
-        if self.skip_frequent < 0 or self.shuffle_rows < 2 or self.norm_weight < 0:
+        if (
+            min(self.skip_frequent, self.norm_weight, self.chamfer_weight) < 0
+            or self.shuffle_rows < 2
+        ):
             raise ValueError(
-                "SteerConfig.skip_frequent ≥ 0, shuffle_rows ≥ 2 and norm_weight ≥ 0 are required"
+                "SteerConfig.skip_frequent, norm_weight and chamfer_weight must be ≥ 0 and "
+                "shuffle_rows ≥ 2"
             )
 
 
@@ -539,8 +577,8 @@ def chamfer_loss(
     t2p = (cos.amax(1) * mask).sum(-1) / mask.sum(-1).clamp(min=1)  # (B,)
     rows = mask.any(-1).float()
     loss = -(((p2t + t2p) / 2) * rows).sum() / rows.sum().clamp(min=1)
-    if norm_weight > 0:
-        e_norm = (target.norm(dim=-1) * mask).sum() / mask.sum().clamp(min=1)
+    if norm_weight > 0 and bool(mask.any()):
+        e_norm = (target.norm(dim=-1) * mask).sum() / mask.sum()
         loss = loss + norm_weight * ((soft.norm(dim=-1) - e_norm) ** 2).mean() / e_norm**2
     return loss
 
@@ -595,6 +633,8 @@ def pretrain_prompt_generator(
     while run.step < cfg.steps:
         idx = next(batches)
         z, a2 = _noised(lat[idx].to(device), steer.alpha2_min, run.gen)
+        mine = parallel.shard(len(idx))  # this rank's rows of the global batch
+        idx, z, a2 = idx[mine], z[mine], a2[mine]
         with _autocast(device, steer.autocast_bf16):
             soft = pg(z, a2)
         loss = chamfer_loss(soft, emb[ids[idx].to(device)], mask[idx].to(device), steer.norm_weight)
@@ -821,10 +861,16 @@ def train_steering(
             pg, decoder, held_out, pad_id, device, steer.shuffle_rows, autocast=steer.autocast_bf16
         )
 
-    if run.step == 0 and not (Path(out) / "log.jsonl").exists():
+    if steer.chamfer_weight > 0:
+        skip = frequent_tokens(cont_ids, steer.skip_frequent)
+        content, content_mask = content_targets(cont_ids, skip, 64)
+    if run.main and run.step == 0 and not (Path(out) / "log.jsonl").exists():
         run.log({"phase": "start", **evaluate()})
     while run.step < cfg.steps:
         idx = next(batches)
+        z, a2 = _noised(lat[idx].to(device), steer.alpha2_min, run.gen)
+        mine = parallel.shard(len(idx))  # this rank's rows of the global batch
+        idx, z, a2 = idx[mine], z[mine], a2[mine]
         ids = idx.tolist()
         batch = _to(
             build_steer_batch(
@@ -835,9 +881,15 @@ def train_steering(
             ),
             device,
         )
-        z, a2 = _noised(lat[idx].to(device), steer.alpha2_min, run.gen)
         with _autocast(device, steer.autocast_bf16):
-            loss = steer_lm_loss(decoder, batch, pg(z, a2))
+            soft = pg(z, a2)
+            loss = steer_lm_loss(decoder, batch, soft)
+        if steer.chamfer_weight > 0:
+            with torch.no_grad():
+                target = decoder.embed(content[idx].to(device)).float()
+            loss = loss + steer.chamfer_weight * chamfer_loss(
+                soft, target, content_mask[idx].to(device), steer.norm_weight
+            )
         run.optimizer_step(loss)
         run.finish_step(loss, evaluate, progress)
     return modules

@@ -125,6 +125,12 @@ def test_chamfer_loss_is_lowest_on_the_targets():
     torch.testing.assert_close(cover, torch.tensor(-1.0))
 
 
+def test_chamfer_loss_without_content_tokens_is_zero_not_inf():
+    soft, target = torch.randn(2, 3, 8), torch.randn(2, 4, 8)
+    loss = chamfer_loss(soft, target, torch.zeros(2, 4, dtype=torch.bool), norm_weight=0.1)
+    assert loss.item() == 0.0
+
+
 def test_content_targets_skip_frequent_tokens():
     rows = [[1, 2, 3, 1], [1, 4], [1]]
     skip = frequent_tokens(rows, 1)
@@ -254,3 +260,20 @@ def test_bundle_with_adapters_loads_merged_and_saves_back(tmp_path, tiny_llama_d
     (tmp_path / "b3" / bundle_io.LORA_FILE).unlink()
     with pytest.raises(ValueError, match="missing"):
         Engine.from_pretrained(tmp_path / "b3")
+
+
+def test_joint_training_with_the_chamfer_term(tmp_path, decoder):
+    pre, cont, lat = _coded_task()
+    data = (pre[:48], cont[:48], lat[:48])
+    cfg = TrainConfig(steps=1, batch_size=16, lr=3e-3, warmup=1, eval_every=1, save_every=1)
+    losses = []
+    for weight in (0.0, 0.5):
+        torch.manual_seed(0)
+        steer = SteerConfig(
+            shuffle_rows=16, autocast_bf16=False, chamfer_weight=weight, skip_frequent=0
+        )
+        out = tmp_path / f"w{weight}"
+        train_steering(PromptGenerator(TINY_PG), decoder, data, data, 0, out, cfg, None, steer)
+        losses.append(json.loads((out / "log.jsonl").read_text().splitlines()[-1])["loss"])
+    # same initial weights and batch: the logged losses differ by the weighted chamfer term
+    assert abs(losses[1] - losses[0]) > 1e-3, losses
