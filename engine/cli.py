@@ -198,6 +198,33 @@ def cmd_data_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_sample(args: argparse.Namespace) -> int:
+    from dglm.engine.data import SOURCES
+    from dglm.engine.recipes import sample_decoder_continuations
+
+    sources = sorted(SOURCES) if args.sources == "all" else args.sources.split(",")
+    bar = _bar(args.n, "sample")
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(done - bar.n)
+
+    out = sample_decoder_continuations(
+        sources,
+        args.n,
+        args.out,
+        args.decoder,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        device=args.device,
+        progress=progress,
+    )
+    bar.close()
+    print(json.dumps({"out": str(out), "rows": sum(1 for _ in open(out, encoding="utf-8"))}))
+    return 0
+
+
 def cmd_data_embed(args: argparse.Namespace) -> int:
     from dglm.engine.recipes import embed_pairs
 
@@ -226,6 +253,7 @@ def _train_config(args: argparse.Namespace):
         eval_every=args.eval_every,
         save_every=args.save_every,
         seed=args.seed,
+        max_minutes=args.max_minutes,
     )
 
 
@@ -511,6 +539,12 @@ def _add_train_args(
     p.add_argument("--eval-every", type=int, default=500)
     p.add_argument("--save-every", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--max-minutes",
+        type=float,
+        default=0.0,
+        help="stop with a checkpoint after this many minutes (0: none); rerun to resume",
+    )
     p.add_argument("--device", default="cpu")
 
 
@@ -586,6 +620,21 @@ def build_parser() -> argparse.ArgumentParser:
     dp.add_argument("--continuation-tokens", type=int, default=32)
     dp.add_argument("--limit", type=int, default=None)
     dp.set_defaults(func=cmd_data_pairs)
+    ds = dsub.add_parser(
+        "sample",
+        help="continue real training-split prefixes with the decoder (the decoder_samples source)",
+    )
+    ds.add_argument("--n", type=int, default=5000, help="prefixes to continue")
+    ds.add_argument("--out", default=None, help="JSONL file (default: the source's cache file)")
+    ds.add_argument(
+        "--sources", default="rotten_tomatoes,amazon_reviews,bbc_news,wikipedia,fortunes"
+    )
+    ds.add_argument("--decoder", default="smollm2")
+    ds.add_argument("--max-new-tokens", type=int, default=32)
+    ds.add_argument("--batch-size", type=int, default=16)
+    ds.add_argument("--seed", type=int, default=0)
+    ds.add_argument("--device", default="cpu")
+    ds.set_defaults(func=cmd_data_sample)
     de = dsub.add_parser("embed", help="encode pairs into latents")
     de.add_argument("data")
     de.add_argument("--encoder", default="all-MiniLM-L6-v2")

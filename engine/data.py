@@ -517,6 +517,24 @@ def fetch_source(name: str) -> Path:
     return FETCHERS[name]()
 
 
+DECODER_SAMPLES_FILE = "decoder_samples.jsonl"
+
+
+def decoder_samples(path: Path | None = None) -> Iterator[Document]:
+    """Real prefixes continued by the default decoder (`dglm data sample`): one document per row,
+    prefix + sampled continuation, so the prompt generator also learns the decoder's own text."""
+    path = path or data_cache() / DECODER_SAMPLES_FILE
+    if not path.is_file():
+        raise RuntimeError(f"no decoder samples at {path}: run `dglm data sample` first")
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                row = json.loads(line)
+                yield Document(
+                    row["prefix"] + row["continuation"], "decoder_samples", row["source"]
+                )
+
+
 SOURCES = {
     "rotten_tomatoes": rotten_tomatoes,
     "speeches": speeches,
@@ -530,6 +548,7 @@ SOURCES = {
     "amazon_reviews": amazon_reviews,
     "austen": austen,
     "sotu": sotu,
+    "decoder_samples": decoder_samples,
 }
 
 

@@ -244,7 +244,7 @@ def train_distill(
         return evaluate_student(run.ema.model, ev_teacher, ev_z, ev_ctx, ev_w, ev_ref)
 
     batches = _batches(prefix.shape[0], min(cfg.batch_size, prefix.shape[0]), run.gen, device)
-    while run.step < cfg.steps:
+    while run.running():
         idx = next(batches)
         b = idx.shape[0]
         n = torch.randint(distill.skip, distill.grid + 1, (b,), generator=run.gen)

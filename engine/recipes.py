@@ -11,6 +11,7 @@ dglm bundle assemble OUT --diffusion R1 --prompt-generator R2 --probes P.safeten
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 from pathlib import Path
@@ -415,3 +416,60 @@ def add_steering(
         bundle_io.save_lora(lora_state, dst / bundle_io.LORA_FILE)
     bundle_io.write_config(config, dst)
     return config
+
+
+def sample_decoder_continuations(
+    sources: list[str],
+    n: int,
+    out: str | Path | None = None,
+    decoder: str = "smollm2",
+    prefix_tokens: int = 32,
+    max_new_tokens: int = 32,
+    batch_size: int = 16,
+    top_p: float = 0.95,
+    seed: int = 0,
+    device: str = "cpu",
+    progress=None,
+) -> Path:
+    """Continue the first `prefix_tokens` tokens of n training-split documents of `sources` with
+    the decoder (nucleus sampling) and append {"prefix", "continuation", "source"} rows to `out`
+    (default: the `decoder_samples` source's file). Resumable: rows already in the file are kept
+    and their prefixes skipped (the document order is deterministic). `progress(done, n)`."""
+    from dglm.engine.decoding import DecodeParams, generate
+
+    out = Path(out) if out is not None else data_mod.data_cache() / data_mod.DECODER_SAMPLES_FILE
+    out.parent.mkdir(parents=True, exist_ok=True)
+    done = sum(1 for line in open(out, encoding="utf-8") if line.strip()) if out.exists() else 0
+    dec, tok = load_decoder(decoder, device=device)
+    names = [s for s in sources if s != "decoder_samples"]
+    if not names:
+        raise ValueError("name at least one text source to take prefixes from")
+    prefixes: list[tuple[str, str]] = []
+    for k, name in enumerate(names):  # an equal share of the n prefixes from each source
+        quota = n * (k + 1) // len(names) - n * k // len(names)
+        for doc in data_mod.documents([name]):
+            if quota == 0:
+                break
+            if data_mod.split_of(doc.text) != "train":
+                continue  # held-out texts never seed training data
+            ids = tok.encode(doc.text, add_special_tokens=False)
+            if len(ids) >= prefix_tokens:
+                prefixes.append((tok.decode(ids[:prefix_tokens]), doc.source))
+                quota -= 1
+    with open(out, "a", encoding="utf-8") as f:
+        for start in range(done, len(prefixes), batch_size):
+            part = prefixes[start : start + batch_size]
+            rows = [tok.encode(p, add_special_tokens=False) for p, _ in part]
+            params = [
+                DecodeParams(max_new_tokens=max_new_tokens, top_p=top_p, seed=seed + start + i)
+                for i in range(len(part))
+            ]
+            results, _ = generate(dec, tok, rows, params)
+            for (prefix, source), r in zip(part, results, strict=True):
+                if r.text.strip():
+                    row = {"prefix": prefix, "continuation": r.text, "source": source}
+                    f.write(json.dumps(row) + "\n")
+            f.flush()
+            if progress:
+                progress(min(len(prefixes), start + batch_size), len(prefixes))
+    return out

@@ -57,12 +57,17 @@ class TrainConfig:
     eval_every: int = 500  # steps between held-out evaluations
     save_every: int = 1000  # steps between checkpoints
     seed: int = 0  # data order, noise and dropout draws
+    # stop (with a checkpoint) once this many minutes of this invocation have passed; 0: no
+    # limit. A time-boxed run (e.g. a few minutes of a lent GPU) then resumes where it stopped.
+    max_minutes: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "eval_every", "save_every"):
             v = getattr(self, name)
             if not isinstance(v, int) or v <= 0:
                 raise ValueError(f"TrainConfig.{name} must be a positive integer, got {v!r}")
+        if not (self.max_minutes >= 0 and math.isfinite(self.max_minutes)):
+            raise ValueError(f"TrainConfig.max_minutes must be ≥ 0, got {self.max_minutes!r}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"TrainConfig.lr must be positive, got {self.lr!r}")
         if not 0.0 <= self.ema_decay < 1.0:
@@ -173,6 +178,8 @@ class _Run:
         self.extra: dict[str, torch.Tensor] = {}
         self.last_grad_norm = 0.0
         self.last_loss = 0.0  # the step's loss, averaged over the ranks
+        self.started = time.monotonic()
+        self.out_of_time = False  # set by optimizer_step, the same on every rank
         self.meta = {"kind": kind, "model_config": model_config, "train_config": asdict(cfg)}
         ckpt = out / "checkpoint.pt"
         if ckpt.exists():
@@ -234,14 +241,26 @@ class _Run:
         if progress:
             progress(step, logs)
 
+    def running(self) -> bool:
+        """Whether to take another step: steps left and time left (a time-boxed run checkpoints
+        before it stops)."""
+        if self.out_of_time and self.step < self.cfg.steps:
+            if self.main:
+                self.save()
+                logger.info("%s: max_minutes reached at step %d; saved", self.kind, self.step)
+            return False
+        return self.step < self.cfg.steps
+
     def optimizer_step(self, loss: torch.Tensor) -> float:
         for group in self.opt.param_groups:
             group["lr"] = lr_at(self.step, self.cfg)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        if self.world > 1:
-            (mean_loss,) = parallel.average_gradients(self.model.parameters(), loss)
+        elapsed = torch.tensor(time.monotonic() - self.started)
+        if self.world > 1:  # the clock rides along, so every rank stops at the same step
+            mean_loss, elapsed = parallel.average_gradients(self.model.parameters(), loss, elapsed)
             self.last_loss = float(mean_loss)
+        self.out_of_time = 0 < self.cfg.max_minutes * 60 <= float(elapsed)
         norm = 0.0
         if self.cfg.grad_clip > 0:
             norm = float(nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip))
@@ -298,7 +317,7 @@ def train_diffusion(
         sampler.bins = run.extra["gamma_bins"].double()
     prefix, cont = (t.to(device).float() for t in train)
     batches = _batches(prefix.shape[0], min(cfg.batch_size, prefix.shape[0]), run.gen, device)
-    while run.step < cfg.steps:
+    while run.running():
         idx = next(batches)
         b = idx.shape[0]
         gamma, density = sampler.sample(b, run.gen)
@@ -418,7 +437,7 @@ def train_prompt_generator(
     batches = _batches(
         len(prefix_ids), min(cfg.batch_size, len(prefix_ids)), run.gen, torch.device("cpu")
     )
-    while run.step < cfg.steps:
+    while run.running():
         idx = next(batches)
         t = torch.rand(len(idx), generator=run.gen, dtype=torch.float64)
         eps = torch.randn(len(idx), lat.shape[1], generator=run.gen)
@@ -630,7 +649,7 @@ def pretrain_prompt_generator(
     batches = _batches(
         len(cont_ids), min(cfg.batch_size, len(cont_ids)), run.gen, torch.device("cpu")
     )
-    while run.step < cfg.steps:
+    while run.running():
         idx = next(batches)
         z, a2 = _noised(lat[idx].to(device), steer.alpha2_min, run.gen)
         mine = parallel.shard(len(idx))  # this rank's rows of the global batch
@@ -866,7 +885,7 @@ def train_steering(
         content, content_mask = content_targets(cont_ids, skip, 64)
     if run.main and run.step == 0 and not (Path(out) / "log.jsonl").exists():
         run.log({"phase": "start", **evaluate()})
-    while run.step < cfg.steps:
+    while run.running():
         idx = next(batches)
         z, a2 = _noised(lat[idx].to(device), steer.alpha2_min, run.gen)
         mine = parallel.shard(len(idx))  # this rank's rows of the global batch

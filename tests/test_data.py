@@ -623,3 +623,33 @@ def test_real_sotu_when_fetched():
 def test_real_installed_sources(source):
     docs = real(source)
     assert len(docs) > 5000 and all(d.text == d.text.strip() and d.label for d in docs)
+
+
+# --- the decoder's own continuations ------------------------------------------------------------
+
+
+def test_decoder_samples_are_train_split_continuations_and_resume(
+    cache, tmp_path, monkeypatch, tiny_llama_dir
+):
+    from dglm.engine.recipes import sample_decoder_continuations
+
+    texts = [f"{i:03d} sample " + "alpha beta gamma delta " * 6 for i in range(40)]
+    fake_sources(monkeypatch, {"a": texts, "b": texts[::-1]}, Counter())
+    monkeypatch.setitem(data.SOURCES, "decoder_samples", data.decoder_samples)
+    out = cache / "data" / data.DECODER_SAMPLES_FILE
+    args = {"decoder": str(tiny_llama_dir), "prefix_tokens": 8, "max_new_tokens": 4}
+    sample_decoder_continuations(["a", "b"], 6, **args)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 6 and [r["source"] for r in rows] == ["a"] * 3 + ["b"] * 3
+    held_out = {t for t in texts if data.split_of(t) == "eval"}
+    assert not any(t.startswith(r["prefix"]) for r in rows for t in held_out)
+    # resuming keeps the rows and continues with the next prefixes, without repeating any
+    sample_decoder_continuations(["a", "b"], 10, **args)
+    more = [json.loads(line) for line in out.read_text().splitlines()]
+    assert more[:6] == rows and len(more) == 10
+    docs = list(data.decoder_samples())
+    assert [d.text for d in docs] == [r["prefix"] + r["continuation"] for r in more]
+    assert docs[0].source == "decoder_samples" and docs[0].label == "a"
+    out.unlink()
+    with pytest.raises(RuntimeError, match="dglm data sample"):
+        list(data.decoder_samples())

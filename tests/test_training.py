@@ -80,6 +80,30 @@ def test_diffusion_training_learns_and_resumes(tmp_path):
         train_diffusion(ScoreNetwork(other), (pre, cont), (pre, cont), tmp_path, cfg2)
 
 
+def test_time_boxed_run_checkpoints_and_resumes(tmp_path):
+    torch.manual_seed(0)
+    cfg_net = ScoreNetConfig(latent_dim=32, dim=64, depth=2, head_dim=32, num_tokens=8)
+    pre, cont = _latent_pairs(200, 32, 0)
+    # a limit this small is spent after the first step: the run saves and stops there
+    boxed = TrainConfig(steps=20, batch_size=32, eval_every=100, save_every=100, max_minutes=1e-9)
+    steps = []
+    train_diffusion(
+        ScoreNetwork(cfg_net), (pre, cont), (pre, cont), tmp_path, boxed,
+        progress=lambda s, _: steps.append(s),
+    )  # fmt: skip
+    assert steps == [1]
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == 1
+    steps.clear()
+    free = TrainConfig(steps=20, batch_size=32, eval_every=100, save_every=100)
+    train_diffusion(
+        ScoreNetwork(cfg_net), (pre, cont), (pre, cont), tmp_path, free,
+        progress=lambda s, _: steps.append(s),
+    )  # fmt: skip
+    assert steps[0] == 2 and steps[-1] == 20
+    with pytest.raises(ValueError, match="max_minutes"):
+        TrainConfig(max_minutes=-1.0)
+
+
 def test_lm_batch_layout():
     b = build_lm_batch([[5, 6, 7], [8]], [[1, 2], [3, 4, 9]], prompt_len=2, pad_id=0)
     assert b["ids"].tolist() == [[5, 6, 7, 0, 0, 1, 2], [8, 0, 0, 3, 4, 9, 0]]
