@@ -55,9 +55,14 @@ class BundleConfig:
     # Low-rank adapters trained with the prompt generator (decoder_lora.safetensors), merged into
     # the decoder's weights at load; None: the decoder is used as released.
     decoder_lora: LoraConfig | None = None
+    # guidance scale of a control given without one (Control.scale None): set per bundle, as the
+    # scale at which its networks were measured to steer (`dglm eval`)
+    control_scale: float = 10.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "student_cfg_range", tuple(self.student_cfg_range))
+        if not (isinstance(self.control_scale, int | float) and 0 < self.control_scale < 1e9):
+            raise ValueError(f"control_scale must be a positive number, got {self.control_scale!r}")
         if isinstance(self.decoder_lora, dict):
             object.__setattr__(self, "decoder_lora", LoraConfig(**self.decoder_lora))
         lo, hi = self.student_cfg_range

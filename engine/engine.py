@@ -56,7 +56,7 @@ class GenerationParams:
         for c in self.controls:
             if not isinstance(c, Control):
                 raise ValueError(f"controls must be Control objects, got {c!r}")
-            if not math.isfinite(c.scale):
+            if c.scale is not None and not math.isfinite(c.scale):
                 raise ValueError(
                     f"controls: scale for probe {c.probe!r} must be finite, got {c.scale!r}"
                 )
@@ -158,7 +158,7 @@ class Engine:
                 f"decoder {config.decoder!r} has width {decoder.hidden_size} but the prompt generator "
                 f"emits {config.prompt_generator.decoder_dim}-d vectors"
             )
-        self.probes = ProbeSet(probes, encoder.dim)
+        self.probes = ProbeSet(probes, encoder.dim, config.control_scale)
         self.guided_update = guided_update
         self.update_fn = select_guided_update(device, guided_update)
         # On CUDA the `fast` sampler step replays from CUDA graphs (one per batch bucket).

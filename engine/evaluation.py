@@ -38,6 +38,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from dglm.engine.bundle import BundleConfig
 from dglm.engine.probes import Control, Probe
 
 logger = logging.getLogger(__name__)
@@ -50,7 +51,9 @@ TOXIC_THRESHOLD = 0.5
 Z95 = 1.959964  # two-sided 95% normal quantile
 RENOISE_SWEEP = (1.0, 0.95, 0.9, 0.5, 0.0)  # the reference's Table 2 sweep of alpha²
 DEFAULT_SOURCES = ("rotten_tomatoes", "speeches", "fortunes")
-DEFAULT_SCALE = Control.scale  # the guidance scale of a control given without one (10)
+# the guidance scale of a control given without one when a bundle sets none; a bundle's own
+# (BundleConfig.control_scale) is what `dglm eval` judges as "the default"
+DEFAULT_SCALE = BundleConfig.control_scale
 # target checks: at the default scale, VADER ≥ 80% each way and the second judge ≥ 70%; reference
 # LM perplexity of unguided DGLM ≤ 1.3× plain decoding, steered ≤ 1.5×; Dist-3 within 0.05 of
 # unguided DGLM; success above FUDGE with the same probe at a lower latency per sample
@@ -512,7 +515,8 @@ class EvalConfig:
     max_prefix_tokens: int = 32
     sources: tuple[str, ...] = DEFAULT_SOURCES  # offline sources of held-out texts
     prefixes: tuple[str, ...] = ()  # explicit prefixes instead of held-out texts (tests)
-    guidance_scales: tuple[float, ...] = (5.0, 10.0, 20.0, 50.0, 100.0, 200.0)  # DGLM probe sweep
+    # DGLM probe sweep; run_eval adds the bundle's control_scale when it is missing
+    guidance_scales: tuple[float, ...] = (10.0, 100.0, 300.0, 1000.0, 3000.0, 10000.0)
     renoise_alpha2s: tuple[float, ...] = RENOISE_SWEEP  # proposal-fidelity sweep (unguided)
     fudge_top_k: int = 50  # FUDGE candidates per step
     fudge_strengths: tuple[float, ...] = (1.0, 3.0)  # FUDGE λ on log p(target | text)
@@ -568,7 +572,7 @@ PRESETS = {
     "quick": EvalConfig(
         num_prefixes=32,
         num_samples=1,
-        guidance_scales=(5.0, DEFAULT_SCALE, 20.0, 50.0),
+        guidance_scales=(DEFAULT_SCALE, 300.0, 1000.0, 3000.0),
         renoise_alpha2s=(0.95, 0.0),
         fudge_top_k=20,
         fudge_strengths=(1.0,),
@@ -921,6 +925,11 @@ def run_eval(
         )
     prefixes = [p for _, p in sources_prefixes]
     default_a2 = float(engine.config.sampler.renoise_alpha2)
+    default_scale = float(engine.config.control_scale)
+    if default_scale not in config.guidance_scales:  # the sweep always holds the default
+        config = replace(
+            config, guidance_scales=tuple(sorted({*config.guidance_scales, default_scale}))
+        )
     settings, skipped = build_settings(config, engine.probes.probes, default_a2)
     logger.info("evaluating %d settings on %d prefixes", len(settings), len(prefixes))
 
@@ -973,6 +982,7 @@ def run_eval(
             "target": s.target,
             "scale": s.scale,
             "renoise_alpha2": s.renoise_alpha2,
+            "default": s.method == "dglm" and s.scale == default_scale,
             "n": len(gens.texts),
             "metrics": metrics,
             "timings": gens.timings,
@@ -990,7 +1000,8 @@ def run_eval(
         "prefixes": [{"source": src, "prefix": p} for src, p in sources_prefixes],
         "rows": rows,
         "skipped": skipped,
-        "targets": target_checks(rows, fid),
+        "default_scale": default_scale,
+        "targets": target_checks(rows, fid, default_scale),
         "environment": environment(engine),
         "wall_s": time.perf_counter() - t_start,
     }
@@ -1293,7 +1304,7 @@ def guidance_label(r: dict) -> str:
         return f"s=0, α²={r['renoise_alpha2']:g}"
     if r["scale"] is None:
         return "s=0 (unguided)"
-    return f"s={r['scale']:g}" + (" (default)" if r["scale"] == DEFAULT_SCALE else "")
+    return f"s={r['scale']:g}" + (" (default)" if r.get("default") else "")
 
 
 def _baselines(rows: list[dict]) -> list[dict]:
@@ -1414,6 +1425,7 @@ def render_markdown(report: dict) -> str:
     env = report["environment"]
     cfg = report["config"]
     ref = report.get("reference_lm") or {"name": GEMMA_NAME, "status": "disabled", "note": ""}
+    default_scale = report.get("default_scale", DEFAULT_SCALE)
     lines = [
         f"# dglm eval: {report['bundle']}",
         "",
@@ -1440,8 +1452,8 @@ def render_markdown(report: dict) -> str:
         "re-tokenised with its tokenizer). Dist-n: distinct n-grams over all continuations of a "
         "row. n: continuations per row. Rates are followed by their 95% Wilson interval [lo, hi]; "
         "means by ± the half-width of their 95% interval (1.96·se). Guidance: s is the DGLM "
-        f"guidance scale (the weight of the probe's loss in the x̂0 update; {DEFAULT_SCALE:g} is "
-        "the default, 0 = unguided), λ FUDGE's weight on log p(target | text) under the same "
+        f"guidance scale (the weight of the probe's loss in the x̂0 update; {default_scale:g}, the "
+        "bundle's control_scale, is the default, 0 = unguided), λ FUDGE's weight on log p(target | text) under the same "
         "probe. s/sample: generation wall time per continuation (batched).",
         "",
     ]
@@ -1472,7 +1484,7 @@ def render_markdown(report: dict) -> str:
         "",
         "## Targets",
         "",
-        f"At the default guidance scale s = {DEFAULT_SCALE:g}; margin > 0: met by that much, "
+        f"At the default guidance scale s = {default_scale:g}; margin > 0: met by that much, "
         "< 0: missed by that much. Unguided DGLM and plain-decoding base rates are in the notes.",
         "",
         *_targets_table(report),

@@ -141,7 +141,9 @@ def load_probes(path: str | Path) -> list[Probe]:
 class Control:
     probe: str  # probe name
     target: str | int  # label of the probe (or its index)
-    scale: float = 10.0  # guidance scale s; summed-loss composition across controls
+    # guidance scale s (summed-loss composition across controls); None: the bundle's default
+    # (BundleConfig.control_scale), the scale its networks were checked to steer at
+    scale: float | None = None
 
     @classmethod
     def parse(cls, spec: str) -> Control:
@@ -151,7 +153,7 @@ class Control:
             raise ValueError(f"control must look like probe=target[:scale], got {spec!r}")
         target, _, scale = rest.partition(":")
         try:
-            value = float(scale) if scale else cls.scale
+            value = float(scale) if scale else None
         except ValueError:
             raise ValueError(f"control scale must be a number, got {scale!r} in {spec!r}") from None
         return cls(name.strip(), target.strip(), value)
@@ -160,8 +162,9 @@ class Control:
 class ProbeSet:
     """All probes of an engine, stacked: weight (K, d), bias (K,)."""
 
-    def __init__(self, probes: list[Probe], dim: int) -> None:
+    def __init__(self, probes: list[Probe], dim: int, default_scale: float = 10.0) -> None:
         self.dim = dim
+        self.default_scale = default_scale  # for controls given without a scale
         self.probes: dict[str, Probe] = {}
         self.offsets: dict[str, int] = {}
         for p in probes:
@@ -196,7 +199,7 @@ class ProbeSet:
                 raise ValueError(
                     f"unknown probe {c.probe!r} in controls; this engine has {sorted(self.probes)}"
                 )
-            if not math.isfinite(c.scale):
+            if c.scale is not None and not math.isfinite(c.scale):
                 raise ValueError(
                     f"control scale for probe {c.probe!r} must be finite, got {c.scale!r}"
                 )
@@ -213,5 +216,5 @@ class ProbeSet:
                 off = self.offsets[c.probe]
                 for row, y in self.probes[c.probe].target_rows(c.target):
                     targets[i, off + row] = y
-                    scales[i, off + row] += c.scale
+                    scales[i, off + row] += self.default_scale if c.scale is None else c.scale
         return targets, scales

@@ -722,7 +722,7 @@ class OnnxEngine(Engine):
                 f"encoder {config.encoder!r} is {encoder.dim}-d but the score network expects "
                 f"{config.score_network.latent_dim}-d latents"
             )
-        self.probes = ProbeSet(probes, encoder.dim)
+        self.probes = ProbeSet(probes, encoder.dim, config.control_scale)
         self.guided_update = guided_update
         self.update_fn = select_guided_update(self.device, guided_update)
         self.captured = None  # the torch CUDA-graph sampler: here the ORT graphs capture instead

@@ -191,3 +191,27 @@ def test_fast_decode_runner_matches_the_default_path(tiny_bundle):
     assert set(fast.decode_runner._graphs) == traced  # reused, not re-traced
     many = fast.generate(["x"] * 33, GenerationParams(seed=0, max_new_tokens=2, temperature=0.0))
     assert len(many) == 33 and set(fast.decode_runner._graphs) == traced  # past the buffers
+
+
+def test_a_control_without_a_scale_takes_the_bundles_control_scale(tiny_bundle, tmp_path):
+    import json
+    import shutil
+
+    bundle = tmp_path / "b"
+    shutil.copytree(tiny_bundle, bundle)
+    cfg = json.loads((bundle / "config.json").read_text())
+    (bundle / "config.json").write_text(json.dumps({**cfg, "control_scale": 123.0}))
+    engine = Engine.from_pretrained(bundle)
+    assert engine.config.control_scale == 123.0
+
+    def latent(scale):
+        params = GenerationParams(
+            seed=3, max_new_tokens=2, controls=(Control("sentiment", "positive", scale),)
+        )
+        return engine.generate(["Hello there"], params)[0].samples[0].latent
+
+    torch.testing.assert_close(latent(None), latent(123.0))
+    assert (latent(None) - latent(10.0)).abs().max() > 1e-4
+    (bundle / "config.json").write_text(json.dumps({**cfg, "control_scale": -1.0}))
+    with pytest.raises(ValueError, match="control_scale"):
+        Engine.from_pretrained(bundle)

@@ -42,18 +42,19 @@ def test_save_load_roundtrip(tmp_path, gen):
 def test_batch_targets_and_composition(gen):
     a = Probe("a", ("no", "yes"), torch.randn(1, 4, generator=gen), torch.zeros(1))
     t = Probe("t", ("x", "y", "z"), torch.randn(3, 4, generator=gen), torch.zeros(3))
-    ps = ProbeSet([a, t], 4)
+    ps = ProbeSet([a, t], 4, default_scale=7.0)
     assert ps.weight.shape == (4, 4)
     targets, scales = ps.batch_targets(
         [[Control("a", "yes", 5.0), Control("t", "z", 2.0)], [], [Control("a", "no")]]
     )
     assert targets.tolist() == [[1, 0, 0, 1], [0, 0, 0, 0], [0, 0, 0, 0]]
-    assert scales.tolist() == [[5, 0, 0, 2], [0, 0, 0, 0], [10, 0, 0, 0]]
+    # a control without a scale takes the set's default (the bundle's control_scale)
+    assert scales.tolist() == [[5, 0, 0, 2], [0, 0, 0, 0], [7, 0, 0, 0]]
 
 
 def test_control_parse():
     assert Control.parse("sentiment=positive:20") == Control("sentiment", "positive", 20.0)
-    assert Control.parse("toxicity=low") == Control("toxicity", "low", 10.0)
+    assert Control.parse("toxicity=low") == Control("toxicity", "low", None)
     for bad in ["sentiment", "=x", "a=b:c"]:
         with pytest.raises(ValueError):
             Control.parse(bad)
