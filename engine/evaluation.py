@@ -1311,77 +1311,70 @@ def _baselines(rows: list[dict]) -> list[dict]:
     return [r for r in rows if r["setting"] in ("decoder", "dglm unguided")]
 
 
+def _setting_table(rows: list[dict], columns: list[str], cells: Callable[[dict], list[str]]):
+    """Markdown rows: setting, guidance, n, the given columns (`cells(metrics)`), s/sample."""
+    head = ["setting", "guidance", "n", *columns, "s/sample"]
+    lines = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
+    for r in rows:
+        row = [r["setting"], guidance_label(r), str(r["n"]), *cells(r["metrics"])]
+        row.append(_fmt(r["timings"]["per_sample_s"], ".3f"))
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
 def _fluency_table(report: dict) -> list[str]:
     ref = report.get("reference_lm") or {"name": GEMMA_NAME}
-    lines = [
-        f"| setting | guidance | n | PPL SmolLM2 | PPL {ref['name']} | Dist-1 | Dist-2 | Dist-3 | "
-        "fidelity | s/sample |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in report["rows"]:
-        m = r["metrics"]
+
+    def cells(m: dict) -> list[str]:
         fid = m.get("fidelity")
-        fid_s = f"{fid:.3f} ± {Z95 * m['fidelity_se']:.3f}" if fid is not None else "—"
-        cells = [
-            r["setting"],
-            guidance_label(r),
-            str(r["n"]),
+        return [
             _fmt(m.get("perplexity"), ".2f"),
             _fmt(m.get("ref_perplexity"), ".2f"),
             *(_fmt(m.get(f"dist_{k}")) for k in (1, 2, 3)),
-            fid_s,
-            _fmt(r["timings"]["per_sample_s"], ".3f"),
+            f"{fid:.3f} ± {Z95 * m['fidelity_se']:.3f}" if fid is not None else "—",
         ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return lines
+
+    columns = ["PPL SmolLM2", f"PPL {ref['name']}", "Dist-1", "Dist-2", "Dist-3", "fidelity"]
+    return _setting_table(report["rows"], columns, cells)
 
 
 def _sentiment_table(report: dict) -> list[str]:
     rows = _baselines(report["rows"]) + [r for r in report["rows"] if r["group"] == "sentiment"]
-    lines = [
-        "| setting | guidance | n | VADER + | VADER − | TextBlob + | TextBlob − | probe p(+) | "
-        "s/sample |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in rows:
-        m = r["metrics"]
-        cells = [
-            r["setting"],
-            guidance_label(r),
-            str(r["n"]),
+    columns = ["VADER +", "VADER −", "TextBlob +", "TextBlob −", "probe p(+)"]
+    return _setting_table(
+        rows,
+        columns,
+        lambda m: [
             *(
                 _rate_ci(m, f"{j}_{t}")
                 for j in ("vader", "textblob")
                 for t in ("positive", "negative")
             ),
             _mean_ci(m, "probe_p_positive"),
-            _fmt(r["timings"]["per_sample_s"], ".3f"),
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return lines
+        ],
+    )
 
 
 def _toxicity_table(report: dict) -> list[str]:
     rows = _baselines(report["rows"]) + [r for r in report["rows"] if r["group"] == "toxicity"]
-    lines = [
-        "| setting | guidance | n | profanity-check† mean | profanity-check† > 0.5 | "
-        "HateSonar mean | HateSonar > 0.5 | probe p(non-toxic) | s/sample |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    columns = [
+        "profanity-check† mean",
+        "profanity-check† > 0.5",
+        "HateSonar mean",
+        "HateSonar > 0.5",
+        "probe p(non-toxic)",
     ]
-    for r in rows:
-        m = r["metrics"]
-        cells = [
-            r["setting"],
-            guidance_label(r),
-            str(r["n"]),
+    lines = _setting_table(
+        rows,
+        columns,
+        lambda m: [
             _mean_ci(m, "toxicity_mean"),
             _rate_ci(m, "toxicity_frac"),
             _mean_ci(m, "hatesonar_mean"),
             _rate_ci(m, "hatesonar_frac"),
             _mean_ci(m, "probe_p_nontoxic"),
-            _fmt(r["timings"]["per_sample_s"], ".3f"),
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
+        ],
+    )
     lines += [
         "",
         f"† {PROFANITY_NOTE}, so that column is not independent of the toxicity probe; "
