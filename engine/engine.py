@@ -147,6 +147,7 @@ class Engine:
         self.tokenizer = tokenizer
         # the bundle's decoder adapters (merged into `decoder` already), for save_pretrained
         self.decoder_lora_state: dict[str, torch.Tensor] | None = None
+        self.bundle_dir: Path | None = None  # where from_pretrained read the bundle
         self.device, self.dtype = device, dtype
         if encoder.dim != config.score_network.latent_dim:
             raise ValueError(
@@ -225,6 +226,7 @@ class Engine:
             student,
             fast_decode,
         )
+        engine.bundle_dir = bundle_dir
         if config.decoder_lora is not None:  # already merged; kept to write the bundle back
             engine.decoder_lora_state = load_file(str(bundle_dir / bundle_io.LORA_FILE))
         return engine
@@ -516,6 +518,10 @@ class Engine:
                 }
             ),
             "cfg_scale": self.config.cfg_scale,
+            "control_scale": self.config.control_scale,
+            "decoder_lora": None
+            if self.config.decoder_lora is None
+            else self.config.decoder_lora.to_dict(),
             "trained": self.config.trained,
             "probes": {
                 name: {"labels": list(p.labels), "metrics": p.metrics}

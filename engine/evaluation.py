@@ -38,7 +38,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from dglm.engine.bundle import BundleConfig
+from dglm.engine.bundle import BundleConfig, resolve_reference
+from dglm.engine.decoders import load_decoder
 from dglm.engine.probes import Control, Probe
 
 logger = logging.getLogger(__name__)
@@ -693,9 +694,17 @@ def _seed(config: EvalConfig, prefix: int) -> int:
 
 
 def generate_setting(
-    engine, setting: Setting, prefixes: list[str], config: EvalConfig, tick=None
+    engine,
+    setting: Setting,
+    prefixes: list[str],
+    config: EvalConfig,
+    tick=None,
+    base_decoder=None,
 ) -> Generations:
-    """Run one setting over every prefix in batches of config.batch_size prompts."""
+    """Run one setting over every prefix in batches of config.batch_size prompts. Plain decoding
+    and FUDGE run on `base_decoder` (the released decoder, without the bundle's adapters; default:
+    the engine's decoder)."""
+    base_decoder = engine.decoder if base_decoder is None else base_decoder
     from dglm.engine.decoding import DecodeParams
     from dglm.engine.decoding import generate as decode
     from dglm.engine.engine import GenerationParams
@@ -746,7 +755,7 @@ def generate_setting(
                     for i in chunk
                     for j in range(S)
                 ]
-                results, t = decode(engine.decoder, engine.tokenizer, ids, params)
+                results, t = decode(base_decoder, engine.tokenizer, ids, params)
                 for k in ("prefill_s", "decode_s"):
                     add(k, t[k])
             elif setting.method == "fudge":
@@ -760,7 +769,7 @@ def generate_setting(
                 )
                 probe = engine.probes.probes[setting.probe]
                 results, t = fudge_generate(
-                    engine.decoder, engine.tokenizer, engine.encoder, probe, setting.target, ids, fp
+                    base_decoder, engine.tokenizer, engine.encoder, probe, setting.target, ids, fp
                 )
                 for k in ("lm_s", "probe_s", "candidates_scored"):
                     add(k, t[k])
@@ -814,14 +823,20 @@ def judge_texts(texts: list[str]) -> dict:
 
 
 def score_setting(
-    engine, gens: Generations, prefixes: list[str], reference_lm: ReferenceLM | None = None
+    engine,
+    gens: Generations,
+    prefixes: list[str],
+    reference_lm: ReferenceLM | None = None,
+    base_decoder=None,
 ) -> tuple[dict, torch.Tensor | None]:
     """(metrics, per-sample fidelity cosines or None).
 
-    Perplexity under the reference LM ("ref_perplexity") is nan when reference_lm is None.
+    "perplexity" is under `base_decoder` (the released decoder; default: the engine's), the
+    reference LM's ("ref_perplexity") nan when reference_lm is None.
     """
     prefix_ids = [engine.tokenizer.encode(prefixes[i]) for i in gens.prefix_index]
-    nll, counts = continuation_nll(engine.decoder, prefix_ids, gens.token_ids)
+    judge = engine.decoder if base_decoder is None else base_decoder
+    nll, counts = continuation_nll(judge, prefix_ids, gens.token_ids)
     ref_ppl, ref_tokens = float("nan"), 0
     if reference_lm is not None:
         ref_nll, ref_counts = reference_nll(
@@ -899,6 +914,17 @@ def _log_metrics(name: str, metrics: dict) -> None:
     logger.info("%s: %s", name, shown)
 
 
+def released_decoder(engine):
+    """The decoder as released, without the bundle's merged adapters: what plain decoding and
+    FUDGE run on and what "PPL SmolLM2" judges with (the engine's own decoder when the bundle has
+    no adapters or its directory is unknown)."""
+    bundle_dir = getattr(engine, "bundle_dir", None)
+    if engine.config.decoder_lora is None or bundle_dir is None:
+        return engine.decoder
+    ref = resolve_reference(engine.config.decoder, bundle_dir)
+    return load_decoder(ref, device=engine.device, dtype=engine.dtype)[0]
+
+
 def run_eval(
     engine,
     config: EvalConfig,
@@ -924,6 +950,7 @@ def run_eval(
             config.max_prefix_tokens,
         )
     prefixes = [p for _, p in sources_prefixes]
+    base = released_decoder(engine)
     default_a2 = float(engine.config.sampler.renoise_alpha2)
     default_scale = float(engine.config.control_scale)
     if default_scale not in config.guidance_scales:  # the sweep always holds the default
@@ -955,8 +982,8 @@ def run_eval(
                 if progress is not None:
                     progress(name, done, total)
 
-            gens = generate_setting(engine, s, prefixes, config, tick)
-            metrics, cos = score_setting(engine, gens, prefixes, reference_lm)
+            gens = generate_setting(engine, s, prefixes, config, tick, base)
+            metrics, cos = score_setting(engine, gens, prefixes, reference_lm, base)
             runs[k] = (gens, metrics, cos)
             for r in range(len(gens.texts)):
                 sample = {
@@ -1441,7 +1468,7 @@ def render_markdown(report: dict) -> str:
         f"polarity (pattern lexicon) > {TEXTBLOB_THRESHOLD} positive, < −{TEXTBLOB_THRESHOLD} "
         "negative; alt-profanity-check p(offensive) and HateSonar p(hate speech or offensive "
         f"language), mean and share > {TOXIC_THRESHOLD}. PPL: perplexity of the continuation "
-        f"given the prefix under SmolLM2 (the base decoder) and under {ref['name']} (the texts "
+        f"given the prefix under SmolLM2 as released (the bundle's adapters are not merged into this judge, nor into the decoder that plain decoding and FUDGE run on) and under {ref['name']} (the texts "
         "re-tokenised with its tokenizer). Dist-n: distinct n-grams over all continuations of a "
         "row. n: continuations per row. Rates are followed by their 95% Wilson interval [lo, hi]; "
         "means by ± the half-width of their 95% interval (1.96·se). Guidance: s is the DGLM "

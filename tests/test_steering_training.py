@@ -254,6 +254,13 @@ def test_bundle_with_adapters_loads_merged_and_saves_back(tmp_path, tiny_llama_d
     engine = Engine.from_pretrained(tmp_path / "b2")
     out = engine.generate(["Hello"], GenerationParams(seed=0, max_new_tokens=3))
     assert out[0].samples[0].token_ids
+    # evaluation judges with, and decodes plainly on, the decoder as released
+    from dglm.engine.evaluation import released_decoder
+
+    base = released_decoder(engine)
+    torch.testing.assert_close(base(x, pos), load_decoder(str(tiny_llama_dir))[0](x, pos))
+    plain = Engine.from_pretrained(tmp_path / "b")  # no adapters: its own decoder is the release
+    assert released_decoder(plain) is plain.decoder
     engine.save_pretrained(tmp_path / "b3")
     again = Engine.from_pretrained(tmp_path / "b3")
     torch.testing.assert_close(again.decoder(x, pos), engine.decoder(x, pos))
