@@ -1622,7 +1622,7 @@ def cmd_eval(args) -> int:
         torch.set_num_threads(1)
     bundle_dir = bundle_io.resolve_bundle_dir(args.bundle)
     out = args.out or Path("benchmarks/results") / torch.device(args.device).type / (
-        f"eval_{bundle_dir.name}"
+        f"eval_{bundle_dir.name}" + ("_quick" if args.quick else "")
     )
     engine = Engine.from_pretrained(bundle_dir, device=args.device, dtype=args.dtype)
     bar = tqdm(total=None, desc="eval", unit="batch", dynamic_ncols=True, disable=None)
