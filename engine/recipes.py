@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -251,6 +252,16 @@ def assemble_bundle(
     return config
 
 
+def bundle_destination(src: Path, out: str | Path | None) -> Path:
+    """Where a bundle update writes: `src` itself (out None or src), or a fresh copy at `out`."""
+    dst = Path(out) if out is not None else src
+    if dst.resolve() != src.resolve():
+        if dst.exists():
+            raise ValueError(f"{dst} exists; pick a new --out directory")
+        shutil.copytree(src, dst)
+    return dst
+
+
 def add_student(
     bundle: str | Path,
     distill_run: str | Path,
@@ -259,7 +270,6 @@ def add_student(
 ) -> BundleConfig:
     """Put the EMA student of a `dglm train distill` run into a bundle (in place, or a copy at
     `out`); with `default_steps`, the student's multistep sampler becomes the bundle's default."""
-    import shutil
     from dataclasses import replace
 
     from dglm.engine.networks import ScoreNetwork
@@ -284,11 +294,7 @@ def add_student(
             "distil with a --cfg-range that covers it, or keep the teacher's default sampler"
         )
     config = replace(config, student=student.config, student_cfg_range=(lo, hi), sampler=sampler)
-    dst = Path(out) if out is not None else src
-    if dst.resolve() != src.resolve():
-        if dst.exists():
-            raise ValueError(f"{dst} exists; pick a new --out directory")
-        shutil.copytree(src, dst)
+    dst = bundle_destination(src, out)
     bundle_io.save_state(student, dst / bundle_io.STUDENT_FILE)
     bundle_io.write_config(config, dst)
     return config
@@ -384,7 +390,6 @@ def add_steering(
 ) -> BundleConfig:
     """Put the prompt generator and decoder adapters of a `dglm train steering` run (its joint
     stage's last checkpoint, live weights) into a bundle, in place or as a copy at `out`."""
-    import shutil
     from dataclasses import replace
 
     src = bundle_io.resolve_bundle_dir(bundle)
@@ -404,11 +409,7 @@ def add_steering(
     pg.load_state_dict(pg_state)
     lora = None if meta["lora"] is None else LoraConfig(**meta["lora"])
     config = replace(config, decoder_lora=lora)
-    dst = Path(out) if out is not None else src
-    if dst.resolve() != src.resolve():
-        if dst.exists():
-            raise ValueError(f"{dst} exists; pick a new --out directory")
-        shutil.copytree(src, dst)
+    dst = bundle_destination(src, out)
     bundle_io.save_state(pg, dst / bundle_io.PROMPT_GEN_FILE)
     if lora is None:
         (dst / bundle_io.LORA_FILE).unlink(missing_ok=True)
