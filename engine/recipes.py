@@ -22,6 +22,7 @@ from dglm.engine import bundle as bundle_io
 from dglm.engine import data as data_mod
 from dglm.engine.bundle import BundleConfig
 from dglm.engine.decoders import load_decoder
+from dglm.engine.decoding import DecodeParams, generate
 from dglm.engine.encoder import SentenceEncoder
 from dglm.engine.lora import LoraConfig
 from dglm.engine.networks import PromptGenerator, PromptGeneratorConfig, ScoreNetConfig
@@ -436,8 +437,6 @@ def sample_decoder_continuations(
     the decoder (nucleus sampling) and append {"prefix", "continuation", "source"} rows to `out`
     (default: the `decoder_samples` source's file). Resumable: rows already in the file are kept
     and their prefixes skipped (the document order is deterministic). `progress(done, n)`."""
-    from dglm.engine.decoding import DecodeParams, generate
-
     out = Path(out) if out is not None else data_mod.data_cache() / data_mod.DECODER_SAMPLES_FILE
     out.parent.mkdir(parents=True, exist_ok=True)
     done = sum(1 for line in open(out, encoding="utf-8") if line.strip()) if out.exists() else 0
