@@ -65,7 +65,8 @@ class SuiteConfig:
     limits: tuple[tuple[str, int, int], ...] = ()
     temperature: float = 1.0  # sampling, the same for every method
     top_p: float = 0.95
-    control_scale: float = 20.0  # guidance scale of each engine / reference-style control
+    # guidance scale of each engine / reference-style control; None: the bundle's control_scale
+    control_scale: float | None = None
     reference_steps: int = 250  # reference-style DGLM: DDPM steps with `exact` guidance
     fudge_top_k: int = 50  # FUDGE candidates scored per step
     fudge_strength: float = 1.0  # FUDGE λ on log p(target | text)

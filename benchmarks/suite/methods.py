@@ -338,7 +338,8 @@ def build_methods(
             f"the bundle needs a {probe!r} probe with a {label!r} label for the suite's controls; "
             f"it has {sorted(probes)}"
         )
-    one = (Control(probe, label, config.control_scale),)
+    scale = engine.config.control_scale if config.control_scale is None else config.control_scale
+    one = (Control(probe, label, scale),)
     T, p = config.temperature, config.top_p
     notes = []
     made: dict[str, Method] = {}
@@ -353,7 +354,7 @@ def build_methods(
             if "toxicity" not in probes:
                 notes.append("engine_2probes left out: the bundle has no 'toxicity' probe")
                 continue
-            low = Control("toxicity", low_toxicity_target(probes["toxicity"]), config.control_scale)
+            low = Control("toxicity", low_toxicity_target(probes["toxicity"]), scale)
             made[name] = engine_method(name, engine, (*one, low), T, p)
         elif name == "reference_dglm":
             made[name] = reference_method(

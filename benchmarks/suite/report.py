@@ -185,7 +185,9 @@ def render_markdown(report: dict, plots: list[str]) -> str:
         f"Same prompts, seeds and decoder ({env['decoder']}) for every method; nucleus sampling "
         f"(T = {cfg['temperature']:g}, top-p {cfg['top_p']:g}), L new tokens per row (Hugging Face "
         "paths via min_new_tokens, the engine and FUDGE via ignore_eos: exactly L, see tokens/row). "
-        f"Controls at scale {cfg['control_scale']:g}. Latency = one whole call (all B rows), "
+        "Controls at scale "
+        + (f"{cfg['control_scale']:g}" if cfg["control_scale"] is not None else "the bundle's")
+        + ". Latency = one whole call (all B rows), "
         "percentiles over the timed repeats after a warm-up; tok/s = generated tokens / latency "
         "(median over repeats). Stages: medians in ms (pg = prompt generator; FUDGE's decode "
         "includes its prefill, rerank = candidate text + encoder + probe). Δ mem = peak memory "

@@ -257,7 +257,7 @@ def run(
     probes = engine.probes.probes
     low = low_toxicity_target(probes["toxicity"]) if "toxicity" in probes else None
     judge = Judge(reference_engine.decoder, engine.encoder, probes, low)
-    base_rate = (Control(*SENTIMENT_TARGET, config.control_scale),)
+    base_rate = (Control(*SENTIMENT_TARGET, config.control_scale or engine.config.control_scale),)
     rows, samples = run_suite(config, methods, judge, device, base_rate, progress)
     env = environment(engine, device, load_start)
     for r in rows:
