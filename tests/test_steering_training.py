@@ -284,3 +284,39 @@ def test_joint_training_with_the_chamfer_term(tmp_path, decoder):
         losses.append(json.loads((out / "log.jsonl").read_text().splitlines()[-1])["loss"])
     # same initial weights and batch: the logged losses differ by the weighted chamfer term
     assert abs(losses[1] - losses[0]) > 1e-3, losses
+
+
+def test_train_steering_run_from_a_bundle_and_data_dir(tmp_path, tiny_bundle):
+    from dglm.engine import data as data_mod
+    from dglm.engine.recipes import LATENTS, PAIRS, add_steering, train_steering_run
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(5)
+    for split, n in (("train", 24), ("eval", 8)):
+        pairs = [
+            data_mod.Pair(f"prefix {split} {i} abc", f" continuation {i} xyz", "t")
+            for i in range(n)
+        ]
+        data_mod.write_jsonl(tmp_path / PAIRS.format(split=split), pairs)
+        lat = {
+            "prefix": torch.randn(n, 384, generator=g),
+            "continuation": torch.randn(n, 384, generator=g),
+        }
+        save_file(
+            {k: v.half() for k, v in lat.items()}, str(tmp_path / LATENTS.format(split=split))
+        )
+    small = TrainConfig(steps=2, batch_size=8, warmup=1, eval_every=2, save_every=2)
+    steer = SteerConfig(shuffle_rows=4, autocast_bf16=False, skip_frequent=0)
+    logs = train_steering_run(
+        tmp_path, tiny_bundle, tmp_path / "run", small, small, LoraConfig(rank=2), steer
+    )
+    # the last logged diagnostic of the joint stage, with its step
+    assert logs["step"] == 2 and logs["eval_gap"] == logs["eval_shuffled"] - logs["eval_matched"]
+    assert (tmp_path / "run" / "chamfer" / "checkpoint.pt").is_file()
+    config = add_steering(tiny_bundle, tmp_path / "run", out=tmp_path / "bundle")
+    assert config.decoder_lora == LoraConfig(rank=2)
+    # the bundle now has adapters: accumulating runs must keep their settings
+    with pytest.raises(ValueError, match="same LoRA settings"):
+        train_steering_run(
+            tmp_path, tmp_path / "bundle", tmp_path / "run2", None, small, LoraConfig(rank=4), steer
+        )
