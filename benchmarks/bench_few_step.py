@@ -13,7 +13,7 @@ Per sampler:
     seed; the encoder's view of the decoded text: cosine of enc(text) to enc(teacher-250 text) and
     to the sampler's own latent ("fidelity"). A teacher-250 run with other seeds gives the scale:
     how close two independent teacher samples for the same prefix are.
-  control success through the evaluation harness (dglm.engine.evaluation): sentiment=positive,
+  control success through the evaluation harness (dglm.engine.evaluation.evaluate): sentiment=positive,
     sentiment=negative (VADER rates) and toxicity=low (1 − toxic fraction), guidance scale --scale,
     plus the probes' own view and the decoder perplexity of the continuations.
   time per proposal: the diffusion stage alone (Engine._sample_group) with one probe control, batch
@@ -50,7 +50,7 @@ OTHER_SEED = 7_777_777  # seed offset of the teacher-250 resample
 
 
 def _settings(engine, scale: float, a2: float):
-    from dglm.engine.evaluation import Setting, low_toxicity_target
+    from dglm.engine.evaluation.evaluate import Setting, low_toxicity_target
     from dglm.engine.probes import Control
 
     out = [Setting("unguided", "dglm", "unguided", renoise_alpha2=a2)]
@@ -78,7 +78,7 @@ def _probe_success(setting, m: dict) -> float | None:
 
 def _latent_probe_success(engine, setting, latents: torch.Tensor) -> float | None:
     """The probe's probability of the target on the proposals themselves (before decoding)."""
-    from dglm.engine.evaluation import probe_probability
+    from dglm.engine.evaluation.evaluate import probe_probability
 
     if setting.probe is None or latents is None:
         return None
@@ -88,7 +88,7 @@ def _latent_probe_success(engine, setting, latents: torch.Tensor) -> float | Non
 
 def time_proposals(engine, cfg, batch: int, repeats: int) -> float:
     """Median seconds of the diffusion stage for `batch` rows with one sentiment control."""
-    from dglm.engine.engine import GenerationParams
+    from dglm.engine.api import GenerationParams
     from dglm.engine.probes import Control
 
     controls = ()
@@ -110,7 +110,7 @@ def time_proposals(engine, cfg, batch: int, repeats: int) -> float:
 
 def run(args) -> dict:
     from dglm.engine.engine import Engine
-    from dglm.engine.evaluation import (
+    from dglm.engine.evaluation.evaluate import (
         EvalConfig,
         _target_rate,
         environment,

@@ -176,8 +176,8 @@ def bench_guided_update(device, timer, gen, rows: list) -> None:
 
 
 def _sampler_setup(device, dtype, b, gen):
-    from dglm.engine.networks import SCORE_NET_PRESETS, ScoreNetwork
-    from dglm.engine.sampling import Guidance, SamplerConfig
+    from dglm.engine.diffusion.sampler import Guidance, SamplerConfig
+    from dglm.engine.diffusion.score_network import SCORE_NET_PRESETS, ScoreNetwork
 
     torch.manual_seed(0)
     net = ScoreNetwork(SCORE_NET_PRESETS["small"]).to(device, dtype).eval()
@@ -211,7 +211,7 @@ def _one_eager_step(net, noise, context, cfg_scale, guidance, update_fn, coefs, 
 
 def bench_sampler_step(device, timer, gen, rows: list, dtypes) -> None:
     from dglm.engine import layers
-    from dglm.engine.graphs import CapturedSampler, sampler_coefficients
+    from dglm.engine.diffusion.captured import CapturedSampler, sampler_coefficients
     from dglm.kernels.guided_update import select_guided_update
 
     for dtype in dtypes:

@@ -47,7 +47,7 @@ PROMPTS = [
 
 
 def _cache() -> Path:
-    from dglm.engine.decoders.loading import cache_root
+    from dglm.engine.models.loading import cache_root
 
     return cache_root() / "bench_onnx"
 
@@ -69,13 +69,13 @@ def ensure_bundle(path: Path | None) -> Path:
         return path
     out = _cache() / "bundle"
     if not (out / "config.json").is_file():
-        from dglm.engine.builder import (
+        from dglm.engine.encode.encoder import SentenceEncoder
+        from dglm.engine.training.builder import (
             SEED_SENTIMENT,
             create_bundle,
             probe_from_texts,
             read_labelled_jsonl,
         )
-        from dglm.engine.encoder import SentenceEncoder
 
         texts, labels = read_labelled_jsonl(SEED_SENTIMENT)
         probe = probe_from_texts(
@@ -146,9 +146,10 @@ def main(argv: list[str] | None = None) -> int:
 
     import onnx
     import onnxruntime
-    from dglm.engine.decoding import DecodeParams
-    from dglm.engine.decoding import generate as torch_generate
-    from dglm.engine.engine import Engine, GenerationParams
+    from dglm.engine.api import GenerationParams
+    from dglm.engine.decoding.loop import DecodeParams
+    from dglm.engine.decoding.loop import generate as torch_generate
+    from dglm.engine.engine import Engine
     from dglm.engine.probes import Control
     from dglm.export.runtime import OnnxEngine, RuntimeOptions
 

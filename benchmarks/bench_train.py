@@ -16,7 +16,7 @@ PromptGenerator (compact preset) from a noised latent:
   `steer_lm_loss` (the prefix once, without gradients, into a KV cache; the LM head only where a
   continuation token is predicted), AdamW on the prompt generator and the adapters, gradient
   clipping. Three layouts: 1 process × 1 thread, 1 × all threads, N processes × 1 thread (data
-  parallel, dglm.engine.parallel: gloo on localhost, gradients averaged before the optimizer
+  parallel, dglm.engine.training.parallel: gloo on localhost, gradients averaged before the optimizer
   step, each process its own rows; samples/s = every process's rows / wall time).
 Target: the fastest whole-machine layout of ours ≥ 3× the baseline (training-default shape
 16 + 8 + 24; the full run also reports 32 + 8 + 32).
@@ -52,22 +52,17 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from dglm.engine import parallel
-from dglm.engine.distill import DistillConfig, distill_loss, student_from_teacher
-from dglm.engine.lora import LoraConfig, add_lora
-from dglm.engine.networks import (
-    PROMPT_GENERATOR_PRESETS,
-    SCORE_NET_PRESETS,
-    PromptGenerator,
-    ScoreNetwork,
-)
-from dglm.engine.training import (
-    GAMMA_MAX,
-    GAMMA_MIN,
+from dglm.engine.diffusion.score_network import SCORE_NET_PRESETS, ScoreNetwork
+from dglm.engine.models.lora import LoraConfig, add_lora
+from dglm.engine.prompt.generator import PROMPT_GENERATOR_PRESETS, PromptGenerator
+from dglm.engine.training import parallel
+from dglm.engine.training.diffusion import diffusion_loss
+from dglm.engine.training.distill import DistillConfig, distill_loss, student_from_teacher
+from dglm.engine.training.loop import GAMMA_MAX, GAMMA_MIN
+from dglm.engine.training.steering import (
     SteerModules,
     bf16_is_fast,
     build_steer_batch,
-    diffusion_loss,
     steer_lm_loss,
 )
 from torch import nn
@@ -179,7 +174,7 @@ def _prompt_generator(job: Job, hidden: int, device: torch.device) -> PromptGene
 
 def pg_step_hf(job: Job) -> Callable[[], None]:
     """The naive step: HF's causal LM over the whole row, its own loss, fp32."""
-    from dglm.engine.decoders.loading import smollm2_dir
+    from dglm.engine.models.loading import smollm2_dir
     from transformers import AutoModelForCausalLM
 
     device = torch.device(job.device)
@@ -203,7 +198,7 @@ def pg_step_hf(job: Job) -> Callable[[], None]:
 
 def pg_step_ours(job: Job) -> Callable[[], None]:
     """The trainer's step: cached prefix, adapters, LM head at continuation positions only."""
-    from dglm.engine.decoders import load_decoder
+    from dglm.engine.models import load_decoder
 
     device = torch.device(job.device)
     dtype = getattr(torch, job.dtype)

@@ -20,10 +20,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from dglm.engine.decoders import load_decoder
-from dglm.engine.lora import LoraConfig, merge_lora
-from dglm.engine.networks import PromptGeneratorConfig, ScoreNetConfig
-from dglm.engine.sampling import SamplerConfig
+from dglm.engine.diffusion.sampler import SamplerConfig
+from dglm.engine.diffusion.score_network import ScoreNetConfig
+from dglm.engine.models import load_decoder
+from dglm.engine.models.lora import LoraConfig, merge_lora
+from dglm.engine.prompt.generator import PromptGeneratorConfig
 from safetensors.torch import load_file, save_file
 
 logger = logging.getLogger(__name__)

@@ -7,20 +7,20 @@ outs = engine.generate(["The movie was"], GenerationParams(controls=(Control("se
 from __future__ import annotations
 
 import logging
-import math
 import random
 import time
-from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 from dglm.engine import bundle as bundle_io
+from dglm.engine.api import GenerationParams, RequestOutput, Sample
 from dglm.engine.bundle import BundleConfig
-from dglm.engine.encoder import SentenceEncoder
-from dglm.engine.networks import PromptGenerator, ScoreNetwork
-from dglm.engine.probes import Control, Probe, ProbeSet, load_probes, save_probes
-from dglm.engine.sampling import Guidance, SamplerConfig, draw_noise, sample
-from dglm.engine.schedule import MULTISTEP_SAMPLERS
+from dglm.engine.diffusion.sampler import Guidance, SamplerConfig, draw_noise, sample
+from dglm.engine.diffusion.schedule import MULTISTEP_SAMPLERS
+from dglm.engine.diffusion.score_network import ScoreNetwork
+from dglm.engine.encode.encoder import SentenceEncoder
+from dglm.engine.probes import Probe, ProbeSet, load_probes, save_probes
+from dglm.engine.prompt.generator import PromptGenerator
 from dglm.kernels.guided_update import select_guided_update
 from safetensors.torch import load_file
 
@@ -29,90 +29,6 @@ logger = logging.getLogger(__name__)
 STAGES = ("encode", "diffusion", "prompt_generator", "prefill", "decode")
 FAST_DECODE_MAX_LEN = 256  # KV slots of the persistent decode runner (prefix + soft + new tokens)
 FAST_DECODE_BATCHES = (1, 2, 4, 8, 16, 32)  # its batch buckets (rows beyond: no runner)
-
-
-@dataclass(frozen=True)
-class GenerationParams:
-    controls: tuple[Control, ...] = ()  # probe guidance, composed by summed loss
-    num_samples: int = 1  # continuations per prompt
-    seed: int | None = None  # None: fresh randomness
-    max_new_tokens: int = 32
-    temperature: float = 1.0  # 0 = greedy
-    top_p: float = 0.95
-    top_k: int = 0  # 0 = off
-    stop: tuple[str, ...] = ()  # stop strings (cut from the text)
-    ignore_eos: bool = False  # never end at EOS: exactly max_new_tokens (benchmarks)
-    cfg_scale: float | None = None  # classifier-free guidance weight; None: the bundle's
-    num_inference_steps: int | None = None  # None: the bundle's sampler setting
-    sampler: str | None = None  # "ddpm" | "ddim" | "dpmpp-2m" | "consistency"; None: the bundle's
-    guidance_mode: str | None = None  # "fast" | "exact"; None: the bundle's
-    renoise_alpha2: float | None = None  # None: the bundle's (0.95 in the reference)
-
-    def __post_init__(self) -> None:
-        if isinstance(self.controls, Control):
-            object.__setattr__(self, "controls", (self.controls,))
-        object.__setattr__(self, "controls", tuple(self.controls))
-        object.__setattr__(self, "stop", tuple(self.stop))
-        for c in self.controls:
-            if not isinstance(c, Control):
-                raise ValueError(f"controls must be Control objects, got {c!r}")
-            if c.scale is not None and not math.isfinite(c.scale):
-                raise ValueError(
-                    f"controls: scale for probe {c.probe!r} must be finite, got {c.scale!r}"
-                )
-        _int_in("num_samples", self.num_samples, 1, 1024)
-        _int_in("max_new_tokens", self.max_new_tokens, 1, 1 << 20)
-        if self.seed is not None:
-            _int_in("seed", self.seed, 0, 2**62)
-        _finite_in("temperature", self.temperature, 0.0, 100.0)
-        _finite_in("top_p", self.top_p, 1e-6, 1.0)
-        _int_in("top_k", self.top_k, 0, 1 << 30)
-        if any(not isinstance(s, str) or not s for s in self.stop):
-            raise ValueError(f"stop strings must be non-empty strings, got {self.stop!r}")
-        if self.cfg_scale is not None:
-            _finite_in("cfg_scale", self.cfg_scale, -100.0, 100.0)
-
-    def sampler_config(self, base: SamplerConfig) -> SamplerConfig:
-        overrides = {
-            k: getattr(self, k)
-            for k in ("num_inference_steps", "sampler", "guidance_mode", "renoise_alpha2")
-            if getattr(self, k) is not None
-        }
-        return replace(base, **overrides) if overrides else base
-
-
-def _int_in(name: str, value: object, lo: int, hi: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        raise ValueError(f"{name} must be an integer in [{lo}, {hi}], got {value!r}")
-
-
-def _finite_in(name: str, value: object, lo: float, hi: float) -> None:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not math.isfinite(value)
-        or not lo <= value <= hi
-    ):
-        raise ValueError(f"{name} must be a finite number in [{lo}, {hi}], got {value!r}")
-
-
-@dataclass
-class Sample:
-    text: str
-    token_ids: list[int]
-    finish_reason: str  # "stop" | "length"
-    latent: torch.Tensor  # (d,) the sampled continuation latent x̂0 (before re-noising), fp32 CPU
-
-
-@dataclass
-class RequestOutput:
-    prompt: str
-    samples: list[Sample]
-    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage, for the batch
-
-    @property
-    def text(self) -> str:
-        return self.samples[0].text
 
 
 class Engine:
@@ -251,7 +167,7 @@ class Engine:
         """A persistent DecodeRunner: CUDA graphs per (batch, KV) bucket on CUDA; on CPU the
         decoder's weights go input-major and each bucket's step is a TorchScript trace (made at
         its first use, ~3 s each for SmolLM2; 1.5-1.6x Hugging Face `generate` at batch 1)."""
-        from dglm.engine.decoders.graphs import DecodeRunner, DecodeRunnerConfig
+        from dglm.engine.decoding.runner import DecodeRunner, DecodeRunnerConfig
 
         max_len = min(FAST_DECODE_MAX_LEN, self.decoder.max_context)
         seq = tuple(s for s in (64, 128, 256, 512, 1024) if s < max_len) + (max_len,)
@@ -268,7 +184,7 @@ class Engine:
         """On CUDA the `fast` sampler step replays from CUDA graphs (one per batch bucket)."""
         if not (self.cuda_graphs and self.device.type == "cuda"):
             return
-        from dglm.engine.graphs import CapturedSampler
+        from dglm.engine.diffusion.captured import CapturedSampler
 
         k = self.probes.num_rows  # the static guidance buffers are sized by the probe rows
         self.captured = CapturedSampler(self.score_net, k, guided_update=self.guided_update)
@@ -333,7 +249,7 @@ class Engine:
         params: GenerationParams | list[GenerationParams] | None = None,
     ) -> list[RequestOutput]:
         """One output per prompt, in input order; each holds `num_samples` samples."""
-        from dglm.engine.decoding import DecodeParams
+        from dglm.engine.decoding.loop import DecodeParams
 
         if params is None:
             params = GenerationParams()
@@ -410,7 +326,7 @@ class Engine:
 
     def _decode(self, prefix_ids: list[list[int]], params: list, soft_prompt: torch.Tensor):
         """The decoding stage: (results, {"prefill_s", "decode_s", ...}); backends override it."""
-        from dglm.engine.decoding import generate as decode
+        from dglm.engine.decoding.loop import generate as decode
 
         runner = self.decode_runner
         if runner is not None:  # batches or lengths past its buffers decode without it

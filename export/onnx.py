@@ -19,7 +19,7 @@ PyTorch on real inputs before the manifest is written.
 The sentence encoder is not exported: it runs in PyTorch (sentence-transformers) in both backends,
 named by the manifest. Graphs are traced with torch.onnx's TorchScript exporter at a pinned opset
 (the dynamo exporter takes ~15 s per graph on the CPU machines here against < 1 s). Graph
-modules: `dglm.export.graphs`; the runtime: `dglm.export.runtime`.
+modules: `dglm.export.modules`; the runtime: `dglm.export.runtime`.
 """
 
 from __future__ import annotations
@@ -38,9 +38,10 @@ from pathlib import Path
 
 import torch
 from dglm.engine import bundle as bundle_io
-from dglm.engine.networks import PromptGenerator, ScoreNetwork
+from dglm.engine.diffusion.score_network import ScoreNetwork
 from dglm.engine.probes import ProbeSet, load_probes
-from dglm.export.graphs import (
+from dglm.engine.prompt.generator import PromptGenerator
+from dglm.export.modules import (
     DecodeGraph,
     PrefillGraph,
     ProbesGraph,
@@ -314,7 +315,7 @@ def export_onnx(
     Raises ExportValidationError (and writes no manifest) when ONNX Runtime disagrees.
     """
     import onnx
-    from dglm.engine.decoders.llama import LlamaDecoder
+    from dglm.engine.models.llama import LlamaDecoder
 
     config = config or ExportConfig()
     t_start = time.perf_counter()
@@ -487,7 +488,7 @@ def export_onnx(
     }
     if config.validate:
         if encoder is None:
-            from dglm.engine.encoder import SentenceEncoder
+            from dglm.engine.encode.encoder import SentenceEncoder
 
             encoder = SentenceEncoder(encoder_ref)
         manifest["validation"] = validate_export(
@@ -553,8 +554,8 @@ def validate_export(
     generator. Every output must satisfy max|Δ| ≤ rtol·max|ref|; greedy tokens must be identical
     (fp16: a step where the fp32 reference's top-2 logits are within the tolerance may differ).
     Raises ExportValidationError listing every failure."""
-    from dglm.engine.decoding import DecodeParams, _eos_ids, _pad_id
-    from dglm.engine.decoding import generate as torch_generate
+    from dglm.engine.decoding.loop import DecodeParams, _eos_ids, _pad_id
+    from dglm.engine.decoding.loop import generate as torch_generate
 
     rtol, t0 = config.tolerance, time.perf_counter()
     dt = DTYPES[config.dtype]

@@ -29,8 +29,9 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
+from dglm.engine.api import GenerationParams
 from dglm.engine.bundle import BundleConfig
-from dglm.engine.decoding import (
+from dglm.engine.decoding.loop import (
     STOP_CHECK_EVERY,
     DecodeParams,
     DecodeResult,
@@ -40,7 +41,7 @@ from dglm.engine.decoding import (
     _results,
     sample_tokens,
 )
-from dglm.engine.engine import Engine, GenerationParams
+from dglm.engine.engine import Engine
 from dglm.engine.probes import ProbeSet, load_probes
 from dglm.kernels.guided_update import select_guided_update
 
@@ -441,7 +442,7 @@ class OrtDecoder:
 
     Quacks like the torch decoders where the engine looks (hidden_size, vocab_size, max_context =
     the buffer's S slots, eos_token_ids, config.pad_token_id, device, dtype); `generate` has the
-    contract of `dglm.engine.decoding.generate`.
+    contract of `dglm.engine.decoding.loop.generate`.
     """
 
     def __init__(
@@ -553,7 +554,7 @@ class OrtDecoder:
         params: list[DecodeParams],
         soft_prompt: torch.Tensor,
     ) -> tuple[list[DecodeResult], dict[str, float]]:
-        """`dglm.engine.decoding.generate` on the exported graphs (same sampling, same results);
+        """`dglm.engine.decoding.loop.generate` on the exported graphs (same sampling, same results);
         batches above the largest bucket run in chunks of it."""
         n = len(prefix_ids)
         if n == 0:
@@ -744,7 +745,7 @@ class OnnxEngine(Engine):
         guided_update: str = "auto",
         options: RuntimeOptions | None = None,
     ) -> OnnxEngine:
-        from dglm.engine.encoder import SentenceEncoder
+        from dglm.engine.encode.encoder import SentenceEncoder
         from transformers import AutoTokenizer
 
         root = Path(outdir)

@@ -11,7 +11,7 @@ Math, per row b (D = latent width, K = probes, all in fp32):
     x̂0  ← x̂0 − σ_b² · g                                   ε̂ ← ε̂ + σ_b·∇_z L with ∇_z L ≈ α_b·g
     x̂0  ← x̂0 · √D / ‖x̂0‖                                 (if rescale)
     z'   = c0_b · x̂0 + cz_b · z + n_b · ξ                 DDPM / DDIM update (coefficients from
-                                                          `dglm.engine.schedule.step_coefficients`)
+                                                          `dglm.engine.diffusion.schedule.step_coefficients`)
 
 `coefs` is a (B, 5) fp32 tensor [α_t, σ_t, c0, cz, n] so that rows may sit at different times and
 the step can be replayed from a CUDA graph without baking Python floats into it.

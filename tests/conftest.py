@@ -89,14 +89,14 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def minilm():
-    from dglm.engine.encoder import SentenceEncoder
+    from dglm.engine.encode.encoder import SentenceEncoder
 
     return SentenceEncoder("all-MiniLM-L6-v2")
 
 
 @pytest.fixture(scope="session")
 def sentiment_probe(minilm):
-    from dglm.engine.builder import SEED_SENTIMENT, probe_from_texts, read_labelled_jsonl
+    from dglm.engine.training.builder import SEED_SENTIMENT, probe_from_texts, read_labelled_jsonl
 
     texts, labels = read_labelled_jsonl(SEED_SENTIMENT)
     return probe_from_texts("sentiment", minilm, texts, labels, ("negative", "positive"))
@@ -107,14 +107,10 @@ def tiny_bundle(tmp_path_factory, tiny_llama_dir, minilm, sentiment_probe) -> Pa
     """Real MiniLM encoder + tiny random Llama decoder + tiny random networks + a real probe."""
     from dglm.engine import bundle as bundle_io
     from dglm.engine.bundle import BundleConfig
-    from dglm.engine.networks import (
-        PromptGenerator,
-        PromptGeneratorConfig,
-        ScoreNetConfig,
-        ScoreNetwork,
-    )
+    from dglm.engine.diffusion.sampler import SamplerConfig
+    from dglm.engine.diffusion.score_network import ScoreNetConfig, ScoreNetwork
     from dglm.engine.probes import save_probes
-    from dglm.engine.sampling import SamplerConfig
+    from dglm.engine.prompt.generator import PromptGenerator, PromptGeneratorConfig
 
     out = tmp_path_factory.mktemp("bundle")
     sn = ScoreNetConfig(latent_dim=384, dim=64, depth=2, head_dim=32, num_tokens=8)

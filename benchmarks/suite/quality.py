@@ -19,7 +19,7 @@ import logging
 from dataclasses import dataclass
 
 import torch
-from dglm.engine import evaluation
+from dglm.engine.evaluation import evaluate as evaluation
 from dglm.engine.probes import Control
 
 logger = logging.getLogger(__name__)

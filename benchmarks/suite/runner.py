@@ -245,7 +245,7 @@ def run(
     notes: tuple[str, ...] = (),
 ) -> tuple[dict, list[dict]]:
     """Build the methods, run the suite, check the targets → (report, samples)."""
-    from dglm.engine.evaluation import low_toxicity_target
+    from dglm.engine.evaluation.evaluate import low_toxicity_target
     from dglm.engine.probes import Control
 
     from benchmarks.suite.config import SENTIMENT_TARGET

@@ -1,0 +1,94 @@
+"""The request and response types of every method: GenerationParams in, RequestOutput out."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+import torch
+from dglm.engine.diffusion.sampler import SamplerConfig
+from dglm.engine.probes import Control
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    controls: tuple[Control, ...] = ()  # probe guidance, composed by summed loss
+    num_samples: int = 1  # continuations per prompt
+    seed: int | None = None  # None: fresh randomness
+    max_new_tokens: int = 32
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 0.95
+    top_k: int = 0  # 0 = off
+    stop: tuple[str, ...] = ()  # stop strings (cut from the text)
+    ignore_eos: bool = False  # never end at EOS: exactly max_new_tokens (benchmarks)
+    cfg_scale: float | None = None  # classifier-free guidance weight; None: the bundle's
+    num_inference_steps: int | None = None  # None: the bundle's sampler setting
+    sampler: str | None = None  # "ddpm" | "ddim" | "dpmpp-2m" | "consistency"; None: the bundle's
+    guidance_mode: str | None = None  # "fast" | "exact"; None: the bundle's
+    renoise_alpha2: float | None = None  # None: the bundle's (0.95 in the reference)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.controls, Control):
+            object.__setattr__(self, "controls", (self.controls,))
+        object.__setattr__(self, "controls", tuple(self.controls))
+        object.__setattr__(self, "stop", tuple(self.stop))
+        for c in self.controls:
+            if not isinstance(c, Control):
+                raise ValueError(f"controls must be Control objects, got {c!r}")
+            if c.scale is not None and not math.isfinite(c.scale):
+                raise ValueError(
+                    f"controls: scale for probe {c.probe!r} must be finite, got {c.scale!r}"
+                )
+        int_in("num_samples", self.num_samples, 1, 1024)
+        int_in("max_new_tokens", self.max_new_tokens, 1, 1 << 20)
+        if self.seed is not None:
+            int_in("seed", self.seed, 0, 2**62)
+        finite_in("temperature", self.temperature, 0.0, 100.0)
+        finite_in("top_p", self.top_p, 1e-6, 1.0)
+        int_in("top_k", self.top_k, 0, 1 << 30)
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise ValueError(f"stop strings must be non-empty strings, got {self.stop!r}")
+        if self.cfg_scale is not None:
+            finite_in("cfg_scale", self.cfg_scale, -100.0, 100.0)
+
+    def sampler_config(self, base: SamplerConfig) -> SamplerConfig:
+        overrides = {
+            k: getattr(self, k)
+            for k in ("num_inference_steps", "sampler", "guidance_mode", "renoise_alpha2")
+            if getattr(self, k) is not None
+        }
+        return replace(base, **overrides) if overrides else base
+
+
+def int_in(name: str, value: object, lo: int, hi: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise ValueError(f"{name} must be an integer in [{lo}, {hi}], got {value!r}")
+
+
+def finite_in(name: str, value: object, lo: float, hi: float) -> None:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or not lo <= value <= hi
+    ):
+        raise ValueError(f"{name} must be a finite number in [{lo}, {hi}], got {value!r}")
+
+
+@dataclass
+class Sample:
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop" | "length"
+    latent: torch.Tensor  # (d,) the sampled continuation latent x̂0 (before re-noising), fp32 CPU
+
+
+@dataclass
+class RequestOutput:
+    prompt: str
+    samples: list[Sample]
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage, for the batch
+
+    @property
+    def text(self) -> str:
+        return self.samples[0].text

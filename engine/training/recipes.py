@@ -1,0 +1,473 @@
+"""The steps that build a bundle from offline data, as library functions the CLI wraps.
+
+dglm data pairs    --out D            text → prefix/continuation pairs (train / eval by hash)
+dglm data embed    D                  pairs → encoder latents (safetensors)
+dglm train diffusion D --out R1       score network (resumable)
+dglm train prompt-generator D --out R2
+dglm train probe sentiment|topic --out P.safetensors
+dglm bundle assemble OUT --diffusion R1 --prompt-generator R2 --probes P.safetensors ...
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from dglm.engine import bundle as bundle_io
+from dglm.engine.bundle import BundleConfig
+from dglm.engine.decoding.loop import DecodeParams, generate
+from dglm.engine.diffusion.sampler import SamplerConfig
+from dglm.engine.diffusion.score_network import ScoreNetConfig
+from dglm.engine.encode.encoder import SentenceEncoder
+from dglm.engine.models import load_decoder
+from dglm.engine.models.lora import LoraConfig
+from dglm.engine.probes import Probe, load_probes, save_probes
+from dglm.engine.prompt.generator import PromptGenerator, PromptGeneratorConfig
+from dglm.engine.training import data as data_mod
+from dglm.engine.training.loop import TrainConfig
+from dglm.engine.training.steering import (
+    SteerConfig,
+    pretrain_prompt_generator,
+    split_steering_state,
+    train_steering,
+)
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+logger = logging.getLogger(__name__)
+
+PAIRS = data_mod.PAIRS_FILE
+LATENTS = "latents_{split}.safetensors"
+
+
+def prepare_pairs(
+    out: str | Path,
+    sources: list[str],
+    decoder: str = "smollm2",
+    prefix_tokens: int = 32,
+    continuation_tokens: int = 32,
+    limit: int | None = None,
+    skip_missing: bool = False,
+    progress=None,
+    tokenizer=None,
+) -> dict:
+    """pairs_train.jsonl / pairs_eval.jsonl / pairs.json cut with `decoder`'s tokenizer (or the
+    given `tokenizer`), resumable per source: see `data.build_pairs`, which this wraps. Returns
+    what pairs.json holds ("counts": pairs per split, "per_source": documents and pairs per
+    source and split, "skipped": sources left out by skip_missing)."""
+    if tokenizer is None:
+        _, tokenizer = load_decoder(decoder)
+    return data_mod.build_pairs(
+        out,
+        sources,
+        tokenizer,
+        prefix_tokens,
+        continuation_tokens,
+        limit,
+        skip_missing,
+        settings={"decoder": decoder},
+        progress=progress,
+    )
+
+
+def _file_sha1(path: Path) -> str:
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _latents_current(path: Path, n: int, encoder: str, pairs_sha1: str) -> bool:
+    """Whether `path` holds the latents of these n pairs (same encoder and pair file)."""
+    if not path.exists():
+        return False
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            rows = f.get_slice("prefix").get_shape()[0]
+    except Exception:  # a truncated or foreign file: recompute
+        return False
+    return (
+        rows == n
+        and meta.get("encoder") == encoder
+        and meta.get("pairs_sha1", pairs_sha1) == pairs_sha1
+    )
+
+
+def embed_pairs(
+    data_dir: str | Path, encoder: str = "all-MiniLM-L6-v2", device: str = "cpu", progress=None
+) -> dict[str, int]:
+    """latents_<split>.safetensors with prefix (N, d) and continuation (N, d) latents (fp16).
+
+    A split whose latents file already holds as many rows as its pair file, from the same
+    encoder (and, when recorded, the same pair file: metadata "pairs_sha1") is skipped, so an
+    interrupted run resumes at the split it was in. `progress(split, done, total)`."""
+    data_dir = Path(data_dir)
+    enc = None
+    counts = {}
+    for split in ("train", "eval"):
+        pairs_path = data_dir / PAIRS.format(split=split)
+        pairs = data_mod.read_pairs(pairs_path)
+        digest = _file_sha1(pairs_path)
+        path = data_dir / LATENTS.format(split=split)
+        counts[split] = len(pairs)
+        if _latents_current(path, len(pairs), encoder, digest):
+            logger.info("%s is up to date, skipping", path.name)
+            if progress:
+                progress(split, len(pairs), len(pairs))
+            continue
+        enc = enc or SentenceEncoder(encoder, device=device)
+        chunks_p, chunks_c = [], []
+        step = 1024
+        for i in range(0, len(pairs), step):
+            part = pairs[i : i + step]
+            chunks_p.append(enc.latents([p.prefix for p in part]).half().cpu())
+            chunks_c.append(enc.latents([p.continuation for p in part]).half().cpu())
+            if progress:
+                progress(split, min(len(pairs), i + step), len(pairs))
+        tmp = path.with_name(path.name + ".tmp")
+        save_file(
+            {"prefix": torch.cat(chunks_p), "continuation": torch.cat(chunks_c)},
+            str(tmp),
+            metadata={"encoder": encoder, "pairs_sha1": digest},
+        )
+        os.replace(tmp, path)
+    return counts
+
+
+def load_latents(data_dir: str | Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    path = Path(data_dir) / LATENTS.format(split=split)
+    if not path.exists():
+        raise ValueError(f"no {path.name} in {data_dir}: run `dglm data embed {data_dir}` first")
+    t = load_file(str(path))
+    return t["prefix"].float(), t["continuation"].float()
+
+
+def load_token_pairs(
+    data_dir: str | Path,
+    split: str,
+    tokenizer,
+    limit: int | None = None,
+    max_prefix_tokens: int | None = None,
+    max_continuation_tokens: int | None = None,
+):
+    """(prefix ids, continuation ids, continuation latents) for prompt-generator training.
+
+    Prefixes keep their last `max_prefix_tokens` tokens and continuations their first
+    `max_continuation_tokens` (the latent still describes the whole continuation): the soft prompt
+    shapes the start of a continuation most, and shorter rows make CPU training affordable.
+    """
+    pairs = data_mod.read_pairs(Path(data_dir) / PAIRS.format(split=split))
+    _, cont_lat = load_latents(data_dir, split)
+    n = len(pairs) if limit is None else min(limit, len(pairs))
+    keep_pre = -(max_prefix_tokens or 0)
+    pre = [tokenizer.encode(p.prefix, add_special_tokens=False)[keep_pre:] for p in pairs[:n]]
+    cont = [
+        tokenizer.encode(p.continuation, add_special_tokens=False)[:max_continuation_tokens]
+        for p in pairs[:n]
+    ]
+    return pre, cont, cont_lat[:n]
+
+
+def train_named_probe(which: str, encoder: str = "all-MiniLM-L6-v2", device: str = "cpu") -> Probe:
+    """sentiment (Rotten Tomatoes fresh vs rotten) or topic (fortunes categories, one-vs-rest).
+
+    The held-out split is the engine-wide hash split, so evaluation texts are never trained on.
+    """
+    from dglm.engine.probes import train_probe
+
+    sets = {
+        "sentiment": (data_mod.sentiment_set, ("negative", "positive")),
+        "topic": (data_mod.topic_set, data_mod.TOPICS),
+        "toxicity": (data_mod.toxicity_set, ("low", "high")),
+    }
+    if which not in sets:
+        raise ValueError(f"probe must be one of {sorted(sets)}, got {which!r}")
+    loader, label_names = sets[which]
+    texts, labels = loader()
+    enc = SentenceEncoder(encoder, device=device)
+    emb = enc.embed(texts).cpu()
+    y = torch.tensor([label_names.index(label) for label in labels])
+    is_eval = torch.tensor([data_mod.split_of(t) == "eval" for t in texts])
+    probe = train_probe(which, emb[~is_eval], y[~is_eval], label_names)
+    pred = torch.tensor([label_names.index(p) for p in probe.predict(emb)])
+    metrics = {
+        "source": loader.__name__,
+        "train_size": int((~is_eval).sum()),
+        "test_size": int(is_eval.sum()),
+        "train_accuracy": float((pred[~is_eval] == y[~is_eval]).float().mean()),
+        "test_accuracy": float((pred[is_eval] == y[is_eval]).float().mean()),
+        "majority_baseline": float(torch.bincount(y[is_eval]).max() / is_eval.sum()),
+    }
+    logger.info("probe %s: %s", which, metrics)
+    return Probe(probe.name, probe.labels, probe.weight, probe.bias, metrics)
+
+
+def _ema_state(run_dir: Path, kind: str) -> tuple[dict, dict]:
+    path = Path(run_dir) / "checkpoint.pt"
+    if not path.exists():
+        raise ValueError(f"no checkpoint.pt in {run_dir}")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state["meta"]["kind"] != kind:
+        raise ValueError(f"{run_dir} is a {state['meta']['kind']} run, not {kind}")
+    return state["ema"], state["meta"]["model_config"]
+
+
+def assemble_bundle(
+    out: str | Path,
+    diffusion_run: str | Path,
+    prompt_generator_run: str | Path,
+    probe_files: list[str | Path],
+    encoder: str = "all-MiniLM-L6-v2",
+    decoder: str = "smollm2",
+    sampler: SamplerConfig | None = None,
+    cfg_scale: float = 1.0,
+    notes: str = "",
+) -> BundleConfig:
+    """A trained bundle from the EMA weights of two runs and probe files (fp16 networks)."""
+    from dglm.engine.diffusion.score_network import ScoreNetwork
+    from dglm.engine.prompt.generator import PromptGenerator
+
+    sn_state, sn_cfg = _ema_state(Path(diffusion_run), "diffusion")
+    pg_state, pg_cfg = _ema_state(Path(prompt_generator_run), "prompt_generator")
+    sn, pg = (
+        ScoreNetwork(ScoreNetConfig(**sn_cfg)),
+        PromptGenerator(PromptGeneratorConfig(**pg_cfg)),
+    )
+    sn.load_state_dict(sn_state)
+    pg.load_state_dict(pg_state)
+    probes = [p for f in probe_files for p in load_probes(f)]
+    config = BundleConfig(
+        encoder, decoder, sn.config, pg.config, sampler or SamplerConfig(), cfg_scale, True, notes
+    )
+    out = Path(out)
+    bundle_io.write_config(config, out)
+    bundle_io.save_state(sn, out / bundle_io.SCORE_NET_FILE)
+    bundle_io.save_state(pg, out / bundle_io.PROMPT_GEN_FILE)
+    save_probes(out / bundle_io.PROBES_FILE, probes)
+    return config
+
+
+def bundle_destination(src: Path, out: str | Path | None) -> Path:
+    """Where a bundle update writes: `src` itself (out None or src), or a fresh copy at `out`."""
+    dst = Path(out) if out is not None else src
+    if dst.resolve() != src.resolve():
+        if dst.exists():
+            raise ValueError(f"{dst} exists; pick a new --out directory")
+        shutil.copytree(src, dst)
+    return dst
+
+
+def add_student(
+    bundle: str | Path,
+    distill_run: str | Path,
+    out: str | Path | None = None,
+    default_steps: int | None = 4,
+) -> BundleConfig:
+    """Put the EMA student of a `dglm train distill` run into a bundle (in place, or a copy at
+    `out`); with `default_steps`, the student's multistep sampler becomes the bundle's default."""
+    from dataclasses import replace
+
+    from dglm.engine.diffusion.score_network import ScoreNetwork
+
+    src = bundle_io.resolve_bundle_dir(bundle)
+    state, meta = _ema_state(Path(distill_run), "distill")
+    config = bundle_io.read_config(src)
+    student = ScoreNetwork(ScoreNetConfig(**meta["student"]))
+    student.load_state_dict(state)
+    if student.config.latent_dim != config.score_network.latent_dim:
+        raise ValueError(
+            f"the student is {student.config.latent_dim}-d, the bundle's score network "
+            f"{config.score_network.latent_dim}-d: distil this bundle's own score network"
+        )
+    sampler = config.sampler
+    if default_steps is not None:
+        sampler = replace(sampler, sampler="consistency", num_inference_steps=default_steps)
+    lo, hi = meta["distill"]["cfg_range"]
+    if default_steps is not None and not lo <= config.cfg_scale <= hi:
+        raise ValueError(
+            f"the bundle's cfg_scale {config.cfg_scale} is outside the student's range [{lo}, {hi}]: "
+            "distil with a --cfg-range that covers it, or keep the teacher's default sampler"
+        )
+    config = replace(config, student=student.config, student_cfg_range=(lo, hi), sampler=sampler)
+    dst = bundle_destination(src, out)
+    bundle_io.save_state(student, dst / bundle_io.STUDENT_FILE)
+    bundle_io.write_config(config, dst)
+    return config
+
+
+def train_steering_run(
+    data_dir: str | Path,
+    bundle: str | Path,
+    out: str | Path,
+    chamfer: TrainConfig | None,
+    joint: TrainConfig,
+    lora: LoraConfig | None,
+    steer: SteerConfig,
+    device: str = "cpu",
+    max_prefix_tokens: int = 16,
+    max_continuation_tokens: int = 24,
+    limit: int | None = None,
+    progress=None,
+) -> dict[str, float]:
+    """Both steering stages, resumable, starting from the bundle's networks (the bundle is the
+    checkpoint, so runs accumulate): <out>/chamfer pre-trains the prompt generator on token
+    embeddings (skipped when `chamfer` is None), <out>/joint trains it with the decoder's
+    adapters. The frozen decoder runs in bf16 when `steer.autocast_bf16`. Returns the last
+    logged held-out diagnostic (with its step: a time-boxed run may stop between evaluations).
+    `progress(stage, step, logs)` after every step."""
+    src = bundle_io.resolve_bundle_dir(bundle)
+    config = bundle_io.read_config(src)
+    dtype = torch.bfloat16 if steer.autocast_bf16 else torch.float32
+    decoder, tok = load_decoder(bundle_io.resolve_reference(config.decoder, src), device, dtype)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    cut = {
+        "max_prefix_tokens": max_prefix_tokens,
+        "max_continuation_tokens": max_continuation_tokens,
+    }
+    train = load_token_pairs(data_dir, "train", tok, limit, **cut)
+    held = load_token_pairs(data_dir, "eval", tok, **cut)
+    if train[2].shape[1] != config.prompt_generator.latent_dim:
+        raise ValueError(
+            f"{data_dir} holds {train[2].shape[1]}-d latents, the bundle's prompt generator "
+            f"takes {config.prompt_generator.latent_dim}-d ones: embed with the bundle's encoder"
+        )
+    pg = PromptGenerator(config.prompt_generator)
+    bundle_io.load_state(pg, src / bundle_io.PROMPT_GEN_FILE)
+    out = Path(out)
+    if chamfer is not None:
+        ema = pretrain_prompt_generator(
+            pg,
+            decoder.embed(torch.arange(decoder.vocab_size, device=device)).float(),
+            (train[1], train[2]),
+            (held[1], held[2]),
+            out / "chamfer",
+            chamfer,
+            steer,
+            device,
+            None if progress is None else lambda s, logs: progress("chamfer", s, logs),
+        )
+        pg.load_state_dict(ema.model.state_dict())
+    init_lora = None
+    if config.decoder_lora is not None:
+        if lora is not None and lora != config.decoder_lora:
+            raise ValueError(
+                f"the bundle's adapters are {config.decoder_lora}; train with the same LoRA "
+                "settings to keep accumulating, or start from a bundle without adapters"
+            )
+        lora = config.decoder_lora
+        init_lora = load_file(str(src / bundle_io.LORA_FILE))
+    train_steering(
+        pg,
+        decoder,
+        train,
+        held,
+        pad,
+        out / "joint",
+        joint,
+        lora,
+        steer,
+        init_lora,
+        device,
+        None if progress is None else lambda s, logs: progress("joint", s, logs),
+    )
+    # the run logs the diagnostic at its last step (and every eval_every): report that row
+    # rather than evaluating the same weights again
+    rows = (out / "joint" / "log.jsonl").read_text().splitlines()
+    last = next(json.loads(r) for r in reversed(rows) if "eval_gap" in json.loads(r))
+    return {k: v for k, v in last.items() if k == "step" or k.startswith("eval_")}
+
+
+def add_steering(
+    bundle: str | Path, run: str | Path, out: str | Path | None = None
+) -> BundleConfig:
+    """Put the prompt generator and decoder adapters of a `dglm train steering` run (its joint
+    stage's last checkpoint, live weights) into a bundle, in place or as a copy at `out`."""
+    from dataclasses import replace
+
+    src = bundle_io.resolve_bundle_dir(bundle)
+    path = Path(run) / "joint" / "checkpoint.pt"
+    if not path.exists():
+        raise ValueError(f"no joint/checkpoint.pt in {run}: run `dglm train steering` first")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state["meta"]["kind"] != "steering":
+        raise ValueError(f"{path} is a {state['meta']['kind']} run, not steering")
+    meta = state["meta"]["model_config"]
+    config = bundle_io.read_config(src)
+    pg_cfg = PromptGeneratorConfig(**meta["prompt_generator"])
+    if pg_cfg != config.prompt_generator:
+        raise ValueError(f"the run's prompt generator {pg_cfg} differs from the bundle's")
+    pg_state, lora_state = split_steering_state(state["model"])
+    pg = PromptGenerator(pg_cfg)
+    pg.load_state_dict(pg_state)
+    lora = None if meta["lora"] is None else LoraConfig(**meta["lora"])
+    config = replace(config, decoder_lora=lora)
+    dst = bundle_destination(src, out)
+    bundle_io.save_state(pg, dst / bundle_io.PROMPT_GEN_FILE)
+    if lora is None:
+        (dst / bundle_io.LORA_FILE).unlink(missing_ok=True)
+    else:
+        bundle_io.save_lora(lora_state, dst / bundle_io.LORA_FILE)
+    bundle_io.write_config(config, dst)
+    return config
+
+
+def sample_decoder_continuations(
+    sources: list[str],
+    n: int,
+    out: str | Path | None = None,
+    decoder: str = "smollm2",
+    prefix_tokens: int = 32,
+    max_new_tokens: int = 32,
+    batch_size: int = 16,
+    top_p: float = 0.95,
+    seed: int = 0,
+    device: str = "cpu",
+    progress=None,
+) -> Path:
+    """Continue the first `prefix_tokens` tokens of n training-split documents of `sources` with
+    the decoder (nucleus sampling) and append {"prefix", "continuation", "source"} rows to `out`
+    (default: the `decoder_samples` source's file). Resumable: rows already in the file are kept
+    and their prefixes skipped (the document order is deterministic). `progress(done, n)`."""
+    out = Path(out) if out is not None else data_mod.data_cache() / data_mod.DECODER_SAMPLES_FILE
+    out.parent.mkdir(parents=True, exist_ok=True)
+    done = sum(1 for line in open(out, encoding="utf-8") if line.strip()) if out.exists() else 0
+    dec, tok = load_decoder(decoder, device=device)
+    names = [s for s in sources if s != "decoder_samples"]
+    if not names:
+        raise ValueError("name at least one text source to take prefixes from")
+    prefixes: list[tuple[str, str]] = []
+    for k, name in enumerate(names):  # an equal share of the n prefixes from each source
+        quota = n * (k + 1) // len(names) - n * k // len(names)
+        for doc in data_mod.documents([name]):
+            if quota == 0:
+                break
+            if data_mod.split_of(doc.text) != "train":
+                continue  # held-out texts never seed training data
+            ids = tok.encode(doc.text, add_special_tokens=False)
+            if len(ids) >= prefix_tokens:
+                prefixes.append((tok.decode(ids[:prefix_tokens]), doc.source))
+                quota -= 1
+    with open(out, "a", encoding="utf-8") as f:
+        for start in range(done, len(prefixes), batch_size):
+            part = prefixes[start : start + batch_size]
+            rows = [tok.encode(p, add_special_tokens=False) for p, _ in part]
+            params = [
+                DecodeParams(max_new_tokens=max_new_tokens, top_p=top_p, seed=seed + start + i)
+                for i in range(len(part))
+            ]
+            results, _ = generate(dec, tok, rows, params)
+            for (prefix, source), r in zip(part, results, strict=True):
+                if r.text.strip():
+                    row = {"prefix": prefix, "continuation": r.text, "source": source}
+                    f.write(json.dumps(row) + "\n")
+            f.flush()
+            if progress:
+                progress(min(len(prefixes), start + batch_size), len(prefixes))
+    return out
