@@ -288,8 +288,18 @@ def cmd_train_diffusion(args: argparse.Namespace) -> int:
             f"--preset must be one of {sorted(SCORE_NET_PRESETS)}, got {args.preset!r}"
         )
     train, held = load_latents(args.data, "train"), load_latents(args.data, "eval")
-    preset = SCORE_NET_PRESETS[args.preset]
-    net = ScoreNetwork(type(preset)(**{**preset.__dict__, "latent_dim": train[0].shape[1]}))
+    if args.bundle is not None:  # continue from the bundle's score network (its shape wins)
+        from dglm.engine.training.recipes import bundle_score_network
+
+        net = bundle_score_network(args.bundle)
+        if net.config.latent_dim != train[0].shape[1]:
+            raise ValueError(
+                f"the bundle's score network is {net.config.latent_dim}-d but {args.data} holds "
+                f"{train[0].shape[1]}-d latents: embed the data with the bundle's encoder"
+            )
+    else:
+        preset = SCORE_NET_PRESETS[args.preset]
+        net = ScoreNetwork(type(preset)(**{**preset.__dict__, "latent_dim": train[0].shape[1]}))
     cfg = _train_config(args)
     torch_seed(cfg.seed)
     bar, update = _progress(cfg.steps, "diffusion")
@@ -404,6 +414,23 @@ def cmd_train_distill(args: argparse.Namespace) -> int:
     train_distill(teacher, train, held, args.out, cfg, distill, args.device, update)
     bar.close()
     print(json.dumps({"out": args.out, "steps": cfg.steps}))
+    return 0
+
+
+def cmd_bundle_add_score_network(args: argparse.Namespace) -> int:
+    from dglm.engine.training.recipes import add_score_network
+
+    config = add_score_network(args.bundle, args.run, args.out)
+    print(
+        json.dumps(
+            {
+                "bundle": str(args.out or args.bundle),
+                "default_sampler": config.sampler.sampler,
+                "num_inference_steps": config.sampler.num_inference_steps,
+                "student": config.student is not None,
+            }
+        )
+    )
     return 0
 
 
@@ -658,6 +685,11 @@ def build_parser() -> argparse.ArgumentParser:
     tsub = t.add_subparsers(dest="train_command", required=True)
     td = tsub.add_parser("diffusion", help="the score network (v-prediction, CFG dropout, EMA)")
     _add_train_args(td, steps=20_000, batch=256, lr=3e-4)
+    td.add_argument(
+        "--bundle",
+        default=None,
+        help="start from this bundle's score network (its preset; --preset is ignored)",
+    )
     td.set_defaults(func=cmd_train_diffusion)
     tp = tsub.add_parser("prompt-generator", help="the prompt generator against the frozen decoder")
     _add_train_args(tp, steps=5_000, batch=16, lr=3e-4)
@@ -772,6 +804,15 @@ def build_parser() -> argparse.ArgumentParser:
     ba.add_argument("--cfg-scale", type=float, default=1.0)
     ba.add_argument("--notes", default="")
     ba.set_defaults(func=cmd_bundle_assemble)
+
+    bn = bsub.add_parser(
+        "add-score-network",
+        help="put a `dglm train diffusion` run's score network in a bundle (drops a stale student)",
+    )
+    bn.add_argument("bundle", help="bundle directory or shipped name")
+    bn.add_argument("--run", required=True, help="run directory of `dglm train diffusion`")
+    bn.add_argument("--out", default=None, help="write a copy here instead of in place")
+    bn.set_defaults(func=cmd_bundle_add_score_network)
 
     bs = bsub.add_parser(
         "add-student", help="put a distilled student (`dglm train distill`) into a bundle"

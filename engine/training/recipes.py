@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -22,7 +23,7 @@ from dglm.engine import bundle as bundle_io
 from dglm.engine.bundle import BundleConfig
 from dglm.engine.decoding.loop import DecodeParams, generate
 from dglm.engine.diffusion.sampler import SamplerConfig
-from dglm.engine.diffusion.score_network import ScoreNetConfig
+from dglm.engine.diffusion.score_network import ScoreNetConfig, ScoreNetwork
 from dglm.engine.encode.encoder import SentenceEncoder
 from dglm.engine.models import load_decoder
 from dglm.engine.models.lora import LoraConfig
@@ -231,7 +232,6 @@ def assemble_bundle(
     notes: str = "",
 ) -> BundleConfig:
     """A trained bundle from the EMA weights of two runs and probe files (fp16 networks)."""
-    from dglm.engine.diffusion.score_network import ScoreNetwork
     from dglm.engine.prompt.generator import PromptGenerator
 
     sn_state, sn_cfg = _ema_state(Path(diffusion_run), "diffusion")
@@ -264,6 +264,42 @@ def bundle_destination(src: Path, out: str | Path | None) -> Path:
     return dst
 
 
+def bundle_score_network(bundle: str | Path) -> ScoreNetwork:
+    """The score network of a bundle, with its weights (fp32), to continue training it."""
+    src = bundle_io.resolve_bundle_dir(bundle)
+    net = ScoreNetwork(bundle_io.read_config(src).score_network)
+    bundle_io.load_state(net, src / bundle_io.SCORE_NET_FILE)
+    return net.float()
+
+
+def add_score_network(
+    bundle: str | Path, diffusion_run: str | Path, out: str | Path | None = None
+) -> BundleConfig:
+    """Put the EMA score network of a `dglm train diffusion` run into a bundle (in place, or a
+    copy at `out`). A distilled student of the previous score network would no longer match its
+    teacher, so it is dropped and a bundle whose default sampler was the student falls back to
+    DPM-Solver++(2M) with 20 steps; re-distil (`dglm train distill`, `dglm bundle add-student`)."""
+    src = bundle_io.resolve_bundle_dir(bundle)
+    state, meta = _ema_state(Path(diffusion_run), "diffusion")
+    config = bundle_io.read_config(src)
+    net = ScoreNetwork(ScoreNetConfig(**meta))
+    net.load_state_dict(state)
+    if net.config.latent_dim != config.score_network.latent_dim:
+        raise ValueError(
+            f"the run's score network is {net.config.latent_dim}-d, the bundle's encoder gives "
+            f"{config.score_network.latent_dim}-d latents: train on data embedded by its encoder"
+        )
+    sampler = config.sampler
+    if sampler.sampler == "consistency":
+        sampler = replace(sampler, sampler="dpmpp-2m", num_inference_steps=20)
+    config = replace(config, score_network=net.config, student=None, sampler=sampler)
+    dst = bundle_destination(src, out)
+    bundle_io.save_state(net, dst / bundle_io.SCORE_NET_FILE)
+    (dst / bundle_io.STUDENT_FILE).unlink(missing_ok=True)
+    bundle_io.write_config(config, dst)
+    return config
+
+
 def add_student(
     bundle: str | Path,
     distill_run: str | Path,
@@ -272,10 +308,6 @@ def add_student(
 ) -> BundleConfig:
     """Put the EMA student of a `dglm train distill` run into a bundle (in place, or a copy at
     `out`); with `default_steps`, the student's multistep sampler becomes the bundle's default."""
-    from dataclasses import replace
-
-    from dglm.engine.diffusion.score_network import ScoreNetwork
-
     src = bundle_io.resolve_bundle_dir(bundle)
     state, meta = _ema_state(Path(distill_run), "distill")
     config = bundle_io.read_config(src)
@@ -389,8 +421,6 @@ def add_steering(
 ) -> BundleConfig:
     """Put the prompt generator and decoder adapters of a `dglm train steering` run (its joint
     stage's last checkpoint, live weights) into a bundle, in place or as a copy at `out`."""
-    from dataclasses import replace
-
     src = bundle_io.resolve_bundle_dir(bundle)
     path = Path(run) / "joint" / "checkpoint.pt"
     if not path.exists():

@@ -311,6 +311,45 @@ def test_add_student_refuses_a_cfg_range_missing_the_bundle_default(tmp_path, st
     assert cfg.student_cfg_range == (2.0, 3.0)
 
 
+def test_diffusion_continues_from_a_bundle_and_replaces_its_score_network(tmp_path, student_bundle):
+    """`dglm train diffusion --bundle` starts from the bundle's weights (not a fresh preset);
+    `dglm bundle add-score-network` ships the run's EMA network and drops the stale student."""
+    from dglm.engine import bundle as bundle_io
+    from dglm.engine.cli.main import main
+    from dglm.engine.engine import Engine
+    from dglm.engine.training.recipes import bundle_score_network
+
+    data = student_bundle.parent / "data"
+    run = tmp_path / "run"
+    rc = main(["train", "diffusion", str(data), "--bundle", str(student_bundle), "--out", str(run),
+               "--steps", "2", "--batch-size", "16", "--warmup", "1", "--lr", "1e-4",
+               "--ema-decay", "0"])  # fmt: skip
+    assert rc == 0
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    start = bundle_score_network(student_bundle).state_dict()
+    config = bundle_io.read_config(student_bundle).score_network
+    assert ckpt["meta"]["model_config"] == config.__dict__
+    trained = ckpt["ema"]
+    # two Adam steps at lr 1e-4 from the bundle's weights: moved, but only by ~the step size
+    assert any(not torch.equal(start[k], trained[k]) for k in start)
+    assert max((start[k] - trained[k]).abs().max().item() for k in start) < 1e-3
+    out = tmp_path / "bundle"
+    rc = main(
+        ["bundle", "add-score-network", str(student_bundle), "--run", str(run), "--out", str(out)]
+    )
+    assert rc == 0
+    config = bundle_io.read_config(out)
+    assert config.student is None and not (out / bundle_io.STUDENT_FILE).exists()
+    assert (config.sampler.sampler, config.sampler.num_inference_steps) == ("dpmpp-2m", 20)
+    engine = Engine.from_pretrained(out)
+    shipped = engine.score_net.state_dict()
+    assert all(torch.allclose(shipped[k].float(), trained[k].half().float()) for k in trained)
+    bad = ["bundle", "add-score-network", str(student_bundle), "--run",
+           str(student_bundle.parent / "run"), "--out", str(tmp_path / "b2")]  # fmt: skip
+    assert main(bad) == 2  # a distillation run, not a diffusion one: refused
+    assert not (tmp_path / "b2").exists()
+
+
 def test_onnx_export_carries_the_student(student_bundle, minilm, tmp_path):
     """The student is exported as its own graph (w as input), validated against PyTorch, and the
     ONNX engine's default (student) sampler gives the torch engine's latents and tokens."""
