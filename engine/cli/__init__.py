@@ -1,1 +1,1 @@
-"""TODO"""
+"""`dglm` command line: one module per command group (generate, data, train, bundle, export, eval)."""
