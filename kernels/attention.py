@@ -36,8 +36,9 @@ MAX_TOKENS = 64  # the score network's T; larger (T, T) fp32 tiles spill and com
 MAX_HEAD_DIM = 128
 
 
-def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # y = x / sqrt(mean(x²) + eps) · g in fp32 (fp64 stays fp64), cast back: as layers.RMSNorm
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """y = x / sqrt(mean(x²) + eps) · g over the last dim, in fp32 (fp64 stays fp64), cast back to
+    x's dtype: `layers.RMSNorm`'s math as a function."""
     ct = torch.promote_types(x.dtype, torch.float32)
     xf = x.to(ct)
     y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
@@ -57,7 +58,7 @@ def qk_norm_attention_ref(
     Norms in fp32 cast back to the input dtype, then SDPA in the input dtype, exactly as the eager
     layer does; float64 inputs stay float64 throughout (the tests' high-precision reference).
     """
-    q, k = _rms_norm(q, q_norm_weight, eps), _rms_norm(k, k_norm_weight, eps)
+    q, k = rms_norm(q, q_norm_weight, eps), rms_norm(k, k_norm_weight, eps)
     q, k, v = (y.transpose(1, 2) for y in (q, k, v))  # (B, H, T, Dh)
     o = F.scaled_dot_product_attention(q, k, v)  # softmax(q·kᵀ/√Dh)·v, bidirectional
     return o.transpose(1, 2)  # (B, T, H, Dh)
@@ -65,6 +66,7 @@ def qk_norm_attention_ref(
 
 def _build_kernel():
     """Decorate the kernel on first use: TRITON_INTERPRET is read when @triton.jit runs."""
+    # triton is optional (the `gpu` extra): imported on the first launch only
     import triton
     import triton.language as tl
 
@@ -171,7 +173,7 @@ def qk_norm_attention(
 @functools.cache
 def triton_available() -> bool:
     """Whether the Triton kernel can run (triton importable); logs the attention choice once."""
-    try:
+    try:  # optional dependency (the `gpu` extra)
         import triton  # noqa: F401
     except ImportError:
         logger.info("attention: PyTorch SDPA path (triton is not installed)")
@@ -192,5 +194,6 @@ __all__ = [
     "fused_attention_supported",
     "qk_norm_attention",
     "qk_norm_attention_ref",
+    "rms_norm",
     "triton_available",
 ]

@@ -16,9 +16,10 @@ Math, per row b (D = latent width, K = probes, all in fp32):
 `coefs` is a (B, 5) fp32 tensor [α_t, σ_t, c0, cz, n] so that rows may sit at different times and
 the step can be replayed from a CUDA graph without baking Python floats into it.
 
-Implementations sharing this contract: `guided_update_ref` (PyTorch, here), the C++ op
-`dglm.kernels._cpu.guided_update` (CPU) and `guided_update_triton` (Triton, here; CUDA, or CPU
-under TRITON_INTERPRET=1). `select_guided_update` picks one once per engine.
+Implementations sharing this contract (`GuidedUpdate`: a `GuidedUpdateInputs` and `rescale` in,
+(z_next, x̂0) out): `guided_update_ref` (PyTorch, here), `guided_update_cpu` (the C++ op
+`dglm.kernels.cpu_ops.guided_update` behind a tensor wrapper) and `guided_update_triton` (Triton,
+here; CUDA, or CPU under TRITON_INTERPRET=1). `select_guided_update` picks one once per engine.
 """
 
 from __future__ import annotations
@@ -27,14 +28,58 @@ import functools
 import logging
 import math
 import os
+from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 import torch
+
+try:  # the compiled C++ twins: absent when the package was installed without building them
+    from dglm.kernels import cpu_ops
+except ImportError:
+    cpu_ops = None
 
 logger = logging.getLogger(__name__)
 
 COEF_ALPHA, COEF_SIGMA, COEF_X0, COEF_Z, COEF_NOISE = range(5)
 _EPS = 1e-12
+
+
+class GuidedUpdateInputs(NamedTuple):
+    """One guided step's inputs: B rows, latent width D, K probes. The field order is the C++
+    op's argument order."""
+
+    z: torch.Tensor  # (B, D) current latent z_t
+    v_cond: torch.Tensor  # (B, D) conditional v prediction
+    v_uncond: torch.Tensor | None  # (B, D) unconditional v prediction, None = no CFG
+    cfg_scale: torch.Tensor  # (B,) CFG weight w (1 = conditional only)
+    probe_weight: torch.Tensor  # (K, D) probe rows, K may be 0
+    probe_bias: torch.Tensor  # (K,)
+    probe_target: torch.Tensor  # (B, K) targets y in [0, 1]
+    probe_scale: torch.Tensor  # (B, K) guidance scales s (0 = probe off for that row)
+    noise: torch.Tensor  # (B, D) standard normal ξ
+    coefs: torch.Tensor  # (B, 5) [alpha_t, sigma_t, coef_x0, coef_z, noise_std]
+
+    def check(self) -> tuple[int, int, int]:
+        """(B, D, K), asserting every shape against z's (B, D) and probe_weight's K."""
+        b, d = self.z.shape
+        k = self.probe_weight.shape[0]
+        assert self.v_cond.shape == (b, d) and self.noise.shape == (b, d), (
+            self.v_cond.shape,
+            self.noise.shape,
+        )
+        assert self.v_uncond is None or self.v_uncond.shape == (b, d)
+        assert self.cfg_scale.shape == (b,) and self.coefs.shape == (b, 5), (
+            self.cfg_scale.shape,
+            self.coefs.shape,
+        )
+        assert self.probe_weight.shape == (k, d) and self.probe_bias.shape == (k,)
+        assert self.probe_target.shape == (b, k) and self.probe_scale.shape == (b, k)
+        return b, d, k
+
+
+# every implementation: (inputs, rescale) → (z_next (B, D), x̂0 (B, D)) in z's dtype
+GuidedUpdate = Callable[[GuidedUpdateInputs, bool], tuple[torch.Tensor, torch.Tensor]]
 
 
 def _rescale(x: torch.Tensor) -> torch.Tensor:
@@ -43,116 +88,65 @@ def _rescale(x: torch.Tensor) -> torch.Tensor:
 
 
 def guided_update_ref(
-    z: torch.Tensor,  # (B, D) current latent z_t
-    v_cond: torch.Tensor,  # (B, D) conditional v prediction
-    v_uncond: torch.Tensor | None,  # (B, D) unconditional v prediction, None = no CFG
-    cfg_scale: torch.Tensor,  # (B,) CFG weight w (1 = conditional only)
-    probe_weight: torch.Tensor,  # (K, D) probe rows, K may be 0
-    probe_bias: torch.Tensor,  # (K,)
-    probe_target: torch.Tensor,  # (B, K) targets y in [0, 1]
-    probe_scale: torch.Tensor,  # (B, K) guidance scales s (0 = probe off for that row)
-    noise: torch.Tensor,  # (B, D) standard normal ξ
-    coefs: torch.Tensor,  # (B, 5) [alpha_t, sigma_t, coef_x0, coef_z, noise_std]
-    rescale: bool = True,
+    x: GuidedUpdateInputs, rescale: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference fast guided step in fp32 (float64 for float64 inputs); returns
     (z_next (B, D), x0 (B, D)) in z's dtype."""
-    out_dtype = z.dtype
-    ct = torch.promote_types(z.dtype, torch.float32)  # compute dtype: fp32 at least
-    z, v_c = z.to(ct), v_cond.to(ct)
-    c = coefs.to(ct)
+    out_dtype = x.z.dtype
+    ct = torch.promote_types(out_dtype, torch.float32)  # compute dtype: fp32 at least
+    z, v_c = x.z.to(ct), x.v_cond.to(ct)
+    c = x.coefs.to(ct)
     alpha, sigma = c[:, COEF_ALPHA : COEF_ALPHA + 1], c[:, COEF_SIGMA : COEF_SIGMA + 1]
-    if v_uncond is not None:
-        v_u = v_uncond.to(ct)
-        v = v_u + cfg_scale.to(ct)[:, None] * (v_c - v_u)
+    if x.v_uncond is not None:
+        v_u = x.v_uncond.to(ct)
+        v = v_u + x.cfg_scale.to(ct)[:, None] * (v_c - v_u)
     else:
         v = v_c
     x0 = alpha * z - sigma * v
     if rescale:
         x0 = _rescale(x0)
-    if probe_weight.shape[0] > 0:
-        w = probe_weight.to(ct)
+    if x.probe_weight.shape[0] > 0:
+        w = x.probe_weight.to(ct)
         n = x0.norm(dim=-1, keepdim=True).clamp_min(_EPS)  # (B, 1)
         u = x0 / n
-        logits = u @ w.T + probe_bias.to(ct)  # (B, K)
-        r = probe_scale.to(ct) * (torch.sigmoid(logits) - probe_target.to(ct))  # (B, K)
+        logits = u @ w.T + x.probe_bias.to(ct)  # (B, K)
+        r = x.probe_scale.to(ct) * (torch.sigmoid(logits) - x.probe_target.to(ct))  # (B, K)
         g_u = r @ w  # (B, D)
         g = (g_u - (g_u * u).sum(-1, keepdim=True) * u) / n
         x0 = x0 - sigma * sigma * g
         if rescale:
             x0 = _rescale(x0)
     z_next = c[:, COEF_X0 : COEF_X0 + 1] * x0 + c[:, COEF_Z : COEF_Z + 1] * z
-    z_next = z_next + c[:, COEF_NOISE : COEF_NOISE + 1] * noise.to(ct)
+    z_next = z_next + c[:, COEF_NOISE : COEF_NOISE + 1] * x.noise.to(ct)
     return z_next.to(out_dtype), x0.to(out_dtype)
 
 
-def _check(
-    z: torch.Tensor,
-    v_cond: torch.Tensor,
-    v_uncond: torch.Tensor | None,
-    cfg_scale: torch.Tensor,
-    probe_weight: torch.Tensor,
-    probe_bias: torch.Tensor,
-    probe_target: torch.Tensor,
-    probe_scale: torch.Tensor,
-    noise: torch.Tensor,
-    coefs: torch.Tensor,
-) -> None:
-    b, d = z.shape
-    k = probe_weight.shape[0]
-    assert v_cond.shape == (b, d) and noise.shape == (b, d), (v_cond.shape, noise.shape)
-    assert v_uncond is None or v_uncond.shape == (b, d)
-    assert cfg_scale.shape == (b,) and coefs.shape == (b, 5), (cfg_scale.shape, coefs.shape)
-    assert probe_weight.shape == (k, d) and probe_bias.shape == (k,)
-    assert probe_target.shape == (b, k) and probe_scale.shape == (b, k)
+def _f32(t: torch.Tensor) -> np.ndarray:
+    # fp32 tensors go in as zero-copy views (the op copies a non-contiguous one itself)
+    if t.dtype != torch.float32 or t.requires_grad:
+        t = t.detach().to(torch.float32)
+    return t.numpy()
 
 
-def _guided_update_cpu(
-    z: torch.Tensor,
-    v_cond: torch.Tensor,
-    v_uncond: torch.Tensor | None,
-    cfg_scale: torch.Tensor,
-    probe_weight: torch.Tensor,
-    probe_bias: torch.Tensor,
-    probe_target: torch.Tensor,
-    probe_scale: torch.Tensor,
-    noise: torch.Tensor,
-    coefs: torch.Tensor,
-    rescale: bool = True,
+def guided_update_cpu(
+    x: GuidedUpdateInputs, rescale: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The C++ twin (`dglm.kernels._cpu.guided_update`) on fp32 CPU tensors."""
-    from dglm.kernels import _cpu
-
-    def f32(t: torch.Tensor) -> np.ndarray:
-        # fp32 tensors go in as zero-copy views (the op copies a non-contiguous one itself)
-        if t.dtype != torch.float32 or t.requires_grad:
-            t = t.detach().to(torch.float32)
-        return t.numpy()
-
-    out = np.empty((2, *z.shape), dtype=np.float32)  # (2, B, D): [z_next, x0]
-    _cpu.guided_update(
-        f32(z),
-        f32(v_cond),
-        None if v_uncond is None else f32(v_uncond),
-        f32(cfg_scale),
-        f32(probe_weight),
-        f32(probe_bias),
-        f32(probe_target),
-        f32(probe_scale),
-        f32(noise),
-        f32(coefs),
-        bool(rescale),
-        out[0],
-        out[1],
+    """The C++ twin (`dglm.kernels.cpu_ops.guided_update`) on CPU tensors: fp32 math, outputs in
+    z's dtype."""
+    assert cpu_ops is not None, "select_guided_update checks cpp_available() first"
+    out = np.empty((2, *x.z.shape), dtype=np.float32)  # (2, B, D): [z_next, x0]
+    cpu_ops.guided_update(
+        *(None if t is None else _f32(t) for t in x), bool(rescale), out[0], out[1]
     )
     z_next, x0 = torch.from_numpy(out[0]), torch.from_numpy(out[1])
-    if z.dtype != torch.float32:
-        z_next, x0 = z_next.to(z.dtype), x0.to(z.dtype)
+    if x.z.dtype != torch.float32:
+        z_next, x0 = z_next.to(x.z.dtype), x0.to(x.z.dtype)
     return z_next, x0
 
 
 def _build_triton_kernel():
     """Decorate the kernel on first use: TRITON_INTERPRET is read when @triton.jit runs."""
+    # triton is optional (the `gpu` extra): imported on the first launch only
     import triton
     import triton.language as tl
 
@@ -209,41 +203,28 @@ TRITON_MAX_DIM = 4096  # D in one block per row
 
 
 def guided_update_triton(
-    z: torch.Tensor,
-    v_cond: torch.Tensor,
-    v_uncond: torch.Tensor | None,
-    cfg_scale: torch.Tensor,
-    probe_weight: torch.Tensor,
-    probe_bias: torch.Tensor,
-    probe_target: torch.Tensor,
-    probe_scale: torch.Tensor,
-    noise: torch.Tensor,
-    coefs: torch.Tensor,
-    rescale: bool = True,
+    x: GuidedUpdateInputs, rescale: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The Triton twin: one launch, one program per row, the K probes looped in-register.
 
     Any float dtypes in, fp32 math, outputs in z's dtype. No host sync (safe to capture in a CUDA
     graph once compiled by a first call). Runs on CUDA, or on CPU under TRITON_INTERPRET=1.
     """
-    _check(z, v_cond, v_uncond, cfg_scale, probe_weight, probe_bias, probe_target, probe_scale,
-           noise, coefs)  # fmt: skip
-    b, d = z.shape
-    k = probe_weight.shape[0]
+    b, d, k = x.check()
     if d > TRITON_MAX_DIM:
         raise ValueError(f"guided_update_triton handles D ≤ {TRITON_MAX_DIM}, got D={d}")
-    z_next = torch.empty((b, d), dtype=z.dtype, device=z.device)
-    x0 = torch.empty((b, d), dtype=z.dtype, device=z.device)
+    z_next = torch.empty((b, d), dtype=x.z.dtype, device=x.z.device)
+    x0 = torch.empty((b, d), dtype=x.z.dtype, device=x.z.device)
     if b == 0:
         return z_next, x0
     z, v_cond, noise, coefs, cfg_scale = (
-        t.contiguous() for t in (z, v_cond, noise, coefs, cfg_scale)
+        t.contiguous() for t in (x.z, x.v_cond, x.noise, x.coefs, x.cfg_scale)
     )
-    has_uncond = v_uncond is not None
-    v_uncond = v_uncond.contiguous() if has_uncond else v_cond  # v_cond: a dummy, never read
+    has_uncond = x.v_uncond is not None
+    v_uncond = x.v_uncond.contiguous() if has_uncond else v_cond  # v_cond: a dummy, never read
     if k > 0:
-        w, bias, tgt, scl = (t.contiguous() for t in (probe_weight, probe_bias, probe_target,
-                                                      probe_scale))  # fmt: skip
+        w, bias, tgt, scl = (t.contiguous() for t in (x.probe_weight, x.probe_bias,
+                                                      x.probe_target, x.probe_scale))  # fmt: skip
     else:  # zero-size tensors may have no storage: pass z, never read
         w = bias = tgt = scl = z
     block_d = max(16, 1 << (d - 1).bit_length())
@@ -260,22 +241,18 @@ IMPLEMENTATIONS = ("auto", "reference", "cpp", "triton")
 
 
 def cpp_available() -> bool:
-    try:
-        from dglm.kernels import _cpu  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return cpu_ops is not None
 
 
 def triton_available() -> bool:
-    try:
+    try:  # optional dependency (the `gpu` extra)
         import triton  # noqa: F401
     except ImportError:
         return False
     return True
 
 
-def select_guided_update(device: torch.device | str, prefer: str = "auto"):
+def select_guided_update(device: torch.device | str, prefer: str = "auto") -> GuidedUpdate:
     """Pick the guided-update implementation for `device` once; logs the choice.
 
     prefer: "auto" (Triton on CUDA, C++ on CPU, the reference otherwise), or force "reference",
@@ -294,8 +271,8 @@ def select_guided_update(device: torch.device | str, prefer: str = "auto"):
             logger.info("guided_update: Triton kernel")
             return guided_update_triton
         if device.type == "cpu" and cpp_available():
-            logger.info("guided_update: C++ op (dglm.kernels._cpu)")
-            return _guided_update_cpu
+            logger.info("guided_update: C++ op (dglm.kernels.cpu_ops)")
+            return guided_update_cpu
         why = "triton is not installed" if device.type == "cuda" else "C++ extension not built"
         logger.info("guided_update: PyTorch reference (%s)", why)
         return guided_update_ref
@@ -320,11 +297,11 @@ def select_guided_update(device: torch.device | str, prefer: str = "auto"):
         raise RuntimeError("guided_update 'cpp' runs on CPU only; set the implementation to 'auto'")
     if not cpp_available():
         raise RuntimeError(
-            "dglm.kernels._cpu is not built; reinstall the package (pip install -e .) "
+            "dglm.kernels.cpu_ops is not built; reinstall the package (pip install -e .) "
             "or set the guided_update implementation to 'reference'"
         )
     logger.info("guided_update: C++ op (forced)")
-    return _guided_update_cpu
+    return guided_update_cpu
 
 
 __all__ = [
@@ -334,7 +311,10 @@ __all__ = [
     "COEF_X0",
     "COEF_Z",
     "IMPLEMENTATIONS",
+    "GuidedUpdate",
+    "GuidedUpdateInputs",
     "cpp_available",
+    "guided_update_cpu",
     "guided_update_ref",
     "guided_update_triton",
     "select_guided_update",

@@ -22,6 +22,7 @@ import torch
 from dglm.engine.diffusion.sampler import Guidance, SamplerConfig
 from dglm.engine.diffusion.schedule import MULTISTEP_SAMPLERS, NoiseSchedule, multistep_coefficients
 from dglm.engine.diffusion.score_network import ScoreNetwork
+from dglm.kernels.guided_update import GuidedUpdateInputs, select_guided_update
 
 logger = logging.getLogger(__name__)
 
@@ -92,8 +93,6 @@ class CapturedSampler:
             raise ValueError(
                 f"num_probes must be ≥ 0 and max_steps ≥ 1, got {num_probes}, {max_steps}"
             )
-        from dglm.kernels.guided_update import select_guided_update
-
         self.net = score_net.eval()
         self.embeds_cfg = score_net.config.guidance_embedding
         self.batch_sizes, self.max_steps, self.num_probes = sizes, max_steps, num_probes
@@ -144,9 +143,8 @@ class CapturedSampler:
             tgt, scl = self.probe_target[:b], self.probe_scale[:b]
         else:
             w, bias, tgt, scl = self.no_weight, self.no_bias, self.no_rows[:b], self.no_rows[:b]
-        z_next, x0 = self.update_fn(
-            z, v_c, v_u, self.cfg_scale[:b], w, bias, tgt, scl, noise, c, rescale
-        )
+        inputs = GuidedUpdateInputs(z, v_c, v_u, self.cfg_scale[:b], w, bias, tgt, scl, noise, c)
+        z_next, x0 = self.update_fn(inputs, rescale)
         z.copy_(z_next)
         self.x0[:b].copy_(x0)
         self.step.add_(1).remainder_(self.n_steps)  # wraps: replays never index out of range

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from dglm.engine.diffusion.schedule import SAMPLERS, NoiseSchedule, multistep_coefficients
+from dglm.kernels.guided_update import GuidedUpdate, GuidedUpdateInputs
 
 # (z (B,d), alpha2 (B,)) → (v_cond (B,d), v_uncond (B,d) | None)
 ModelFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
@@ -145,7 +146,7 @@ def sample(
     config: SamplerConfig,
     cfg_scale: torch.Tensor,  # (B,)
     guidance: Guidance | None,
-    update_fn: Callable,  # a guided_update implementation (kernels.guided_update)
+    update_fn: GuidedUpdate,  # a guided_update implementation (kernels.guided_update)
     mc_noise: Callable[[int], torch.Tensor] | None = None,  # step → (B, n, d), `exact` mode only
 ) -> torch.Tensor:
     """Run the reverse diffusion from z_T = noise[0]; returns the final x̂0 (B, d) in fp32."""
@@ -181,19 +182,10 @@ def sample(
             z = c[:, 2:3] * x0 + c[:, 3:4] * z + c[:, 4:5] * noise[i + 1]
         else:
             v_c, v_u = model_fn(z, a2)
-            z, x0 = update_fn(
-                z,
-                v_c,
-                v_u,
-                cfg_scale,
-                weight,
-                bias,
-                target,
-                scale,
-                noise[i + 1],
-                row_coefs,
-                config.rescale,
+            inputs = GuidedUpdateInputs(
+                z, v_c, v_u, cfg_scale, weight, bias, target, scale, noise[i + 1], row_coefs
             )
+            z, x0 = update_fn(inputs, config.rescale)
         if prev[i] != 0.0:  # DPM-Solver++(2M): the second-order correction
             z = z + prev[i] * x0_prev
         x0_prev = x0

@@ -1,4 +1,4 @@
-// dglm.kernels._cpu: CPU twins of the kernels in kernels/*.py, on numpy fp32 buffers.
+// dglm.kernels.cpu_ops: CPU twins of the kernels in kernels/*.py, on numpy fp32 buffers.
 
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
@@ -133,7 +133,7 @@ void guided_update_py(const In& z, const In& v_cond, const std::optional<In>& v_
 
 }  // namespace
 
-PYBIND11_MODULE(_cpu, m) {
+PYBIND11_MODULE(cpu_ops, m) {
   m.doc() = "CPU twins of the kernels in dglm.kernels (numpy fp32 buffers, no PyTorch).";
   m.def("guided_update", &guided_update_py, py::arg("z"), py::arg("v_cond"),
         py::arg("v_uncond").none(true), py::arg("cfg_scale"), py::arg("probe_weight"),

@@ -1,4 +1,4 @@
-"""The C++ op `dglm.kernels._cpu.guided_update` against `guided_update_ref` run in float64."""
+"""The C++ op `dglm.kernels.cpu_ops.guided_update` against `guided_update_ref` run in float64."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 from dglm.kernels.guided_update import (
-    _guided_update_cpu,
+    GuidedUpdateInputs,
+    guided_update_cpu,
     guided_update_ref,
     select_guided_update,
 )
@@ -25,8 +26,8 @@ def one_torch_thread():
 @pytest.fixture
 def cpu_ext():
     return pytest.importorskip(
-        "dglm.kernels._cpu",
-        reason="C++ extension dglm.kernels._cpu not built; run `pip install -e .`",
+        "dglm.kernels.cpu_ops",
+        reason="C++ extension dglm.kernels.cpu_ops not built; run `pip install -e .`",
     )
 
 
@@ -37,7 +38,7 @@ def gen() -> torch.Generator:
 
 def make_inputs(
     gen: torch.Generator, b: int, d: int, k: int, cfg: bool, dtype: torch.dtype = torch.float32
-) -> dict[str, torch.Tensor | None]:
+) -> GuidedUpdateInputs:
     """Random inputs with per-row coefficients, CFG weights and probe scales (some zero)."""
 
     def randn(*shape: int) -> torch.Tensor:
@@ -60,31 +61,32 @@ def make_inputs(
         ],
         dim=1,
     )  # (B, 5)
-    inputs = {
-        "z": randn(b, d),
-        "v_cond": randn(b, d),
-        "v_uncond": randn(b, d) if cfg else None,
-        "cfg_scale": uniform(0.5, 7.5, b),
-        "probe_weight": randn(k, d) / d**0.5 * 4,
-        "probe_bias": randn(k),
-        "probe_target": torch.randint(0, 2, (b, k), generator=gen).float(),
-        "probe_scale": scale,
-        "noise": randn(b, d),
-        "coefs": coefs,
-    }
-    return {n: None if t is None else t.to(dtype) for n, t in inputs.items()}
+    inputs = GuidedUpdateInputs(
+        z=randn(b, d),
+        v_cond=randn(b, d),
+        v_uncond=randn(b, d) if cfg else None,
+        cfg_scale=uniform(0.5, 7.5, b),
+        probe_weight=randn(k, d) / d**0.5 * 4,
+        probe_bias=randn(k),
+        probe_target=torch.randint(0, 2, (b, k), generator=gen).float(),
+        probe_scale=scale,
+        noise=randn(b, d),
+        coefs=coefs,
+    )
+    return GuidedUpdateInputs(*(None if t is None else t.to(dtype) for t in inputs))
 
 
-def as_arrays(inputs: dict[str, torch.Tensor | None]) -> dict[str, np.ndarray | None]:
-    return {n: None if t is None else t.numpy() for n, t in inputs.items()}
+def as_arrays(inputs: GuidedUpdateInputs) -> dict[str, np.ndarray | None]:
+    """The C++ op's inputs by name, in its argument order."""
+    return {n: None if t is None else t.numpy() for n, t in inputs._asdict().items()}
 
 
-def ref_fp64(inputs: dict[str, torch.Tensor | None], rescale: bool) -> tuple[torch.Tensor, ...]:
+def ref_fp64(inputs: GuidedUpdateInputs, rescale: bool) -> tuple[torch.Tensor, ...]:
     """`guided_update_ref` in float64: inputs cast up, and its `.float()` casts made `.double()`."""
-    args = {n: None if t is None else t.double() for n, t in inputs.items()}
+    args = GuidedUpdateInputs(*(None if t is None else t.double() for t in inputs))
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(torch.Tensor, "float", torch.Tensor.double)
-        z_next, x0 = guided_update_ref(**args, rescale=rescale)
+        z_next, x0 = guided_update_ref(args, rescale=rescale)
     assert z_next.dtype == x0.dtype == torch.float64
     return z_next, x0
 
@@ -103,7 +105,7 @@ def assert_matches_fp64(out: tuple[torch.Tensor, ...], ref: tuple[torch.Tensor, 
 @pytest.mark.parametrize("b", [1, 2, 7, 64])
 def test_cpp_matches_reference(cpu_ext, gen, b, d, k, cfg, rescale):
     inputs = make_inputs(gen, b, d, k, cfg)
-    out = _guided_update_cpu(**inputs, rescale=rescale)
+    out = guided_update_cpu(inputs, rescale=rescale)
     assert_matches_fp64(out, ref_fp64(inputs, rescale))
 
 
@@ -115,7 +117,7 @@ def test_cpp_matches_reference(cpu_ext, gen, b, d, k, cfg, rescale):
 @pytest.mark.parametrize("rescale", [True, False])
 def test_cpp_generic_and_threaded_paths(cpu_ext, gen, b, d, k, rescale):
     inputs = make_inputs(gen, b, d, k, cfg=True)
-    out = _guided_update_cpu(**inputs, rescale=rescale)
+    out = guided_update_cpu(inputs, rescale=rescale)
     assert_matches_fp64(out, ref_fp64(inputs, rescale))
 
 
@@ -134,21 +136,23 @@ def test_wrapper_accepts_views_float64_and_grad(cpu_ext, gen):
     inputs = make_inputs(gen, b, d, k, cfg=True)
     ref = ref_fp64(inputs, True)
     # non-contiguous fp32 views, a float64 tensor and a tensor that requires grad
-    views = {n: t.T.contiguous().T for n, t in inputs.items() if t is not None and t.dim() == 2}
-    views["cfg_scale"] = inputs["cfg_scale"].double()
-    views["probe_bias"] = inputs["probe_bias"].clone().requires_grad_()
-    views["v_uncond"] = inputs["v_uncond"]
-    assert not views["z"].is_contiguous()
-    assert_matches_fp64(_guided_update_cpu(**views, rescale=True), ref)
+    views = GuidedUpdateInputs(*(t.T.contiguous().T if t.dim() == 2 else t for t in inputs))
+    views = views._replace(
+        v_uncond=inputs.v_uncond,
+        cfg_scale=inputs.cfg_scale.double(),
+        probe_bias=inputs.probe_bias.clone().requires_grad_(),
+    )
+    assert not views.z.is_contiguous()
+    assert_matches_fp64(guided_update_cpu(views, rescale=True), ref)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
 def test_wrapper_keeps_dtype(cpu_ext, gen, dtype):
     b, d, k = 9, 41, 2
     inputs = make_inputs(gen, b, d, k, cfg=True, dtype=dtype)
-    out = _guided_update_cpu(**inputs, rescale=True)
+    out = guided_update_cpu(inputs, rescale=True)
     ref64 = ref_fp64(inputs, True)
-    ref_own = guided_update_ref(**inputs, rescale=True)  # the reference in this dtype
+    ref_own = guided_update_ref(inputs, rescale=True)  # the reference in this dtype
     for name, o, r64, r in zip(("z_next", "x0"), out, ref64, ref_own, strict=True):
         assert o.dtype == dtype, name
         err = (o.double() - r64).abs()
@@ -207,8 +211,8 @@ def test_bad_outputs_raise_value_error(cpu_ext, gen):
 
 def test_select_picks_cpp_on_cpu(cpu_ext, monkeypatch):
     monkeypatch.delenv("DGLM_GUIDED_UPDATE", raising=False)
-    assert select_guided_update("cpu") is _guided_update_cpu
-    assert select_guided_update("cpu", prefer="cpp") is _guided_update_cpu
+    assert select_guided_update("cpu") is guided_update_cpu
+    assert select_guided_update("cpu", prefer="cpp") is guided_update_cpu
 
 
 def test_select_reference_when_asked(monkeypatch):
