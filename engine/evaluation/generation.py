@@ -1,0 +1,143 @@
+"""Generation for `dglm eval`: one setting's continuations of every prefix, by the engine (DGLM),
+plain decoding or FUDGE, in batches, with per-stage timings."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from dglm.engine.api import GenerationParams
+from dglm.engine.bundle import resolve_reference
+from dglm.engine.decoding.loop import DecodeParams
+from dglm.engine.decoding.loop import generate as decode
+from dglm.engine.evaluation.settings import EvalConfig, Setting
+from dglm.engine.methods.fudge import FudgeParams, fudge_generate
+from dglm.engine.models import load_decoder
+
+
+@dataclass
+class Generations:
+    """The continuations of one setting, row r = prefix r // num_samples, sample r % num_samples."""
+
+    prefix_index: list[int]
+    texts: list[str]
+    token_ids: list[list[int]]
+    latents: torch.Tensor | None  # (N, d) fp32, dglm only
+    timings: dict[str, float] = field(default_factory=dict)  # seconds, generation only
+
+
+def batches(n: int, size: int) -> list[range]:
+    """Row ranges of at most `size` covering range(n)."""
+    return [range(lo, min(n, lo + size)) for lo in range(0, n, size)]
+
+
+def _seed(config: EvalConfig, prefix: int) -> int:
+    return config.seed + 1000 * prefix  # sample j of a prefix uses seed + j
+
+
+def generate_setting(
+    engine,
+    setting: Setting,
+    prefixes: list[str],
+    config: EvalConfig,
+    tick=None,
+    base_decoder=None,
+) -> Generations:
+    """Run one setting over every prefix in batches of config.batch_size prompts. Plain decoding
+    and FUDGE run on `base_decoder` (the released decoder, without the bundle's adapters; default:
+    the engine's decoder)."""
+    base_decoder = engine.decoder if base_decoder is None else base_decoder
+    S = config.num_samples
+    rows_idx, texts, toks, lats = [], [], [], []
+    timings: dict[str, float] = {}
+
+    def add(key: str, v: float) -> None:
+        timings[key] = timings.get(key, 0.0) + v
+
+    for chunk in batches(len(prefixes), config.batch_size):
+        t0 = time.perf_counter()
+        if setting.method == "dglm":
+            params = [
+                GenerationParams(
+                    controls=setting.controls,
+                    num_samples=S,
+                    seed=_seed(config, i),
+                    max_new_tokens=config.max_new_tokens,
+                    temperature=config.temperature,
+                    top_p=config.top_p,
+                    renoise_alpha2=setting.renoise_alpha2,
+                )
+                for i in chunk
+            ]
+            outs = engine.generate([prefixes[i] for i in chunk], params)
+            for i, o in zip(chunk, outs, strict=True):
+                for s in o.samples:
+                    rows_idx.append(i)
+                    texts.append(s.text)
+                    toks.append(list(s.token_ids))
+                    lats.append(s.latent)
+            for k, v in outs[0].timings.items():
+                if k != "total":
+                    add(k + "_s", v)
+        else:
+            ids = [engine.tokenizer.encode(prefixes[i]) for i in chunk for _ in range(S)]
+            if setting.method == "decoder":
+                params = [
+                    DecodeParams(
+                        max_new_tokens=config.max_new_tokens,
+                        temperature=config.temperature,
+                        top_p=config.top_p,
+                        seed=(_seed(config, i) + j) ^ 0x5DEECE66D,  # the engine's decode seeds
+                    )
+                    for i in chunk
+                    for j in range(S)
+                ]
+                results, t = decode(base_decoder, engine.tokenizer, ids, params)
+                for k in ("prefill_s", "decode_s"):
+                    add(k, t[k])
+            elif setting.method == "fudge":
+                fp = FudgeParams(
+                    max_new_tokens=config.max_new_tokens,
+                    top_k=config.fudge_top_k,
+                    strength=setting.scale,
+                    temperature=config.temperature,
+                    top_p=config.top_p,
+                    seed=_seed(config, chunk[0]),
+                )
+                probe = engine.probes.probes[setting.probe]
+                results, t = fudge_generate(
+                    base_decoder, engine.tokenizer, engine.encoder, probe, setting.target, ids, fp
+                )
+                for k in ("lm_s", "probe_s", "candidates_scored"):
+                    add(k, t[k])
+            else:
+                raise AssertionError(setting.method)
+            for r, res in enumerate(results):
+                rows_idx.append(chunk[r // S])
+                texts.append(res.text)
+                toks.append(list(res.token_ids))
+        add("wall_s", time.perf_counter() - t0)
+        if tick is not None:
+            tick()
+    n = len(texts)
+    timings["per_sample_s"] = timings["wall_s"] / n
+    latents = torch.stack(lats) if lats else None
+    return Generations(rows_idx, texts, toks, latents, timings)
+
+
+def warm_up(engine, prefix: str) -> None:
+    """One tiny untimed call through every model, so no setting pays first-call costs."""
+    engine.generate([prefix], GenerationParams(max_new_tokens=2, seed=0))
+    engine.encoder.embed([prefix, prefix + " and"])
+
+
+def released_decoder(engine):
+    """The decoder as released, without the bundle's merged adapters: what plain decoding and
+    FUDGE run on and what "PPL SmolLM2" judges with (the engine's own decoder when the bundle has
+    no adapters or its directory is unknown)."""
+    bundle_dir = getattr(engine, "bundle_dir", None)
+    if engine.config.decoder_lora is None or bundle_dir is None:
+        return engine.decoder
+    ref = resolve_reference(engine.config.decoder, bundle_dir)
+    return load_decoder(ref, device=engine.device, dtype=engine.dtype)[0]

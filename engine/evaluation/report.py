@@ -1,0 +1,279 @@
+"""`dglm eval`'s report: results.md (tables of every setting by concern, the targets) beside
+results.json and samples.jsonl, and the JSON writers every results file shares."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from dglm.engine.evaluation.judges import (
+    PROFANITY_NOTE,
+    TEXTBLOB_THRESHOLD,
+    TOXIC_THRESHOLD,
+    VADER_THRESHOLD,
+)
+from dglm.engine.evaluation.metrics import Z95
+from dglm.engine.evaluation.perplexity import GEMMA_NAME
+from dglm.engine.evaluation.settings import DEFAULT_SCALE
+
+
+def finite(o):
+    """JSON has no NaN or infinity: they become null."""
+    if isinstance(o, float):
+        return o if math.isfinite(o) else None
+    if isinstance(o, dict):
+        return {k: finite(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [finite(v) for v in o]
+    return o
+
+
+def write_json(path: Path, obj, indent: int = 2) -> Path:
+    """`obj` as strict JSON (NaN and infinities as null) with a final newline."""
+    path.write_text(json.dumps(finite(obj), indent=indent, allow_nan=False) + "\n")
+    return path
+
+
+def write_jsonl(path: Path, rows: Iterable[dict]) -> Path:
+    """One strict JSON object per line, non-ASCII text kept as is."""
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(finite(row), ensure_ascii=False, allow_nan=False) + "\n")
+    return path
+
+
+def pct(rate: float | None) -> str:
+    """A rate as a whole percentage ("—" when missing)."""
+    return "—" if rate is None or math.isnan(rate) else f"{rate:.0%}"
+
+
+def rate_ci(m: dict, key: str) -> str:
+    """m[key] as a percentage followed by its 95% interval m[key + "_ci"], e.g. "90% [85%, 93%]"."""
+    lo, hi = m.get(key + "_ci") or (float("nan"), float("nan"))
+    if lo is None or hi is None or math.isnan(lo):
+        return pct(m.get(key))
+    return f"{pct(m.get(key))} [{lo:.0%}, {hi:.0%}]"
+
+
+def _fmt(v: float | None, spec: str = ".3f") -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "—"
+    return format(v, spec)
+
+
+def _mean_ci(m: dict, key: str, spec: str = ".3f") -> str:
+    """The mean ± the half-width of its 95% interval, or the mean alone without an interval."""
+    v, ci = m.get(key), m.get(key + "_ci")
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "—"
+    if not ci or ci[0] is None or ci[1] is None or math.isnan(ci[0]):
+        return format(v, spec)
+    return f"{format(v, spec)} ± {format((ci[1] - ci[0]) / 2, spec)}"
+
+
+def guidance_label(r: dict) -> str:
+    """How a row was steered, e.g. "s=10 (default)", "s=0 (unguided)", "FUDGE λ=1"."""
+    if r["method"] == "decoder":
+        return "none (plain decoding)"
+    if r["method"] == "fudge":
+        return f"FUDGE λ={r['scale']:g}"
+    if r["group"] == "fidelity":
+        return f"s=0, α²={r['renoise_alpha2']:g}"
+    if r["scale"] is None:
+        return "s=0 (unguided)"
+    return f"s={r['scale']:g}" + (" (default)" if r.get("default") else "")
+
+
+def _baselines(rows: list[dict]) -> list[dict]:
+    return [r for r in rows if r["setting"] in ("decoder", "dglm unguided")]
+
+
+def _setting_table(rows: list[dict], columns: list[str], cells: Callable[[dict], list[str]]):
+    """Markdown rows: setting, guidance, n, the given columns (`cells(metrics)`), s/sample."""
+    head = ["setting", "guidance", "n", *columns, "s/sample"]
+    lines = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
+    for r in rows:
+        row = [r["setting"], guidance_label(r), str(r["n"]), *cells(r["metrics"])]
+        row.append(_fmt(r["timings"]["per_sample_s"], ".3f"))
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
+def _fluency_table(report: dict) -> list[str]:
+    ref = report.get("reference_lm") or {"name": GEMMA_NAME}
+
+    def cells(m: dict) -> list[str]:
+        fid = m.get("fidelity")
+        return [
+            _fmt(m.get("perplexity"), ".2f"),
+            _fmt(m.get("ref_perplexity"), ".2f"),
+            *(_fmt(m.get(f"dist_{k}")) for k in (1, 2, 3)),
+            f"{fid:.3f} ± {Z95 * m['fidelity_se']:.3f}" if fid is not None else "—",
+        ]
+
+    columns = ["PPL SmolLM2", f"PPL {ref['name']}", "Dist-1", "Dist-2", "Dist-3", "fidelity"]
+    return _setting_table(report["rows"], columns, cells)
+
+
+def _sentiment_table(report: dict) -> list[str]:
+    rows = _baselines(report["rows"]) + [r for r in report["rows"] if r["group"] == "sentiment"]
+    columns = ["VADER +", "VADER −", "TextBlob +", "TextBlob −", "probe p(+)"]
+    return _setting_table(
+        rows,
+        columns,
+        lambda m: [
+            *(
+                rate_ci(m, f"{j}_{t}")
+                for j in ("vader", "textblob")
+                for t in ("positive", "negative")
+            ),
+            _mean_ci(m, "probe_p_positive"),
+        ],
+    )
+
+
+def _toxicity_table(report: dict) -> list[str]:
+    rows = _baselines(report["rows"]) + [r for r in report["rows"] if r["group"] == "toxicity"]
+    columns = [
+        "profanity-check† mean",
+        "profanity-check† > 0.5",
+        "HateSonar mean",
+        "HateSonar > 0.5",
+        "probe p(non-toxic)",
+    ]
+    lines = _setting_table(
+        rows,
+        columns,
+        lambda m: [
+            _mean_ci(m, "toxicity_mean"),
+            rate_ci(m, "toxicity_frac"),
+            _mean_ci(m, "hatesonar_mean"),
+            rate_ci(m, "hatesonar_frac"),
+            _mean_ci(m, "probe_p_nontoxic"),
+        ],
+    )
+    lines += [
+        "",
+        f"† {PROFANITY_NOTE}, so that column is not independent of the toxicity probe; "
+        "HateSonar (a classifier of its own, trained on labelled tweets) is.",
+    ]
+    return lines
+
+
+def _stage_table(report: dict) -> list[str]:
+    lines = ["| setting | total | stages |", "|---|---:|---|"]
+    for r in report["rows"]:
+        if "same_run_as" in r:
+            continue
+        t = r["timings"]
+        stages = ", ".join(
+            f"{k.removesuffix('_s')} {v / r['n']:.3f}"
+            for k, v in t.items()
+            if k.endswith("_s") and k not in ("wall_s", "per_sample_s")
+        )
+        lines.append(f"| {r['setting']} | {t['per_sample_s']:.3f} | {stages} |")
+    return lines
+
+
+def _targets_table(report: dict) -> list[str]:
+    if not report["targets"]:
+        return ["No target could be checked (settings missing)."]
+    lines = [
+        "| target | setting | value | threshold | met | margin | note |",
+        "|---|---|---:|---:|---|---:|---|",
+    ]
+    for c in report["targets"]:
+        met = "not run" if c["met"] is None else ("met" if c["met"] else "missed")
+        lines.append(
+            f"| {c['target']} | {c['setting']} | {_fmt(c['value'])} | {_fmt(c['threshold'], 'g')} "
+            f"| {met} | {_fmt(c['margin'], '+.3f')} | {c['note']} |"
+        )
+    return lines
+
+
+def render_markdown(report: dict) -> str:
+    env = report["environment"]
+    cfg = report["config"]
+    ref = report.get("reference_lm") or {"name": GEMMA_NAME, "status": "disabled", "note": ""}
+    default_scale = report.get("default_scale", DEFAULT_SCALE)
+    lines = [
+        f"# dglm eval: {report['bundle']}",
+        "",
+        f"{len(report['prefixes'])} held-out prefixes × {cfg['num_samples']} sample(s), "
+        f"{cfg['max_new_tokens']} new tokens, top-p {cfg['top_p']}, temperature "
+        f"{cfg['temperature']}, batches of {cfg['batch_size']} prompts; device {env['device']} "
+        f"({env['device_name']}, {env['torch_threads']} torch threads); commit "
+        f"{(env['commit'] or 'unknown')[:12]}{' (dirty)' if env['dirty'] else ''}; "
+        f"total {report['wall_s']:.0f} s.",
+        "",
+    ]
+    if not report["bundle_trained"]:
+        lines += [
+            "**The bundle's networks are untrained (random): these numbers mean nothing.**",
+            "",
+        ]
+    lines += [
+        "Judges, none sharing anything with the probes or MiniLM except alt-profanity-check (†): "
+        f"VADER compound > {VADER_THRESHOLD} positive, < −{VADER_THRESHOLD} negative; TextBlob "
+        f"polarity (pattern lexicon) > {TEXTBLOB_THRESHOLD} positive, < −{TEXTBLOB_THRESHOLD} "
+        "negative; alt-profanity-check p(offensive) and HateSonar p(hate speech or offensive "
+        f"language), mean and share > {TOXIC_THRESHOLD}. PPL: perplexity of the continuation "
+        f"given the prefix under SmolLM2 as released (the bundle's adapters are not merged into this judge, nor into the decoder that plain decoding and FUDGE run on) and under {ref['name']} (the texts "
+        "re-tokenised with its tokenizer). Dist-n: distinct n-grams over all continuations of a "
+        "row. n: continuations per row. Rates are followed by their 95% Wilson interval [lo, hi]; "
+        "means by ± the half-width of their 95% interval (1.96·se). Guidance: s is the DGLM "
+        f"guidance scale (the weight of the probe's loss in the x̂0 update; {default_scale:g}, the "
+        "bundle's control_scale, is the default, 0 = unguided), λ FUDGE's weight on log p(target | text) under the same "
+        "probe. s/sample: generation wall time per continuation (batched).",
+        "",
+    ]
+    if ref["status"] != "used":
+        lines += [
+            f"**{ref['name']} perplexity not computed: {ref['note']}.** Its column shows —, and "
+            "the perplexity targets fall back to SmolLM2's perplexity.",
+            "",
+        ]
+    lines += ["## Fluency and diversity", "", *_fluency_table(report)]
+    lines += [
+        "",
+        "## Sentiment: guidance-scale sweep and FUDGE",
+        "",
+        *_sentiment_table(report),
+    ]
+    lines += ["", "## Toxicity", "", *_toxicity_table(report)]
+    lines += ["", "## Generation time per sample, by stage (seconds; batched as above)", ""]
+    lines += _stage_table(report)
+    if report["skipped"]:
+        lines += [
+            "",
+            "Skipped: "
+            + "; ".join(f"{s['setting']} ({s['reason']})" for s in report["skipped"])
+            + ".",
+        ]
+    lines += [
+        "",
+        "## Targets",
+        "",
+        f"At the default guidance scale s = {default_scale:g}; margin > 0: met by that much, "
+        "< 0: missed by that much. Unguided DGLM and plain-decoding base rates are in the notes.",
+        "",
+        *_targets_table(report),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(report: dict, samples: list[dict], out: str | Path) -> dict[str, Path]:
+    """results.json, results.md and samples.jsonl in `out` (created)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {
+        "json": out / "results.json",
+        "markdown": out / "results.md",
+        "samples": out / "samples.jsonl",
+    }
+    write_json(paths["json"], report)
+    paths["markdown"].write_text(render_markdown(report))
+    write_jsonl(paths["samples"], samples)
+    return paths

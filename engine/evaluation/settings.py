@@ -1,0 +1,193 @@
+"""What `dglm eval` runs: its configuration and presets, and the list of settings (plain decoding,
+unguided DGLM, probe-guided DGLM over guidance scales, a re-noising sweep, the FUDGE baseline with
+the same probe) made from it and a bundle's probes."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from dglm.engine.bundle import BundleConfig
+from dglm.engine.evaluation.prefixes import DEFAULT_SOURCES
+from dglm.engine.probes import Control, Probe
+
+RENOISE_SWEEP = (1.0, 0.95, 0.9, 0.5, 0.0)  # the reference's Table 2 sweep of alpha²
+# the guidance scale of a control given without one when a bundle sets none; a bundle's own
+# (BundleConfig.control_scale) is what `dglm eval` judges as "the default"
+DEFAULT_SCALE = BundleConfig.control_scale
+# labels a toxicity probe may give its non-toxic class; else a binary probe's y=0 label
+_LOW_TOXICITY_LABELS = ("non_toxic", "non-toxic", "nontoxic", "clean", "safe", "low", "neutral")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    num_prefixes: int = 64  # held-out prefixes
+    num_samples: int = 2  # continuations per prefix and setting
+    max_new_tokens: int = 20  # the reference's length for guided tasks
+    min_prefix_tokens: int = 16  # prefixes are 16-32 decoder tokens of a held-out text
+    max_prefix_tokens: int = 32
+    sources: tuple[str, ...] = DEFAULT_SOURCES  # offline sources of held-out texts
+    prefixes: tuple[str, ...] = ()  # explicit prefixes instead of held-out texts (tests)
+    # DGLM probe sweep; run_eval adds the bundle's control_scale when it is missing
+    guidance_scales: tuple[float, ...] = (10.0, 100.0, 300.0, 1000.0, 3000.0, 10000.0)
+    renoise_alpha2s: tuple[float, ...] = RENOISE_SWEEP  # proposal-fidelity sweep (unguided)
+    fudge_top_k: int = 50  # FUDGE candidates per step
+    fudge_strengths: tuple[float, ...] = (1.0, 3.0)  # FUDGE λ on log p(target | text)
+    temperature: float = 1.0
+    top_p: float = 0.95  # nucleus sampling for every method
+    batch_size: int = 16  # prompts per generation call (every method alike)
+    seed: int = 0
+    gemma: bool = False  # also judge fluency under Gemma-3-270M (the presets do; needs the extra)
+
+    def __post_init__(self) -> None:
+        for name in ("num_prefixes", "num_samples", "max_new_tokens", "fudge_top_k", "batch_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an integer ≥ 1, got {v!r}")
+        if self.num_samples >= 1000:
+            raise ValueError(f"num_samples must be < 1000, got {self.num_samples}")
+        if not 1 <= self.min_prefix_tokens <= self.max_prefix_tokens:
+            raise ValueError(
+                f"need 1 ≤ min_prefix_tokens ≤ max_prefix_tokens, got {self.min_prefix_tokens}, "
+                f"{self.max_prefix_tokens}"
+            )
+        for name in (
+            "sources",
+            "prefixes",
+            "guidance_scales",
+            "renoise_alpha2s",
+            "fudge_strengths",
+        ):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        if any(not isinstance(p, str) or not p.strip() for p in self.prefixes):
+            raise ValueError("prefixes must be non-empty strings")
+        if any(not (math.isfinite(s) and s > 0) for s in self.guidance_scales):
+            raise ValueError(f"guidance_scales must be finite and > 0, got {self.guidance_scales}")
+        if any(not 0.0 <= a <= 1.0 for a in self.renoise_alpha2s):
+            raise ValueError(f"renoise_alpha2s must lie in [0, 1], got {self.renoise_alpha2s}")
+        if any(not (math.isfinite(s) and s >= 0) for s in self.fudge_strengths):
+            raise ValueError(f"fudge_strengths must be finite and ≥ 0, got {self.fudge_strengths}")
+        if not 0 < self.top_p <= 1 or not self.temperature >= 0:
+            raise ValueError(
+                f"need 0 < top_p ≤ 1 and temperature ≥ 0, got {self.top_p}, {self.temperature}"
+            )
+
+
+PRESETS = {
+    # 100 prefixes × 2 samples: 200 continuations per cell
+    "full": EvalConfig(num_prefixes=100, num_samples=2, gemma=True),
+    # < 20 minutes on CPU for MiniLM + SmolLM2-135M at one torch thread. From the 16-prefix run
+    # (245 s; ≈ 0.62 s per DGLM or plain continuation, 2.2-3.0 s per FUDGE one at top-k 20, batches
+    # of 16) and Gemma scoring (≈ 0.25 s per continuation): 17 runs (plain, unguided, 4 scales × 3
+    # controls, α² = 0, 2 FUDGE) of 32 continuations ≈ 32 × (15 × 0.62 + 2 × 2.6) ≈ 465 s of
+    # generation, ≈ 190 s of scoring, ≈ 75 s of loading (+ 75 s the first time Gemma is
+    # dequantised): about 12-14 minutes.
+    "quick": EvalConfig(
+        num_prefixes=32,
+        num_samples=1,
+        guidance_scales=(DEFAULT_SCALE, 300.0, 1000.0, 3000.0),
+        renoise_alpha2s=(0.95, 0.0),
+        fudge_top_k=20,
+        fudge_strengths=(1.0,),
+        gemma=True,
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str  # unique, e.g. "dglm sentiment=positive:20"
+    method: str  # "decoder" (plain decoding) | "dglm" | "fudge"
+    group: str  # "unguided" | "sentiment" | "toxicity" | "fidelity"
+    controls: tuple[Control, ...] = ()
+    renoise_alpha2: float | None = None  # dglm only
+    probe: str | None = None
+    target: str | None = None
+    scale: float | None = None  # DGLM guidance scale, or FUDGE λ
+
+
+def low_toxicity_target(probe: Probe) -> str:
+    """The label of a toxicity probe that means "not toxic"."""
+    for label in probe.labels:
+        if label.lower() in _LOW_TOXICITY_LABELS:
+            return label
+    if probe.rows == 1:
+        return probe.labels[0]  # binary probes label y=1 as the property (toxic)
+    raise ValueError(
+        f"toxicity probe labels {list(probe.labels)} name no non-toxic class; "
+        f"use one of {list(_LOW_TOXICITY_LABELS)}"
+    )
+
+
+def build_settings(config: EvalConfig, probes: dict[str, Probe], default_alpha2: float):
+    """(settings to run, skipped [{setting, reason}])."""
+    settings = [
+        Setting("decoder", "decoder", "unguided"),
+        Setting("dglm unguided", "dglm", "unguided", renoise_alpha2=default_alpha2),
+    ]
+    skipped = []
+    if "sentiment" in probes:
+        for target in ("positive", "negative"):
+            if target not in probes["sentiment"].labels:
+                skipped.append(
+                    {"setting": f"sentiment={target}", "reason": "not a sentiment probe label"}
+                )
+                continue
+            for s in config.guidance_scales:
+                settings.append(
+                    Setting(
+                        f"dglm sentiment={target}:{s:g}",
+                        "dglm",
+                        "sentiment",
+                        (Control("sentiment", target, s),),
+                        default_alpha2,
+                        "sentiment",
+                        target,
+                        s,
+                    )
+                )
+            for lam in config.fudge_strengths:
+                settings.append(
+                    Setting(
+                        f"fudge sentiment={target} λ={lam:g}",
+                        "fudge",
+                        "sentiment",
+                        probe="sentiment",
+                        target=target,
+                        scale=lam,
+                    )
+                )
+    else:
+        skipped.append({"setting": "sentiment", "reason": "the bundle has no 'sentiment' probe"})
+    if "toxicity" in probes:
+        low = low_toxicity_target(probes["toxicity"])
+        for s in config.guidance_scales:
+            settings.append(
+                Setting(
+                    f"dglm toxicity={low}:{s:g}",
+                    "dglm",
+                    "toxicity",
+                    (Control("toxicity", low, s),),
+                    default_alpha2,
+                    "toxicity",
+                    low,
+                    s,
+                )
+            )
+    else:
+        skipped.append({"setting": "toxicity=low", "reason": "the bundle has no 'toxicity' probe"})
+    for a2 in config.renoise_alpha2s:
+        settings.append(
+            Setting(f"dglm unguided α²={a2:g}", "dglm", "fidelity", renoise_alpha2=float(a2))
+        )
+    return settings, skipped
+
+
+def target_rate(setting: Setting, m: dict) -> float | None:
+    """The share of a setting's continuations that meet its target by the independent judge
+    (VADER for sentiment, alt-profanity-check for toxicity); None for an unsteered setting."""
+    if setting.group == "sentiment":
+        return m["vader_" + setting.target]
+    if setting.group == "toxicity":
+        return 1.0 - m["toxicity_frac"]
+    return None

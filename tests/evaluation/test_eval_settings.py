@@ -1,0 +1,48 @@
+"""The settings `dglm eval` runs for a bundle's probes, and the presets."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from dglm.engine.evaluation.settings import (
+    DEFAULT_SCALE,
+    PRESETS,
+    RENOISE_SWEEP,
+    EvalConfig,
+    build_settings,
+    low_toxicity_target,
+)
+from dglm.engine.probes import Probe
+
+
+def test_settings_cover_every_probe_and_skip_missing_ones(gen):
+    def probe(name, labels):
+        rows = 1 if len(labels) == 2 else len(labels)
+        return Probe(name, labels, torch.randn(rows, 8, generator=gen), torch.zeros(rows))
+
+    config = EvalConfig(guidance_scales=(10.0, 50.0), fudge_strengths=(1.0,))
+    probes = {
+        "sentiment": probe("sentiment", ("negative", "positive")),
+        "toxicity": probe("toxicity", ("low", "high")),
+    }
+    settings, skipped = build_settings(config, probes, 0.95)
+    names = [s.name for s in settings]
+    assert skipped == []
+    assert "dglm toxicity=low:10" in names and "dglm toxicity=low:50" in names
+    assert "fudge sentiment=negative λ=1" in names
+    assert [s.renoise_alpha2 for s in settings if s.group == "fidelity"] == list(RENOISE_SWEEP)
+    assert low_toxicity_target(probe("toxicity", ("clean", "toxic"))) == "clean"
+    assert low_toxicity_target(probe("toxicity", ("a", "b"))) == "a"  # binary: y = 0
+    with pytest.raises(ValueError, match="no non-toxic class"):
+        low_toxicity_target(probe("toxicity", ("a", "b", "c")))
+    settings, skipped = build_settings(config, {}, 0.95)
+    assert [s["setting"] for s in skipped] == ["sentiment", "toxicity=low"]
+    assert [s.name for s in settings][:2] == ["decoder", "dglm unguided"]
+
+
+def test_presets_judge_with_gemma_and_hold_the_default_scale():
+    # the presets judge with Gemma and hold ≥ 200 continuations per cell (full)
+    assert PRESETS["full"].gemma and PRESETS["quick"].gemma
+    assert PRESETS["full"].num_prefixes * PRESETS["full"].num_samples >= 200
+    for preset in PRESETS.values():
+        assert DEFAULT_SCALE in preset.guidance_scales and len(preset.guidance_scales) >= 3

@@ -1,0 +1,81 @@
+"""The steering issue's target checks on synthetic rows: met with margins, missed with negative
+margins, the SmolLM2 fallback and settings that were not run."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from dglm.engine.evaluation.metrics import mean_and_se
+from dglm.engine.evaluation.targets import target_checks
+from eval_rows import by_target, target_rows
+
+
+def test_targets_met_at_the_default_scale_with_margins():
+    cos95 = torch.tensor([0.5, 0.6, 0.7, 0.6])
+    cos0 = torch.tensor([0.2, 0.2, 0.3, 0.3])
+    checks = target_checks(target_rows(), {0.95: cos95, 0.0: cos0})
+    t = by_target(checks)
+    # judged at the default scale (10), never at a scale that happens to do better
+    pos = [c for c in checks if c["target"].startswith("sentiment positive")]
+    assert {c["setting"] for c in pos} == {"p10"} and len(pos) == 6
+    assert all(c["met"] for c in pos)
+    c = t["sentiment positive: VADER positive ≥ 80%"]
+    assert c["value"] == 0.9 and c["margin"] == pytest.approx(0.10)
+    assert (
+        c["note"] == "90% [85%, 93%]; unguided DGLM 30% [24%, 37%], plain decoding 30% [24%, 37%]"
+    )
+    c = t["sentiment positive: TextBlob positive ≥ 70%"]
+    assert c["margin"] == pytest.approx(0.05) and "unguided DGLM 25% [" in c["note"]
+    c = t["sentiment positive: Gemma-3-270M perplexity ≤ 1.5× plain decoding"]
+    assert c["value"] == pytest.approx(11 / 8) and c["margin"] == pytest.approx(1.5 - 11 / 8)
+    c = t["sentiment positive: Dist-3 within 0.05 of unguided DGLM"]
+    assert c["value"] == pytest.approx(0.02) and c["margin"] == pytest.approx(0.03)
+    # FUDGE: the best λ (fp3, 70%) is the one to beat; latency 0.5 s vs its 3.0 s
+    c = t["sentiment positive: success above FUDGE (same probe)"]
+    assert c["value"] == pytest.approx(0.2) and "fp3" in c["note"]
+    c = t["sentiment positive: latency per sample below FUDGE"]
+    assert c["value"] == pytest.approx(0.5 / 3.0) and c["margin"] == pytest.approx(1 - 0.5 / 3)
+    c = t["unguided DGLM: Gemma-3-270M perplexity ≤ 1.3× plain decoding"]
+    assert c["value"] == pytest.approx(1.25) and c["met"] and c["setting"] == "dglm unguided"
+    (fid,) = [c for c in checks if c["target"].startswith("fidelity")]
+    diff, se = mean_and_se(cos95 - cos0)
+    assert fid["value"] == pytest.approx(0.35) and fid["met"]
+    assert fid["margin"] == pytest.approx(diff - 2 * se)
+
+
+# sentiment negative's checks: (met, margin); the second judge alone is met
+NEGATIVE = {
+    "VADER negative ≥ 80%": (False, -0.2),
+    "TextBlob negative ≥ 70%": (True, 0.02),
+    "Gemma-3-270M perplexity ≤ 1.5× plain decoding": (False, 1.5 - 14 / 8),
+    "Dist-3 within 0.05 of unguided DGLM": (False, -0.05),
+    "success above FUDGE (same probe)": (False, -0.05),
+    "latency per sample below FUDGE": (False, 1 - 0.9 / 0.6),
+}
+
+
+def test_targets_missed_report_negative_margins():
+    t = by_target(target_checks(target_rows(), {}))
+    neg = {k: v for k, v in t.items() if k.startswith("sentiment negative")}
+    assert {c["setting"] for c in neg.values()} == {"n10"}
+    for name, (met, margin) in NEGATIVE.items():
+        c = neg["sentiment negative: " + name]
+        assert c["met"] is met and c["margin"] == pytest.approx(margin), name
+    assert not any(k.startswith("fidelity") for k in t)  # no α² sweep given
+
+
+def test_targets_fall_back_to_smollm2_perplexity_and_mark_missing_settings():
+    rows = [r for r in target_rows() if r["setting"] not in ("n10", "fn1")]
+    for r in rows:
+        r["metrics"]["ref_perplexity"] = float("nan")  # Gemma was not run
+    rows[1]["metrics"]["perplexity"] = 14.0  # unguided DGLM vs plain decoding's 10
+    t = by_target(target_checks(rows, {}))
+    c = t["unguided DGLM: SmolLM2 perplexity (Gemma-3-270M absent) ≤ 1.3× plain decoding"]
+    assert not c["met"] and c["value"] == pytest.approx(1.4) and c["margin"] == pytest.approx(-0.1)
+    c = t["sentiment positive: SmolLM2 perplexity (Gemma-3-270M absent) ≤ 1.5× plain decoding"]
+    assert not c["met"] and c["value"] == pytest.approx(2.0)  # SmolLM2: 20 vs 10
+    assert c["margin"] == pytest.approx(-0.5) and c["note"] == "20.00 vs plain decoding 10.00"
+    # the negative target has no default-scale row: "not run", never "met"
+    neg = [c for c in t.values() if c["target"].startswith("sentiment negative")]
+    assert len(neg) == 6 and all(c["met"] is None for c in neg)
+    assert all("not run" in c["setting"] for c in neg)
