@@ -1,0 +1,99 @@
+"""`dglm eval`: evaluate a bundle on held-out prefixes (see dglm.engine.evaluation)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import replace
+from pathlib import Path
+
+from dglm.engine.cli.common import comma_separated, progress_bar
+
+_floats = comma_separated(float, "numbers")
+
+
+def add_parser(sub) -> None:
+    """Register `dglm eval` on the CLI's subparsers."""
+    e = sub.add_parser(
+        "eval",
+        help="evaluate a bundle on held-out prefixes (fluency, diversity, steering, fidelity, "
+        "FUDGE baseline)",
+    )
+    e.add_argument("--bundle", default="default", help="bundle directory or shipped name")
+    e.add_argument(
+        "--quick",
+        action="store_true",
+        help="the small preset (< 20 min on CPU; one torch thread unless `dglm --threads N`)",
+    )
+    e.add_argument(
+        "--out",
+        default=None,
+        help="output directory (default benchmarks/results/<device>/eval_<bundle>)",
+    )
+    e.add_argument("--device", default="cpu")
+    e.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+    e.add_argument("--prefixes", type=int, default=None, help="number of held-out prefixes")
+    e.add_argument("--samples", type=int, default=None, help="continuations per prefix")
+    e.add_argument("--max-new-tokens", type=int, default=None)
+    e.add_argument("--scales", type=_floats, default=None, help="guidance scales, e.g. 10,50")
+    e.add_argument("--renoise", type=_floats, default=None, help="alpha² sweep, e.g. 1,0.95,0")
+    e.add_argument("--fudge-top-k", type=int, default=None)
+    e.add_argument("--fudge-strengths", type=_floats, default=None, help="FUDGE λ, e.g. 1,3")
+    e.add_argument("--batch-size", type=int, default=None, help="prompts per generation call")
+    e.add_argument("--sources", default=None, help="comma-separated held-out sources")
+    e.add_argument("--seed", type=int, default=None)
+    e.add_argument(
+        "--gemma",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="perplexity under Gemma-3-270M too (default on; needs the `eval` extra, else the "
+        "column shows — and the report says how to install it)",
+    )
+    e.set_defaults(func=cmd_eval)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+    from dglm.engine import bundle as bundle_io
+    from dglm.engine.engine import Engine
+    from dglm.engine.evaluation.report import render_markdown, write_report
+    from dglm.engine.evaluation.run import run_eval
+    from dglm.engine.evaluation.settings import PRESETS
+
+    config = PRESETS["quick" if args.quick else "full"]
+    overrides = {
+        "num_prefixes": args.prefixes,
+        "num_samples": args.samples,
+        "max_new_tokens": args.max_new_tokens,
+        "guidance_scales": args.scales,
+        "renoise_alpha2s": args.renoise,
+        "fudge_top_k": args.fudge_top_k,
+        "fudge_strengths": args.fudge_strengths,
+        "batch_size": args.batch_size,
+        "sources": tuple(args.sources.split(",")) if args.sources else None,
+        "seed": args.seed,
+        "gemma": args.gemma,
+    }
+    config = replace(config, **{k: v for k, v in overrides.items() if v is not None})
+    if getattr(args, "threads", None) is None and args.quick and args.device == "cpu":
+        # `dglm --threads N eval` chooses; --quick on CPU defaults to one thread, by far the
+        # fastest on a busy shared machine (two threads there spend their time in barriers)
+        torch.set_num_threads(1)
+    bundle_dir = bundle_io.resolve_bundle_dir(args.bundle)
+    out = args.out or Path("benchmarks/results") / torch.device(args.device).type / (
+        f"eval_{bundle_dir.name}" + ("_quick" if args.quick else "")
+    )
+    engine = Engine.from_pretrained(bundle_dir, device=args.device, dtype=args.dtype)
+    bar = progress_bar(None, "eval", unit="batch")
+
+    def progress(name: str, done: int, total: int) -> None:
+        bar.total = total
+        bar.set_postfix_str(name)
+        bar.update(done - bar.n)
+
+    report, samples = run_eval(engine, config, progress, bundle=str(args.bundle))
+    bar.close()
+    paths = write_report(report, samples, out)
+    print(render_markdown(report))
+    print(json.dumps({k: str(v) for k, v in paths.items()}))
+    return 0

@@ -1,0 +1,129 @@
+"""`dglm generate` (continue prefixes, optionally steered by probes) and `dglm info`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def add_parser(sub) -> None:
+    g = sub.add_parser("generate", help="continue prefixes, optionally steered by probes")
+    g.add_argument("prompt", nargs="+", help="one or more prefixes")
+    g.add_argument("--bundle", default="default", help="bundle directory or shipped name")
+    g.add_argument(
+        "--control",
+        action="append",
+        default=[],
+        metavar="PROBE=TARGET[:SCALE]",
+        help="steer with a probe, e.g. sentiment=positive:20 (repeatable: losses add)",
+    )
+    g.add_argument("--num-samples", "-n", type=int, default=1)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--max-new-tokens", type=int, default=32)
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-p", type=float, default=0.95)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    g.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance weight")
+    g.add_argument("--steps", type=int, default=None, help="diffusion steps (num_inference_steps)")
+    g.add_argument(
+        "--sampler",
+        choices=("ddpm", "ddim", "dpmpp-2m", "consistency"),
+        default=None,
+        help="diffusion sampler (consistency: the bundle's distilled student); default: the bundle's",
+    )
+    g.add_argument(
+        "--guidance", choices=("fast", "exact"), default=None, help="probe guidance mode"
+    )
+    g.add_argument("--renoise-alpha2", type=float, default=None)
+    g.add_argument("--device", default="cpu")
+    g.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+    g.add_argument(
+        "--backend",
+        default="torch",
+        choices=("torch", "onnx"),
+        help="onnx: --bundle is a `dglm export onnx` directory, run on ONNX Runtime",
+    )
+    g.add_argument("--json", action="store_true", help="print JSON")
+    g.set_defaults(func=cmd_generate)
+
+    i = sub.add_parser("info", help="describe a bundle")
+    i.add_argument("--bundle", default="default")
+    i.add_argument("--device", default="cpu")
+    i.set_defaults(func=cmd_info)
+
+
+def _controls(specs: list[str]):
+    from dglm.engine.probes import Control
+
+    return tuple(Control.parse(s) for s in specs)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from dglm.engine.api import GenerationParams
+    from dglm.engine.engine import Engine
+
+    params = GenerationParams(
+        controls=_controls(args.control),
+        num_samples=args.num_samples,
+        seed=args.seed,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        stop=tuple(args.stop),
+        cfg_scale=args.cfg_scale,
+        num_inference_steps=args.steps,
+        sampler=args.sampler,
+        guidance_mode=args.guidance,
+        renoise_alpha2=args.renoise_alpha2,
+    )
+    engine = Engine.from_pretrained(
+        args.bundle, device=args.device, dtype=args.dtype, backend=args.backend
+    )
+    outputs = engine.generate(list(args.prompt), params)
+    if args.json:
+        rows = [
+            {
+                "prompt": o.prompt,
+                "samples": [
+                    {
+                        "text": s.text,
+                        "token_ids": s.token_ids,
+                        "finish_reason": s.finish_reason,
+                        "latent_norm": float(s.latent.norm()),
+                    }
+                    for s in o.samples
+                ],
+                "timings_s": o.timings,
+            }
+            for o in outputs
+        ]
+        json.dump(rows, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return 0
+    for o in outputs:
+        for k, s in enumerate(o.samples):
+            tag = f"[{k}] " if len(o.samples) > 1 else ""
+            print(
+                f"{tag}{o.prompt}\x1b[1m{s.text}\x1b[0m"
+                if sys.stdout.isatty()
+                else f"{tag}{o.prompt}{s.text}"
+            )
+            print(f"    finish_reason={s.finish_reason} tokens={len(s.token_ids)}")
+    t = outputs[0].timings
+    stages = " ".join(f"{k}={1000 * v:.1f}ms" for k, v in t.items())
+    print(f"timings: {stages}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from dglm.engine.engine import Engine
+    from dglm.kernels.guided_update import cpp_available
+
+    engine = Engine.from_pretrained(args.bundle, device=args.device)
+    info = engine.info()
+    info["cpp_extension"] = cpp_available()
+    print(json.dumps(info, indent=2, default=str))
+    return 0

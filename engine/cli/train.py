@@ -1,0 +1,355 @@
+"""`dglm train`: the score network, the prompt generator, steering (prompt generator + decoder
+adapters), consistency distillation and the offline probes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from dataclasses import replace
+
+from dglm.engine.cli.common import configure_logging, float_pair, progress_bar
+
+
+def add_parser(sub) -> None:
+    t = sub.add_parser("train", help="train the networks and probes")
+    tsub = t.add_subparsers(dest="train_command", required=True)
+    td = tsub.add_parser("diffusion", help="the score network (v-prediction, CFG dropout, EMA)")
+    _add_train_args(td, steps=20_000, batch=256, lr=3e-4)
+    td.add_argument(
+        "--bundle",
+        default=None,
+        help="start from this bundle's score network (its preset; --preset is ignored)",
+    )
+    td.set_defaults(func=cmd_train_diffusion)
+    tp = tsub.add_parser("prompt-generator", help="the prompt generator against the frozen decoder")
+    _add_train_args(tp, steps=5_000, batch=16, lr=3e-4)
+    tp.add_argument("--decoder", default="smollm2")
+    tp.add_argument("--limit", type=int, default=None, help="use only the first N training pairs")
+    tp.add_argument(
+        "--max-prefix-tokens", type=int, default=None, help="keep the last N prefix tokens"
+    )
+    tp.add_argument(
+        "--max-continuation-tokens",
+        type=int,
+        default=None,
+        help="train on the first N continuation tokens",
+    )
+    tp.set_defaults(func=cmd_train_prompt_generator)
+    ts = tsub.add_parser(
+        "steering",
+        help="the prompt generator with decoder adapters (LoRA), from a bundle's networks",
+    )
+    _add_train_args(ts, steps=600, batch=16, lr=1e-3, preset=False)
+    ts.add_argument("--bundle", default="default", help="start from this bundle's networks")
+    ts.add_argument(
+        "--chamfer-steps",
+        type=int,
+        default=3000,
+        help="pre-training steps on token embeddings before the joint stage (0: skip)",
+    )
+    ts.add_argument("--chamfer-batch-size", type=int, default=64)
+    ts.add_argument("--chamfer-lr", type=float, default=1e-3)
+    ts.add_argument(
+        "--chamfer-weight",
+        type=float,
+        default=0.0,
+        help="joint stage: keep the chamfer loss beside the LM loss with this weight",
+    )
+    ts.add_argument("--lora-rank", type=int, default=8, help="0: keep the decoder frozen")
+    ts.add_argument("--lora-alpha", type=float, default=16.0)
+    ts.add_argument(
+        "--alpha2-min", type=float, default=0.5, help="latent noise: alpha² ~ U[min, 1]"
+    )
+    ts.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", "bfloat16", "float32"),
+        help="auto: bf16 autocast on CUDA and on CPUs with AMX, else fp32",
+    )
+    ts.add_argument("--max-prefix-tokens", type=int, default=16)
+    ts.add_argument("--max-continuation-tokens", type=int, default=24)
+    ts.add_argument("--limit", type=int, default=None, help="use only the first N training pairs")
+    ts.add_argument(
+        "--procs",
+        type=int,
+        default=1,
+        help="CPU processes × 1 thread each, data parallel (gradients averaged each step); "
+        "--batch-size and --chamfer-batch-size are the batches of all of them together",
+    )
+    ts.set_defaults(func=cmd_train_steering, warmup=20, eval_every=50, save_every=25)
+    tx = tsub.add_parser(
+        "distill",
+        help="consistency-distil a bundle's score network into a 1-4 step student",
+    )
+    _add_train_args(tx, steps=2_000, batch=256, lr=1e-4, preset=False)
+    tx.add_argument("--bundle", default="default", help="the teacher's bundle")
+    tx.add_argument("--grid", type=int, default=64, help="teacher ODE grid intervals")
+    tx.add_argument("--skip", type=int, default=1, help="grid intervals per teacher DDIM step")
+    tx.add_argument(
+        "--cfg-range",
+        type=float_pair,
+        default=(1.0, 1.0),
+        help="guidance weights w the student learns, LO,HI (w is a student input)",
+    )
+    tx.add_argument(
+        "--target-ema", type=float, default=0.0, help="target network EMA (0: stop-grad student)"
+    )
+    tx.set_defaults(func=cmd_train_distill)
+    tb = tsub.add_parser("probe", help="a logistic probe from the offline labelled sets")
+    tb.add_argument("which", choices=("sentiment", "topic", "toxicity"))
+    tb.add_argument("--out", required=True, help="probe safetensors file")
+    tb.add_argument("--encoder", default="all-MiniLM-L6-v2")
+    tb.add_argument("--device", default="cpu")
+    tb.set_defaults(func=cmd_train_probe)
+
+
+def _train_config(args: argparse.Namespace):
+    from dglm.engine.training.loop import TrainConfig
+
+    return TrainConfig(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        warmup=args.warmup,
+        ema_decay=args.ema_decay,
+        eval_every=args.eval_every,
+        save_every=args.save_every,
+        seed=args.seed,
+        max_minutes=args.max_minutes,
+    )
+
+
+def _train(args: argparse.Namespace, desc: str, run: Callable) -> int:
+    """Seed torch, run(TrainConfig from the flags, progress update) under a bar, print the run."""
+    cfg = _train_config(args)
+    _torch_seed(cfg.seed)
+    bar, update = _progress(cfg.steps, desc)
+    run(cfg, update)
+    bar.close()
+    print(json.dumps({"out": args.out, "steps": cfg.steps}))
+    return 0
+
+
+def _progress(total: int, desc: str):
+    bar = progress_bar(total, desc)
+
+    def update(step: int, logs: dict) -> None:
+        bar.update(step - bar.n)
+        bar.set_postfix(
+            {
+                k: f"{v:.4g}"
+                for k, v in logs.items()
+                if k in ("loss", "eval_loss", "eval_loss_a2_0.95")
+            }
+        )
+
+    return bar, update
+
+
+def cmd_train_diffusion(args: argparse.Namespace) -> int:
+    from dglm.engine.diffusion.score_network import SCORE_NET_PRESETS, ScoreNetwork
+    from dglm.engine.training.diffusion import train_diffusion
+    from dglm.engine.training.recipes import load_latents
+
+    if args.preset not in SCORE_NET_PRESETS:
+        raise ValueError(
+            f"--preset must be one of {sorted(SCORE_NET_PRESETS)}, got {args.preset!r}"
+        )
+    train, held = load_latents(args.data, "train"), load_latents(args.data, "eval")
+    if args.bundle is not None:  # continue from the bundle's score network (its shape wins)
+        from dglm.engine.training.recipes import bundle_score_network
+
+        net = bundle_score_network(args.bundle)
+        if net.config.latent_dim != train[0].shape[1]:
+            raise ValueError(
+                f"the bundle's score network is {net.config.latent_dim}-d but {args.data} holds "
+                f"{train[0].shape[1]}-d latents: embed the data with the bundle's encoder"
+            )
+    else:
+        preset = SCORE_NET_PRESETS[args.preset]
+        net = ScoreNetwork(replace(preset, latent_dim=train[0].shape[1]))
+    return _train(
+        args,
+        "diffusion",
+        lambda cfg, update: train_diffusion(net, train, held, args.out, cfg, args.device, update),
+    )
+
+
+def cmd_train_prompt_generator(args: argparse.Namespace) -> int:
+    from dglm.engine.models import load_decoder
+    from dglm.engine.prompt.generator import PROMPT_GENERATOR_PRESETS, PromptGenerator
+    from dglm.engine.training.prompt import train_prompt_generator
+    from dglm.engine.training.recipes import load_token_pairs
+
+    if args.preset not in PROMPT_GENERATOR_PRESETS:
+        raise ValueError(
+            f"--preset must be one of {sorted(PROMPT_GENERATOR_PRESETS)}, got {args.preset!r}"
+        )
+    decoder, tok = load_decoder(args.decoder, device=args.device)
+    cut = {
+        "max_prefix_tokens": args.max_prefix_tokens,
+        "max_continuation_tokens": args.max_continuation_tokens,
+    }
+    train = load_token_pairs(args.data, "train", tok, args.limit, **cut)
+    held = load_token_pairs(args.data, "eval", tok, **cut)
+    preset = PROMPT_GENERATOR_PRESETS[args.preset]
+    pg = PromptGenerator(
+        replace(preset, latent_dim=train[2].shape[1], decoder_dim=decoder.hidden_size)
+    )
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+    def run(cfg, update) -> None:
+        train_prompt_generator(pg, decoder, train, held, pad, args.out, cfg, args.device, update)
+
+    return _train(args, "prompt generator", run)
+
+
+def cmd_train_probe(args: argparse.Namespace) -> int:
+    from dglm.engine.probes import save_probes
+    from dglm.engine.training.recipes import train_named_probe
+
+    probe = train_named_probe(args.which, args.encoder, args.device)
+    save_probes(args.out, [probe])
+    print(json.dumps({"probe": probe.name, "labels": list(probe.labels), **probe.metrics}))
+    return 0
+
+
+def cmd_train_distill(args: argparse.Namespace) -> int:
+    from dglm.engine import bundle as bundle_io
+    from dglm.engine.diffusion.score_network import ScoreNetwork
+    from dglm.engine.training.distill import DistillConfig, train_distill
+    from dglm.engine.training.recipes import load_latents
+
+    bundle_dir = bundle_io.resolve_bundle_dir(args.bundle)
+    config = bundle_io.read_config(bundle_dir)
+    teacher = ScoreNetwork(config.score_network)
+    bundle_io.load_state(teacher, bundle_dir / bundle_io.SCORE_NET_FILE)
+    distill = DistillConfig(
+        grid=args.grid, skip=args.skip, cfg_range=args.cfg_range, target_ema=args.target_ema
+    )
+    train, held = load_latents(args.data, "train"), load_latents(args.data, "eval")
+    if train[0].shape[1] != config.score_network.latent_dim:
+        raise ValueError(
+            f"{args.data} holds {train[0].shape[1]}-d latents, the bundle's score network takes "
+            f"{config.score_network.latent_dim}-d ones: embed the data with the bundle's encoder"
+        )
+    return _train(
+        args,
+        "distill",
+        lambda cfg, update: train_distill(
+            teacher, train, held, args.out, cfg, distill, args.device, update
+        ),
+    )
+
+
+def cmd_train_steering(args: argparse.Namespace) -> int:
+    from dglm.engine.models.lora import LoraConfig
+    from dglm.engine.training.loop import TrainConfig
+    from dglm.engine.training.steering import SteerConfig, bf16_is_fast
+
+    joint = _train_config(args)
+    chamfer = None
+    if args.chamfer_steps > 0:
+        chamfer = TrainConfig(
+            steps=args.chamfer_steps,
+            batch_size=args.chamfer_batch_size,
+            lr=args.chamfer_lr,
+            warmup=min(100, args.chamfer_steps),
+            ema_decay=0.99,
+            eval_every=max(1, args.chamfer_steps // 10),
+            save_every=max(1, args.chamfer_steps // 10),
+            seed=args.seed,
+        )
+    lora = None if args.lora_rank == 0 else LoraConfig(args.lora_rank, args.lora_alpha)
+    bf16 = args.dtype == "bfloat16" or (args.dtype == "auto" and bf16_is_fast(args.device))
+    steer = SteerConfig(
+        alpha2_min=args.alpha2_min, autocast_bf16=bf16, chamfer_weight=args.chamfer_weight
+    )
+    if args.procs == 1:
+        _steering_process(0, 1, args, chamfer, joint, lora, steer)
+        return 0
+    import torch
+    from dglm.engine.training import parallel
+
+    if args.procs < 1:
+        raise ValueError(f"--procs must be a positive integer, got {args.procs}")
+    if torch.device(args.device).type != "cpu":
+        raise ValueError(f"--procs {args.procs} runs CPU processes: use --device cpu or --procs 1")
+    for name, cfg in (("--batch-size", joint), ("--chamfer-batch-size", chamfer)):
+        if cfg is not None and cfg.batch_size % args.procs:
+            raise ValueError(
+                f"{name} {cfg.batch_size} must be a multiple of --procs {args.procs} "
+                "(it is the batch of all processes together)"
+            )
+    parallel.spawn(_steering_process, args.procs, args, chamfer, joint, lora, steer)
+    return 0
+
+
+def _steering_process(
+    rank: int, world: int, args: argparse.Namespace, chamfer, joint, lora, steer
+) -> None:
+    """One process of `dglm train steering` (of `world`, data parallel): rank 0 alone draws the
+    bars and prints the result."""
+    from dglm.engine.training.recipes import train_steering_run
+
+    if world > 1:  # a fresh process: set up its logging as main() does
+        configure_logging(args.verbose and rank == 0)
+    _torch_seed(joint.seed)
+    bars: dict = {}
+
+    def progress(stage: str, step: int, logs: dict) -> None:
+        total = chamfer.steps if stage == "chamfer" else joint.steps
+        bar = bars.setdefault(stage, progress_bar(total, stage))
+        bar.update(step - bar.n)
+        shown = ("loss", "eval_chamfer", "eval_matched", "eval_shuffled", "eval_no_prompt")
+        bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k in shown})
+
+    logs = train_steering_run(
+        args.data,
+        args.bundle,
+        args.out,
+        chamfer,
+        joint,
+        lora,
+        steer,
+        args.device,
+        args.max_prefix_tokens,
+        args.max_continuation_tokens,
+        args.limit,
+        progress if rank == 0 else None,
+    )
+    for bar in bars.values():
+        bar.close()
+    if rank == 0:
+        print(json.dumps({"out": args.out, "steps": joint.steps, **logs}), flush=True)
+
+
+def _torch_seed(seed: int) -> None:
+    import torch
+
+    torch.manual_seed(seed)
+
+
+def _add_train_args(
+    p: argparse.ArgumentParser, steps: int, batch: int, lr: float, preset: bool = True
+) -> None:
+    p.add_argument("data", help="directory made by `dglm data pairs` + `dglm data embed`")
+    p.add_argument("--out", required=True, help="run directory (resumes from its checkpoint.pt)")
+    if preset:  # distillation copies the teacher's shape instead
+        p.add_argument("--preset", default="small")
+    p.add_argument("--steps", type=int, default=steps)
+    p.add_argument("--batch-size", type=int, default=batch)
+    p.add_argument("--lr", type=float, default=lr)
+    p.add_argument("--warmup", type=int, default=200)
+    p.add_argument("--ema-decay", type=float, default=0.999)
+    p.add_argument("--eval-every", type=int, default=500)
+    p.add_argument("--save-every", type=int, default=500)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--max-minutes",
+        type=float,
+        default=0.0,
+        help="stop with a checkpoint after this many minutes (0: none); rerun to resume",
+    )
+    p.add_argument("--device", default="cpu")
