@@ -10,6 +10,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from dglm.kernels.attention import fused_attention_supported, qk_norm_attention
 from torch import nn
 
 
@@ -89,8 +90,6 @@ class Attention(nn.Module):
             # One Triton launch for qk-norm + attention over all (item, head) pairs, reading the
             # strided q/k/v views in place and writing (B, T, H, Dh) = to_out's layout. The kernel
             # has no backward, so autograd (`exact` guidance, training) stays on the path below.
-            from dglm.kernels.attention import fused_attention_supported, qk_norm_attention
-
             assert self.q_norm.eps == self.k_norm.eps
             if fused_attention_supported(t, self.head_dim):
                 w_q, w_k = self.q_norm.weight, self.k_norm.weight

@@ -1,5 +1,6 @@
-"""Fused kernels with their PyTorch references: `guided_update` (C++ on CPU)."""
+"""Fused kernels with their PyTorch references: `guided_update` (C++ on CPU, Triton on CUDA) and
+`attention` (Triton)."""
 
-from dglm.kernels.guided_update import guided_update_ref, select_guided_update
+from dglm.kernels.guided_update import GuidedUpdateInputs, guided_update_ref, select_guided_update
 
-__all__ = ["guided_update_ref", "select_guided_update"]
+__all__ = ["GuidedUpdateInputs", "guided_update_ref", "select_guided_update"]

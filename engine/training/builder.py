@@ -11,6 +11,7 @@ from dglm.engine import bundle as bundle_io
 from dglm.engine.bundle import BundleConfig
 from dglm.engine.diffusion.score_network import SCORE_NET_PRESETS, ScoreNetwork
 from dglm.engine.encode.encoder import SentenceEncoder
+from dglm.engine.models import load_decoder
 from dglm.engine.probes import Probe, load_probes, save_probes, train_probe
 from dglm.engine.prompt.generator import PROMPT_GENERATOR_PRESETS, PromptGenerator
 
@@ -88,8 +89,6 @@ def create_bundle(
     notes: str = "",
 ) -> BundleConfig:
     """A bundle with freshly initialised (untrained) networks sized for `encoder` and `decoder`."""
-    from dglm.engine.models import load_decoder
-
     for kind, name, presets in (
         ("score_net", score_net, SCORE_NET_PRESETS),
         ("prompt_generator", prompt_generator, PROMPT_GENERATOR_PRESETS),

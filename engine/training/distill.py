@@ -29,6 +29,7 @@ The time grid (default 64 intervals) contains every point of the 1-, 2-, 4- and 
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -150,7 +151,7 @@ def distill_loss(
 
 
 @torch.no_grad()
-def _teacher_ode(
+def teacher_ode(
     teacher: ScoreNetwork, z_T: torch.Tensor, ctx: torch.Tensor, w: torch.Tensor, steps: int
 ) -> torch.Tensor:
     """The teacher's deterministic (DDIM) sample from z_T: what the 1-step student should reach."""
@@ -238,7 +239,7 @@ def train_distill(
     ev_ctx, ev_ref = (t[:m].to(device).float() for t in held_out)
     ev_z = torch.randn(m, prefix.shape[1], generator=g).to(device)
     ev_w = (lo + (hi - lo) * torch.rand(m, generator=g)).to(device)
-    ev_teacher = _teacher_ode(teacher, ev_z, ev_ctx, ev_w, teacher_eval_steps)
+    ev_teacher = teacher_ode(teacher, ev_z, ev_ctx, ev_w, teacher_eval_steps)
 
     def evaluate() -> dict[str, float]:
         return evaluate_student(run.ema.model, ev_teacher, ev_z, ev_ctx, ev_w, ev_ref)
@@ -269,8 +270,6 @@ def train_distill(
 
 def _fingerprint(net: torch.nn.Module) -> str:
     """A short, stable identity of a network's weights (resuming needs the same teacher)."""
-    import hashlib
-
     h = hashlib.sha256()
     for k, v in sorted(net.state_dict().items()):
         h.update(k.encode())
@@ -284,6 +283,7 @@ __all__ = [
     "distill_loss",
     "evaluate_student",
     "student_from_teacher",
+    "teacher_ode",
     "teacher_v",
     "train_distill",
 ]

@@ -27,7 +27,7 @@ from dglm.engine.diffusion.score_network import ScoreNetConfig, ScoreNetwork
 from dglm.engine.encode.encoder import SentenceEncoder
 from dglm.engine.models import load_decoder
 from dglm.engine.models.lora import LoraConfig
-from dglm.engine.probes import Probe, load_probes, save_probes
+from dglm.engine.probes import Probe, load_probes, save_probes, train_probe
 from dglm.engine.prompt.generator import PromptGenerator, PromptGeneratorConfig
 from dglm.engine.training import data as data_mod
 from dglm.engine.training.loop import TrainConfig
@@ -181,8 +181,6 @@ def train_named_probe(which: str, encoder: str = "all-MiniLM-L6-v2", device: str
 
     The held-out split is the engine-wide hash split, so evaluation texts are never trained on.
     """
-    from dglm.engine.probes import train_probe
-
     sets = {
         "sentiment": (data_mod.sentiment_set, ("negative", "positive")),
         "topic": (data_mod.topic_set, data_mod.TOPICS),
@@ -232,8 +230,6 @@ def assemble_bundle(
     notes: str = "",
 ) -> BundleConfig:
     """A trained bundle from the EMA weights of two runs and probe files (fp16 networks)."""
-    from dglm.engine.prompt.generator import PromptGenerator
-
     sn_state, sn_cfg = _ema_state(Path(diffusion_run), "diffusion")
     pg_state, pg_cfg = _ema_state(Path(prompt_generator_run), "prompt_generator")
     sn, pg = (

@@ -7,18 +7,29 @@ import math
 
 import pytest
 import torch
+from dglm.engine import bundle as bundle_io
+from dglm.engine.api import GenerationParams
+from dglm.engine.cli.main import main
+from dglm.engine.diffusion.captured import sampler_coefficients
 from dglm.engine.diffusion.sampler import SamplerConfig, sample
 from dglm.engine.diffusion.schedule import NoiseSchedule, multistep_coefficients, step_coefficients
 from dglm.engine.diffusion.score_network import SCORE_NET_PRESETS, ScoreNetwork
+from dglm.engine.engine import Engine
+from dglm.engine.probes import Control
 from dglm.engine.training.distill import (
     DistillConfig,
     distill_loss,
     evaluate_student,
     student_from_teacher,
+    teacher_ode,
     train_distill,
 )
 from dglm.engine.training.loop import TrainConfig
+from dglm.engine.training.recipes import add_student, bundle_score_network
+from dglm.export.onnx import ExportConfig, export_onnx
+from dglm.export.runtime import OnnxEngine
 from dglm.kernels.guided_update import guided_update_ref
+from safetensors.torch import save_file
 
 SCHED = NoiseSchedule(1.0)
 
@@ -95,8 +106,6 @@ def test_dpmpp_2m_is_second_order_on_the_probability_flow_ode(scale):
 
 
 def test_captured_sampler_rejects_multistep_samplers():
-    from dglm.engine.diffusion.captured import sampler_coefficients
-
     assert sampler_coefficients(
         SamplerConfig(sampler="consistency", num_inference_steps=4)
     ).shape == (4, 5)
@@ -175,11 +184,10 @@ def test_distillation_moves_the_one_step_student_toward_the_teacher(tmp_path):
     ema = train_distill(teacher, (ctx, x), held, tmp_path, cfg, dcfg, teacher_eval_steps=32)
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert log[-1]["step"] == 60
-    from dglm.engine.training.distill import _teacher_ode
 
     g = torch.Generator().manual_seed(5)
     z_T, w = torch.randn(64, 32, generator=g), 1 + torch.rand(64, generator=g)
-    target = _teacher_ode(teacher, z_T, held[0], w, 32)
+    target = teacher_ode(teacher, z_T, held[0], w, 32)
     before = evaluate_student(before_student, target, z_T, held[0], w, held[1])
     after = evaluate_student(ema.model, target, z_T, held[0], w, held[1])
     assert after["eval_cos_teacher_1step"] > before["eval_cos_teacher_1step"] + 0.05, (
@@ -201,9 +209,6 @@ def test_distillation_moves_the_one_step_student_toward_the_teacher(tmp_path):
 @pytest.fixture(scope="module")
 def student_bundle(tmp_path_factory, tiny_bundle):
     """`dglm train distill` (short schedule) on the tiny bundle, then `dglm bundle add-student`."""
-    from dglm.engine.cli.main import main
-    from safetensors.torch import save_file
-
     root = tmp_path_factory.mktemp("distill")
     data = root / "data"
     data.mkdir()
@@ -225,9 +230,6 @@ def student_bundle(tmp_path_factory, tiny_bundle):
 
 
 def test_student_bundle_defaults_to_the_student_and_keeps_the_teacher(student_bundle, tiny_bundle):
-    from dglm.engine.api import GenerationParams
-    from dglm.engine.engine import Engine
-
     engine = Engine.from_pretrained(student_bundle)
     assert engine.config.sampler.sampler == "consistency"
     assert engine.config.sampler.num_inference_steps == 2
@@ -269,10 +271,6 @@ def test_student_bundle_defaults_to_the_student_and_keeps_the_teacher(student_bu
 
 def test_probe_guidance_steers_the_student_without_retraining(student_bundle):
     """The probe was never seen by the distillation: it still steers the 1/2/4-step student."""
-    from dglm.engine.api import GenerationParams
-    from dglm.engine.engine import Engine
-    from dglm.engine.probes import Control
-
     engine = Engine.from_pretrained(student_bundle)
     probe = engine.probes.probes["sentiment"]
     prompts = ["The movie was"] * 6
@@ -293,9 +291,6 @@ def test_probe_guidance_steers_the_student_without_retraining(student_bundle):
 
 
 def test_add_student_refuses_a_cfg_range_missing_the_bundle_default(tmp_path, student_bundle):
-    from dglm.engine import bundle as bundle_io
-    from dglm.engine.training.recipes import add_student
-
     config = bundle_io.read_config(student_bundle)
     assert config.cfg_scale == 1.0
     run = student_bundle.parent / "run"
@@ -314,11 +309,6 @@ def test_add_student_refuses_a_cfg_range_missing_the_bundle_default(tmp_path, st
 def test_diffusion_continues_from_a_bundle_and_replaces_its_score_network(tmp_path, student_bundle):
     """`dglm train diffusion --bundle` starts from the bundle's weights (not a fresh preset);
     `dglm bundle add-score-network` ships the run's EMA network and drops the stale student."""
-    from dglm.engine import bundle as bundle_io
-    from dglm.engine.cli.main import main
-    from dglm.engine.engine import Engine
-    from dglm.engine.training.recipes import bundle_score_network
-
     data = student_bundle.parent / "data"
     run = tmp_path / "run"
     rc = main(["train", "diffusion", str(data), "--bundle", str(student_bundle), "--out", str(run),
@@ -353,12 +343,6 @@ def test_diffusion_continues_from_a_bundle_and_replaces_its_score_network(tmp_pa
 def test_onnx_export_carries_the_student(student_bundle, minilm, tmp_path):
     """The student is exported as its own graph (w as input), validated against PyTorch, and the
     ONNX engine's default (student) sampler gives the torch engine's latents and tokens."""
-    from dglm.engine.api import GenerationParams
-    from dglm.engine.engine import Engine
-    from dglm.engine.probes import Control
-    from dglm.export.onnx import ExportConfig, export_onnx
-    from dglm.export.runtime import OnnxEngine
-
     manifest = export_onnx(
         student_bundle, tmp_path, ExportConfig(batch_buckets=(1, 4), max_len=64), encoder=minilm
     )

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from dglm.engine.models import load_decoder
 from dglm.engine.models.lora import LoraConfig
 from dglm.engine.prompt.generator import PromptGenerator, PromptGeneratorConfig
 from dglm.engine.training import parallel
@@ -91,8 +92,6 @@ def _coded_task(n: int = 64, dim: int = 32):
 
 
 def _steer(decoder_dir: str, out: str, steps: int):
-    from dglm.engine.models import load_decoder
-
     pre, cont, lat = _coded_task()
     decoder = load_decoder(decoder_dir)[0]
     cfg = TrainConfig(

@@ -4,11 +4,16 @@ import json
 
 import pytest
 import torch
+from dglm.engine.api import GenerationParams
 from dglm.engine.diffusion.score_network import ScoreNetConfig, ScoreNetwork
+from dglm.engine.engine import Engine
+from dglm.engine.models import load_decoder
+from dglm.engine.probes import Control, save_probes
 from dglm.engine.prompt.generator import PromptGenerator, PromptGeneratorConfig
 from dglm.engine.training.diffusion import train_diffusion
 from dglm.engine.training.loop import LogNormalVWeighting, LossEMASampler, TrainConfig
 from dglm.engine.training.prompt import build_lm_batch, train_prompt_generator
+from dglm.engine.training.recipes import assemble_bundle
 
 
 def _latent_pairs(n: int, d: int, seed: int):
@@ -108,8 +113,6 @@ def test_lm_batch_layout():
 
 
 def test_prompt_generator_training_lowers_lm_loss(tmp_path, tiny_llama_dir):
-    from dglm.engine.models import load_decoder
-
     decoder, tok = load_decoder(str(tiny_llama_dir))
     g = torch.Generator().manual_seed(0)
     # continuations are a function of a latent code: a good soft prompt makes them predictable
@@ -145,17 +148,11 @@ def test_prompt_generator_training_lowers_lm_loss(tmp_path, tiny_llama_dir):
 
 
 def test_assemble_bundle_from_runs(tmp_path, tiny_llama_dir, sentiment_probe):
-    from dglm.engine.api import GenerationParams
-    from dglm.engine.engine import Engine
-    from dglm.engine.probes import Control, save_probes
-    from dglm.engine.training.recipes import assemble_bundle
-
     torch.manual_seed(0)
     sn_cfg = ScoreNetConfig(latent_dim=384, dim=64, depth=2, head_dim=32, num_tokens=8)
     pre, cont = _latent_pairs(80, 384, 1)
     tc = TrainConfig(steps=2, batch_size=16, eval_every=2, save_every=2, warmup=1)
     train_diffusion(ScoreNetwork(sn_cfg), (pre, cont), (pre, cont), tmp_path / "sn", tc)
-    from dglm.engine.models import load_decoder
 
     dec, _ = load_decoder(str(tiny_llama_dir))
     pg_cfg = PromptGeneratorConfig(
