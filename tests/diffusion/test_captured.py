@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from dglm.engine import layers
 from dglm.engine.diffusion.captured import CapturedSampler, sampler_coefficients
 from dglm.engine.diffusion.sampler import Guidance, SamplerConfig, sample
 from dglm.engine.diffusion.score_network import ScoreNetConfig, ScoreNetwork
-from dglm.kernels.guided_update import select_guided_update
+from dglm.engine.training.distill import student_from_teacher
+from dglm.kernels.guided_update import guided_update_ref
 
 NET = ScoreNetConfig(latent_dim=48, dim=64, depth=2, head_dim=32, num_tokens=8)
 K = 2
@@ -28,8 +30,16 @@ def make_net(device, dtype=torch.float32, seed: int = 0) -> ScoreNetwork:
 
 
 def engine_model_fn(net: ScoreNetwork, context: torch.Tensor, cfg_scale: torch.Tensor):
-    """Exactly `Engine._sample_group`'s model_fn."""
+    """Exactly the engine's model_fn: a distilled student takes w as an input; a teacher runs
+    conditional and null-context rows when any cfg_scale ≠ 1."""
     dt = next(net.parameters()).dtype
+    if net.config.guidance_embedding:
+
+        def student_fn(z, alpha2):
+            w = cfg_scale.to(dt)
+            return net(z.to(dt), context.to(dt), alpha2.to(dt), None, w).float(), None
+
+        return student_fn
     use_cfg = bool((cfg_scale != 1.0).any())
 
     def model_fn(z, alpha2):
@@ -60,9 +70,22 @@ def make_batch(b: int, steps: int, cfg: bool, guided: bool, device, gen: torch.G
     return noise, context, cfg_scale, guidance
 
 
-def eager(net, noise, config, context, cfg_scale, guidance, update_fn) -> torch.Tensor:
+def eager(net, noise, config, context, cfg_scale, guidance) -> torch.Tensor:
+    """The eager sampler with the engine's model_fn and the reference update."""
     fn = engine_model_fn(net, context, cfg_scale)
-    return sample(fn, noise, config, cfg_scale, guidance, update_fn)
+    return sample(fn, noise, config, cfg_scale, guidance, guided_update_ref)
+
+
+def eager_runner(net: ScoreNetwork, max_steps: int, batch_sizes: tuple[int, ...]):
+    """A CapturedSampler that launches its step op by op, with the reference update."""
+    return CapturedSampler(
+        net,
+        K,
+        max_steps=max_steps,
+        batch_sizes=batch_sizes,
+        guided_update="reference",
+        enforce_eager=True,
+    )
 
 
 CASES = [  # (sampler, steps, B, cfg, guided)
@@ -86,13 +109,11 @@ def test_needs_cuda_unless_eager():
 def test_eager_runner_matches_sample(sampler, steps, b, cfg, guided, gen):
     net = make_net("cpu")
     config = SamplerConfig(sampler=sampler, num_inference_steps=steps)
-    runner = CapturedSampler(
-        net, K, max_steps=8, batch_sizes=(1, 4), guided_update="reference", enforce_eager=True
-    )
+    runner = eager_runner(net, 8, (1, 4))
     for _ in range(2):  # a second batch through the same buffers and the same cached step
         batch = make_batch(b, steps, cfg, guided, "cpu", gen)
         got = runner.sample(batch[0], config, *batch[1:])
-        want = eager(net, batch[0], config, *batch[1:], select_guided_update("cpu", "reference"))
+        want = eager(net, batch[0], config, *batch[1:])
         assert got.shape == want.shape == (b, NET.latent_dim) and got.dtype == torch.float32
         torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
     assert int(runner.step) == 0  # the step index wrapped back after `steps` replays
@@ -102,14 +123,9 @@ def test_eager_runner_matches_sample(sampler, steps, b, cfg, guided, gen):
 def test_chunks_batches_beyond_largest_bucket(gen):
     net = make_net("cpu")
     config = SamplerConfig(sampler="ddpm", num_inference_steps=3)
-    runner = CapturedSampler(
-        net, K, max_steps=4, batch_sizes=(2,), guided_update="reference", enforce_eager=True
-    )
-    noise, context, cfg_scale, guidance = make_batch(5, 3, True, True, "cpu", gen)
-    got = runner.sample(noise, config, context, cfg_scale, guidance)
-    update = select_guided_update("cpu", "reference")
-    want = eager(net, noise, config, context, cfg_scale, guidance, update)
-    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+    batch = make_batch(5, 3, True, True, "cpu", gen)
+    got = eager_runner(net, 4, (2,)).sample(batch[0], config, *batch[1:])
+    torch.testing.assert_close(got, eager(net, batch[0], config, *batch[1:]), atol=2e-5, rtol=2e-5)
 
 
 def test_buckets_and_argument_errors(gen):
@@ -139,35 +155,20 @@ def test_coefficients_match_the_sampler():
 
 
 def make_student(device, dtype=torch.float32) -> ScoreNetwork:
-    from dglm.engine.training.distill import student_from_teacher
-
     student = student_from_teacher(make_net("cpu"))
     with torch.no_grad():  # the guidance embedding starts at zero: make it matter
         student.guidance_mlp.fc2.weight.normal_(0.0, 0.05)
     return student.to(device, dtype).eval()
 
 
-def student_model_fn(net: ScoreNetwork, context: torch.Tensor, cfg_scale: torch.Tensor):
-    """`Engine._sample_group`'s model_fn for the consistency sampler: w is an input."""
-    dt = next(net.parameters()).dtype
-
-    def model_fn(z, alpha2):
-        return net(z.to(dt), context.to(dt), alpha2.to(dt), None, cfg_scale.to(dt)).float(), None
-
-    return model_fn
-
-
 @pytest.mark.parametrize("guided", [False, True])
 def test_eager_runner_runs_the_student_with_w_as_input(guided, gen):
     student = make_student("cpu")
     config = SamplerConfig(sampler="consistency", num_inference_steps=4)
-    runner = CapturedSampler(
-        student, K, max_steps=8, batch_sizes=(4,), guided_update="reference", enforce_eager=True
-    )
+    runner = eager_runner(student, 8, (4,))
     noise, context, cfg_scale, guidance = make_batch(3, 4, True, guided, "cpu", gen)
     got = runner.sample(noise, config, context, cfg_scale, guidance)
-    fn = student_model_fn(student, context, cfg_scale)
-    want = sample(fn, noise, config, cfg_scale, guidance, select_guided_update("cpu", "reference"))
+    want = eager(student, noise, config, context, cfg_scale, guidance)
     torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
     assert not any(key[1] for key in runner._graphs)  # no CFG rows: one evaluation per step
     # w matters: other weights, other samples
@@ -185,8 +186,7 @@ def test_student_graph_matches_the_eager_sampler(gen):
     graphs = CapturedSampler(student, K, max_steps=8, batch_sizes=(1, 4))
     noise, context, cfg_scale, guidance = make_batch(3, 4, True, True, "cuda", gen)
     got = graphs.sample(noise, config, context, cfg_scale, guidance)
-    fn = student_model_fn(student, context, cfg_scale)
-    want = sample(fn, noise, config, cfg_scale, guidance, select_guided_update("cuda", "reference"))
+    want = eager(student, noise, config, context, cfg_scale, guidance)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
@@ -202,12 +202,10 @@ def test_graph_matches_eager_runner_and_sample(sampler, steps, b, cfg, guided, g
     # the same kernels launched one by one: identical up to cuBLAS's batch-size choices
     torch.testing.assert_close(got, ops.sample(batch[0], config, *batch[1:]), atol=1e-5, rtol=1e-5)
     # the plain PyTorch path: SDPA attention + the reference update
-    from dglm.engine import layers
-
     fused = layers.FUSED_ATTENTION
     layers.FUSED_ATTENTION = False
     try:
-        want = eager(net, batch[0], config, *batch[1:], select_guided_update("cuda", "reference"))
+        want = eager(net, batch[0], config, *batch[1:])
     finally:
         layers.FUSED_ATTENTION = fused
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
