@@ -7,7 +7,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from decoder_fixtures import TINY_LLAMA_SHAPE
+from dglm.engine import bundle as bundle_io
+from dglm.engine.bundle import BundleConfig
+from dglm.engine.diffusion.sampler import SamplerConfig
+from dglm.engine.diffusion.score_network import ScoreNetConfig, ScoreNetwork
+from dglm.engine.encode.encoder import SentenceEncoder
+from dglm.engine.engine import Engine
+from dglm.engine.probes import save_probes
+from dglm.engine.prompt.generator import PromptGenerator, PromptGeneratorConfig
+from dglm.engine.training.builder import SEED_SENTIMENT, probe_from_texts, read_labelled_jsonl
 
+# read when huggingface_hub is first imported, which none of the imports above does
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
@@ -42,6 +53,7 @@ def gen(seed: int) -> torch.Generator:
 
 def make_tiny_tokenizer(out: Path):
     """A byte-level BPE tokenizer (≈300 tokens) trained here, saved as a HF tokenizer."""
+    # heavy (seconds to import): loaded only by the sessions that build a tokenizer
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -61,16 +73,12 @@ def make_tiny_tokenizer(out: Path):
 
 def make_tiny_llama_dir(out: Path, seed: int = 0) -> Path:
     """A random tiny Llama (GQA) saved as a Hugging Face directory with the tiny tokenizer."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM  # heavy, as in make_tiny_tokenizer
 
     tok = make_tiny_tokenizer(out)
     cfg = LlamaConfig(
         vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        **TINY_LLAMA_SHAPE,
         max_position_embeddings=256,
         eos_token_id=tok.eos_token_id,
         bos_token_id=tok.eos_token_id,
@@ -89,15 +97,11 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def minilm():
-    from dglm.engine.encode.encoder import SentenceEncoder
-
     return SentenceEncoder("all-MiniLM-L6-v2")
 
 
 @pytest.fixture(scope="session")
 def sentiment_probe(minilm):
-    from dglm.engine.training.builder import SEED_SENTIMENT, probe_from_texts, read_labelled_jsonl
-
     texts, labels = read_labelled_jsonl(SEED_SENTIMENT)
     return probe_from_texts("sentiment", minilm, texts, labels, ("negative", "positive"))
 
@@ -105,13 +109,6 @@ def sentiment_probe(minilm):
 @pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory, tiny_llama_dir, minilm, sentiment_probe) -> Path:
     """Real MiniLM encoder + tiny random Llama decoder + tiny random networks + a real probe."""
-    from dglm.engine import bundle as bundle_io
-    from dglm.engine.bundle import BundleConfig
-    from dglm.engine.diffusion.sampler import SamplerConfig
-    from dglm.engine.diffusion.score_network import ScoreNetConfig, ScoreNetwork
-    from dglm.engine.probes import save_probes
-    from dglm.engine.prompt.generator import PromptGenerator, PromptGeneratorConfig
-
     out = tmp_path_factory.mktemp("bundle")
     sn = ScoreNetConfig(latent_dim=384, dim=64, depth=2, head_dim=32, num_tokens=8)
     pg = PromptGeneratorConfig(
@@ -135,6 +132,4 @@ def tiny_bundle(tmp_path_factory, tiny_llama_dir, minilm, sentiment_probe) -> Pa
 
 @pytest.fixture(scope="session")
 def tiny_engine(tiny_bundle):
-    from dglm.engine.engine import Engine
-
     return Engine.from_pretrained(tiny_bundle)

@@ -11,32 +11,38 @@ from pathlib import Path
 
 import pytest
 import torch
+from dglm.engine.models import load_decoder
+from dglm.engine.models.loading import smollm2_dir
 
 VOCAB = 101
 SPECIALS = ["<unk>", "<s>", "</s>", "<pad>"]  # ids 0..3; eos = 2, pad = 3
 EOS, PAD = 2, 3
 
+# the Llama-shaped families' common tiny shape (GQA: 4 query heads share 2 KV heads); conftest's
+# tiny_llama_dir uses it too
+TINY_LLAMA_SHAPE = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+)
+
 # family → (HF config class name, config kwargs); every model has VOCAB tokens
 TINY = {
     "llama_gqa": (
         "LlamaConfig",
-        dict(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
+        TINY_LLAMA_SHAPE
+        | dict(
             tie_word_embeddings=False,
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
         ),
     ),
     "llama_tied_bias": (  # MHA, head_dim ≠ H / nh, biases everywhere, tied head
         "LlamaConfig",
-        dict(
-            hidden_size=64,
+        TINY_LLAMA_SHAPE
+        | dict(
             intermediate_size=96,
-            num_hidden_layers=2,
-            num_attention_heads=4,
             num_key_value_heads=4,
             head_dim=24,
             tie_word_embeddings=True,
@@ -48,12 +54,9 @@ TINY = {
     ),
     "llama3_rope": (
         "LlamaConfig",
-        dict(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
+        TINY_LLAMA_SHAPE
+        | dict(
             num_attention_heads=8,
-            num_key_value_heads=2,
             tie_word_embeddings=True,
             rope_parameters={
                 "rope_type": "llama3",
@@ -67,27 +70,10 @@ TINY = {
     ),
     "mistral": (
         "MistralConfig",
-        dict(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=1,
-            sliding_window=None,
-            tie_word_embeddings=False,
-        ),
+        TINY_LLAMA_SHAPE
+        | dict(num_key_value_heads=1, sliding_window=None, tie_word_embeddings=False),
     ),
-    "qwen2": (
-        "Qwen2Config",
-        dict(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            tie_word_embeddings=True,
-        ),
-    ),
+    "qwen2": ("Qwen2Config", TINY_LLAMA_SHAPE | dict(tie_word_embeddings=True)),
     "gpt2": ("GPT2Config", dict(n_embd=48, n_layer=2, n_head=4)),
     "gpt2_untied": (
         "GPT2Config",
@@ -117,6 +103,7 @@ def one_thread():
 
 def make_char_tokenizer(out: Path):
     """A 101-token character tokenizer (4 specials + 97 ASCII characters) saved to `out`."""
+    # heavy (seconds to import): loaded only by the tests that build a model directory
     from tokenizers import Tokenizer, decoders, models
     from transformers import PreTrainedTokenizerFast
 
@@ -154,7 +141,7 @@ def randomize_(model: torch.nn.Module, seed: int) -> None:
 def make_tiny_hf_dir(family: str, out: Path, seed: int = 0):
     """Save a random tiny HF model of `family` plus the character tokenizer to `out`;
     returns the HF model (fp32, eval)."""
-    import transformers
+    import transformers  # heavy, as in make_char_tokenizer
 
     cls_name, kwargs = TINY[family]
     make_char_tokenizer(out)
@@ -192,9 +179,7 @@ class SmolLM2:
 @functools.lru_cache(maxsize=1)
 def smollm2() -> SmolLM2:
     """Ours and HF's SmolLM2 (fp32), loaded once per test process."""
-    from dglm.engine.models import load_decoder
-    from dglm.engine.models.loading import smollm2_dir
-    from transformers import LlamaForCausalLM
+    from transformers import LlamaForCausalLM  # heavy, as in make_char_tokenizer
 
     decoder, tokenizer = load_decoder("smollm2")
     path = smollm2_dir()
