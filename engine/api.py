@@ -80,7 +80,9 @@ class Sample:
     text: str
     token_ids: list[int]
     finish_reason: str  # "stop" | "length"
-    latent: torch.Tensor  # (d,) the sampled continuation latent x̂0 (before re-noising), fp32 CPU
+    # (d,) the sampled continuation latent x̂0 (before re-noising), fp32 CPU; None for a method
+    # without one (FUDGE)
+    latent: torch.Tensor | None
 
 
 @dataclass

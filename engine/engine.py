@@ -15,12 +15,18 @@ import torch
 from dglm.engine import bundle as bundle_io
 from dglm.engine.api import GenerationParams, RequestOutput, Sample
 from dglm.engine.bundle import BundleConfig
-from dglm.engine.diffusion.sampler import Guidance, SamplerConfig, draw_noise, sample
-from dglm.engine.diffusion.schedule import MULTISTEP_SAMPLERS
+from dglm.engine.decoding.loop import generate as decode
+from dglm.engine.decoding.runner import DecodeRunner, DecodeRunnerConfig
+from dglm.engine.decoding.sampling import DecodeParams, DecodeResult, LogitsProcessor
+from dglm.engine.diffusion.captured import CapturedSampler
 from dglm.engine.diffusion.score_network import ScoreNetwork
 from dglm.engine.encode.encoder import SentenceEncoder
+from dglm.engine.methods.base import Method, MethodBatch
+from dglm.engine.methods.dglm import DGLM
+from dglm.engine.models.base import Decoder, HiddenHook
 from dglm.engine.probes import Probe, ProbeSet, load_probes, save_probes
 from dglm.engine.prompt.generator import PromptGenerator
+from dglm.export.runtime import OrtModels, RuntimeOptions, load_export
 from dglm.kernels.guided_update import select_guided_update
 from safetensors.torch import load_file
 
@@ -32,6 +38,14 @@ FAST_DECODE_BATCHES = (1, 2, 4, 8, 16, 32)  # its batch buckets (rows beyond: no
 
 
 class Engine:
+    """The loaded bundle (or ONNX export) and the one decode loop behind `generate`.
+
+    Backends: "torch" (the bundle's networks and a compact torch decoder: eager steps, or a
+    persistent DecodeRunner with `fast_decode`) or "onnx" (`dglm export onnx` graphs on ONNX
+    Runtime, `dglm.export.runtime`; the same Engine, its networks and decoder swapped for the
+    graphs). Methods (`dglm.engine.methods`): DGLM by default, any `Method` per call.
+    """
+
     def __init__(
         self,
         config: BundleConfig,
@@ -39,7 +53,7 @@ class Engine:
         score_net: ScoreNetwork,
         prompt_gen: PromptGenerator,
         probes: list[Probe],
-        decoder: torch.nn.Module,
+        decoder: Decoder,  # or the ONNX backend's OrtDecoder
         tokenizer,
         device: torch.device,
         dtype: torch.dtype,
@@ -47,12 +61,19 @@ class Engine:
         cuda_graphs: bool = True,
         student: ScoreNetwork | None = None,
         fast_decode: bool = False,
+        onnx_models: OrtModels | None = None,
     ) -> None:
         self.config = config
         self.encoder = encoder
-        self.score_net = score_net.eval().to(device, dtype)
-        self.prompt_gen = prompt_gen.eval().to(device, dtype)
-        self.student = None if student is None else student.eval().to(device, dtype)
+        # the ONNX backend passes its graphs' stand-ins (no .eval() / .to(): the export fixed them)
+        self.onnx_models = onnx_models
+        self.backend = "torch" if onnx_models is None else "onnx"
+        torch_nets = onnx_models is None
+        self.score_net = score_net.eval().to(device, dtype) if torch_nets else score_net
+        self.prompt_gen = prompt_gen.eval().to(device, dtype) if torch_nets else prompt_gen
+        self.student = student
+        if student is not None and torch_nets:
+            self.student = student.eval().to(device, dtype)
         if (student is None) != (config.student is None):
             raise ValueError(
                 "the bundle config and the networks disagree about the distilled student: "
@@ -78,11 +99,15 @@ class Engine:
         self.probes = ProbeSet(probes, encoder.dim, config.control_scale)
         self.guided_update = guided_update
         self.update_fn = select_guided_update(device, guided_update)
-        # On CUDA the `fast` sampler step replays from CUDA graphs (one per batch bucket).
-        self.cuda_graphs = cuda_graphs
+        # On CUDA the `fast` sampler step replays from CUDA graphs (one per batch bucket); the
+        # ONNX backend captures its own graphs instead.
+        self.cuda_graphs = cuda_graphs and torch_nets
         self.captured = self.captured_student = None
         self._capture_samplers()
-        self.decode_runner = self._decode_runner() if fast_decode else None
+        self.decode_runner = None  # the persistent torch DecodeRunner (fast_decode)
+        if fast_decode and torch_nets:
+            self.decode_runner = self._decode_runner()
+        self.dglm = DGLM(self)  # the default method
         if not config.trained:
             logger.warning("bundle networks are untrained (random): outputs are not meaningful")
 
@@ -97,15 +122,21 @@ class Engine:
         backend: str = "torch",
         cuda_graphs: bool = True,
         fast_decode: bool = False,
+        onnx_options: RuntimeOptions | None = None,
     ) -> Engine:
         """backend="onnx": `path_or_name` is a `dglm export onnx` directory, run on ONNX Runtime
-        (dglm.export.runtime.OnnxEngine; the export fixes the dtype, `dtype` is not used).
+        (`onnx_options`: threads, CUDA graphs, batch padding; the export fixes the dtype, `dtype`
+        is not used).
         fast_decode: decode with a persistent runner (CUDA graphs on CUDA, traced steps on CPU;
         each batch/length bucket pays a one-time capture or trace at its first use)."""
         if backend == "onnx":
-            from dglm.export.runtime import OnnxEngine
-
-            return OnnxEngine.from_exported(path_or_name, device, guided_update)
+            exp = load_export(path_or_name, device, onnx_options)
+            m = exp.models
+            return cls(
+                exp.config, exp.encoder, m.score_net, m.prompt_gen, exp.probes, m.decoder,
+                exp.tokenizer, m.device, m.score_net.dtype, guided_update, student=m.student,
+                onnx_models=m,
+            )  # fmt: skip
         if backend != "torch":
             raise ValueError(f"backend must be 'torch' or 'onnx', got {backend!r}")
         device = torch.device(device)
@@ -149,6 +180,10 @@ class Engine:
 
     def save_pretrained(self, path: str | Path) -> None:
         """Write this engine's bundle (networks in fp16, probes in fp32) to `path`."""
+        if self.backend != "torch":
+            raise NotImplementedError(
+                "an ONNX engine has no bundle to save; export from the bundle"
+            )
         out = Path(path)
         bundle_io.write_config(self.config, out)
         bundle_io.save_state(self.score_net, out / bundle_io.SCORE_NET_FILE)
@@ -163,12 +198,10 @@ class Engine:
                 )
             bundle_io.save_lora(self.decoder_lora_state, out / bundle_io.LORA_FILE)
 
-    def _decode_runner(self):
+    def _decode_runner(self) -> DecodeRunner:
         """A persistent DecodeRunner: CUDA graphs per (batch, KV) bucket on CUDA; on CPU the
         decoder's weights go input-major and each bucket's step is a TorchScript trace (made at
         its first use, ~3 s each for SmolLM2; 1.5-1.6x Hugging Face `generate` at batch 1)."""
-        from dglm.engine.decoding.runner import DecodeRunner, DecodeRunnerConfig
-
         max_len = min(FAST_DECODE_MAX_LEN, self.decoder.max_context)
         seq = tuple(s for s in (64, 128, 256, 512, 1024) if s < max_len) + (max_len,)
         if self.device.type == "cuda":
@@ -184,8 +217,6 @@ class Engine:
         """On CUDA the `fast` sampler step replays from CUDA graphs (one per batch bucket)."""
         if not (self.cuda_graphs and self.device.type == "cuda"):
             return
-        from dglm.engine.diffusion.captured import CapturedSampler
-
         k = self.probes.num_rows  # the static guidance buffers are sized by the probe rows
         self.captured = CapturedSampler(self.score_net, k, guided_update=self.guided_update)
         if self.student is not None:
@@ -199,7 +230,12 @@ class Engine:
             self._capture_samplers()
 
     # ---------------------------------------------------------------- generation
-    def validate(self, prompts: list[str], params: list[GenerationParams]) -> list[list[int]]:
+    def validate(
+        self,
+        prompts: list[str],
+        params: list[GenerationParams],
+        method: Method | None = None,
+    ) -> list[list[int]]:
         """All user-input checks, before any model work; returns the prefix token ids."""
         if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)):
             raise ValueError(f"prompts must be a list of strings, got {type(prompts).__name__}")
@@ -215,7 +251,6 @@ class Engine:
                     f"prompts[{i}] is empty ({prompt!r}): every prompt needs some text"
                 )
             self.probes.validate(p.controls)
-            self._check_sampler(p.sampler_config(self.config.sampler), p)  # and the overrides
             ids = self.tokenizer.encode(prompt)
             total = len(ids) + p_len + p.max_new_tokens
             if total > self.decoder.max_context:
@@ -224,39 +259,24 @@ class Engine:
                     f"soft-prompt vectors) exceeds the decoder's context of {self.decoder.max_context}"
                 )
             prefix_ids.append(ids)
+        (method or self.dglm).validate(params)
         return prefix_ids
-
-    def _check_sampler(self, cfg: SamplerConfig, p: GenerationParams) -> None:
-        if cfg.sampler != "consistency":
-            return
-        if self.student is None:
-            raise ValueError(
-                "sampler='consistency' needs a distilled student and this bundle has none: use "
-                "'ddpm', 'ddim' or 'dpmpp-2m', or add one (`dglm train distill`, "
-                "`dglm bundle add-student`)"
-            )
-        lo, hi = self.config.student_cfg_range
-        w = p.cfg_scale if p.cfg_scale is not None else self.config.cfg_scale
-        if not lo - 1e-6 <= w <= hi + 1e-6:
-            raise ValueError(
-                f"cfg_scale={w} is outside the range [{lo}, {hi}] the student was distilled for: "
-                "pass a cfg_scale in that range or use sampler='dpmpp-2m'"
-            )
 
     def generate(
         self,
         prompts: list[str],
         params: GenerationParams | list[GenerationParams] | None = None,
+        method: Method | None = None,
     ) -> list[RequestOutput]:
-        """One output per prompt, in input order; each holds `num_samples` samples."""
-        from dglm.engine.decoding.loop import DecodeParams
-
+        """One output per prompt, in input order; each holds `num_samples` samples.
+        `method`: how the rows are conditioned (default: DGLM, `self.dglm`)."""
+        method = method or self.dglm
         if params is None:
             params = GenerationParams()
         if isinstance(params, GenerationParams):
             params = [params] * (len(prompts) if isinstance(prompts, (list, tuple)) else 1)
         params = list(params)
-        prefix_ids = self.validate(prompts, params)
+        prefix_ids = self.validate(prompts, params, method)
 
         timings = dict.fromkeys(STAGES, 0.0)
         t0 = time.perf_counter()
@@ -266,150 +286,63 @@ class Engine:
         for i, j in rows:
             base = params[i].seed if params[i].seed is not None else random.getrandbits(62)
             seeds.append(base + j)
+        batch = MethodBatch(list(prompts), params, prefix_ids, rows, seeds, self.tokenizer)
+        cond = method.condition(batch)
+        timings.update(cond.timings)
 
-        t = time.perf_counter()
-        ctx = self.encoder.latents(list(prompts)).to(self.device)  # (N, d)
-        timings["encode"] = self._elapsed(t)
-
-        t = time.perf_counter()
-        x0 = torch.empty(len(rows), self.encoder.dim, device=self.device)
-        renoise_noise = torch.empty_like(x0)
-        renoise_a2 = torch.empty(len(rows), device=self.device)
-        groups: dict[SamplerConfig, list[int]] = {}
-        for r, (i, _) in enumerate(rows):
-            groups.setdefault(params[i].sampler_config(self.config.sampler), []).append(r)
-        for sampler_cfg, idx in groups.items():
-            x0[idx], renoise_noise[idx] = self._sample_group(
-                sampler_cfg, [rows[r] for r in idx], [seeds[r] for r in idx], ctx, params
-            )
-            renoise_a2[idx] = sampler_cfg.renoise_alpha2
-        timings["diffusion"] = self._elapsed(t)
-
-        t = time.perf_counter()
-        with torch.inference_mode():
-            a2 = renoise_a2[:, None]
-            z = a2.sqrt() * x0 + (1 - a2).sqrt() * renoise_noise
-            soft_prompt = self.prompt_gen(z.to(self.dtype), renoise_a2.to(self.dtype))  # (R, P, H)
-        timings["prompt_generator"] = self._elapsed(t)
-
-        decode_params = [
-            DecodeParams(
-                max_new_tokens=params[i].max_new_tokens,
-                temperature=params[i].temperature,
-                top_p=params[i].top_p,
-                top_k=params[i].top_k,
-                seed=seeds[r] ^ 0x5DEECE66D,
-                stop=params[i].stop,
-                ignore_eos=params[i].ignore_eos,
-            )
-            for r, (i, _) in enumerate(rows)
-        ]
-        results, dec_t = self._decode([prefix_ids[i] for i, _ in rows], decode_params, soft_prompt)
+        decode_params = [method.decode_params(params[i], seeds[r]) for r, (i, _) in enumerate(rows)]
+        # the method's hooks go along only when set: benchmarks swap in their own
+        # `_decode(prefix_ids, params, soft_prompt)` (HF generate on the same soft prompts)
+        hooks = {"processors": cond.processors} if cond.processors else {}
+        if cond.hidden_hook is not None:
+            hooks["hidden_hook"] = cond.hidden_hook
+        row_ids = [prefix_ids[i] for i, _ in rows]
+        results, dec_t = self._decode(row_ids, decode_params, cond.soft_prompt, **hooks)
         timings["prefill"] = dec_t.get("prefill_s", 0.0)
         timings["decode"] = dec_t.get("decode_s", 0.0)
         timings["total"] = time.perf_counter() - t0
 
         outputs = [RequestOutput(prompt=p, samples=[], timings=dict(timings)) for p in prompts]
-        latents = x0.float().cpu()
         for r, (i, _) in enumerate(rows):
             res = results[r]
+            latent = None if cond.latents is None else cond.latents[r]
             outputs[i].samples.append(
-                Sample(res.text, list(res.token_ids), res.finish_reason, latents[r])
+                Sample(res.text, list(res.token_ids), res.finish_reason, latent)
             )
         return outputs
 
-    def _elapsed(self, start: float) -> float:
-        """Seconds since `start` for a stage timing; on CUDA after the stage's kernels finish."""
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        return time.perf_counter() - start
-
-    def _decode(self, prefix_ids: list[list[int]], params: list, soft_prompt: torch.Tensor):
-        """The decoding stage: (results, {"prefill_s", "decode_s", ...}); backends override it."""
-        from dglm.engine.decoding.loop import generate as decode
-
-        runner = self.decode_runner
-        if runner is not None:  # batches or lengths past its buffers decode without it
-            slots = max(map(len, prefix_ids)) + soft_prompt.shape[1]
-            slots += max(p.max_new_tokens for p in params)
-            if len(prefix_ids) > runner.max_batch or slots > runner.max_len:
-                runner = None
-        return decode(
-            self.decoder, self.tokenizer, prefix_ids, params, soft_prompt=soft_prompt, runner=runner
-        )
-
-    @torch.no_grad()
-    def _sample_group(
+    def _decode(
         self,
-        cfg: SamplerConfig,
-        rows: list[tuple[int, int]],
-        seeds: list[int],
-        ctx: torch.Tensor,
-        params: list[GenerationParams],
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Diffusion for the rows sharing one sampler config → (x̂0 (R, d), re-noising noise (R, d))."""
-        d, n = self.encoder.dim, cfg.num_inference_steps
-        gens = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
-        noise = draw_noise(gens, n + 2, d, self.device)  # (steps + 2, R, d)
-        req = [i for i, _ in rows]
-        context = ctx[req]
-        cfg_scale = torch.tensor(
-            [
-                params[i].cfg_scale if params[i].cfg_scale is not None else self.config.cfg_scale
-                for i in req
-            ],
-            device=self.device,
-        )
-        student = cfg.sampler == "consistency"
-        use_cfg = not student and bool((cfg_scale != 1.0).any())
-        targets, scales = self.probes.batch_targets([params[i].controls for i in req])
-        guidance = Guidance(
-            self.probes.weight.to(self.device),
-            self.probes.bias.to(self.device),
-            targets.to(self.device),
-            scales.to(self.device),
-        )
-        net, dt = (self.student if student else self.score_net), self.dtype
-        captured = self.captured_student if student else self.captured
-
-        def model_fn(
-            z: torch.Tensor, alpha2: torch.Tensor
-        ) -> tuple[torch.Tensor, torch.Tensor | None]:
-            if student:  # w is an input: one evaluation per step, no null-context rows
-                return net(z.to(dt), context.to(dt), alpha2.to(dt), None, cfg_scale.to(dt)), None
-            if not use_cfg:
-                return net(z.to(dt), context.to(dt), alpha2.to(dt)).float(), None
-            b = z.shape[0]
-            drop = torch.arange(2 * b, device=z.device) >= b  # second half: null context
-            v = net(
-                torch.cat((z, z)).to(dt),
-                torch.cat((context, context)).to(dt),
-                torch.cat((alpha2, alpha2)).to(dt),
-                drop,
-            )
-            return v[:b].float(), v[b:].float()
-
-        mc = None
-        if cfg.guidance_mode == "exact":
-
-            def mc(step: int) -> torch.Tensor:
-                return torch.stack([torch.randn(cfg.mc_samples, d, generator=g) for g in gens]).to(
-                    self.device
-                )
-
-        if (
-            captured is not None
-            and cfg.guidance_mode == "fast"
-            and cfg.sampler not in MULTISTEP_SAMPLERS
-            and n <= captured.max_steps
-        ):
-            x0 = captured.sample(noise[: n + 1], cfg, context, cfg_scale, guidance)
+        prefix_ids: list[list[int]],
+        params: list[DecodeParams],
+        soft_prompt: torch.Tensor | None,
+        processors: tuple[LogitsProcessor, ...] = (),
+        hidden_hook: HiddenHook | None = None,
+    ) -> tuple[list[DecodeResult], dict[str, float]]:
+        """The decoding stage: the one loop on this engine's backend → (results, timings).
+        The torch backend's persistent runner takes the batches it can (see its can_run)."""
+        if self.backend == "onnx":
+            runner = self.decoder
         else:
-            x0 = sample(model_fn, noise[: n + 1], cfg, cfg_scale, guidance, self.update_fn, mc)
-        return x0, noise[n + 1]
+            runner = self.decode_runner
+            slots = max(map(len, prefix_ids)) + max(p.max_new_tokens for p in params)
+            slots += 0 if soft_prompt is None else soft_prompt.shape[1]
+            hooked = hidden_hook is not None
+            if runner is not None and not runner.can_run(len(prefix_ids), slots, hooked):
+                runner = None  # past its buffers, or a hook it cannot run: an eager loop
+        return decode(
+            self.decoder, self.tokenizer, prefix_ids, params, soft_prompt, runner=runner,
+            processors=processors, hidden_hook=hidden_hook,
+        )  # fmt: skip
 
     def info(self) -> dict:
-        return {
+        def parameters(net) -> dict:
+            if not isinstance(net, torch.nn.Module):  # an ONNX graph
+                return {}
+            return {"parameters": sum(p.numel() for p in net.parameters())}
+
+        info = {
+            "backend": self.backend,
             "encoder": self.config.encoder,
             "decoder": self.config.decoder,
             "latent_dim": self.encoder.dim,
@@ -417,11 +350,11 @@ class Engine:
             "decoder_context": self.decoder.max_context,
             "score_network": {
                 **self.config.score_network.__dict__,
-                "parameters": sum(p.numel() for p in self.score_net.parameters()),
+                **parameters(self.score_net),
             },
             "prompt_generator": {
                 **self.config.prompt_generator.__dict__,
-                "parameters": sum(p.numel() for p in self.prompt_gen.parameters()),
+                **parameters(self.prompt_gen),
             },
             "sampler": self.config.sampler.__dict__,
             "student": (
@@ -430,7 +363,7 @@ class Engine:
                 else {
                     **self.config.student.__dict__,
                     "cfg_range": list(self.config.student_cfg_range),
-                    "parameters": sum(p.numel() for p in self.student.parameters()),
+                    **parameters(self.student),
                 }
             ),
             "cfg_scale": self.config.cfg_scale,
@@ -448,6 +381,9 @@ class Engine:
             "device": str(self.device),
             "dtype": str(self.dtype).replace("torch.", ""),
         }
+        if self.onnx_models is not None:
+            info.update(self.onnx_models.info())
+        return info
 
 
 def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:

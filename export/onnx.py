@@ -38,7 +38,13 @@ from pathlib import Path
 
 import torch
 from dglm.engine import bundle as bundle_io
+from dglm.engine.decoding.loop import ReferenceStep
+from dglm.engine.decoding.loop import generate as torch_generate
+from dglm.engine.decoding.padding import left_pad
+from dglm.engine.decoding.sampling import DecodeParams, eos_ids, pad_id
 from dglm.engine.diffusion.score_network import ScoreNetwork
+from dglm.engine.encode.encoder import SentenceEncoder
+from dglm.engine.models.llama import LlamaDecoder
 from dglm.engine.probes import ProbeSet, load_probes
 from dglm.engine.prompt.generator import PromptGenerator
 from dglm.export.modules import (
@@ -199,7 +205,7 @@ def _example(spec: dict, sizes: dict[str, int], gen: torch.Generator, vocab: int
 # ------------------------------------------------------------------------------ writing
 def _export_graph(module: torch.nn.Module, args: tuple, spec: dict, opset: int, tmp: Path):
     """Trace `module` into a ModelProto (weights loaded in memory) whose I/O match `spec`."""
-    import onnx
+    import onnx  # optional extra (dglm-engine[onnx]): imported when exporting
 
     names_in = [i["name"] for i in spec["inputs"]]
     names_out = [o["name"] for o in spec["outputs"]]
@@ -245,8 +251,8 @@ def _export_graph(module: torch.nn.Module, args: tuple, spec: dict, opset: int, 
 def _externalize(models: list, location: str, path: Path, min_bytes: int) -> int:
     """Move initializers of ≥ min_bytes into one file, each distinct tensor stored once (graphs
     exported from the same weights share them). Returns the file's size."""
-    import onnx
-    from onnx import numpy_helper
+    import onnx  # optional extra (dglm-engine[onnx]): imported when exporting
+    from onnx import numpy_helper  # optional extra (dglm-engine[onnx]): imported when exporting
 
     stored: dict[bytes, tuple[int, int]] = {}
     with open(path, "wb") as f:
@@ -272,13 +278,13 @@ def _externalize(models: list, location: str, path: Path, min_bytes: int) -> int
 
 
 def _weight_bytes(model) -> int:
-    from onnx import numpy_helper
+    from onnx import numpy_helper  # optional extra (dglm-engine[onnx]): imported when exporting
 
     return sum(numpy_helper.to_array(t).nbytes for t in model.graph.initializer)
 
 
 def _save(model, path: Path, name: str, provenance: dict) -> None:
-    import onnx
+    import onnx  # optional extra (dglm-engine[onnx]): imported when exporting
 
     model.producer_name = "dglm-engine"
     model.doc_string = f"dglm {name} graph"
@@ -295,11 +301,8 @@ def _absolute(reference: str) -> str:
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 # ------------------------------------------------------------------------------ export
@@ -314,8 +317,7 @@ def export_onnx(
     encoder: a loaded `SentenceEncoder` to reuse for the validation inputs (else loaded).
     Raises ExportValidationError (and writes no manifest) when ONNX Runtime disagrees.
     """
-    import onnx
-    from dglm.engine.models.llama import LlamaDecoder
+    import onnx  # optional extra: the export needs it, the torch engine does not
 
     config = config or ExportConfig()
     t_start = time.perf_counter()
@@ -488,8 +490,6 @@ def export_onnx(
     }
     if config.validate:
         if encoder is None:
-            from dglm.engine.encode.encoder import SentenceEncoder
-
             encoder = SentenceEncoder(encoder_ref)
         manifest["validation"] = validate_export(
             out, manifest, config, score_net, prompt_gen, probe_set, decoder, tokenizer, encoder,
@@ -512,27 +512,18 @@ def _compare(ort: torch.Tensor, ref: torch.Tensor, rtol: float) -> dict:
 
 
 @torch.no_grad()
-def _torch_greedy(decoder, prefix_ids, soft, pad, steps):
-    """The reference greedy loop (decoding.generate's prefill/decode calls) → (tokens (B, steps),
-    logits (steps, B, V))."""
-    B, P = len(prefix_ids), soft.shape[1]
-    t_prefix = max(len(r) for r in prefix_ids)
-    t0 = t_prefix + P
-    ids = torch.full((B, t_prefix), pad, dtype=torch.long)
-    key_mask = torch.ones(B, t0 + steps, dtype=torch.bool)
-    for b, row in enumerate(prefix_ids):
-        ids[b, t_prefix - len(row) :] = torch.tensor(row, dtype=torch.long)
-        key_mask[b, : t_prefix - len(row)] = False
-    positions = (key_mask[:, :t0].long().cumsum(-1) - 1).clamp_min(0)
-    next_pos = torch.tensor([[len(r) + P] for r in prefix_ids])
-    cache = decoder.new_cache(B, t0 + steps)
-    x = torch.cat((decoder.embed(ids), soft.to(decoder.dtype)), dim=1)
-    logits = [decoder(x, positions, cache, key_mask[:, :t0], last_only=True)[:, -1]]
+def torch_greedy(
+    decoder, prefix_ids: list[list[int]], soft: torch.Tensor, pad: int, steps: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference greedy loop (the decode loop's `ReferenceStep`, `Decoder.forward`) →
+    (tokens (B, steps), logits (steps, B, V))."""
+    slots = max(map(len, prefix_ids)) + soft.shape[1] + steps
+    batch = left_pad(prefix_ids, pad, slots, soft, decoder.device)
+    step = ReferenceStep(decoder, decoder.new_cache(len(prefix_ids), slots))
+    logits = [step.start(batch)]
     tokens = [logits[-1].argmax(-1)]
     for _ in range(1, steps):
-        km = key_mask[:, : cache.length + 1]
-        logits.append(decoder(decoder.embed(tokens[-1][:, None]), next_pos, cache, km)[:, -1])
-        next_pos = next_pos + 1
+        logits.append(step.step(tokens[-1]))
         tokens.append(logits[-1].argmax(-1))
     return torch.stack(tokens, 1), torch.stack(logits)
 
@@ -554,8 +545,6 @@ def validate_export(
     generator. Every output must satisfy max|Δ| ≤ rtol·max|ref|; greedy tokens must be identical
     (fp16: a step where the fp32 reference's top-2 logits are within the tolerance may differ).
     Raises ExportValidationError listing every failure."""
-    from dglm.engine.decoding.loop import DecodeParams, _eos_ids, _pad_id
-    from dglm.engine.decoding.loop import generate as torch_generate
 
     rtol, t0 = config.tolerance, time.perf_counter()
     dt = DTYPES[config.dtype]
@@ -605,8 +594,7 @@ def validate_export(
 
         # decoder: left-padded real prefixes + soft prompts, teacher-forced on the reference,
         # in chunks of the largest bucket
-        eos = _eos_ids(decoder, tokenizer)
-        pad = _pad_id(decoder, tokenizer, eos)
+        pad = pad_id(decoder, tokenizer, eos_ids(decoder, tokenizer))
         steps = config.validation_tokens
         z = torch.randn(len(prompts), d, generator=gen)
         soft_all = prompt_gen(z, torch.full((len(prompts),), 0.95))  # (n, P, H) fp32
@@ -621,14 +609,14 @@ def validate_export(
             chunk = slice(start, start + ort.buckets.largest)
             prefix_ids = [tokenizer.encode(p)[-room:] for p in prompts[chunk]]
             soft = soft_all[chunk]
-            ref_tok, ref_logits = _torch_greedy(decoder, prefix_ids, soft, pad, steps)
-            logits, state = ort.decoder.start(prefix_ids, soft.to(dt), pad)
-            got = [logits]
+            ref_tok, ref_logits = torch_greedy(decoder, prefix_ids, soft, pad, steps)
+            slots = max(map(len, prefix_ids)) + soft.shape[1] + steps
+            got = [ort.decoder.start(left_pad(prefix_ids, pad, slots, soft.to(dt)))]
             for i in range(1, steps):
-                got.append(ort.decoder.step(state, ref_tok[:, i - 1]))
+                got.append(ort.decoder.step(ref_tok[:, i - 1]))
             got = torch.stack(got)  # (steps, n, V)
-            record("prefill", "logits", state.batch, _compare(got[0], ref_logits[0], rtol))
-            record("decode", "logits", state.batch, _compare(got[1:], ref_logits[1:], rtol))
+            record("prefill", "logits", ort.decoder.batch, _compare(got[0], ref_logits[0], rtol))
+            record("decode", "logits", ort.decoder.batch, _compare(got[1:], ref_logits[1:], rtol))
             # greedy tokens: ORT's argmax against the reference's at every step
             top2 = ref_logits.float().topk(2, dim=-1).values  # (steps, n, 2)
             gap = top2[..., 0] - top2[..., 1]

@@ -5,9 +5,11 @@
                                                                             # CUDA graphs per bucket
 What runs where: the score network, the prompt generator and the decoder (prefill + decode) run in
 ONNX Runtime; the sentence encoder (sentence-transformers), the tokenizer, the sampler loop with the
-fused guided update, and token sampling stay in PyTorch/Python, exactly as in the torch backend, so
-a seed gives the same tokens on both backends. `exact` probe guidance differentiates through the
-score network and is refused here (use `fast`, or backend="torch").
+fused guided update, and the decode loop with its token sampling stay in PyTorch/Python: the
+Engine is the same object on both backends (`load_export` hands it these graphs in place of its
+networks, `OrtDecoder` is a step backend of the one decode loop), so a seed gives the same tokens
+on both. `exact` probe guidance differentiates through the score network and is refused here (use
+`fast`, or backend="torch").
 
 Batches run in the manifest's batch buckets: a batch is split at the largest bucket and, on CUDA
 (or with `pad_batches=True`), rounded up to a bucket with `bisect` (padding rows copy row 0 and are
@@ -19,31 +21,23 @@ returns the new key/value and the runtime stores it at the step's slot.
 
 from __future__ import annotations
 
-import bisect
 import json
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import torch
-from dglm.engine.api import GenerationParams
 from dglm.engine.bundle import BundleConfig
-from dglm.engine.decoding.loop import (
-    STOP_CHECK_EVERY,
-    DecodeParams,
-    DecodeResult,
-    _check,
-    _eos_ids,
-    _pad_id,
-    _results,
-    sample_tokens,
-)
-from dglm.engine.engine import Engine
-from dglm.engine.probes import ProbeSet, load_probes
-from dglm.kernels.guided_update import select_guided_update
+from dglm.engine.decoding.buckets import bucket_index, pad_rows, round_up, row_chunks
+from dglm.engine.decoding.loop import generate as decode_loop
+from dglm.engine.decoding.padding import PaddedBatch
+from dglm.engine.decoding.sampling import DecodeParams, DecodeResult
+from dglm.engine.encode.encoder import SentenceEncoder
+from dglm.engine.models.base import HiddenHook
+from dglm.engine.models.loading import load_tokenizer
+from dglm.engine.probes import Probe, load_probes
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +54,7 @@ TORCH_DTYPES = {
 
 
 def _import_ort():
+    # onnxruntime is an optional extra: imported when an ONNX graph is loaded
     try:
         import onnxruntime
     except ImportError as e:
@@ -118,7 +113,7 @@ def _all_tensors(graph):
 
 def check_external_data(model_path: str | Path) -> list[str]:
     """Refuse a model whose external-data locations leave its directory; returns the files used."""
-    import onnx
+    import onnx  # optional extra, like onnxruntime: imported when a graph is checked
 
     model_path = Path(model_path)
     model = onnx.load(str(model_path), load_external_data=False)
@@ -314,8 +309,9 @@ def _numpy(t: torch.Tensor, dtype: str) -> np.ndarray:
     return t.detach().contiguous().numpy().astype(NP_DTYPES[dtype], copy=False)
 
 
-class _Buckets:
-    """Batch buckets: split at the largest, optionally pad up to the next one."""
+class Buckets:
+    """The export's batch buckets: a batch is split at the largest and, with `pad`, rounded up to
+    a bucket (`decoding.buckets`); each bucket is its own captured graph."""
 
     def __init__(self, sizes: list[int], pad: bool) -> None:
         self.sizes, self.pad = sorted(sizes), pad
@@ -326,29 +322,19 @@ class _Buckets:
 
     def size(self, n: int) -> int:
         """Rows to run for n ≤ largest real rows."""
-        return self.sizes[bisect.bisect_left(self.sizes, n)] if self.pad else n
+        return round_up(self.sizes, n, "the export's --batch-buckets") if self.pad else n
 
     def graph_id(self, rows: int) -> int:
         """1 + the bucket's index when `rows` is a bucket size (a CUDA graph), else −1."""
-        i = bisect.bisect_left(self.sizes, rows)
-        return i + 1 if self.pad and i < len(self.sizes) and self.sizes[i] == rows else -1
-
-
-def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
-    """Pad dim 0 to `rows` with copies of row 0."""
-    n = t.shape[0]
-    return t if n == rows else torch.cat((t, t[:1].expand(rows - n, *t.shape[1:])))
-
-
-def _row_chunks(n: int, size: int) -> list[slice]:
-    return [slice(s, min(s + size, n)) for s in range(0, n, size)]
+        i = bucket_index(self.sizes, rows)
+        return i + 1 if self.pad and i >= 0 else -1
 
 
 class OrtScoreNetwork:
     """Drop-in for `ScoreNetwork.__call__`: (z, context | None, alpha² (B,), drop_context) → v̂;
     for the student graph (z, context, alpha², None, cfg_scale) → v̂."""
 
-    def __init__(self, graph: OrtGraph, buckets: _Buckets, latent_dim: int) -> None:
+    def __init__(self, graph: OrtGraph, buckets: Buckets, latent_dim: int) -> None:
         self.graph, self.buckets, self.latent_dim = graph, buckets, latent_dim
         self.dtype = TORCH_DTYPES[graph.inputs["z"]["dtype"]]
 
@@ -379,13 +365,13 @@ class OrtScoreNetwork:
                 drop_context = torch.zeros(n, dtype=torch.bool, device=z.device)
             last_name, last = "drop_context", drop_context
         out = []
-        for rows in _row_chunks(n, self.buckets.largest):
+        for rows in row_chunks(n, self.buckets.largest):
             b = self.buckets.size(rows.stop - rows.start)
             feeds = {
-                "z": _pad_rows(z[rows], b),
-                "context": _pad_rows(context[rows], b),
-                "alpha2": _pad_rows(alpha2[rows], b),
-                last_name: _pad_rows(last[rows], b),
+                "z": pad_rows(z[rows], b),
+                "context": pad_rows(context[rows], b),
+                "alpha2": pad_rows(alpha2[rows], b),
+                last_name: pad_rows(last[rows], b),
             }
             v = self.graph.run(feeds, {"batch": b}, self.buckets.graph_id(b))["v"]
             out.append(v[: rows.stop - rows.start].clone())
@@ -395,14 +381,14 @@ class OrtScoreNetwork:
 class OrtPromptGenerator:
     """Drop-in for `PromptGenerator.__call__`: (z (B, d), alpha² (B,)) → soft prompt (B, P, H)."""
 
-    def __init__(self, graph: OrtGraph, buckets: _Buckets) -> None:
+    def __init__(self, graph: OrtGraph, buckets: Buckets) -> None:
         self.graph, self.buckets = graph, buckets
 
     def __call__(self, z: torch.Tensor, alpha2: torch.Tensor) -> torch.Tensor:
         out = []
-        for rows in _row_chunks(z.shape[0], self.buckets.largest):
+        for rows in row_chunks(z.shape[0], self.buckets.largest):
             b = self.buckets.size(rows.stop - rows.start)
-            feeds = {"z": _pad_rows(z[rows], b), "alpha2": _pad_rows(alpha2[rows], b)}
+            feeds = {"z": pad_rows(z[rows], b), "alpha2": pad_rows(alpha2[rows], b)}
             out.append(self.graph.run(feeds, {"batch": b})["soft_prompt"][: rows.stop - rows.start])
         return torch.cat(out).to(z.device)
 
@@ -410,39 +396,26 @@ class OrtPromptGenerator:
 class OrtProbes:
     """Every probe row of the bundle: normalize(emb)·Wᵀ + b → logits (B, K) fp32."""
 
-    def __init__(self, graph: OrtGraph, buckets: _Buckets) -> None:
+    def __init__(self, graph: OrtGraph, buckets: Buckets) -> None:
         self.graph, self.buckets = graph, buckets
 
     def logits(self, embedding: torch.Tensor) -> torch.Tensor:
         out = []
-        for rows in _row_chunks(embedding.shape[0], self.buckets.largest):
+        for rows in row_chunks(embedding.shape[0], self.buckets.largest):
             b = self.buckets.size(rows.stop - rows.start)
-            feeds = {"embedding": _pad_rows(embedding[rows].float(), b)}
+            feeds = {"embedding": pad_rows(embedding[rows].float(), b)}
             out.append(self.graph.run(feeds, {"batch": b})["logits"][: rows.stop - rows.start])
         return torch.cat(out)
 
 
 # ------------------------------------------------------------------------------ decoder
-@dataclass
-class DecodeState:
-    """One batch in flight over the static KV buffer."""
-
-    rows: int  # real rows
-    batch: int  # rows run (the bucket)
-    k: torch.Tensor  # (L, batch, n_kv, S, Dh)
-    v: torch.Tensor
-    key_mask: torch.Tensor  # (batch, S) bool: filled slots
-    next_pos: torch.Tensor  # (batch, 1) int64: position of the next token
-    slot: int  # buffer slot of the next token
-    slot_t: torch.Tensor  # (1,) int64, the same on the device
-
-
 class OrtDecoder:
-    """The prefill and decode graphs over a runtime-owned static KV buffer.
+    """The prefill and decode graphs over a runtime-owned static KV buffer: a step backend of the
+    one decode loop (`dglm.engine.decoding.loop.StepBackend`: can_run, start, step).
 
-    Quacks like the torch decoders where the engine looks (hidden_size, vocab_size, max_context =
-    the buffer's S slots, eos_token_ids, config.pad_token_id, device, dtype); `generate` has the
-    contract of `dglm.engine.decoding.loop.generate`.
+    Quacks like the torch decoders where the loop and the engine look (hidden_size, vocab_size,
+    max_context = the buffer's S slots, eos_token_ids, config.pad_token_id, device, dtype). The
+    graphs end at the LM head: no hidden-state hook (can_run says no).
     """
 
     def __init__(
@@ -450,7 +423,7 @@ class OrtDecoder:
         prefill: OrtGraph,
         decode: OrtGraph,
         spec: dict,
-        buckets: _Buckets,
+        buckets: Buckets,
         device: torch.device,
     ) -> None:
         self.prefill_graph, self.decode_graph = prefill, decode
@@ -463,7 +436,12 @@ class OrtDecoder:
         self.eos_token_ids = tuple(spec["eos_token_ids"])
         self.config = SimpleNamespace(pad_token_id=spec["pad_token_id"])
         self.dtype = TORCH_DTYPES[decode.inputs["k_cache"]["dtype"]]
+        self.max_batch = buckets.largest
+        self.split_batches = True  # the loop runs larger batches in chunks of the largest bucket
         self._buffers: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        # the batch in flight, set by start()
+        self.rows = self.batch = self.slot = 0  # real rows, rows run (the bucket), next slot
+        self.k = self.v = self.key_mask = self.next_pos = self.slot_t = None
 
     def _kv(self, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Zeroed static buffers per batch size (stale slots stay finite: masked, never NaN)."""
@@ -475,34 +453,36 @@ class OrtDecoder:
             self._buffers[batch] = (k, v, slot)
         return self._buffers[batch]
 
-    def start(
-        self, prefix_ids: list[list[int]], soft_prompt: torch.Tensor, pad: int
-    ) -> tuple[torch.Tensor, DecodeState]:
-        """Prefill: left-padded prefixes then the soft prompt → (last logits (B, V), state)."""
-        n, p = len(prefix_ids), soft_prompt.shape[1]
-        if n > self.buckets.largest:
-            raise ValueError(f"{n} rows exceed the largest batch bucket {self.buckets.largest}")
-        batch = self.buckets.size(n)
-        lens = [len(r) for r in prefix_ids]
-        t_prefix = max(lens)
-        t0 = t_prefix + p
+    def can_run(self, batch_size: int, slots: int, hooked: bool = False) -> bool:
+        return not hooked and batch_size <= self.max_batch and slots <= self.max_context
+
+    def start(self, batch: PaddedBatch, hidden_hook: HiddenHook | None = None) -> torch.Tensor:
+        """Prefill: left-padded prefixes then the soft prompt → last logits (B, V) fp32; the batch
+        is padded up to its bucket (rows copy row 0) and stays in flight for `step`."""
+        if hidden_hook is not None:
+            raise ValueError(
+                "the ONNX decode graphs end at the LM head: a hidden-state hook needs "
+                "backend='torch'"
+            )
+        if batch.soft_prompt is None:
+            raise ValueError(f"the exported prefill graph needs a soft prompt ({self.prompt_len} "
+                             "vectors per row)")  # fmt: skip
+        n, t0 = batch.batch_size, batch.prefill_len
+        if n > self.max_batch:
+            raise ValueError(f"{n} rows exceed the largest batch bucket {self.max_batch}")
         if t0 > self.max_context:
             raise ValueError(
-                f"{t_prefix} prefix tokens + {p} soft-prompt vectors exceed the exported KV buffer "
-                f"of {self.max_context} slots (export with a larger --max-len)"
+                f"{t0} prefix tokens and soft-prompt vectors exceed the exported KV buffer of "
+                f"{self.max_context} slots (export with a larger --max-len)"
             )
-        ids = torch.full((n, t_prefix), pad, dtype=torch.long)
-        key_mask = torch.zeros(n, self.max_context, dtype=torch.bool)
-        for b, row in enumerate(prefix_ids):
-            if row:
-                ids[b, t_prefix - len(row) :] = torch.tensor(row, dtype=torch.long)
-            key_mask[b, t_prefix - len(row) : t0] = True
-        positions = (key_mask[:, :t0].long().cumsum(-1) - 1).clamp_min(0)  # (B, T0)
-        next_pos = torch.tensor([[r + p] for r in lens], dtype=torch.long)
+        rows = self.buckets.size(n)
+        key_mask = torch.zeros(n, self.max_context, dtype=torch.bool, device=batch.ids.device)
+        key_mask[:, :t0] = batch.key_mask[:, :t0]  # (B, S): filled slots only
         ids, key_mask, positions, next_pos = (
-            _pad_rows(t, batch).to(self.device) for t in (ids, key_mask, positions, next_pos)
+            pad_rows(t, rows).to(self.device)
+            for t in (batch.ids, key_mask, batch.positions, batch.next_positions())
         )
-        soft = _pad_rows(soft_prompt.to(self.device), batch)
+        soft = pad_rows(batch.soft_prompt.to(self.device, self.dtype), rows)
         out = self.prefill_graph.run(
             {
                 "input_ids": ids,
@@ -510,43 +490,43 @@ class OrtDecoder:
                 "positions": positions,
                 "key_mask": key_mask[:, :t0].contiguous(),
             },
-            {"batch": batch, "prefix_len": t_prefix, "prefill_len": t0},
+            {"batch": rows, "prefix_len": ids.shape[1], "prefill_len": t0},
         )
-        k, v, slot_t = self._kv(batch)
-        k[:, :, :, :t0].copy_(out["k"])
-        v[:, :, :, :t0].copy_(out["v"])
-        state = DecodeState(n, batch, k, v, key_mask, next_pos, t0, slot_t)
-        return out["logits"][:n], state
+        self.k, self.v, self.slot_t = self._kv(rows)
+        self.k[:, :, :, :t0].copy_(out["k"])
+        self.v[:, :, :, :t0].copy_(out["v"])
+        self.rows, self.batch, self.slot = n, rows, t0
+        self.key_mask, self.next_pos = key_mask, next_pos
+        return out["logits"][:n].float()
 
-    def step(self, state: DecodeState, tokens: torch.Tensor) -> torch.Tensor:
-        """One token per row (tokens (B,) long) → logits (B, V); stores its keys/values."""
-        if state.slot >= self.max_context:
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """One token per row (tokens (B,) long) → logits (B, V) fp32; stores its keys/values."""
+        if self.slot >= self.max_context:
             raise ValueError(f"the KV buffer of {self.max_context} slots is full")
-        s = state.slot
-        state.key_mask[:, s] = True
-        state.slot_t.fill_(s)
-        ids = _pad_rows(tokens.to(self.device)[:, None], state.batch)
+        s = self.slot
+        self.key_mask[:, s] = True
+        self.slot_t.fill_(s)
+        ids = pad_rows(tokens.to(self.device)[:, None], self.batch)
         out = self.decode_graph.run(
             {
                 "input_ids": ids,
-                "positions": state.next_pos,
-                "slot": state.slot_t,
-                "key_mask": state.key_mask,
-                "k_cache": state.k,
-                "v_cache": state.v,
+                "positions": self.next_pos,
+                "slot": self.slot_t,
+                "key_mask": self.key_mask,
+                "k_cache": self.k,
+                "v_cache": self.v,
             },
-            {"batch": state.batch},
-            self.buckets.graph_id(state.batch),
+            {"batch": self.batch},
+            self.buckets.graph_id(self.batch),
             in_place=("k_cache", "v_cache", "slot"),
         )
-        state.k[:, :, :, s].copy_(out["k_new"][:, :, :, 0])
-        state.v[:, :, :, s].copy_(out["v_new"][:, :, :, 0])
-        state.next_pos += 1
-        state.slot += 1
-        logits = out["logits"][: state.rows]
+        self.k[:, :, :, s].copy_(out["k_new"][:, :, :, 0])
+        self.v[:, :, :, s].copy_(out["v_new"][:, :, :, 0])
+        self.next_pos += 1
+        self.slot += 1
+        logits = out["logits"][: self.rows].float()
         return logits.clone() if self.decode_graph.capture else logits  # static buffer: copy
 
-    @torch.inference_mode()
     def generate(
         self,
         tokenizer,
@@ -554,104 +534,8 @@ class OrtDecoder:
         params: list[DecodeParams],
         soft_prompt: torch.Tensor,
     ) -> tuple[list[DecodeResult], dict[str, float]]:
-        """`dglm.engine.decoding.loop.generate` on the exported graphs (same sampling, same results);
-        batches above the largest bucket run in chunks of it."""
-        n = len(prefix_ids)
-        if n == 0:
-            raise ValueError("prefix_ids is empty: pass at least one row")
-        params = list(params) * n if len(params) == 1 and n > 1 else list(params)
-        if len(params) != n:
-            raise ValueError(f"params has {len(params)} entries for {n} rows of prefix_ids")
-        if soft_prompt.ndim != 3 or soft_prompt.shape[0] != n:
-            raise ValueError(
-                f"soft_prompt has shape {tuple(soft_prompt.shape)}, expected ({n}, P, "
-                f"{self.hidden_size})"
-            )
-        results: list[DecodeResult] = []
-        timings = {"prefill_s": 0.0, "decode_s": 0.0, "decode_steps": 0.0}
-        for rows in _row_chunks(n, self.buckets.largest):
-            res, t = self._generate(tokenizer, prefix_ids[rows], params[rows], soft_prompt[rows])
-            results += res
-            for key in timings:
-                timings[key] += t[key]
-        return results, timings
-
-    def _generate(self, tokenizer, prefix_ids, params, soft_prompt):
-        B, device = len(prefix_ids), self.device
-        eos = _eos_ids(self, tokenizer)
-        pad = _pad_id(self, tokenizer, eos)
-        max_new = max(p.max_new_tokens for p in params)
-        total = max(len(r) for r in prefix_ids) + soft_prompt.shape[1] + max_new
-        if total > self.max_context:
-            raise ValueError(
-                f"prefix + soft prompt + max_new_tokens={max_new} = {total} slots exceed the "
-                f"exported KV buffer of {self.max_context} (export with a larger --max-len)"
-            )
-        t_start = time.perf_counter()
-        # sampler settings, exactly as decoding.generate chooses them
-        sampled_rows = [b for b, p in enumerate(params) if p.temperature > 0]
-        sampled = [params[b] for b in sampled_rows]
-        some_k = any(p.top_k > 0 for p in sampled)
-        all_k = bool(sampled) and all(p.top_k > 0 for p in sampled)
-        full_sort = any(p.top_p < 1 for p in sampled) or (some_k and not all_k)
-        max_k = min(max(p.top_k for p in sampled), self.vocab_size) if all_k else 0
-        temperature = torch.tensor([[p.temperature] for p in sampled], device=device)
-        top_k = torch.tensor([[p.top_k] for p in sampled], dtype=torch.long, device=device)
-        top_p = torch.tensor([[p.top_p] for p in sampled], device=device)
-        rows = None if len(sampled) == B else torch.tensor(sampled_rows, device=device)
-        generators = []
-        for p in sampled:
-            seed = p.seed if p.seed is not None else int(torch.randint(0, 2**62, (1,)).item())
-            generators.append(torch.Generator(device=device).manual_seed(seed))
-        gumbel = torch.empty(len(sampled), self.vocab_size, device=device) if sampled else None
-        eos_t = torch.tensor(eos or [-1], dtype=torch.long, device=device)
-        out = torch.full((B, max_new), pad, dtype=torch.long, device=device)
-        finished = torch.zeros(B, dtype=torch.bool, device=device)
-        row_max = [p.max_new_tokens for p in params]
-        no_eos = [b for b, p in enumerate(params) if p.ignore_eos]
-        no_eos_rows = torch.tensor(no_eos, device=device)[:, None] if no_eos and eos else None
-        no_eos_ids = torch.tensor(eos, device=device)[None, :] if eos else None
-
-        def next_tokens(logits: torch.Tensor) -> torch.Tensor:  # (B, V) → (B,)
-            if no_eos_rows is not None:
-                logits[no_eos_rows, no_eos_ids] = float("-inf")
-            if gumbel is not None:
-                for i, g in enumerate(generators):
-                    gumbel[i].uniform_(generator=g)
-                gumbel.log_().neg_().log_().neg_()  # −log(−log U)
-            tok = sample_tokens(logits, gumbel, temperature, top_k, top_p, rows, max_k, full_sort)
-            return tok.masked_fill_(finished, pad)
-
-        logits, state = self.start(prefix_ids, soft_prompt.to(self.dtype), pad)
-        tok = next_tokens(logits.float())
-        out[:, 0] = tok
-        finished |= torch.isin(tok, eos_t)
-        _sync(device)
-        t_prefill = time.perf_counter()
-        steps = 1
-        for step in range(1, max_new):
-            if step % STOP_CHECK_EVERY == 0 and _check(
-                out, finished, steps, row_max, params, tokenizer, eos
-            ):
-                break
-            tok = next_tokens(self.step(state, tok).float())
-            out[:, step] = tok
-            finished |= torch.isin(tok, eos_t)
-            steps += 1
-        _sync(device)
-        t_decode = time.perf_counter()
-        results = _results(out[:, :steps].tolist(), row_max, params, tokenizer, eos)
-        timings = {
-            "prefill_s": t_prefill - t_start,
-            "decode_s": t_decode - t_prefill,
-            "decode_steps": float(steps - 1),
-        }
-        return results, timings
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        """The one decode loop (`dglm.engine.decoding.loop.generate`) on these graphs."""
+        return decode_loop(self, tokenizer, prefix_ids, params, soft_prompt, runner=self)
 
 
 # ------------------------------------------------------------------------------ all graphs
@@ -670,7 +554,7 @@ class OrtModels:
         self.device = torch.device(device)
         self.options = options = options or RuntimeOptions()
         pad = options.pad_batches if options.pad_batches is not None else self.device.type == "cuda"
-        self.buckets = _Buckets(self.manifest["batch_buckets"], pad)
+        self.buckets = Buckets(self.manifest["batch_buckets"], pad)
         graphs = self.manifest["graphs"]
         capture = options.cuda_graphs
 
@@ -695,111 +579,48 @@ class OrtModels:
             self.device,
         )
 
-
-class OnnxEngine(Engine):
-    """The Engine with its networks and decoder on ONNX Runtime (see the module docstring).
-
-    `generate` keeps the torch Engine's semantics step for step: same validation, seeds, sampler
-    groups (`Engine._sample_group`, whose score network is the ORT one), re-noising, decode
-    parameters and outputs.
-    """
-
-    def __init__(
-        self,
-        config: BundleConfig,
-        encoder,
-        models: OrtModels,
-        probes: list,
-        tokenizer,
-        guided_update: str = "auto",
-    ) -> None:
-        self.config, self.encoder, self.models = config, encoder, models
-        self.score_net, self.prompt_gen = models.score_net, models.prompt_gen
-        self.decoder, self.tokenizer = models.decoder, tokenizer
-        self.device = models.device
-        self.dtype = models.score_net.dtype
-        if encoder.dim != config.score_network.latent_dim:
-            raise ValueError(
-                f"encoder {config.encoder!r} is {encoder.dim}-d but the score network expects "
-                f"{config.score_network.latent_dim}-d latents"
-            )
-        self.probes = ProbeSet(probes, encoder.dim, config.control_scale)
-        self.guided_update = guided_update
-        self.update_fn = select_guided_update(self.device, guided_update)
-        self.captured = None  # the torch CUDA-graph sampler: here the ORT graphs capture instead
-        self.student, self.captured_student = models.student, None
-        self.decode_runner = None  # ORT decodes with its own graphs (OrtDecoder)
-        if (config.student is None) != (models.student is None):
-            raise ValueError(
-                "the export's config and graphs disagree about the distilled student: re-export "
-                "the bundle"
-            )
-        if not config.trained:
-            logger.warning("bundle networks are untrained (random): outputs are not meaningful")
-
-    @classmethod
-    def from_exported(
-        cls,
-        outdir: str | Path,
-        device: str | torch.device = "cpu",
-        guided_update: str = "auto",
-        options: RuntimeOptions | None = None,
-    ) -> OnnxEngine:
-        from dglm.engine.encode.encoder import SentenceEncoder
-        from transformers import AutoTokenizer
-
-        root = Path(outdir)
-        manifest = read_manifest(root)
-        config = BundleConfig.from_dict(manifest["bundle"]["config"])
-        models = OrtModels(root, device, options, manifest)
-        probes_file = manifest.get("probes_file")
-        probes = load_probes(_inside(root, probes_file, "probes_file")) if probes_file else []
-        tokenizer = AutoTokenizer.from_pretrained(
-            str(_inside(root, manifest["tokenizer"], "tokenizer"))
-        )
-        encoder = SentenceEncoder(manifest["encoder"]["reference"], device=models.device)
-        logger.info("loaded ONNX export %s (%s, %d probes)", root, manifest["dtype"], len(probes))
-        return cls(config, encoder, models, probes, tokenizer, guided_update)
-
-    def save_pretrained(self, path: str | Path) -> None:
-        raise NotImplementedError("an ONNX engine has no bundle to save; export from the bundle")
-
-    def validate(self, prompts: list[str], params: list[GenerationParams]) -> list[list[int]]:
-        prefix_ids = super().validate(prompts, params)
-        for p in params:
-            if p.controls and p.sampler_config(self.config.sampler).guidance_mode == "exact":
-                raise ValueError(
-                    "guidance_mode='exact' differentiates through the score network, which the "
-                    "ONNX backend cannot; use guidance_mode='fast' or backend='torch'"
-                )
-        return prefix_ids
-
-    def _decode(self, prefix_ids: list[list[int]], params: list, soft_prompt: torch.Tensor):
-        """Engine.generate runs unchanged; only its decoding stage runs on ONNX Runtime."""
-        return self.decoder.generate(self.tokenizer, prefix_ids, params, soft_prompt)
-
     def info(self) -> dict:
-        m = self.models.manifest
+        """What the engine's info() adds for an ONNX export."""
+        m = self.manifest
         return {
-            "backend": "onnx",
-            "export": str(self.models.root),
-            "encoder": self.config.encoder,
-            "decoder": self.config.decoder,
-            "latent_dim": self.encoder.dim,
-            "decoder_width": self.decoder.hidden_size,
-            "decoder_context": self.decoder.max_context,
-            "score_network": dict(self.config.score_network.__dict__),
-            "prompt_generator": dict(self.config.prompt_generator.__dict__),
-            "sampler": self.config.sampler.__dict__,
-            "cfg_scale": self.config.cfg_scale,
-            "trained": self.config.trained,
-            "probes": {
-                name: {"labels": list(p.labels), "metrics": p.metrics}
-                for name, p in self.probes.probes.items()
-            },
-            "guided_update": getattr(self.update_fn, "__name__", str(self.update_fn)),
-            "device": str(self.device),
+            "export": str(self.root),
             "dtype": m["dtype"],
             "opset": m["opset"],
             "batch_buckets": m["batch_buckets"],
         }
+
+
+@dataclass
+class OnnxExport:
+    """An export directory loaded for `Engine.from_pretrained(..., backend="onnx")`."""
+
+    config: BundleConfig  # the source bundle's config
+    models: OrtModels  # every graph, as sessions
+    probes: list[Probe]
+    tokenizer: object
+    encoder: SentenceEncoder  # not exported: runs in PyTorch
+
+
+def load_export(
+    outdir: str | Path,
+    device: str | torch.device = "cpu",
+    options: RuntimeOptions | None = None,
+) -> OnnxExport:
+    """Everything an Engine needs from a `dglm export onnx` directory."""
+    root = Path(outdir)
+    manifest = read_manifest(root)
+    config = BundleConfig.from_dict(manifest["bundle"]["config"])
+    models = OrtModels(root, device, options, manifest)
+    if (config.student is None) != (models.student is None):
+        raise ValueError(
+            "the export's config and graphs disagree about the distilled student: re-export "
+            "the bundle"
+        )
+    probes_file = manifest.get("probes_file")
+    probes = load_probes(_inside(root, probes_file, "probes_file")) if probes_file else []
+    tokenizer = load_tokenizer(_inside(root, manifest["tokenizer"], "tokenizer"))
+    if tokenizer is None:
+        raise ValueError(f"the export in {str(root)!r} has no tokenizer: re-export the bundle")
+    encoder = SentenceEncoder(manifest["encoder"]["reference"], device=models.device)
+    logger.info("loaded ONNX export %s (%s, %d probes)", root, manifest["dtype"], len(probes))
+    return OnnxExport(config, models, probes, tokenizer, encoder)

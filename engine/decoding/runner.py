@@ -20,18 +20,23 @@ buffers, or through a TorchScript trace / torch.compile (`step_impl`, see STEP_I
 `decoding.generate` without a runner builds an eager one sized to the call (one bucket = the
 batch, max_len = the slots it needs: no padding).
 Sampling stays outside the step (`decoding.generate` samples from `logits` without a host sync).
+
+As a step backend of the loop (`can_run`, `start`, `step`): a hidden-state hook (`start(...,
+hidden_hook)`) runs only op by op (`enforce_eager`, step_impl "eager"); graphs and traces were
+recorded without one, so `can_run` says no and the loop takes an eager runner instead.
 """
 
 from __future__ import annotations
 
-import bisect
 import logging
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from dglm.engine.models.base import Decoder, KVCache
+from dglm.engine.decoding.buckets import round_up
+from dglm.engine.decoding.padding import PaddedBatch
+from dglm.engine.models.base import Decoder, HiddenHook, KVCache
 from torch import nn
 
 logger = logging.getLogger(__name__)
@@ -90,10 +95,13 @@ def decode_logits(
     v: torch.Tensor,
     write_pos: torch.Tensor,  # (1,) long
     key_mask: torch.Tensor,  # (b, s) bool
+    hidden_hook: HiddenHook | None = None,
 ) -> torch.Tensor:
     """One decode step through `forward_static`, K/V written in place → fp32 logits (b, V)."""
     x = decoder.embed(tokens[:, None])  # (b, 1, H)
-    return decoder.forward_static(x, positions[:, None], k, v, write_pos, key_mask)[:, 0]
+    return decoder.forward_static(
+        x, positions[:, None], k, v, write_pos, key_mask, hidden_hook=hidden_hook
+    )[:, 0]
 
 
 _compiled_decode_logits: Callable | None = None
@@ -110,16 +118,6 @@ def compiled_decode_logits() -> Callable:
             decode_logits, dynamic=True, fullgraph=True, options={"freezing": True}
         )
     return _compiled_decode_logits
-
-
-def round_up(sizes: list[int] | tuple[int, ...], n: int, setting: str) -> int:
-    """The smallest of the sorted `sizes` ≥ n (bisect); ValueError naming `setting` if none."""
-    i = bisect.bisect_left(sizes, n)
-    if n < 1 or i == len(sizes):
-        raise ValueError(
-            f"{n} does not fit the largest bucket {sizes[-1]}: raise DecodeRunnerConfig.{setting}"
-        )
-    return sizes[i]
 
 
 class _DecodeModule(nn.Module):
@@ -222,6 +220,8 @@ class DecodeRunner:
         self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph | _EagerStep] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.graphs else None
         self.batch = self.rows = self.slot = self.slots = 0  # current batch, set by begin()
+        self.hidden_hook: HiddenHook | None = None  # of the current batch, set by start()
+        self.split_batches = False  # a batch above the largest bucket is refused (step backend)
 
     # ------------------------------------------------------------------ buckets
     @property
@@ -234,16 +234,16 @@ class DecodeRunner:
 
     def bucket(self, batch_size: int) -> int:
         """Rows the step runs for a batch of `batch_size`: the bucket it rounds up to."""
-        return round_up(self.batch_sizes, batch_size, "batch_sizes")
+        return round_up(self.batch_sizes, batch_size, "DecodeRunnerConfig.batch_sizes")
 
     def seq_bucket(self, slots: int) -> int:
         """KV slots the step attends over while `slots` are in use (the KV bucket ≥ slots)."""
-        return round_up(self.config.seq_buckets, slots, "max_len")
+        return round_up(self.config.seq_buckets, slots, "DecodeRunnerConfig.max_len")
 
     # ------------------------------------------------------------------ the step
     def _step(self, b: int, s: int, decode: Callable | None = None) -> None:
         """One decode step on rows [0, b) and slots [0, s) of the buffers (what a graph records)."""
-        logits = (decode or self._decode)(
+        args = (
             self.decoder,
             self.tokens[:b],
             self.positions[:b],
@@ -252,6 +252,10 @@ class DecodeRunner:
             self.write_pos,
             self.key_mask[:b, :s],
         )
+        if self.hidden_hook is not None:  # eager only (see can_run)
+            logits = decode_logits(*args, hidden_hook=self.hidden_hook)
+        else:
+            logits = (decode or self._decode)(*args)
         self.logits[:b].copy_(logits)
         self.positions[:b].add_(1)
         self.write_pos.add_(1)
@@ -306,6 +310,26 @@ class DecodeRunner:
                     self.positions.copy_(saved[0])
                     self.write_pos.copy_(saved[1])
 
+    # ------------------------------------------------------------------ step backend
+    def can_run(self, batch_size: int, slots: int, hooked: bool = False) -> bool:
+        """Whether this runner can take a batch of `batch_size` rows × `slots` KV slots, with a
+        hidden-state hook when `hooked` (op by op only)."""
+        eager = not self.graphs and self.config.step_impl == "eager"
+        return batch_size <= self.max_batch and slots <= self.max_len and (eager or not hooked)
+
+    @torch.inference_mode()
+    def start(self, batch: PaddedBatch, hidden_hook: HiddenHook | None = None) -> torch.Tensor:
+        """Begin `batch` and prefill it (pads, prefix, soft prompt in one causal pass) → fp32
+        logits (B, V) of its last position; `hidden_hook` acts at every step of this batch."""
+        if hidden_hook is not None and not self.can_run(1, 1, True):
+            raise ValueError(
+                "a hidden-state hook runs op by op only: use a DecodeRunner with "
+                "DecodeRunnerConfig(enforce_eager=True, step_impl='eager')"
+            )
+        self.begin(batch.batch_size, batch.slots, batch.key_mask if batch.padded else None)
+        self.hidden_hook = hidden_hook
+        return self.prefill(batch.embeds(self.decoder), batch.positions)
+
     # ------------------------------------------------------------------ one batch
     @torch.inference_mode()
     def begin(self, batch_size: int, slots: int, key_mask: torch.Tensor | None) -> None:
@@ -326,6 +350,7 @@ class DecodeRunner:
         self.tokens[batch_size : self.rows] = 0
         self.positions[: self.rows] = 0
         self.slot = 0
+        self.hidden_hook = None
 
     @torch.inference_mode()
     def prefill(self, inputs_embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -338,7 +363,7 @@ class DecodeRunner:
         write_pos = torch.arange(T0, device=self.write_pos.device)
         logits = self.decoder.forward_static(
             inputs_embeds, positions, self.k[:, :B, :, :T0], self.v[:, :B, :, :T0], write_pos, km,
-            last_only=True,
+            last_only=True, hidden_hook=self.hidden_hook,
         )[:, -1]  # fmt: skip
         self.positions[:B].copy_(positions[:, -1] + 1)
         self.write_pos.fill_(T0)

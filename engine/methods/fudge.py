@@ -9,9 +9,14 @@ probe, and the next token is drawn from
     score_j = log p_lm(c_j | x_<t) + λ · log p(target | encoder(x_<t ⊕ c_j)),   j = 1..k
 
 (λ = 1 is FUDGE; λ = 0 is plain top-k sampling). The k candidate texts of every unfinished row are
-encoded in one batch per step. The decoder runs its own KV-cached loop over the engine's decoder
-(no soft prompt). Reranking needs the candidates' text on the host, so each step syncs once: this
-loop is a baseline, not a hot path.
+encoded in one batch per step.
+
+FUDGE runs on the one decode loop (`decoding.loop.generate`, the reference `Decoder.forward` step,
+no soft prompt) as a logits processor, `FudgeProcessor`: it reranks the candidates and draws among
+them with each row's own generator (Gumbel-max over the nucleus of the reweighted scores), handing
+the loop the perturbed candidate scores (−inf elsewhere), which the loop decodes greedily.
+Reranking needs the candidates' text on the host, so each step syncs once: a baseline, not a hot
+path. `Fudge` is the same as an engine `Method`.
 """
 
 from __future__ import annotations
@@ -22,10 +27,13 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from dglm.engine.decoding.loop import _eos_ids, _pad_id
+from dglm.engine.api import GenerationParams
+from dglm.engine.decoding.loop import generate
+from dglm.engine.decoding.sampling import DecodeParams, DecodeResult
 from dglm.engine.encode.encoder import SentenceEncoder
+from dglm.engine.methods.base import Conditioning, Method, MethodBatch
 from dglm.engine.models.base import Decoder
-from dglm.engine.probes import Probe
+from dglm.engine.probes import Probe, ProbeSet
 
 logger = logging.getLogger(__name__)
 
@@ -53,13 +61,6 @@ class FudgeParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
 
 
-@dataclass
-class FudgeResult:
-    token_ids: list[int]  # generated tokens, EOS excluded
-    text: str
-    finish_reason: str  # "stop" (EOS) | "length"
-
-
 def target_logprob(probe: Probe, target: str | int, emb: torch.Tensor) -> torch.Tensor:
     """log p(target | text) from a probe: (N, d) embeddings → (N,) fp32.
 
@@ -72,23 +73,91 @@ def target_logprob(probe: Probe, target: str | int, emb: torch.Tensor) -> torch.
     return out
 
 
-def _sample(scores: torch.Tensor, params: FudgeParams, gens: list[torch.Generator]) -> torch.Tensor:
-    """Index (A,) into the k candidates from reweighted scores (A, k), sorted descending by log p_lm.
-
-    Gumbel-max over the nucleus of softmax(scores); each row draws from its own generator.
-    """
-    if params.temperature == 0:
-        return scores.argmax(-1)
+def perturbed_scores(
+    scores: torch.Tensor, temperature: float, top_p: float, gens: list[torch.Generator]
+) -> torch.Tensor:
+    """Reweighted candidate scores (A, k), sorted descending by log p_lm → the scores whose argmax
+    is the row's draw: the scores themselves when greedy (temperature 0), else Gumbel-max over the
+    nucleus of softmax(scores), each row's k uniforms from its own generator; −inf outside it."""
+    if temperature == 0:
+        return scores
     s, order = scores.sort(-1, descending=True)  # (A, k)
-    if params.top_p < 1:
+    if top_p < 1:
         probs = s.softmax(-1)
         tail = probs.flip(-1).cumsum(-1).flip(-1)  # mass of this and every less likely candidate
-        remove = tail <= 1 - params.top_p
+        remove = tail <= 1 - top_p
         remove[:, 0] = False
         s = s.masked_fill(remove, float("-inf"))
     u = torch.stack([torch.rand(s.shape[1], generator=g) for g in gens]).to(s.device)  # (A, k)
     gumbel = -torch.log(-torch.log(u.clamp_min(1e-20)))
-    return order.gather(-1, (s + gumbel).argmax(-1, keepdim=True))[:, 0]
+    return torch.empty_like(s).scatter_(-1, order, s + gumbel)  # back in candidate order
+
+
+class FudgeProcessor:
+    """FUDGE as a logits processor of the decode loop (rows must decode greedily: temperature 0).
+
+    Per step and unfinished row: the top-k candidates of log_softmax(logits / T), reweighted by λ ·
+    log p(target | text) of each row's (probe, target) (None: no reweighting), drawn from with the
+    row's own generator (`perturbed_scores`); returns those scores at the candidates' ids, −inf
+    elsewhere. One encoder batch per step for every unfinished row's candidates.
+    """
+
+    def __init__(
+        self,
+        tokenizer,
+        encoder: SentenceEncoder,
+        targets: list[tuple[Probe, str | int] | None],  # per row
+        generators: list[torch.Generator],  # per row
+        top_k: int,
+        strength: float,
+        temperature: float,
+        top_p: float,
+    ) -> None:
+        self.tokenizer, self.encoder = tokenizer, encoder
+        self.targets, self.gens = targets, generators
+        self.top_k, self.strength = top_k, strength
+        self.temperature, self.top_p = temperature, top_p
+        self.probe_s = 0.0  # seconds in candidate text, encoder and probe
+        self.scored = 0  # candidate texts embedded
+        self.steps = 0  # steps with an unfinished row
+
+    def __call__(
+        self, logits: torch.Tensor, tokens: torch.Tensor, finished: torch.Tensor
+    ) -> torch.Tensor:
+        active = [b for b, done in enumerate(finished.tolist()) if not done]  # host sync
+        out = torch.full_like(logits, float("-inf"))  # (B, V)
+        if not active:
+            return out
+        self.steps += 1
+        k = min(self.top_k, logits.shape[-1])
+        temp = self.temperature if self.temperature > 0 else 1.0
+        logp = torch.log_softmax(logits[active].float() / temp, dim=-1)  # (A, V)
+        cand_lp, cand_ids = logp.topk(k, dim=-1)  # (A, k) each, descending
+        t = time.perf_counter()
+        scores = cand_lp
+        reweighted = [i for i, b in enumerate(active) if self.targets[b] is not None]
+        if self.strength > 0 and reweighted:
+            history = tokens[[active[i] for i in reweighted]].tolist()
+            cand = cand_ids[reweighted].tolist()
+            texts = self.tokenizer.batch_decode(
+                [h + [c] for h, cs in zip(history, cand, strict=True) for c in cs],
+                skip_special_tokens=True,
+            )  # k candidate continuations per reweighted row, row-major
+            emb = self.encoder.embed(texts)  # (R·k, d)
+            lp = torch.zeros_like(cand_lp)  # (A, k)
+            for j, i in enumerate(reweighted):
+                probe, target = self.targets[active[i]]
+                row_lp = target_logprob(probe, target, emb[j * k : (j + 1) * k])
+                lp[i] = row_lp.to(lp.device)
+            scores = cand_lp + self.strength * lp
+            self.scored += len(texts)
+        drawn = perturbed_scores(
+            scores, self.temperature, self.top_p, [self.gens[b] for b in active]
+        )
+        self.probe_s += time.perf_counter() - t
+        rows = torch.tensor(active, device=logits.device)
+        out[rows] = out[rows].scatter_(-1, cand_ids, drawn)
+        return out
 
 
 @torch.inference_mode()
@@ -100,7 +169,7 @@ def fudge_generate(
     target: str | int,
     prefix_ids: list[list[int]],
     params: FudgeParams = FudgeParams(),
-) -> tuple[list[FudgeResult], dict[str, float]]:
+) -> tuple[list[DecodeResult], dict[str, float]]:
     """FUDGE decoding of a continuation per row → (results, timings in seconds).
 
     timings: "lm_s" (decoder prefill and steps), "probe_s" (candidate text, encoder, probe),
@@ -112,113 +181,76 @@ def fudge_generate(
         raise ValueError("prefix_ids is empty: pass at least one row")
     if any(len(p) == 0 for p in prefix_ids):
         raise ValueError("every row of prefix_ids needs at least one token")
-    device = decoder.device
-    lens = [len(p) for p in prefix_ids]
-    t_prefix, max_new = max(lens), params.max_new_tokens
-    total = t_prefix + max_new
-    if total > decoder.max_context:
-        raise ValueError(
-            f"{t_prefix} prefix tokens + max_new_tokens={max_new} exceed the decoder's context of "
-            f"{decoder.max_context}"
-        )
-    k = min(params.top_k, decoder.vocab_size)
-    eos = _eos_ids(decoder, tokenizer)
-    pad = _pad_id(decoder, tokenizer, eos)
     t_start = time.perf_counter()
-    lm_s = probe_s = 0.0
-    scored = 0
-
-    ids = torch.full((B, t_prefix), pad, dtype=torch.long)  # left padded
-    key_mask = torch.ones(B, total, dtype=torch.bool)  # (B, S)
-    for b, row in enumerate(prefix_ids):
-        ids[b, t_prefix - len(row) :] = torch.tensor(row, dtype=torch.long)
-        key_mask[b, : t_prefix - len(row)] = False
-    positions = (key_mask[:, :t_prefix].long().cumsum(-1) - 1).clamp_min(0)  # (B, T)
-    padded = min(lens) < t_prefix
-    next_pos = torch.tensor(lens, dtype=torch.long)  # (B,)
-    ids, key_mask, positions, next_pos = (
-        t.to(device) for t in (ids, key_mask, positions, next_pos)
+    processor = FudgeProcessor(
+        tokenizer, encoder, [(probe, target)] * B,
+        [torch.Generator().manual_seed(params.seed + b) for b in range(B)],
+        params.top_k, params.strength, params.temperature, params.top_p,
+    )  # fmt: skip
+    greedy = DecodeParams(params.max_new_tokens, temperature=0.0, ignore_eos=params.ignore_eos)
+    results, t = generate(
+        decoder, tokenizer, prefix_ids, [greedy], static=False, processors=(processor,)
     )
-    gens = [torch.Generator().manual_seed(params.seed + b) for b in range(B)]
-    eos_set = set(eos)
-    cache = decoder.new_cache(B, total)
-
-    t = time.perf_counter()
-    logits = decoder(
-        decoder.embed(ids),
-        positions,
-        cache,
-        key_mask[:, :t_prefix] if padded else None,
-        last_only=True,
-    )[:, -1]  # (B, V)
-    lm_s += time.perf_counter() - t
-
-    generated: list[list[int]] = [[] for _ in range(B)]
-    finished = [False] * B
-    steps = 0
-    for step in range(max_new):
-        active = [b for b in range(B) if not finished[b]]
-        if not active:
-            break
-        t = time.perf_counter()
-        temp = params.temperature if params.temperature > 0 else 1.0
-        scaled = logits[active].float() / temp
-        if params.ignore_eos and eos:
-            scaled[:, eos] = float("-inf")
-        logp = torch.log_softmax(scaled, dim=-1)  # (A, V)
-        cand_lp, cand_ids = logp.topk(k, dim=-1)  # (A, k) each, descending
-        cand = cand_ids.tolist()
-        lm_s += time.perf_counter() - t
-
-        t = time.perf_counter()
-        scores = cand_lp
-        if params.strength > 0:
-            texts = tokenizer.batch_decode(
-                [generated[b] + [c] for i, b in enumerate(active) for c in cand[i]],
-                skip_special_tokens=True,
-            )  # A·k candidate continuations, row-major
-            emb = encoder.embed(texts)  # (A·k, d)
-            lp = target_logprob(probe, target, emb).to(device).view(len(active), k)  # (A, k)
-            scores = cand_lp + params.strength * lp
-            scored += len(texts)
-        choice = _sample(scores, params, [gens[b] for b in active])  # (A,)
-        probe_s += time.perf_counter() - t
-
-        tok = cand_ids.gather(-1, choice[:, None])[:, 0].tolist()
-        next_tok = torch.full((B,), pad, dtype=torch.long)
-        for i, b in enumerate(active):
-            if tok[i] in eos_set:
-                finished[b] = True
-            else:
-                generated[b].append(tok[i])
-            next_tok[b] = tok[i]
-        steps += 1
-        if step + 1 == max_new or all(finished):
-            break
-        t = time.perf_counter()
-        km = key_mask[:, : cache.length + 1] if padded else None
-        logits = decoder(decoder.embed(next_tok.to(device)[:, None]), next_pos[:, None], cache, km)[
-            :, -1
-        ]  # (B, V); finished rows feed pad and are ignored
-        next_pos += 1
-        lm_s += time.perf_counter() - t
-
-    texts = tokenizer.batch_decode(generated, skip_special_tokens=True)
-    results = [
-        FudgeResult(generated[b], texts[b], "stop" if finished[b] else "length") for b in range(B)
-    ]
     timings = {
-        "lm_s": lm_s,
-        "probe_s": probe_s,
+        "lm_s": t["prefill_s"] + t["decode_s"] - processor.probe_s,
+        "probe_s": processor.probe_s,
         "total_s": time.perf_counter() - t_start,
-        "steps": float(steps),
-        "candidates_scored": float(scored),
+        "steps": float(processor.steps),
+        "candidates_scored": float(processor.scored),
     }
     logger.info(
         "fudge: %d rows, %d steps, %d candidates scored in %.2fs",
         B,
-        steps,
-        scored,
+        processor.steps,
+        processor.scored,
         timings["total_s"],
     )
     return results, timings
+
+
+class Fudge(Method):
+    """FUDGE as an engine method: each request's first control (probe, target) reweights its
+    rows' top-k candidates; requests without one decode plain top-k. Temperature and top_p come
+    from each request (rows of one call must share them); seeds from the engine's rows."""
+
+    name = "fudge"
+
+    def __init__(
+        self, encoder: SentenceEncoder, probes: ProbeSet, top_k: int = 50, strength: float = 1.0
+    ) -> None:
+        FudgeParams(top_k=top_k, strength=strength)  # validates them
+        self.encoder, self.probes, self.top_k, self.strength = encoder, probes, top_k, strength
+
+    def decode_params(self, p: GenerationParams, seed: int) -> DecodeParams:
+        # the processor draws the token: the loop takes its argmax
+        return DecodeParams(p.max_new_tokens, temperature=0.0, stop=p.stop, ignore_eos=p.ignore_eos)
+
+    def condition(self, batch: MethodBatch) -> Conditioning:
+        params = [batch.params[i] for i, _ in batch.rows]
+        settings = {(p.temperature, p.top_p) for p in params}
+        if len(settings) > 1:
+            raise ValueError(
+                f"FUDGE runs one temperature and top_p per call, got {sorted(settings)}: "
+                "generate requests with different settings in separate calls"
+            )
+        ((temperature, top_p),) = settings
+        targets = []
+        for p in params:
+            c = p.controls[0] if p.controls else None
+            targets.append(None if c is None else (self.probes.probes[c.probe], c.target))
+        gens = [torch.Generator().manual_seed(s) for s in batch.seeds]
+        processor = FudgeProcessor(
+            batch.tokenizer, self.encoder, targets, gens, self.top_k, self.strength,
+            temperature, top_p,
+        )  # fmt: skip
+        return Conditioning(processors=(processor,))
+
+
+__all__ = [
+    "Fudge",
+    "FudgeParams",
+    "FudgeProcessor",
+    "fudge_generate",
+    "perturbed_scores",
+    "target_logprob",
+]

@@ -9,15 +9,24 @@ cache slots. `key_mask (B, S)` marks real (non-pad) keys; S = T without a cache 
 `Decoder.forward_static` is the same computation with every shape fixed by its buffers: it writes
 at slots given by a device tensor and attends over all S slots under a mask, which is what a CUDA
 graph, `torch.compile` and an ONNX export need (see its docstring for the exact contract).
+
+Both take an optional `hidden_hook`: a function (B, T, H) → (B, T, H) applied to the final-norm
+hidden states right before the LM head (where a method such as RE-Control nudges them); rows it
+leaves alone give bit-identical logits.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+# final-norm hidden states (B, T, H) → edited hidden states (B, T, H), before the LM head
+HiddenHook = Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -287,6 +296,17 @@ class Decoder(nn.Module):
         """LM head: (B, T, H) final-norm hidden states → fp32 logits (B, T, V)."""
         return F.linear(hidden, self.lm_head_weight()).float()
 
+    def head(
+        self, hidden: torch.Tensor, last_only: bool, hidden_hook: HiddenHook | None
+    ) -> torch.Tensor:
+        """(B, T, H) final-norm hidden states → fp32 logits (B, T | 1, V): the last position
+        only with `last_only`, through `hidden_hook` (if any) before the LM head."""
+        if last_only:
+            hidden = hidden[:, -1:]
+        if hidden_hook is not None:
+            hidden = hidden_hook(hidden)
+        return self.logits(hidden)
+
     def forward_static(
         self,
         inputs_embeds: torch.Tensor,
@@ -298,6 +318,7 @@ class Decoder(nn.Module):
         *,
         functional: bool = False,
         last_only: bool = False,
+        hidden_hook: HiddenHook | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One static-shape step: the form for CUDA graphs, `torch.compile` and ONNX export.
 
@@ -319,6 +340,7 @@ class Decoder(nn.Module):
                 returned, k_new / v_new (L, B, n_kv, T, Dh): what the in-place call would have
                 written, for a graph without in-place updates (the caller scatters them).
             last_only: logits for the last of the T positions only, (B, 1, V).
+            hidden_hook: applied to the final-norm hidden states before the LM head.
 
         Returns fp32 logits. Equals `forward` with a KVCache holding the same slots (the parity
         tests check < 1e-5 in fp32); attention runs over all S slots, so cost grows with S.
@@ -342,9 +364,7 @@ class Decoder(nn.Module):
         mask = torch.zeros(allowed.shape, dtype=inputs_embeds.dtype, device=allowed.device)
         mask = mask.masked_fill_(~allowed, float("-inf"))
         h = self.blocks_forward(inputs_embeds, positions, kv, mask, False)  # (B, T, H)
-        if last_only:
-            h = h[:, -1:]
-        logits = self.logits(h)
+        logits = self.head(h, last_only, hidden_hook)
         if not functional:
             return logits
         return logits, torch.stack(kv.new_k), torch.stack(kv.new_v)  # (L, B, n_kv, T, Dh)
@@ -357,9 +377,9 @@ class Decoder(nn.Module):
         key_mask: torch.Tensor | None = None,
         *,
         last_only: bool = False,
+        hidden_hook: HiddenHook | None = None,
     ) -> torch.Tensor:
-        """fp32 logits (B, T, V), or (B, 1, V) for the last position only with `last_only`."""
+        """fp32 logits (B, T, V), or (B, 1, V) for the last position only with `last_only`;
+        `hidden_hook` edits the final-norm hidden states before the LM head."""
         h = self.hidden_states(inputs_embeds, positions, cache, key_mask)
-        if last_only:
-            h = h[:, -1:]
-        return self.logits(h)
+        return self.head(h, last_only, hidden_hook)

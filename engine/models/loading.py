@@ -103,7 +103,7 @@ def load_decoder_dir(
     decoder = decoder.to(device=device)
     decoder.reset_buffers(device)
     decoder.eval().requires_grad_(False)
-    tokenizer = _load_tokenizer(directory)
+    tokenizer = load_tokenizer(directory)
     logger.info(
         "loaded %s decoder from %s (%.1fM params, %s, %s) in %.1f s",
         model_type,
@@ -157,8 +157,9 @@ def _read_state_dict(directory: Path) -> dict[str, torch.Tensor]:
     return {k: v for k, v in sd.items() if not k.endswith(_IGNORED_SUFFIXES)}
 
 
-def _load_tokenizer(directory: Path):
-    from transformers import AutoTokenizer
+def load_tokenizer(directory: Path):
+    """The tokenizer saved in `directory`, or None (logged) when there is none."""
+    from transformers import AutoTokenizer  # heavy: imported when a tokenizer is loaded
 
     try:
         return AutoTokenizer.from_pretrained(directory)

@@ -17,12 +17,12 @@ from decoder_fixtures import (
     one_thread,  # noqa: F401 - autouse fixture
     smollm2,
 )
-from dglm.engine.decoding.loop import (
+from dglm.engine.decoding.loop import generate
+from dglm.engine.decoding.sampling import (
     DecodeParams,
     DecodeResult,
     filter_logits,
     filter_top,
-    generate,
     sample_tokens,
 )
 from dglm.engine.models import load_decoder

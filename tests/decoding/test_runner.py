@@ -14,7 +14,8 @@ from decoder_fixtures import (
     smollm2,
 )
 from dglm.engine.decoding.loop import DecodeParams, generate
-from dglm.engine.decoding.runner import DecodeRunner, DecodeRunnerConfig, round_up
+from dglm.engine.decoding.buckets import round_up
+from dglm.engine.decoding.runner import DecodeRunner, DecodeRunnerConfig
 from dglm.engine.models import load_decoder
 
 GREEDY = DecodeParams(max_new_tokens=12, temperature=0.0)

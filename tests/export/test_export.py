@@ -17,8 +17,9 @@ ort = pytest.importorskip("onnxruntime")
 from decoder_fixtures import FAMILIES, make_tiny_hf_dir  # noqa: E402
 from dglm.engine import bundle as bundle_io  # noqa: E402
 from dglm.engine.api import GenerationParams  # noqa: E402
-from dglm.engine.decoding.loop import DecodeParams, _eos_ids, _pad_id  # noqa: E402
 from dglm.engine.decoding.loop import generate as torch_generate  # noqa: E402
+from dglm.engine.decoding.padding import left_pad  # noqa: E402
+from dglm.engine.decoding.sampling import DecodeParams, eos_ids, pad_id  # noqa: E402
 from dglm.engine.diffusion.score_network import ScoreNetwork  # noqa: E402
 from dglm.engine.engine import Engine  # noqa: E402
 from dglm.engine.probes import Control, ProbeSet, load_probes  # noqa: E402
@@ -27,12 +28,11 @@ from dglm.export.onnx import (  # noqa: E402
     OPSET,
     ExportConfig,
     ExportValidationError,
-    _torch_greedy,
     export_onnx,
+    torch_greedy,
 )
 from dglm.export.runtime import (  # noqa: E402
     MANIFEST,
-    OnnxEngine,
     OrtGraph,
     OrtModels,
     RuntimeOptions,
@@ -271,15 +271,15 @@ def test_decoder_logits_and_greedy_tokens_match_pytorch(exports, torch_parts, dt
     g = torch.Generator().manual_seed(5)
     with torch.no_grad():
         soft = pg(torch.randn(batch, 384, generator=g), torch.full((batch,), 0.95))
-    pad = _pad_id(decoder, tok, _eos_ids(decoder, tok))
+    pad = pad_id(decoder, tok, eos_ids(decoder, tok))
     steps = 10
-    ref_tok, ref_logits = _torch_greedy(decoder, prefix, soft, pad, steps)
-    logits, state = models.decoder.start(prefix, soft.to(dt), pad)
-    got = [logits]
+    ref_tok, ref_logits = torch_greedy(decoder, prefix, soft, pad, steps)
+    slots = max(map(len, prefix)) + soft.shape[1] + steps
+    got = [models.decoder.start(left_pad(prefix, pad, slots, soft.to(dt)))]
     for i in range(1, steps):
-        got.append(models.decoder.step(state, ref_tok[:, i - 1]))
+        got.append(models.decoder.step(ref_tok[:, i - 1]))
     got = torch.stack(got)
-    assert state.batch == {1: 1, 3: 4}[batch]  # padded to the bucket
+    assert models.decoder.batch == {1: 1, 3: 4}[batch]  # padded to the bucket
     for i in range(steps):
         assert _rel(got[i], ref_logits[i]) <= tol, i
     if dtype == "fp32":
@@ -302,7 +302,9 @@ def _outputs(outs):
 
 @pytest.mark.parametrize("pad", [False, True])
 def test_generate_same_seed_same_tokens_on_both_backends(tiny_engine, exports, pad):
-    engine = OnnxEngine.from_exported(exports["fp32"], options=RuntimeOptions(pad_batches=pad))
+    engine = Engine.from_pretrained(
+        exports["fp32"], backend="onnx", onnx_options=RuntimeOptions(pad_batches=pad)
+    )
     prompts = ["The movie was", "I think that the food", "Prices are"]
     params = [
         GenerationParams(seed=1, max_new_tokens=6, top_k=20),
@@ -371,17 +373,18 @@ def test_cuda_graphs_decoder_matches_cpu(exports, torch_parts, dtype):
     _, pg, decoder, tok = torch_parts
     models = OrtModels(exports[dtype], "cuda", RuntimeOptions(cuda_graphs=True))
     dt, tol = {"fp32": torch.float32, "fp16": torch.float16}[dtype], TOL[dtype]
-    pad = _pad_id(decoder, tok, _eos_ids(decoder, tok))
+    pad = pad_id(decoder, tok, eos_ids(decoder, tok))
     for prompts in (["Prices are"], ["The movie was", "I loved", "A quick brown fox"]):
         prefix = [tok.encode(p) for p in prompts]
         with torch.no_grad():
             soft = pg(torch.randn(len(prompts), 384), torch.full((len(prompts),), 0.95))
-        ref_tok, ref_logits = _torch_greedy(decoder, prefix, soft, pad, 8)
+        ref_tok, ref_logits = torch_greedy(decoder, prefix, soft, pad, 8)
         for _ in range(2):  # the second pass replays the captured graphs
-            logits, state = models.decoder.start(prefix, soft.to("cuda", dt), pad)
-            got = [logits]
+            batch = left_pad(prefix, pad, max(map(len, prefix)) + soft.shape[1] + 8, soft)
+            batch.soft_prompt = soft.to("cuda", dt)
+            got = [models.decoder.start(batch)]
             for i in range(1, 8):
-                got.append(models.decoder.step(state, ref_tok[:, i - 1].cuda()))
+                got.append(models.decoder.step(ref_tok[:, i - 1].cuda()))
             got = torch.stack(got).cpu()
             for i in range(8):
                 assert _rel(got[i], ref_logits[i]) <= tol, i

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from dglm.engine.decoding.loop import DecodeParams, generate
-from dglm.engine.methods.fudge import FudgeParams, _sample, fudge_generate, target_logprob
+from dglm.engine.methods.fudge import FudgeParams, fudge_generate, perturbed_scores, target_logprob
 from dglm.engine.probes import Probe
 
 PROMPTS = ["The movie was", "I loved the story, but", "Prices are"]
@@ -56,9 +56,9 @@ def test_sample_nucleus_and_greedy(gen):
     scores = torch.randn(4, 6, generator=gen)
     gens = [torch.Generator().manual_seed(i) for i in range(4)]
     greedy = scores.argmax(-1)
-    assert torch.equal(_sample(scores, FudgeParams(temperature=0.0), gens), greedy)
-    assert torch.equal(_sample(scores, FudgeParams(top_p=1e-6), gens), greedy)
-    drawn = _sample(scores, FudgeParams(), gens)
+    assert torch.equal(perturbed_scores(scores, 0.0, 1.0, gens).argmax(-1), greedy)
+    assert torch.equal(perturbed_scores(scores, 1.0, 1e-6, gens).argmax(-1), greedy)
+    drawn = perturbed_scores(scores, 1.0, 1.0, gens).argmax(-1)
     assert drawn.shape == (4,) and int(drawn.max()) < 6
 
 
@@ -120,3 +120,76 @@ def test_reweighting_moves_the_probe_toward_the_target(tiny_engine):
     plain = p_positive("positive", 0.0)
     up, down = p_positive("positive", 5.0), p_positive("negative", 5.0)
     assert up > plain + 0.1 and down < plain - 0.1, (down, plain, up)
+
+
+@torch.inference_mode()
+def standalone_fudge(decoder, tok, encoder, probe, target, prefix_ids, params: FudgeParams):
+    """FUDGE's own KV-cached loop, as it stood before it moved onto the shared decode loop: the
+    reference the processor must reproduce token for token."""
+    B, k = len(prefix_ids), min(params.top_k, decoder.vocab_size)
+    lens = [len(r) for r in prefix_ids]
+    t_prefix, eos = max(lens), list(decoder.eos_token_ids) + [tok.eos_token_id]
+    pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
+    ids = torch.full((B, t_prefix), pad)
+    key_mask = torch.ones(B, t_prefix + params.max_new_tokens, dtype=torch.bool)
+    for b, row in enumerate(prefix_ids):
+        ids[b, t_prefix - len(row) :] = torch.tensor(row)
+        key_mask[b, : t_prefix - len(row)] = False
+    positions = (key_mask[:, :t_prefix].long().cumsum(-1) - 1).clamp_min(0)
+    padded, next_pos = min(lens) < t_prefix, torch.tensor(lens)
+    gens = [torch.Generator().manual_seed(params.seed + b) for b in range(B)]
+    cache = decoder.new_cache(B, key_mask.shape[1])
+    km = key_mask[:, :t_prefix] if padded else None
+    logits = decoder(decoder.embed(ids), positions, cache, km, last_only=True)[:, -1]
+    generated, finished = [[] for _ in range(B)], [False] * B
+    for step in range(params.max_new_tokens):
+        active = [b for b in range(B) if not finished[b]]
+        if not active:
+            break
+        scaled = logits[active].float() / (params.temperature or 1.0)
+        if params.ignore_eos:
+            scaled[:, eos] = float("-inf")
+        cand_lp, cand_ids = torch.log_softmax(scaled, -1).topk(k, dim=-1)
+        texts = tok.batch_decode([generated[b] + [c] for i, b in enumerate(active)
+                                  for c in cand_ids[i].tolist()], skip_special_tokens=True)  # fmt: skip
+        lp = target_logprob(probe, target, encoder.embed(texts)).view(len(active), k)
+        scores = cand_lp + params.strength * lp
+        if params.temperature == 0:
+            choice = scores.argmax(-1)
+        else:
+            s, order = scores.sort(-1, descending=True)
+            if params.top_p < 1:
+                tail = s.softmax(-1).flip(-1).cumsum(-1).flip(-1)
+                remove = tail <= 1 - params.top_p
+                remove[:, 0] = False
+                s = s.masked_fill(remove, float("-inf"))
+            u = torch.stack([torch.rand(k, generator=gens[b]) for b in active])
+            g = -torch.log(-torch.log(u.clamp_min(1e-20)))
+            choice = order.gather(-1, (s + g).argmax(-1, keepdim=True))[:, 0]
+        tok_ids = cand_ids.gather(-1, choice[:, None])[:, 0].tolist()
+        next_tok = torch.full((B,), pad)
+        for i, b in enumerate(active):
+            finished[b] = finished[b] or tok_ids[i] in eos
+            if not finished[b]:
+                generated[b].append(tok_ids[i])
+            next_tok[b] = tok_ids[i]
+        km = key_mask[:, : cache.length + 1] if padded else None
+        logits = decoder(decoder.embed(next_tok[:, None]), next_pos[:, None], cache, km)[:, -1]
+        next_pos += 1
+    return generated
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        FudgeParams(max_new_tokens=8, top_k=6, seed=1),
+        FudgeParams(max_new_tokens=8, top_k=6, seed=2, temperature=0.7, top_p=0.8, strength=3.0),
+        FudgeParams(max_new_tokens=8, top_k=6, temperature=0.0, ignore_eos=True),
+    ],
+)
+def test_processor_on_the_shared_loop_matches_the_standalone_loop(tiny_engine, params):
+    e = tiny_engine
+    probe, ids = e.probes.probes["sentiment"], _ids(e)
+    got, _ = fudge_generate(e.decoder, e.tokenizer, e.encoder, probe, "negative", ids, params)
+    want = standalone_fudge(e.decoder, e.tokenizer, e.encoder, probe, "negative", ids, params)
+    assert [r.token_ids for r in got] == want

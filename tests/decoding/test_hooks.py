@@ -1,0 +1,112 @@
+"""The decode loop's method hooks on every torch step backend: a hidden-state hook between the
+blocks and the LM head (identity or no rows → bit-identical tokens; rows it edits change, the
+others do not), logits processors, and backends that cannot run a hook refusing or being skipped."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from decoder_fixtures import VOCAB, make_tiny_hf_dir, one_thread  # noqa: F401 - autouse fixture
+from dglm.engine.decoding.loop import generate
+from dglm.engine.decoding.runner import DecodeRunner, DecodeRunnerConfig
+from dglm.engine.decoding.sampling import DecodeParams
+from dglm.engine.models import load_decoder
+
+SAMPLED = DecodeParams(max_new_tokens=10, top_p=0.9, ignore_eos=True)
+
+
+@pytest.fixture(scope="module", params=["llama_gqa", "gpt2"])
+def tiny(request, tmp_path_factory):
+    path = tmp_path_factory.mktemp(request.param)
+    make_tiny_hf_dir(request.param, path, seed=3)
+    return load_decoder(str(path))  # (decoder, tokenizer), fp32 CPU
+
+
+def rows_and_params(gen: torch.Generator) -> tuple[list[list[int]], list[DecodeParams]]:
+    rows = [torch.randint(4, VOCAB, (n,), generator=gen).tolist() for n in (5, 2, 7)]
+    seeds = torch.randint(0, 2**31, (3,), generator=gen).tolist()
+    return rows, [DecodeParams(10, top_p=0.9, seed=s, ignore_eos=True) for s in seeds]
+
+
+class RowNudge:
+    """h[rows] += scale · direction: an edit of some rows' final hidden states (RE-Control's
+    place), recording the shapes it saw."""
+
+    def __init__(self, rows: list[int], direction: torch.Tensor, scale: float) -> None:
+        self.rows, self.direction, self.scale, self.shapes = rows, direction, scale, []
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:  # (B, T, H)
+        self.shapes.append(tuple(h.shape))
+        if not self.rows:
+            return h
+        h = h.clone()
+        h[self.rows] += self.scale * self.direction.to(h.dtype)
+        return h
+
+
+@pytest.mark.parametrize("static", [True, False])
+def test_identity_and_empty_hooks_leave_tokens_bit_identical(tiny, gen, static):
+    decoder, tok = tiny
+    rows, params = rows_and_params(gen)
+    soft = torch.randn(3, 2, decoder.hidden_size, generator=gen)
+    ref, _ = generate(decoder, tok, rows, params, soft, static=static)
+    for hook in (lambda h: h, RowNudge([], torch.zeros(decoder.hidden_size), 1.0)):
+        got, _ = generate(decoder, tok, rows, params, soft, static=static, hidden_hook=hook)
+        assert [r.token_ids for r in got] == [r.token_ids for r in ref]
+
+
+@pytest.mark.parametrize("static", [True, False])
+def test_hook_changes_only_the_rows_it_edits(tiny, gen, static):
+    decoder, tok = tiny
+    rows, params = rows_and_params(gen)
+    ref, _ = generate(decoder, tok, rows, params, static=static)
+    nudge = RowNudge([1], torch.randn(decoder.hidden_size, generator=gen), 50.0)
+    got, _ = generate(decoder, tok, rows, params, static=static, hidden_hook=nudge)
+    assert got[0].token_ids == ref[0].token_ids and got[2].token_ids == ref[2].token_ids
+    assert got[1].token_ids != ref[1].token_ids
+    # once at prefill (last position only), then once per step, always the whole batch
+    assert nudge.shapes[0] == (3, 1, decoder.hidden_size)
+    assert len(nudge.shapes) == 10 and set(nudge.shapes) == {(3, 1, decoder.hidden_size)}
+
+
+def test_hook_on_a_persistent_runner(tiny, gen):
+    """An eager runner runs the hook (same tokens as the runner-less loop); a traced one cannot:
+    the loop refuses it there."""
+    decoder, tok = tiny
+    rows, params = rows_and_params(gen)
+    nudge = RowNudge([0, 2], torch.randn(decoder.hidden_size, generator=gen), 20.0)
+    ref, _ = generate(decoder, tok, rows, params, hidden_hook=nudge)
+    eager = DecodeRunner(decoder, DecodeRunnerConfig((1, 4), 32, enforce_eager=True))
+    assert eager.can_run(3, 20, hooked=True)
+    got, _ = generate(decoder, tok, rows, params, runner=eager, hidden_hook=nudge)
+    assert [r.token_ids for r in got] == [r.token_ids for r in ref]
+    plain, _ = generate(decoder, tok, rows, params, runner=eager)  # the hook is per batch
+    assert [r.token_ids for r in plain] == [
+        r.token_ids for r in generate(decoder, tok, rows, params)[0]
+    ]
+    traced = DecodeRunner(
+        decoder, DecodeRunnerConfig((4,), 32, enforce_eager=True, step_impl="trace")
+    )
+    assert traced.can_run(3, 20) and not traced.can_run(3, 20, hooked=True)
+    with pytest.raises(ValueError, match="hidden-state hook"):
+        generate(decoder, tok, rows, params, runner=traced, hidden_hook=nudge)
+
+
+def test_logits_processor_sees_history_and_finished_rows(tiny, gen):
+    """A processor banning one token per row: it never appears, the other rows' draws keep their
+    own streams, and the processor sees the tokens so far and the finished mask."""
+    decoder, tok = tiny
+    rows, params = rows_and_params(gen)
+    ref, _ = generate(decoder, tok, rows, params)
+    banned = ref[1].token_ids[0]
+    seen = []
+
+    def ban(logits, tokens, finished):
+        seen.append((tuple(tokens.shape), tuple(finished.shape)))
+        logits[1, banned] = float("-inf")
+        return logits
+
+    got, _ = generate(decoder, tok, rows, params, processors=(ban,))
+    assert got[1].token_ids[0] != banned
+    assert got[0].token_ids == ref[0].token_ids and got[2].token_ids == ref[2].token_ids
+    assert seen == [((3, t), (3,)) for t in range(10)]
