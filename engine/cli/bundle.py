@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 
+from dglm.engine.cli.common import command_group
+
 
 def add_parser(sub) -> None:
-    b = sub.add_parser("bundle", help="make bundles")
-    bsub = b.add_subparsers(dest="bundle_command", required=True)
+    bsub = command_group(sub, "bundle", "make bundles")
     bc = bsub.add_parser(
         "create", help="a bundle with untrained networks for an encoder/decoder pair"
     )

@@ -30,6 +30,17 @@ def comma_separated(convert: Callable[[str], object], what: str) -> Callable[[st
     return parse
 
 
+def flags(args: argparse.Namespace, *names: str) -> dict:
+    """{name: args.name}: the flags a command passes on under their own names."""
+    return {name: getattr(args, name) for name in names}
+
+
+def command_group(sub, name: str, help: str):
+    """`dglm <name> <command>`: a group's parser on the top-level subparsers → its subparsers."""
+    group = sub.add_parser(name, help=help)
+    return group.add_subparsers(dest=f"{name}_command", required=True)
+
+
 def float_pair(text: str) -> tuple[float, float]:
     """An argparse type for "LO,HI" (one number: LO = HI)."""
     parts = text.split(",")

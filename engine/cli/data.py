@@ -5,12 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 
-from dglm.engine.cli.common import progress_bar
+from dglm.engine.cli.common import command_group, progress_bar
 
 
 def add_parser(sub) -> None:
-    d = sub.add_parser("data", help="prepare training data from the offline sources")
-    dsub = d.add_subparsers(dest="data_command", required=True)
+    dsub = command_group(sub, "data", "prepare training data from the offline sources")
     dp = dsub.add_parser(
         "pairs", help="cut texts into prefix/continuation pairs (hash split train/eval)"
     )

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 
+from dglm.engine.cli.common import command_group
+
 
 def add_parser(sub) -> None:
-    ex = sub.add_parser("export", help="export a bundle for other runtimes")
-    exsub = ex.add_subparsers(dest="export_command", required=True)
+    exsub = command_group(sub, "export", "export a bundle for other runtimes")
     eo = exsub.add_parser(
         "onnx", help="ONNX graphs + manifest, validated against PyTorch (fails on mismatch)"
     )

@@ -6,6 +6,14 @@ import argparse
 import json
 import sys
 
+from dglm.engine.cli.common import flags
+
+# flags passed to GenerationParams under their own names
+SAMPLING_FLAGS = (
+    "num_samples", "seed", "max_new_tokens", "temperature", "top_p", "top_k", "cfg_scale",
+    "sampler", "renoise_alpha2",
+)  # fmt: skip
+
 
 def add_parser(sub) -> None:
     g = sub.add_parser("generate", help="continue prefixes, optionally steered by probes")
@@ -66,18 +74,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     params = GenerationParams(
         controls=_controls(args.control),
-        num_samples=args.num_samples,
-        seed=args.seed,
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
         stop=tuple(args.stop),
-        cfg_scale=args.cfg_scale,
         num_inference_steps=args.steps,
-        sampler=args.sampler,
         guidance_mode=args.guidance,
-        renoise_alpha2=args.renoise_alpha2,
+        **flags(args, *SAMPLING_FLAGS),
     )
     engine = Engine.from_pretrained(
         args.bundle, device=args.device, dtype=args.dtype, backend=args.backend

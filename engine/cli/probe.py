@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 
+from dglm.engine.cli.common import command_group
+
 
 def add_parser(sub) -> None:
-    pr = sub.add_parser("probe", help="probes")
-    psub = pr.add_subparsers(dest="probe_command", required=True)
+    psub = command_group(sub, "probe", "probes")
     pt = psub.add_parser(
         "train", help="train a logistic probe from JSONL {text, label} and add it to a bundle"
     )

@@ -8,12 +8,23 @@ import json
 from collections.abc import Callable
 from dataclasses import replace
 
-from dglm.engine.cli.common import configure_logging, float_pair, progress_bar
+from dglm.engine.cli.common import (
+    command_group,
+    configure_logging,
+    flags,
+    float_pair,
+    progress_bar,
+)
+
+# the flags of every training command that TrainConfig takes under their own names
+TRAIN_FLAGS = (
+    "steps", "batch_size", "lr", "warmup", "ema_decay", "eval_every", "save_every", "seed",
+    "max_minutes",
+)  # fmt: skip
 
 
 def add_parser(sub) -> None:
-    t = sub.add_parser("train", help="train the networks and probes")
-    tsub = t.add_subparsers(dest="train_command", required=True)
+    tsub = command_group(sub, "train", "train the networks and probes")
     td = tsub.add_parser("diffusion", help="the score network (v-prediction, CFG dropout, EMA)")
     _add_train_args(td, steps=20_000, batch=256, lr=3e-4)
     td.add_argument(
@@ -107,17 +118,7 @@ def add_parser(sub) -> None:
 def _train_config(args: argparse.Namespace):
     from dglm.engine.training.loop import TrainConfig
 
-    return TrainConfig(
-        steps=args.steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        warmup=args.warmup,
-        ema_decay=args.ema_decay,
-        eval_every=args.eval_every,
-        save_every=args.save_every,
-        seed=args.seed,
-        max_minutes=args.max_minutes,
-    )
+    return TrainConfig(**flags(args, *TRAIN_FLAGS))
 
 
 def _train(args: argparse.Namespace, desc: str, run: Callable) -> int:
