@@ -28,19 +28,18 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
+from dglm.engine.evaluation.provenance import load_average
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as a script or as `python -m benchmarks...`
-from benchmarks.common import device_name, git_commit  # noqa: E402
+from benchmarks import common  # noqa: E402
 
 PROMPTS = [
     "The capital of France is",
@@ -59,20 +58,6 @@ BANDWIDTH = {"h100": 3.0e12, "h200": 4.3e12}  # bytes/s, device-to-device copy (
 
 
 # ------------------------------------------------------------------------------ environment
-def versions() -> dict:
-    import transformers
-
-    v = {"torch": torch.__version__, "transformers": transformers.__version__,
-         "python": platform.python_version()}  # fmt: skip
-    if torch.cuda.is_available():
-        v["cuda"] = torch.version.cuda
-    return v
-
-
-def load() -> float:
-    return round(os.getloadavg()[0], 2)
-
-
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -221,15 +206,20 @@ def bench_model(args, name, decoder, tok, hf, pad, device, dtype, rows_out, conf
         if args.compile:
             config = DecodeRunnerConfig(**kw, step_impl="compile")
             runners["ours_compiled"] = DecodeRunner(decoder, config)
-    base = {"model": name, "dtype": dt, "device": device_name(device), "threads": args.threads}
+    base = {
+        "model": name,
+        "dtype": dt,
+        "device": common.device_name(device),
+        "threads": args.threads,
+    }
     floor = {}
-    if device.type == "cuda" and device_name(device) in BANDWIDTH:
-        floor["floor_ms"] = weight_bytes(decoder) / BANDWIDTH[device_name(device)] * 1e3
+    if device.type == "cuda" and common.device_name(device) in BANDWIDTH:
+        floor["floor_ms"] = weight_bytes(decoder) / BANDWIDTH[common.device_name(device)] * 1e3
     elif device.type == "cpu":
         wall, cpu = weight_stream_ms(decoder)
         floor["weight_stream_ms"], floor["weight_stream_cpu_ms"] = round(wall, 2), round(cpu, 2)
         rows_out.append({**base, "impl": "weight_stream", "batch": 1, "ms_per_token": wall,
-                         "cpu_ms_per_token": cpu, "load_avg": load()})  # fmt: skip
+                         "cpu_ms_per_token": cpu, "load_avg": load_average()})  # fmt: skip
 
     for batch, n in configs:
         rows = [prompt_ids[i % len(prompt_ids)] for i in range(batch)]
@@ -264,7 +254,7 @@ def bench_model(args, name, decoder, tok, hf, pad, device, dtype, rows_out, conf
                        "sampling": f"top_p{TOP_P}" if sampled else "greedy",
                        "ms_per_token": round(wall, 2), "cpu_ms_per_token": round(cpu, 2),
                        "tokens_per_s": round(batch * 1e3 / wall, 1), "repeats": repeats,
-                       "load_avg": load()}  # fmt: skip
+                       "load_avg": load_average()}  # fmt: skip
                 if impl != "hf_generate":
                     row["speedup_vs_hf"] = round(hf_ms / wall, 3)
                     row["cpu_speedup_vs_hf"] = round(hf_cpu / cpu, 3)
@@ -282,7 +272,7 @@ def bench_model(args, name, decoder, tok, hf, pad, device, dtype, rows_out, conf
                 rows_out.append(row)
             print(f"{name} B={batch} n={n} {'sampled' if sampled else 'greedy'}: "
                   + ", ".join(f"{k} {v[0]:.1f} ms ({v[1]:.1f} cpu)" for k, v in res.items())
-                  + f" [{time.perf_counter() - t0:.0f} s, load {load()}]",
+                  + f" [{time.perf_counter() - t0:.0f} s, load {load_average()}]",
                   file=sys.stderr)  # fmt: skip
 
 
@@ -315,13 +305,10 @@ def gpt2_large(device: torch.device, dtype: torch.dtype):
 
 
 def markdown(report: dict) -> str:
+    load = report["load_avg"]
     lines = [
-        f"# Decode benchmark — {report['device']}",
-        "",
-        f"commit `{report['commit']}`, "
-        + ", ".join(f"{k} {v}" for k, v in report["versions"].items())
-        + f"; {report['machine']}",
-        "",
+        *common.header(f"Decode benchmark — {report['device']}", report["environment"],
+                f"load average {load['start']} → {load['end']}"),
         "ms per token = one decode step (after the prompt's forward), median over repeats; "
         "cpu = this process's CPU time per step (robust to the machine's load, recorded per row).",
         "",
@@ -371,7 +358,7 @@ def main() -> None:
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    t_start, load_start = time.perf_counter(), load()
+    t_start, load_start = time.perf_counter(), load_average()
     configs = QUICK if args.quick else FULL
     if args.configs:
         configs = [tuple(int(x) for x in c.split("x")) for c in args.configs]
@@ -401,7 +388,7 @@ def main() -> None:
     total_s = time.perf_counter() - t_start
     notes = [
         f"threads: torch.set_num_threads({args.threads}) for ours and HF alike",
-        f"load average {load_start} at the start, {load()} at the end; total {total_s:.0f} s",
+        f"load average {load_start} at the start, {load_average()} at the end; total {total_s:.0f} s",
     ]
     if "compile_s" in extra:
         notes.append(f"ours_compiled: first call compiled in {extra['compile_s']} s "
@@ -414,25 +401,22 @@ def main() -> None:
     if args.quick:
         notes.append(f"--quick: configs {QUICK}")
     notes.append("batches ≥ 32 (one repetition): ours_eager skipped to keep the run short")
+    env = common.environment(device, ("dglm-engine", "torch", "transformers"))
     report = {
         "bench": "decode",
-        "device": device_name(device),
-        "versions": versions(),
-        "commit": git_commit(),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {args.threads} torch threads, "
-        f"load average {load_start} → {load()}",
+        "device": common.device_name(device),
+        "environment": env,
+        "load_avg": {"start": load_start, "end": load_average()},
         "threads": args.threads,
         "quick": args.quick,
         "total_s": round(total_s, 1),
         "notes": notes,
         "pending": pending,
         "extra": {k: v for k, v in extra.items() if k != "prompt_ids"},
-        "rows": [{**r, "versions": versions(), "commit": git_commit()} for r in rows],
+        "rows": common.stamp(rows, env, device),
     }
-    out = args.out or ROOT / "benchmarks" / "results" / device_name(device)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "decode.json").write_text(json.dumps(report, indent=1) + "\n")
-    (out / "decode.md").write_text(markdown(report))
+    out = args.out or ROOT / "benchmarks" / "results" / common.device_name(device)
+    common.write_results(out, "decode", report, markdown(report))
     print(f"wrote {out / 'decode.json'} and decode.md ({total_s:.0f} s)", file=sys.stderr)
 
 

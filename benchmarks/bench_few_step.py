@@ -24,7 +24,6 @@ Writes <out>/few_step.json (+ .md); --quick writes few_step_quick.*.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -33,8 +32,19 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from dglm.engine.api import GenerationParams
+from dglm.engine.engine import Engine
+from dglm.engine.evaluation.generation import generate_setting
+from dglm.engine.evaluation.judges import probe_probability
+from dglm.engine.evaluation.prefixes import heldout_prefixes
+from dglm.engine.evaluation.provenance import commit_label
+from dglm.engine.evaluation.run import environment
+from dglm.engine.evaluation.scoring import score_setting
+from dglm.engine.evaluation.settings import EvalConfig, Setting, low_toxicity_target, target_rate
+from dglm.engine.probes import Control
+from tqdm import tqdm
 
-from benchmarks.common import ROOT, device_name, git_commit
+from benchmarks.common import ROOT, device_name, write_results
 
 SAMPLERS = (  # (name, sampler, steps, uses the student)
     ("teacher ddpm 250", "ddpm", 250, False),
@@ -50,9 +60,6 @@ OTHER_SEED = 7_777_777  # seed offset of the teacher-250 resample
 
 
 def _settings(engine, scale: float, a2: float):
-    from dglm.engine.evaluation.evaluate import Setting, low_toxicity_target
-    from dglm.engine.probes import Control
-
     out = [Setting("unguided", "dglm", "unguided", renoise_alpha2=a2)]
     probes = engine.probes.probes
     if "sentiment" in probes:
@@ -78,8 +85,6 @@ def _probe_success(setting, m: dict) -> float | None:
 
 def _latent_probe_success(engine, setting, latents: torch.Tensor) -> float | None:
     """The probe's probability of the target on the proposals themselves (before decoding)."""
-    from dglm.engine.evaluation.evaluate import probe_probability
-
     if setting.probe is None or latents is None:
         return None
     probe = engine.probes.probes[setting.probe]
@@ -88,9 +93,6 @@ def _latent_probe_success(engine, setting, latents: torch.Tensor) -> float | Non
 
 def time_proposals(engine, cfg, batch: int, repeats: int) -> float:
     """Median seconds of the diffusion stage for `batch` rows with one sentiment control."""
-    from dglm.engine.api import GenerationParams
-    from dglm.engine.probes import Control
-
     controls = ()
     if "sentiment" in engine.probes.probes:
         controls = (Control("sentiment", "positive", 20.0),)
@@ -100,7 +102,7 @@ def time_proposals(engine, cfg, batch: int, repeats: int) -> float:
     times = []
     for r in range(repeats + 1):
         t0 = time.perf_counter()
-        engine._sample_group(cfg, rows, list(range(r, r + batch)), ctx, params)
+        engine.dglm.sample_group(cfg, rows, list(range(r, r + batch)), ctx, params)
         if engine.device.type == "cuda":
             torch.cuda.synchronize()
         if r:  # the first call is a warm-up
@@ -109,17 +111,6 @@ def time_proposals(engine, cfg, batch: int, repeats: int) -> float:
 
 
 def run(args) -> dict:
-    from dglm.engine.engine import Engine
-    from dglm.engine.evaluation.evaluate import (
-        EvalConfig,
-        _target_rate,
-        environment,
-        generate_setting,
-        heldout_prefixes,
-        score_setting,
-    )
-    from tqdm import tqdm
-
     engine = Engine.from_pretrained(args.bundle, device=args.device)
     base = engine.config.sampler
     # the student's row presets the bundle default (e.g. re-noising), only sampler/steps change
@@ -173,7 +164,7 @@ def run(args) -> dict:
                 continue
             cg, cm = results[name, setting.name]
             row["control"][setting.name] = {
-                "success": _target_rate(setting, cm),
+                "success": target_rate(setting, cm),
                 "probe_success": _probe_success(setting, cm),
                 "latent_probe_success": _latent_probe_success(engine, setting, cg.latents),
                 "latent_probe_success_unguided": _latent_probe_success(
@@ -190,7 +181,7 @@ def run(args) -> dict:
     base_rates = {s.name: None for s in settings[1:]}
     _, um = results[REFERENCE, "unguided"]
     for s in settings[1:]:
-        base_rates[s.name] = _target_rate(s, um)
+        base_rates[s.name] = target_rate(s, um)
     return {
         "benchmark": "few_step",
         "bundle": str(args.bundle),
@@ -208,7 +199,7 @@ def run(args) -> dict:
             {"sampler": s, "reason": "the bundle has no distilled student"} for s in skipped
         ],
         "targets": targets(rows),
-        "environment": {**environment(engine), "commit_short": git_commit()},
+        "environment": environment(engine),
     }
 
 
@@ -262,7 +253,7 @@ def markdown(report: dict) -> str:
         f"samples, {s['max_new_tokens']} new tokens, top-p {s['top_p']}, guidance scale "
         f"{s['guidance_scale']:g} (`fast`); {env['device_name']} ({env['device']}, "
         f"{env['torch_threads']} torch threads), torch {env['versions']['torch']}, commit "
-        f"{env['commit_short']}.",
+        f"{commit_label(env)}.",
         "",
         "## Proposal quality (unguided) and time",
         "",
@@ -342,10 +333,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     report = run(args)
     out = Path(args.out or ROOT / "benchmarks" / "results" / device_name(torch.device(args.device)))
-    out.mkdir(parents=True, exist_ok=True)
-    stem = "few_step_quick" if args.quick else "few_step"
-    (out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / f"{stem}.md").write_text(markdown(report))
+    write_results(out, "few_step_quick" if args.quick else "few_step", report, markdown(report))
     print(markdown(report))
     return 0
 

@@ -5,9 +5,9 @@
 Times, in µs per call (median of `repeats` time.perf_counter measurements after warm-up, the
 implementations interleaved so they share the machine's noise):
   reference  `guided_update_ref`, eager PyTorch
-  cpp        `_guided_update_cpu`: the C++ op with its Python wrapper (tensor → array views,
+  cpp        `guided_update_cpu`: the C++ op with its Python wrapper (tensor → array views,
              output allocation), what the engine calls
-  cpp_raw    `dglm.kernels._cpu.guided_update` on numpy arrays with preallocated outputs
+  cpp_raw    `dglm.kernels.cpu_ops.guided_update` on numpy arrays with preallocated outputs
 Writes one JSON row per measurement to <out>/guided_update.json and a table to
 <out>/guided_update.md.
 """
@@ -15,11 +15,8 @@ Writes one JSON row per measurement to <out>/guided_update.json and a table to
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -27,7 +24,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from dglm.kernels.guided_update import _guided_update_cpu, guided_update_ref
+from dglm.engine.evaluation.provenance import load_average
+from dglm.kernels import cpu_ops
+from dglm.kernels.guided_update import GuidedUpdateInputs, guided_update_cpu, guided_update_ref
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script or with -m
+from benchmarks.common import environment, header, stamp, write_results  # noqa: E402
 
 BATCHES = (1, 8, 64)
 DIM = 384
@@ -35,32 +37,30 @@ PROBES = 2
 IMPLS = ("reference", "cpp", "cpp_raw")
 
 
-def make_inputs(b: int, d: int, k: int, seed: int = 0) -> dict[str, torch.Tensor]:
+def make_inputs(b: int, d: int, k: int, seed: int = 0) -> GuidedUpdateInputs:
     g = torch.Generator().manual_seed(seed)
     coefs = torch.rand(b, 5, generator=g) * 0.9 + 0.05  # (B, 5)
-    return {
-        "z": torch.randn(b, d, generator=g),
-        "v_cond": torch.randn(b, d, generator=g),
-        "v_uncond": torch.randn(b, d, generator=g),
-        "cfg_scale": torch.rand(b, generator=g) * 5 + 1,
-        "probe_weight": torch.randn(k, d, generator=g) / d**0.5,
-        "probe_bias": torch.randn(k, generator=g),
-        "probe_target": torch.randint(0, 2, (b, k), generator=g).float(),
-        "probe_scale": torch.rand(b, k, generator=g) * 4,
-        "noise": torch.randn(b, d, generator=g),
-        "coefs": coefs,
-    }
+    return GuidedUpdateInputs(
+        z=torch.randn(b, d, generator=g),
+        v_cond=torch.randn(b, d, generator=g),
+        v_uncond=torch.randn(b, d, generator=g),
+        cfg_scale=torch.rand(b, generator=g) * 5 + 1,
+        probe_weight=torch.randn(k, d, generator=g) / d**0.5,
+        probe_bias=torch.randn(k, generator=g),
+        probe_target=torch.randint(0, 2, (b, k), generator=g).float(),
+        probe_scale=torch.rand(b, k, generator=g) * 4,
+        noise=torch.randn(b, d, generator=g),
+        coefs=coefs,
+    )
 
 
-def calls(inputs: dict[str, torch.Tensor]) -> dict[str, Callable[[], object]]:
-    from dglm.kernels import _cpu
-
-    arrays = [t.numpy() for t in inputs.values()]
+def calls(inputs: GuidedUpdateInputs) -> dict[str, Callable[[], object]]:
+    arrays = [t.numpy() for t in inputs]
     z_next, x0 = np.empty_like(arrays[0]), np.empty_like(arrays[0])
     return {
-        "reference": lambda: guided_update_ref(**inputs, rescale=True),
-        "cpp": lambda: _guided_update_cpu(**inputs, rescale=True),
-        "cpp_raw": lambda: _cpu.guided_update(*arrays, True, z_next, x0),
+        "reference": lambda: guided_update_ref(inputs, rescale=True),
+        "cpp": lambda: guided_update_cpu(inputs, rescale=True),
+        "cpp_raw": lambda: cpu_ops.guided_update(*arrays, True, z_next, x0),
     }
 
 
@@ -86,37 +86,6 @@ def time_interleaved(
     return samples
 
 
-def machine() -> dict[str, object]:
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-            cwd=Path(__file__).resolve().parent,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
-    cpu_model = platform.processor()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    return {
-        "platform": platform.platform(),
-        "cpu_model": cpu_model,
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "load_avg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-        "python": platform.python_version(),
-        "git_commit": commit,
-    }
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "cpu")
@@ -124,13 +93,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     torch.set_num_threads(os.cpu_count() or 1)
-    info = machine()
+    env, load = environment(torch.device("cpu"), ("dglm-engine", "torch", "numpy")), load_average()
     rows = []
     for b in BATCHES:
         inputs = make_inputs(b, DIM, PROBES)
-        for got, want in zip(
-            _guided_update_cpu(**inputs), guided_update_ref(**inputs), strict=True
-        ):
+        for got, want in zip(guided_update_cpu(inputs), guided_update_ref(inputs), strict=True):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         samples = time_interleaved(calls(inputs), args.repeats)
         ref_us = statistics.median(samples["reference"])
@@ -153,19 +120,14 @@ def main(argv: list[str] | None = None) -> int:
                     "us_p90": round(us[(9 * len(us)) // 10], 3),
                     "repeats": args.repeats,
                     "speedup_vs_reference": round(ref_us / med, 2),
-                    **info,
+                    "load_avg": load,
                 }
             )
             print(f"B={b:3d} {impl:10s} {med:9.2f} µs  ×{ref_us / med:5.2f} vs reference")
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "guided_update.json").write_text(json.dumps(rows, indent=2) + "\n")
+    title = f"guided_update on CPU (D={DIM}, K={PROBES}, CFG on, rescale on, fp32)"
     lines = [
-        f"# guided_update on CPU (D={DIM}, K={PROBES}, CFG on, rescale on, fp32)",
-        "",
-        f"{info['cpu_model']}, {info['cpu_count']} CPUs, torch {info['torch']} "
-        f"({info['torch_threads']} threads), Python {info['python']}, "
-        f"load avg {info['load_avg_1m']}, commit {str(info['git_commit'])[:12]}.",
+        *header(title, env, f"load average {load}"),
         f"Median of {args.repeats} interleaved time.perf_counter samples, µs per call.",
         "",
         "| batch | reference (µs) | cpp (µs) | cpp_raw (µs) | cpp speedup | cpp_raw speedup |",
@@ -180,10 +142,11 @@ def main(argv: list[str] | None = None) -> int:
         )
     lines += [
         "",
-        "cpp = `_guided_update_cpu` (Python wrapper + C++ op, what the engine calls); "
-        "cpp_raw = `dglm.kernels._cpu.guided_update` on numpy arrays with preallocated outputs.",
+        "cpp = `guided_update_cpu` (Python wrapper + C++ op, what the engine calls); "
+        "cpp_raw = `dglm.kernels.cpu_ops.guided_update` on numpy arrays with preallocated outputs.",
     ]
-    (args.out / "guided_update.md").write_text("\n".join(lines) + "\n")
+    report = {"environment": env, "rows": stamp(rows, env, torch.device("cpu"))}
+    write_results(args.out, "guided_update", report, "\n".join(lines) + "\n")
     return 0
 
 

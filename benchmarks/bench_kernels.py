@@ -19,10 +19,7 @@ listed as pending.
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
-import platform
 import statistics
 import sys
 import time
@@ -32,10 +29,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from dglm.engine.evaluation.provenance import load_average
+from dglm.kernels.attention import rms_norm
+from dglm.kernels.guided_update import GuidedUpdateInputs
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as a script or as `python -m benchmarks...`
-from benchmarks.common import device_name, git_commit  # noqa: E402
+from benchmarks import common  # noqa: E402
 
 BATCHES = (1, 8, 64)
 ATTN_SHAPES = [(32, 4, 64), (64, 4, 64)]  # (T, H, Dh)
@@ -72,19 +72,6 @@ def time_gpu(fn: Callable[[], object]) -> float:
     return do_bench(fn, warmup=25, rep=200, return_mode="median") * 1e3  # ms → µs
 
 
-def versions() -> dict:
-    v = {"torch": torch.__version__, "python": platform.python_version()}
-    try:
-        import triton
-
-        v["triton"] = triton.__version__
-    except ImportError:
-        v["triton"] = None
-    if torch.cuda.is_available():
-        v["cuda"] = torch.version.cuda
-    return v
-
-
 # ------------------------------------------------------------------------------ inputs
 def attention_inputs(b, t, h, dh, dtype, device, gen):
     qkv = (2 * torch.randn(b, t, 3, h, dh, generator=gen)).to(device, dtype)
@@ -95,9 +82,7 @@ def attention_inputs(b, t, h, dh, dtype, device, gen):
 
 def eager_math_attention(q, k, v, w_q, w_k, eps=1e-6):
     """Norms + softmax(q·kᵀ/√d)·v as separate ops (no SDPA)."""
-    from dglm.kernels.attention import _rms_norm
-
-    q, k = _rms_norm(q, w_q, eps), _rms_norm(k, w_k, eps)
+    q, k = rms_norm(q, w_q, eps), rms_norm(k, w_k, eps)
     q, k, v = (y.transpose(1, 2) for y in (q, k, v))  # (B, H, T, Dh)
     s = (q @ k.transpose(-1, -2)).float() / math.sqrt(q.shape[-1])
     return (s.softmax(-1).to(v.dtype) @ v).transpose(1, 2)
@@ -107,7 +92,7 @@ def guided_inputs(b, device, gen):
     d, k = LATENT, PROBES
     alpha = 0.05 + 0.9 * torch.rand(b, generator=gen)
     coefs = torch.stack([alpha, (1 - alpha**2).sqrt(), *torch.rand(3, b, generator=gen)], 1)
-    args = (
+    args = GuidedUpdateInputs(
         torch.randn(b, d, generator=gen),  # z
         torch.randn(b, d, generator=gen),  # v_cond
         torch.randn(b, d, generator=gen),  # v_uncond
@@ -119,7 +104,7 @@ def guided_inputs(b, device, gen):
         torch.randn(b, d, generator=gen),  # noise
         coefs,
     )
-    return tuple(a.to(device) for a in args) + (True,)
+    return GuidedUpdateInputs(*(a.to(device) for a in args)), True  # (inputs, rescale)
 
 
 # ------------------------------------------------------------------------------ benchmarks
@@ -160,7 +145,7 @@ def bench_guided_update(device, timer, gen, rows: list) -> None:
         if device.type == "cuda":
             impls["triton"] = partial(gu.guided_update_triton, *args)
         elif gu.cpp_available():
-            impls["cpp"] = partial(gu._guided_update_cpu, *args)
+            impls["cpp"] = partial(gu.guided_update_cpu, *args)
         impls["eager_reference"] = partial(gu.guided_update_ref, *args)
         impls["torch_compile_reference"] = partial(compiled, *args)
         ref = gu.guided_update_ref(*args)
@@ -205,8 +190,9 @@ def _one_eager_step(net, noise, context, cfg_scale, guidance, update_fn, coefs, 
     v = net(torch.cat((z, z)).to(dt), torch.cat((context, context)).to(dt),
             torch.cat((a2, a2)).to(dt), drop)  # fmt: skip
     g = guidance
-    return update_fn(z, v[:b].float(), v[b:].float(), cfg_scale, g.weight, g.bias, g.target,
-                     g.scale, noise[1], coefs[0].expand(b, 5), True)  # fmt: skip
+    inputs = GuidedUpdateInputs(z, v[:b].float(), v[b:].float(), cfg_scale, g.weight, g.bias,
+                                g.target, g.scale, noise[1], coefs[0].expand(b, 5))  # fmt: skip
+    return update_fn(inputs, True)
 
 
 def bench_sampler_step(device, timer, gen, rows: list, dtypes) -> None:
@@ -302,14 +288,10 @@ def speedups(rows: list) -> list[dict]:
 
 
 def markdown(report: dict) -> str:
-    lines = [
-        f"# Kernel benchmarks — {report['device']}",
-        "",
-        f"commit `{report['commit']}`, "
-        + ", ".join(f"{k} {v}" for k, v in report["versions"].items())
-        + f"; {report['machine']}",
-        "",
-    ]  # fmt: skip
+    details = [f"load average {report['load_avg']} at the end"] if report["load_avg"] else []
+    lines = common.header(
+        f"Kernel benchmarks — {report['device']}", report["environment"], *details
+    )
     if report["pending"]:
         lines += ["**Pending (needs a GPU session):**", ""]
         lines += [f"- {p}" for p in report["pending"]] + [""]
@@ -350,23 +332,16 @@ def main(argv: list[str] | None = None) -> int:
     bench_attention(device, timer, gen, rows, dtypes)
     bench_guided_update(device, timer, gen, rows)
     bench_sampler_step(device, timer, gen, rows, dtypes)
-    name = device_name(device)
-    machine = (
-        torch.cuda.get_device_name(device) if device.type == "cuda"
-        else f"{platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch "
-        f"threads, load average {os.getloadavg()[0]:.1f} at the end"
-    )  # fmt: skip
-    common = {"device": name, "versions": versions(), "commit": git_commit()}
+    env = common.environment(device, ("dglm-engine", "torch", "triton"))
     report = {
-        **common, "machine": machine,
+        "device": common.device_name(device),
+        "environment": env,
+        "load_avg": load_average() if device.type == "cpu" else None,
         "pending": PENDING_GPU if device.type != "cuda" else [],
-        "rows": [{**r, **common} for r in rows],
+        "rows": common.stamp(rows, env, device),
         "speedups": speedups(rows),
-    }  # fmt: skip
-    out = args.out / name
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "kernels.json").write_text(json.dumps(report, indent=1) + "\n")
-    (out / "kernels.md").write_text(markdown(report))
+    }
+    common.write_results(args.out / report["device"], "kernels", report, markdown(report))
     print(markdown(report))
     return 0
 

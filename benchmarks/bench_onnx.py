@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -32,8 +30,12 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from dglm.engine.evaluation.provenance import load_average
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run as a script or as `python -m benchmarks...`
+from benchmarks.common import environment, header, write_results  # noqa: E402
+
 PROMPTS = [
     "The movie was",
     "I think that the food at this place",
@@ -144,25 +146,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/<device>")
     args = p.parse_args(argv)
 
-    import onnx
     import onnxruntime
     from dglm.engine.api import GenerationParams
     from dglm.engine.decoding.loop import DecodeParams
     from dglm.engine.decoding.loop import generate as torch_generate
     from dglm.engine.engine import Engine
     from dglm.engine.probes import Control
-    from dglm.export.runtime import OnnxEngine, RuntimeOptions
+    from dglm.export.runtime import RuntimeOptions
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    load_before = os.getloadavg()[0]
+    load_before = load_average()
     bundle = ensure_bundle(args.bundle)
     export = ensure_export(bundle, args.export, args.reexport)
     t = time.perf_counter()
     te = Engine.from_pretrained(bundle, device=device)
     load_torch = time.perf_counter() - t
     t = time.perf_counter()
-    oe = OnnxEngine.from_exported(export, device, options=RuntimeOptions(threads=args.threads))
+    options = RuntimeOptions(threads=args.threads)
+    oe = Engine.from_pretrained(export, device, backend="onnx", onnx_options=options)
     load_onnx = time.perf_counter() - t
     repeats = 5 if args.quick else 15
     e2e_repeats = 3 if args.quick else 7
@@ -265,34 +267,21 @@ def main(argv: list[str] | None = None) -> int:
                 add(f"e2e:{stage}", b, per_backend)
 
     meta = {
-        "device": args.device,
-        "device_name": torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else _cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "platform": platform.platform(),
-        "torch_threads": torch.get_num_threads(),
+        "environment": environment(device, ("dglm-engine", "torch", "onnx", "onnxruntime")),
         "ort_intra_op_threads": args.threads,
         "ort_providers": onnxruntime.get_available_providers(),
-        "load_avg_1m_before": round(load_before, 2),
-        "load_avg_1m_after": round(os.getloadavg()[0], 2),
-        "torch": torch.__version__,
-        "onnx": onnx.__version__,
-        "onnxruntime": onnxruntime.__version__,
-        "python": platform.python_version(),
-        "git_commit": _commit(),
+        "load_avg_1m_before": load_before,
+        "load_avg_1m_after": load_average(),
         "bundle": _portable(bundle),
         "export": _portable(export),
-        "export_dtype": oe.models.manifest["dtype"],
+        "export_dtype": oe.onnx_models.manifest["dtype"],
         "kv_slots": oe.decoder.max_context,
         "load_s": {"torch": round(load_torch, 2), "onnx": round(load_onnx, 2)},
         "quick": args.quick,
     }
-    rows = [{**r, **meta} for r in rows]
+    rows = [{**r, **meta} for r in rows]  # one JSON row per measurement, with its provenance
     out = args.out or Path(__file__).resolve().parent / "results" / args.device
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "onnx.json").write_text(json.dumps(rows, indent=1) + "\n")
-    (out / "onnx.md").write_text(markdown(rows, meta))
+    write_results(out, "onnx", rows, markdown(rows, meta))
     print(markdown(rows, meta))
     return 0
 
@@ -300,13 +289,14 @@ def main(argv: list[str] | None = None) -> int:
 def markdown(rows: list[dict], meta: dict) -> str:
     by = {(r["stage"], r["batch"], r["backend"]): r for r in rows}
     keys = list(dict.fromkeys((r["stage"], r["batch"]) for r in rows))
+    env = meta["environment"]
     lines = [
-        f"# ONNX Runtime vs PyTorch ({meta['device']}, fp32)",
-        "",
-        f"{meta['device_name']}, {meta['cpu_count']} CPUs, torch {meta['torch']} "
-        f"({meta['torch_threads']} threads), onnxruntime {meta['onnxruntime']} "
-        f"({meta['ort_intra_op_threads']} intra-op threads), load avg {meta['load_avg_1m_before']}"
-        f" → {meta['load_avg_1m_after']}, commit {meta['git_commit'][:12]}.",
+        *header(
+            f"ONNX Runtime vs PyTorch ({env['device']}, fp32)",
+            env,
+            f"{meta['ort_intra_op_threads']} ONNX Runtime intra-op threads",
+            f"load average {meta['load_avg_1m_before']} → {meta['load_avg_1m_after']}",
+        ),
         "SmolLM2-135M decoder, all-MiniLM-L6-v2 encoder, small score network / prompt generator "
         f"(untrained), KV buffer of {meta['kv_slots']} slots on ORT. Median ms (p10–p90) of "
         "interleaved samples; batch = rows (score network: 2 × requests for CFG).",
@@ -334,28 +324,6 @@ def markdown(rows: list[dict], meta: dict) -> str:
         "",
     ]
     return "\n".join(lines)
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            cwd=Path(__file__).resolve().parent,
-        ).stdout.strip()
-    except OSError:
-        return "unknown"
 
 
 if __name__ == "__main__":

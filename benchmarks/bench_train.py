@@ -41,7 +41,6 @@ import copy
 import gc
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -53,6 +52,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from dglm.engine.diffusion.score_network import SCORE_NET_PRESETS, ScoreNetwork
+from dglm.engine.evaluation.provenance import load_average
 from dglm.engine.models.lora import LoraConfig, add_lora
 from dglm.engine.prompt.generator import PROMPT_GENERATOR_PRESETS, PromptGenerator
 from dglm.engine.training import parallel
@@ -69,7 +69,7 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as a script or as `python -m benchmarks...`
-from benchmarks.common import device_name, git_commit  # noqa: E402
+from benchmarks import common  # noqa: E402
 
 TARGET = 3.0  # ours (fastest whole-machine layout) ÷ baseline, prompt-generator step
 TRAIN_SHAPE = (16, 24)  # prefix, continuation tokens: `dglm train steering`'s defaults
@@ -101,28 +101,6 @@ class Job:
 
 
 # ------------------------------------------------------------------------------ environment
-def versions() -> dict:
-    import transformers
-
-    return {"torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version()}  # fmt: skip
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def load() -> float:
-    return round(os.getloadavg()[0], 2)
-
-
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -241,16 +219,11 @@ def diffusion_step(job: Job) -> Callable[[], None]:
     gamma = (GAMMA_MIN + (GAMMA_MAX - GAMMA_MIN) * torch.rand(job.batch, generator=g)).to(device)
     drop = (torch.rand(job.batch, generator=g) < 0.1).to(device)
     weight = torch.ones(job.batch, device=device)
-    params = list(net.parameters())
-    opt = torch.optim.AdamW(params, lr=1e-4)
-    bf16 = job.dtype == "bfloat16"
-
-    def step() -> None:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss, _ = diffusion_loss(net, ctx, x, gamma, weight, drop, eps)
-        _optimize(opt, params, loss, clip=job.impl == "ours")
-
-    return step
+    return _network_step(
+        job,
+        list(net.parameters()),
+        lambda: diffusion_loss(net, ctx, x, gamma, weight, drop, eps)[0],
+    )
 
 
 def distill_step(job: Job) -> Callable[[], None]:
@@ -264,14 +237,23 @@ def distill_step(job: Job) -> Callable[[], None]:
     g, ctx, x, eps = _net_inputs(job, teacher.config.latent_dim, device)
     n = torch.randint(cfg.skip, cfg.grid + 1, (job.batch,), generator=g).to(device)
     w = torch.ones(job.batch, device=device)
-    params = list(student.parameters())
+    return _network_step(
+        job,
+        list(student.parameters()),
+        lambda: distill_loss(student, target, teacher, ctx, x, n, w, eps, cfg),
+    )
+
+
+def _network_step(job: Job, params: list[nn.Parameter], loss: Callable[[], torch.Tensor]):
+    """One step of a network's loss(): AdamW (lr 1e-4) on params, under bf16 autocast for a bf16
+    job, gradients clipped for ours."""
     opt = torch.optim.AdamW(params, lr=1e-4)
     bf16 = job.dtype == "bfloat16"
 
     def step() -> None:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = distill_loss(student, target, teacher, ctx, x, n, w, eps, cfg)
-        _optimize(opt, params, loss, clip=job.impl == "ours")
+        with torch.autocast(torch.device(job.device).type, dtype=torch.bfloat16, enabled=bf16):
+            value = loss()
+        _optimize(opt, params, value, clip=job.impl == "ours")
 
     return step
 
@@ -359,7 +341,7 @@ def make_row(job: Job, procs: int, threads: int, times: list[float], shape: str)
         "samples_per_s_per_core": round(samples / (procs * threads), 3),
         "repeats": len(times),
         "times_s": [round(t, 4) for t in times],
-        "load_avg": load(),
+        "load_avg": load_average(),
     }
 
 
@@ -423,13 +405,13 @@ def target_line(t: dict) -> str:
 
 
 def markdown(report: dict) -> str:
+    load = report["load_avg"]
+    machine = (
+        f"AMX {'yes' if report['amx'] else 'no'}, whole machine = {report['threads']} threads or "
+        f"{report['procs']} processes, load average {load['start']} → {load['end']}"
+    )
     lines = [
-        f"# Training-step benchmark — {report['device']}",
-        "",
-        f"commit `{report['commit']}`, "
-        + ", ".join(f"{k} {v}" for k, v in report["versions"].items())
-        + f"; {report['machine']}",
-        "",
+        *common.header(f"Training-step benchmark — {report['device']}", report["environment"], machine),
         "samples/s = rows of every process ÷ median seconds per step; per core = ÷ (processes × "
         "threads); × baseline = against the baseline row of the same step and shape.",
         "",
@@ -519,9 +501,9 @@ def main(argv: list[str] | None = None) -> dict:
     pg_w, net_w = (pg_w, net_w) if args.warmup is None else (args.warmup, args.warmup)
     pg_r, net_r = (pg_r, net_r) if args.repeats is None else (args.repeats, args.repeats)
     prompt_len = PROMPT_GENERATOR_PRESETS[args.pg_preset].prompt_len
-    common = dict(decoder=args.decoder, pg_preset=args.pg_preset, sn_preset=args.sn_preset,
+    job_fields = dict(decoder=args.decoder, pg_preset=args.pg_preset, sn_preset=args.sn_preset,
                   device=str(device))  # fmt: skip
-    t_start, load_start = time.perf_counter(), load()
+    t_start, load_start = time.perf_counter(), load_average()
     rows: list[dict] = []
     ddp_jobs: list[tuple[Job, int, int]] = []
 
@@ -537,7 +519,7 @@ def main(argv: list[str] | None = None) -> dict:
             rows.append(make_row(ours, 1, t, times[f"ours {t}"], label))
         print(f"{base.step} {label}: " + ", ".join(
             f"{r['layout']} {r['samples_per_s']:.2f}/s" for r in rows[-1 - len(layouts):])
-            + f" [load {load()}]", file=sys.stderr)  # fmt: skip
+            + f" [load {load_average()}]", file=sys.stderr)  # fmt: skip
         del steps, ours_step
         gc.collect()
 
@@ -546,12 +528,12 @@ def main(argv: list[str] | None = None) -> dict:
         in_process = [1] if threads == 1 or device.type == "cuda" else [1, threads]
         for prefix, cont in shapes:
             base = Job("prompt_generator", "hf_eager", args.batch_size, "float32", prefix, cont,
-                       **common)  # fmt: skip
+                       **job_fields)  # fmt: skip
             ours = replace(base, impl="ours", dtype=dtype)
             measure_in_process(base, ours, pg_w, pg_r, in_process)
             ddp_jobs.append((ours, pg_w, pg_r))
         for step in ("diffusion", "distill"):
-            base = Job(step, "eager", args.net_batch_size, "float32", **common)
+            base = Job(step, "eager", args.net_batch_size, "float32", **job_fields)
             ours = replace(base, impl="ours", dtype=dtype)
             measure_in_process(base, ours, net_w, net_r, [1])
             ddp_jobs.append((ours, net_w, net_r))
@@ -578,27 +560,21 @@ def main(argv: list[str] | None = None) -> dict:
         "AutoModelForCausalLM with its default attention implementation)",
         f"timing: prompt generator {pg_w} warm-up + median of {pg_r}, networks {net_w} + "
         f"median of {net_r}; total {total_s:.0f} s",
-        f"load average {load_start} at the start, {load()} at the end",
+        f"load average {load_start} at the start, {load_average()} at the end",
     ]
-    env, commit = versions(), git_commit()
+    env = common.environment(device, ("dglm-engine", "torch", "transformers"))
     if procs == 1:
         notes.append("no data-parallel layout (one process: --procs 1 or CUDA)")
     report = {
         "bench": "train",
-        "device": device_name(device),
-        "cpu_model": cpu_model(),
-        "cores": os.cpu_count(),
+        "device": common.device_name(device),
+        "environment": env,
         "threads": threads,
         "procs": procs,
         "amx": bf16_is_fast("cpu"),
         "dtype": dtype,
-        "versions": env,
-        "commit": commit,
-        "machine": f"{cpu_model()}, {os.cpu_count()} cores, AMX "
-        f"{'yes' if bf16_is_fast('cpu') else 'no'}, whole machine = {threads} threads or "
-        f"{procs} processes, load average {load_start} → {load()}",
         "quick": args.quick,
-        "load_avg": {"start": load_start, "end": load()},
+        "load_avg": {"start": load_start, "end": load_average()},
         "settings": {
             "warmup": {"prompt_generator": pg_w, "networks": net_w},
             "repeats": {"prompt_generator": pg_r, "networks": net_r},
@@ -613,14 +589,10 @@ def main(argv: list[str] | None = None) -> dict:
         "targets": tgts,
         "fastest": fastest(rows, cores),
         "notes": notes,
-        "rows": [
-            {**r, "device": device_name(device), "versions": env, "commit": commit} for r in rows
-        ],
+        "rows": common.stamp(rows, env, device),
     }
-    out = args.out or ROOT / "benchmarks" / "results" / device_name(device)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "train.json").write_text(json.dumps(report, indent=1) + "\n")
-    (out / "train.md").write_text(markdown(report))
+    out = args.out or ROOT / "benchmarks" / "results" / common.device_name(device)
+    common.write_results(out, "train", report, markdown(report))
     for t in tgts:
         print(target_line(t).replace("**", ""), file=sys.stderr)
     print(f"wrote {out / 'train.json'} and train.md ({total_s:.0f} s)", file=sys.stderr)

@@ -1,28 +1,18 @@
-"""What every benchmark records about where it ran."""
+"""What every benchmark shares: where its results go, what they record about where they ran (the
+engine's one capture, `dglm.engine.evaluation.provenance`), the markdown header that says so, and
+how the files are written."""
 
 from __future__ import annotations
 
-import subprocess
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
+from dglm.engine.evaluation.provenance import capture, commit_label, summary_line
+from dglm.engine.evaluation.report import write_json
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def git_commit() -> str:
-    """Short HEAD, with "-dirty" when tracked files have uncommitted changes."""
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
-        )
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=ROOT, capture_output=True, text=True,
-        )  # fmt: skip
-        return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-    except OSError:
-        return "unknown"
+PACKAGES = ("dglm-engine", "torch", "transformers", "numpy")  # versions every benchmark records
 
 
 def device_name(device: torch.device) -> str:
@@ -34,3 +24,32 @@ def device_name(device: torch.device) -> str:
                 return short
         return "".join(c if c.isalnum() else "-" for c in name)
     return "cpu"
+
+
+def environment(device: torch.device, packages: Iterable[str] = PACKAGES) -> dict:
+    """The provenance capture of a benchmark run on `device`."""
+    return capture(device, packages=packages)
+
+
+def stamp(rows: list[dict], env: dict, device: torch.device) -> list[dict]:
+    """Every measurement row with the results folder of its device, the versions and the commit it
+    was measured with (one JSON row per measurement says where it comes from)."""
+    where = {"device": device_name(device), "versions": env["versions"]}
+    return [{**r, **where, "commit": commit_label(env)} for r in rows]
+
+
+def header(title: str, env: dict, *details: str) -> list[str]:
+    """The first lines of a results markdown file: the title, then commit, versions and machine
+    (and any details, e.g. the load average)."""
+    return [f"# {title}", "", "; ".join([summary_line(env), *details]) + ".", ""]
+
+
+def write_results(out: Path, name: str, report, markdown: str) -> dict[str, Path]:
+    """<out>/<name>.json (strict JSON) and <out>/<name>.md; `out` is created."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {
+        "json": write_json(out / f"{name}.json", report, indent=1),
+        "markdown": out / f"{name}.md",
+    }
+    paths["markdown"].write_text(markdown)
+    return paths

@@ -26,20 +26,19 @@ import time
 from pathlib import Path
 
 import torch
+from dglm.engine import bundle as bundle_io
+from dglm.engine.cli.common import comma_separated
+from dglm.engine.engine import Engine
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as a script or as `python -m benchmarks.run`
 from benchmarks.common import device_name  # noqa: E402
 from benchmarks.suite.config import METHODS, preset  # noqa: E402
+from benchmarks.suite.methods import hf_decoder_dir, load_hf  # noqa: E402
+from benchmarks.suite.report import write_report  # noqa: E402
+from benchmarks.suite.runner import run  # noqa: E402
 
-
-def _ints(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers, got {text!r}"
-        ) from None
+_ints = comma_separated(int, "integers")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -93,13 +92,6 @@ def main(argv: list[str] | None = None) -> int:
     threads = args.threads if args.threads is not None else (1 if device.type == "cpu" else None)
     if threads is not None:
         torch.set_num_threads(threads)
-
-    from dglm.engine import bundle as bundle_io
-    from dglm.engine.engine import Engine
-
-    from benchmarks.suite.methods import hf_decoder_dir, load_hf
-    from benchmarks.suite.report import write_report
-    from benchmarks.suite.runner import run
 
     def say(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)

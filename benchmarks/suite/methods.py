@@ -22,10 +22,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from dglm.engine import bundle as bundle_io
 from dglm.engine.api import GenerationParams
 from dglm.engine.decoding.loop import DecodeResult
 from dglm.engine.engine import Engine
+from dglm.engine.evaluation.settings import low_toxicity_target
+from dglm.engine.methods.fudge import FudgeParams, fudge_generate
+from dglm.engine.models import loading
 from dglm.engine.probes import Control
+
+from benchmarks.suite.config import SENTIMENT_TARGET
 
 
 @dataclass
@@ -87,9 +93,6 @@ def sampler_info(config) -> dict:
 # ------------------------------------------------------------------ Hugging Face decoding
 def hf_decoder_dir(engine: Engine, bundle_dir: Path) -> Path:
     """The Hugging Face directory the engine's decoder was loaded from."""
-    from dglm.engine import bundle as bundle_io
-    from dglm.engine.models import loading
-
     ref = bundle_io.resolve_reference(engine.config.decoder, bundle_dir)
     path = Path(ref).expanduser()
     if ref == loading.DEFAULT_DECODER:
@@ -285,8 +288,6 @@ def fudge_method(
     temperature: float,
     top_p: float,
 ) -> Method:
-    from dglm.engine.methods.fudge import FudgeParams, fudge_generate
-
     probe = engine.probes.probes[control.probe]
 
     def run(prompts: list[str], length: int, seeds: list[int]) -> Run:
@@ -328,9 +329,6 @@ def build_methods(
     engine: the engine under test; reference_engine: the same bundle in fp32 (may be `engine`);
     hf / hf_reference: the decoder as a transformers model in the engine's / fp32 precision.
     """
-    from dglm.engine.evaluation.evaluate import low_toxicity_target
-
-    from benchmarks.suite.config import SENTIMENT_TARGET
 
     probes = engine.probes.probes
     probe, label = SENTIMENT_TARGET

@@ -1,9 +1,9 @@
 """Control success and perplexity of a set of continuations, from the evaluation harness.
 
-Per continuation: VADER compound (`evaluation.vader_compound`), alt-profanity-check probability
-(`evaluation.toxicity`), each control's probe probability p(target | text) on the MiniLM embedding
-(`evaluation.probe_probability`), and the NLL of its tokens under the decoder given the prefix
-(`evaluation.continuation_nll`, no soft prompt).
+Per continuation: VADER compound (`judges.vader_compound`), alt-profanity-check probability
+(`judges.toxicity`), each control's probe probability p(target | text) on the MiniLM embedding
+(`judges.probe_probability`), and the NLL of its tokens under the decoder given the prefix
+(`perplexity.continuation_nll`, no soft prompt).
 
 Success of a continuation for a set of controls: every control is met, each judged
 - by an evaluator independent of the probes where there is one: sentiment=positive/negative by
@@ -19,7 +19,7 @@ import logging
 from dataclasses import dataclass
 
 import torch
-from dglm.engine.evaluation import evaluate as evaluation
+from dglm.engine.evaluation import judges, perplexity
 from dglm.engine.probes import Control
 
 logger = logging.getLogger(__name__)
@@ -50,18 +50,18 @@ class Judge:
         if not controls:
             raise ValueError("controls is empty: judge uncontrolled text against some control")
         n = len(texts)
-        nll, counts = evaluation.continuation_nll(self.decoder, prefix_ids, token_ids)
-        vader = self._try("vaderSentiment", lambda: evaluation.vader_compound(texts), n)
+        nll, counts = perplexity.continuation_nll(self.decoder, prefix_ids, token_ids)
+        vader = self._try("vaderSentiment", lambda: judges.vader_compound(texts), n)
         tox = self._try(
             "alt-profanity-check",
-            lambda: [evaluation.toxicity([t])["mean"] for t in texts],
+            lambda: [judges.toxicity([t])["mean"] for t in texts],
             n,
         )
         emb = self.encoder.embed(list(texts)).float().cpu() if n else torch.zeros(0, 1)
         success: list[bool | None] = [True] * n
         probe_ok = [True] * n
         for c in controls:
-            p = evaluation.probe_probability(self.probes[c.probe], c.target, emb).tolist()
+            p = judges.probe_probability(self.probes[c.probe], c.target, emb).tolist()
             external = self._external(c, vader, tox)
             for i in range(n):
                 probe_ok[i] = probe_ok[i] and p[i] > 0.5
@@ -72,14 +72,14 @@ class Judge:
 
     def _external(self, c: Control, vader: list, tox: list) -> list[bool | None] | None:
         target = self.probes[c.probe].labels[c.target] if isinstance(c.target, int) else c.target
-        thr = evaluation.VADER_THRESHOLD
+        thr = judges.VADER_THRESHOLD
         if c.probe == "sentiment" and target == "positive":
             return [None if v is None else v > thr for v in vader]
         if c.probe == "sentiment" and target == "negative":
             return [None if v is None else v < -thr for v in vader]
         if c.probe == "toxicity":
             low = target == self.low_toxicity
-            thr = evaluation.TOXIC_THRESHOLD
+            thr = judges.TOXIC_THRESHOLD
             return [None if t is None else (t <= thr if low else t > thr) for t in tox]
         return None
 
@@ -110,13 +110,13 @@ def aggregate(j: Judged) -> dict:
         "success_rate": k / len(judged) if judged else None,
         "probe_success_k": pk,
         "probe_success_rate": pk / n if n else None,
-        "perplexity": evaluation.perplexity(
+        "perplexity": perplexity.perplexity(
             torch.tensor(j.nll, dtype=torch.float64), torch.tensor(j.tokens)
         ),
-        "vader_positive": sum(v > evaluation.VADER_THRESHOLD for v in vader) / len(vader)
+        "vader_positive": sum(v > judges.VADER_THRESHOLD for v in vader) / len(vader)
         if vader
         else None,
-        "toxic_frac": sum(t > evaluation.TOXIC_THRESHOLD for t in tox) / len(tox) if tox else None,
+        "toxic_frac": sum(t > judges.TOXIC_THRESHOLD for t in tox) / len(tox) if tox else None,
         "mean_tokens": sum(j.tokens) / n if n else None,
     }
     return out

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
+from dglm.engine.evaluation.report import write_jsonl
+
+from benchmarks.common import header, write_results
 from benchmarks.suite.config import METHODS
 
 RATIO_CONTROLLED = 1.15  # controlled ≤ 1.15× the engine's own uncontrolled latency
@@ -175,13 +177,14 @@ def _sampler(r: dict) -> str:
 def render_markdown(report: dict, plots: list[str]) -> str:
     env = report["environment"]
     cfg = report["config"]
+    load = env["load_avg"]
     lines = [
-        f"# Benchmark suite — {report['device']}{' (quick)' if cfg['quick'] else ''}",
-        "",
-        f"commit `{env['commit']}`; "
-        + ", ".join(f"{k} {v}" for k, v in env["versions"].items())
-        + f"; {env['machine']}; total {report['wall_s']:.0f} s.",
-        "",
+        *header(
+            f"Benchmark suite — {report['device']}{' (quick)' if cfg['quick'] else ''}",
+            env,
+            f"load average {load['start']} → {load['end']}",
+            f"total {report['wall_s']:.0f} s",
+        ),
         f"Same prompts, seeds and decoder ({env['decoder']}) for every method; nucleus sampling "
         f"(T = {cfg['temperature']:g}, top-p {cfg['top_p']:g}), L new tokens per row (Hugging Face "
         "paths via min_new_tokens, the engine and FUDGE via ignore_eos: exactly L, see tokens/row). "
@@ -314,28 +317,12 @@ def _finish(fig, ax, ticks: list[int], path: Path) -> Path:
 
 
 # ------------------------------------------------------------------ files
-def finite(o):
-    """JSON has no NaN or infinity: they become null."""
-    if isinstance(o, float):
-        return o if math.isfinite(o) else None
-    if isinstance(o, dict):
-        return {k: finite(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [finite(v) for v in o]
-    return o
-
-
 def write_report(report: dict, samples: list[dict], out: Path, name: str) -> dict[str, Path]:
     """<name>.json, <name>.md, <name>_samples.jsonl and the plots, in `out` (created)."""
     out.mkdir(parents=True, exist_ok=True)
     plots = write_plots(report["rows"], out, name)
-    paths = {"json": out / f"{name}.json", "markdown": out / f"{name}.md"}
-    paths["json"].write_text(json.dumps(finite(report), indent=1, allow_nan=False) + "\n")
-    paths["markdown"].write_text(render_markdown(report, [str(p) for p in plots]))
-    paths["samples"] = out / f"{name}_samples.jsonl"
-    with open(paths["samples"], "w", encoding="utf-8") as f:
-        for s in samples:
-            f.write(json.dumps(finite(s), ensure_ascii=False) + "\n")
+    paths = write_results(out, name, report, render_markdown(report, [str(p) for p in plots]))
+    paths["samples"] = write_jsonl(out / f"{name}_samples.jsonl", samples)
     for p in plots:
         paths[p.stem.removeprefix(name + "_")] = p
     return paths

@@ -9,18 +9,22 @@ judged (control success, perplexity) and one row per method is made.
 
 from __future__ import annotations
 
-import os
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict
 
 import torch
+from dglm.engine.evaluation.provenance import load_average
+from dglm.engine.evaluation.settings import low_toxicity_target
+from dglm.engine.probes import Control
 
-from benchmarks.suite.config import PROMPTS, SuiteConfig
+from benchmarks import common
+from benchmarks.suite.config import PROMPTS, SENTIMENT_TARGET, SuiteConfig
 from benchmarks.suite.measure import PeakMemory, summarize, timed
-from benchmarks.suite.methods import Method, describe, method_label
+from benchmarks.suite.methods import Method, build_methods, describe, method_label, sampler_info
 from benchmarks.suite.quality import Judge, Judged, aggregate
+from benchmarks.suite.report import target_checks
 
 SAMPLES_PER_ROW = 4  # continuations kept per row in <name>_samples.jsonl
 WARMUP_REPEAT = 999  # the warm-up call's repeat index (its own prompts and seeds)
@@ -31,13 +35,6 @@ def schedule(config: SuiteConfig, batch: int, repeat: int) -> tuple[list[str], l
     prompts = [PROMPTS[(repeat * batch + b) % len(PROMPTS)] for b in range(batch)]
     seeds = [config.seed + 1000 * repeat + b for b in range(batch)]
     return prompts, seeds
-
-
-def _load() -> float | None:
-    try:
-        return round(os.getloadavg()[0], 2)
-    except OSError:
-        return None
 
 
 def run_suite(
@@ -100,7 +97,9 @@ def run_suite(
                 judged = _judge(judge, m, cell["runs"], judge_controls)
                 row = _row(config, m, batch, length, cell, judged, meter.method)
                 if base is not None and m.family == "engine" and m.controls:
-                    row["same_tokens_as_uncontrolled"] = _same_tokens(cell["runs"], base["runs"])
+                    row["same_tokens_as_uncontrolled"] = same_tokens_share(
+                        cell["runs"], base["runs"]
+                    )
                 rows.append(row)
                 samples += _samples(m, batch, length, cell["runs"], judged)
                 q = row["quality"]
@@ -110,12 +109,12 @@ def run_suite(
                     f"{m.name:<15} p50 {row['latency_ms']['p50']:9.1f} ms  "
                     f"{row['tokens_per_s']:7.1f} tok/s  success "
                     + ("—" if rate is None else f"{rate:.2f}")
-                    + f" (n={q['n']})  load {_load()}"
+                    + f" (n={q['n']})  load {load_average()}"
                 )
     return rows, samples
 
 
-def _same_tokens(runs: list, base_runs: list) -> float:
+def same_tokens_share(runs: list, base_runs: list) -> float:
     """Share of rows whose tokens equal the uncontrolled engine's (same prompts and seeds)."""
     same = [
         a == b
@@ -134,15 +133,19 @@ def _judge(judge: Judge, m: Method, runs: list, default_controls: tuple) -> Judg
     return judge.judge(prefix, toks, texts, m.controls or default_controls)
 
 
-def _skipped_row(m: Method, batch: int, length: int, reason: str | None) -> dict:
+def _cell(m: Method, batch: int, length: int) -> dict:
+    """What names a row: the method and the (batch, length) cell."""
     return {
         "method": m.name,
         "family": m.family,
         "controls": method_label(m),
         "batch": batch,
         "length": length,
-        "skipped": reason or "skipped",
     }
+
+
+def _skipped_row(m: Method, batch: int, length: int, reason: str | None) -> dict:
+    return {**_cell(m, batch, length), "skipped": reason or "skipped"}
 
 
 def _row(
@@ -158,11 +161,7 @@ def _row(
     peaks = [p for p in cell["peak"] if p is not None]
     growths = [g for g in cell["growth"] if g is not None]
     return {
-        "method": m.name,
-        "family": m.family,
-        "controls": method_label(m),
-        "batch": batch,
-        "length": length,
+        **_cell(m, batch, length),
         "repeats": len(ms),
         "latency_ms": summarize(ms),
         "tokens_per_s": statistics.median(tps),
@@ -174,7 +173,7 @@ def _row(
         "memory_method": memory_method,
         "quality": aggregate(judged),
         "info": m.info,
-        "load_avg": _load(),
+        "load_avg": load_average(),
     }
 
 
@@ -193,41 +192,11 @@ def _samples(m: Method, batch: int, length: int, runs: list, judged: Judged) -> 
 
 
 def environment(engine, device: torch.device, load_start: float | None) -> dict:
-    """Device, versions, commit and machine the results come from."""
-    import platform
-
-    import numpy
-    import transformers
-
-    from benchmarks.common import device_name, git_commit
-
-    versions = {
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "numpy": numpy.__version__,
-        "python": platform.python_version(),
-    }
-    if device.type == "cuda":
-        versions["cuda"] = torch.version.cuda
-        detail = torch.cuda.get_device_name(device)
-    else:
-        detail = platform.processor() or platform.machine()
-        try:
-            for line in open("/proc/cpuinfo", encoding="utf-8"):
-                if line.startswith("model name"):
-                    detail = line.split(":", 1)[1].strip()
-                    break
-        except OSError:
-            pass
-    threads = torch.get_num_threads()
+    """The provenance capture (commit, machine, versions), the load average over the run, and the
+    engine's models."""
     return {
-        "device": device_name(device),
-        "device_detail": detail,
-        "versions": versions,
-        "commit": git_commit(),
-        "threads": threads,
-        "machine": f"{detail}, {os.cpu_count()} cores, {threads} torch threads, load average "
-        f"{load_start} → {_load()}",
+        **common.environment(device),
+        "load_avg": {"start": load_start, "end": load_average()},
         "encoder": engine.config.encoder,
         "decoder": engine.config.decoder,
     }
@@ -245,14 +214,7 @@ def run(
     notes: tuple[str, ...] = (),
 ) -> tuple[dict, list[dict]]:
     """Build the methods, run the suite, check the targets → (report, samples)."""
-    from dglm.engine.evaluation.evaluate import low_toxicity_target
-    from dglm.engine.probes import Control
-
-    from benchmarks.suite.config import SENTIMENT_TARGET
-    from benchmarks.suite.methods import build_methods, sampler_info
-    from benchmarks.suite.report import target_checks
-
-    t0, load_start = time.perf_counter(), _load()
+    t0, load_start = time.perf_counter(), load_average()
     methods, left_out = build_methods(config, engine, reference_engine, hf, hf_reference)
     probes = engine.probes.probes
     low = low_toxicity_target(probes["toxicity"]) if "toxicity" in probes else None
@@ -260,8 +222,7 @@ def run(
     base_rate = (Control(*SENTIMENT_TARGET, config.control_scale or engine.config.control_scale),)
     rows, samples = run_suite(config, methods, judge, device, base_rate, progress)
     env = environment(engine, device, load_start)
-    for r in rows:
-        r.update(device=env["device"], commit=env["commit"], versions=env["versions"])
+    rows = common.stamp(rows, env, device)
     s = sampler_info(engine.config.sampler)
     all_notes = [
         f"bundle {bundle!r} ({'trained' if engine.config.trained else 'UNTRAINED'}); the engine "
@@ -275,7 +236,7 @@ def run(
     report = {
         "bench": "suite",
         "suite": config.suite,
-        "device": env["device"],
+        "device": common.device_name(device),
         "bundle": bundle,
         "config": asdict(config),
         "environment": env,

@@ -47,7 +47,7 @@ def test_markdown_lists_every_sampler_and_target():
         "skipped": [],
         "targets": targets(rows),
         "environment": {"device_name": "cpu", "device": "cpu", "torch_threads": 1,
-                        "versions": {"torch": "x"}, "commit_short": "abc"},
+                        "versions": {"torch": "x"}, "commit": "abc1234", "dirty": False},
     }  # fmt: skip
     md = markdown(report)
     for r in rows:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from dglm.engine.evaluation.provenance import commit_label
 
 from benchmarks.bench_train import TARGET, fastest, main, markdown, targets
 
@@ -26,10 +27,11 @@ def test_harness_end_to_end(tmp_path, tiny_llama_dir):
     )  # fmt: skip
     saved = json.loads((tmp_path / "train.json").read_text())
     assert saved == json.loads(json.dumps(report))
-    for key in ("device", "cpu_model", "versions", "commit", "load_avg", "amx", "rows", "targets"):
+    for key in ("device", "environment", "load_avg", "amx", "rows", "targets"):
         assert key in saved, key
     assert saved["device"] == "cpu" and isinstance(saved["amx"], bool)
-    assert {"torch", "transformers"} <= set(saved["versions"])
+    env = saved["environment"]  # the provenance capture: machine, versions, commit
+    assert env["device_name"] and {"torch", "transformers"} <= set(env["versions"])
     rows = saved["rows"]
     assert {s: [r["layout"] for r in rows if r["step"] == s] for s in STEP_LAYOUTS} == STEP_LAYOUTS
     for r in rows:
@@ -40,7 +42,7 @@ def test_harness_end_to_end(tmp_path, tiny_llama_dir):
         assert r["samples_per_s_per_core"] == pytest.approx(
             r["samples_per_s"] / (r["procs"] * r["threads"]), rel=1e-2
         )
-        assert r["dtype"] == "float32" and r["commit"] == saved["commit"]
+        assert r["dtype"] == "float32" and r["commit"] == commit_label(env)
         assert r["shape"] == ("3+4+5" if r["step"] == "prompt_generator" else "32-d latents")
         assert r["speedup_vs_baseline"] > 0
     # the target: the faster of ours 1×2 and 2×1 (every core) against HF eager

@@ -14,18 +14,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))  # `benchmarks` is a folder of the repository, not a package install
 
+from decoder_fixtures import one_thread  # noqa: E402, F401 (autouse fixture)
+
 from benchmarks.suite.config import METHODS, PROMPTS, SuiteConfig, preset  # noqa: E402
 from benchmarks.suite.measure import PeakMemory, summarize, timed  # noqa: E402
 from benchmarks.suite.report import render_markdown, target_checks, write_plots  # noqa: E402
 from benchmarks.suite.runner import schedule  # noqa: E402
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ------------------------------------------------------------------ pure pieces
@@ -70,16 +64,16 @@ def test_schedule_same_prompts_and_seeds_per_call_different_per_repeat():
 
 def test_same_tokens_share_compares_rows_of_matching_repeats():
     from benchmarks.suite.methods import Run
-    from benchmarks.suite.runner import _same_tokens
+    from benchmarks.suite.runner import same_tokens_share
 
     def runs(*rows):
         return [(r, [], Run([], list(toks), [], {})) for r, toks in enumerate(rows)]
 
     base = runs([[1, 2], [3]], [[4], [5, 6]])
-    assert _same_tokens(runs([[1, 2], [3]], [[4], [5, 6]]), base) == 1.0
-    assert _same_tokens(runs([[1, 2], [3, 0]], [[4], [6, 5]]), base) == 0.5
+    assert same_tokens_share(runs([[1, 2], [3]], [[4], [5, 6]]), base) == 1.0
+    assert same_tokens_share(runs([[1, 2], [3, 0]], [[4], [6, 5]]), base) == 0.5
     with pytest.raises(ValueError):
-        _same_tokens(runs([[1, 2], [3]]), base)  # a repeat missing
+        same_tokens_share(runs([[1, 2], [3]]), base)  # a repeat missing
 
 
 def test_config_limits_and_validation():
@@ -190,12 +184,18 @@ def _report(rows):
     return {
         "device": "cpu",
         "config": {"quick": True, "temperature": 1.0, "top_p": 0.95, "control_scale": 20.0},
-        "environment": {
-            "commit": "abc1234",
+        "environment": {  # as benchmarks.common.environment captures it
+            "device": "cpu",
+            "device_name": "m",
+            "cpu_count": 2,
+            "torch_threads": 1,
+            "python": "3.x",
             "versions": {"torch": "x"},
-            "machine": "m",
+            "commit": "abc1234def",
+            "dirty": False,
+            "load_avg": {"start": 1.0, "end": 2.0},
             "decoder": "smollm2",
-        },  # fmt: skip
+        },
         "wall_s": 12.0,
         "memory_method": "rss_hwm",
         "notes": ["a note"],
@@ -218,6 +218,7 @@ def test_markdown_table_targets_and_skipped_rows():
     assert "| **met** |" in md and "**missed**" not in md
     missed = render_markdown(_report(_rows(controlled=1300.0)), [])
     assert "**missed**" in missed
+    assert "commit `abc1234`, torch x, Python 3.x; m, 2 cores, 1 torch threads" in md
     assert "![suite_quick_relative_runtime](suite_quick_relative_runtime.png)" in md
 
 
