@@ -1,1 +1,3 @@
-"""ONNX export and the ONNX Runtime backend (see the ONNX issue; not built yet)."""
+"""ONNX export (`dglm.export.onnx`: bundle → validated graphs + manifest) and the ONNX Runtime
+backend (`dglm.export.runtime`: the graphs as the Engine's networks and a decode-loop step backend,
+`Engine.from_pretrained(OUTDIR, backend="onnx")`)."""

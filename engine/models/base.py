@@ -24,7 +24,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
 # final-norm hidden states (B, T, H) → edited hidden states (B, T, H), before the LM head
 HiddenHook = Callable[[torch.Tensor], torch.Tensor]
 
@@ -195,6 +194,15 @@ class Decoder(nn.Module):
     num_layers: int
     num_kv_heads: int
     head_dim: int
+
+    def __init__(self, config, num_kv_heads: int, head_dim: int) -> None:
+        """The geometry every caller reads, from a config with hidden_size, vocab_size,
+        max_context and num_layers (the family gives its kv heads and head width)."""
+        super().__init__()
+        self.config = config
+        self.hidden_size, self.vocab_size = config.hidden_size, config.vocab_size
+        self.max_context, self.num_layers = config.max_context, config.num_layers
+        self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from dglm.engine.models.base import Decoder, KVCache, StaticKV, attend
+from dglm.engine.models.configs import check_positive, hf_lm_head, hf_special_ids
 from torch import nn
 
 ACTIVATIONS = {
@@ -42,16 +43,8 @@ class GPT2Config:
     def __post_init__(self):
         if self.intermediate_size == 0:
             object.__setattr__(self, "intermediate_size", 4 * self.hidden_size)
-        for name in (
-            "vocab_size",
-            "hidden_size",
-            "num_layers",
-            "num_heads",
-            "max_context",
-            "intermediate_size",
-        ):
-            if getattr(self, name) < 1:
-                raise ValueError(f"GPT2Config.{name} must be ≥ 1, got {getattr(self, name)}")
+        check_positive(self, ("vocab_size", "hidden_size", "num_layers", "num_heads",
+                              "max_context", "intermediate_size"))  # fmt: skip
         if self.hidden_size % self.num_heads:
             raise ValueError(
                 f"GPT2Config.hidden_size={self.hidden_size} must be a multiple of "
@@ -70,8 +63,6 @@ class GPT2Config:
         """From a transformers GPT2Config."""
         if getattr(hf, "add_cross_attention", False):
             raise ValueError("gpt2 config has add_cross_attention=True: not supported")
-        eos = getattr(hf, "eos_token_id", None)
-        eos = () if eos is None else (eos,) if isinstance(eos, int) else tuple(eos)
         return cls(
             vocab_size=hf.vocab_size,
             hidden_size=hf.n_embd,
@@ -86,9 +77,7 @@ class GPT2Config:
                 getattr(hf, "scale_attn_by_inverse_layer_idx", False)
             ),
             tie_embeddings=bool(getattr(hf, "tie_word_embeddings", True)),
-            eos_token_ids=eos,
-            bos_token_id=getattr(hf, "bos_token_id", None),
-            pad_token_id=getattr(hf, "pad_token_id", None),
+            **hf_special_ids(hf),
         )
 
 
@@ -126,11 +115,8 @@ class GPT2Block(nn.Module):
 
 class GPT2Decoder(Decoder):
     def __init__(self, config: GPT2Config):
-        super().__init__()
-        c = self.config = config
-        self.hidden_size, self.vocab_size = c.hidden_size, c.vocab_size
-        self.max_context, self.num_layers = c.max_context, c.num_layers
-        self.num_kv_heads, self.head_dim = c.num_heads, c.hidden_size // c.num_heads
+        c = config
+        super().__init__(c, num_kv_heads=c.num_heads, head_dim=c.hidden_size // c.num_heads)
         self.wte = nn.Embedding(c.vocab_size, c.hidden_size)
         self.wpe = nn.Embedding(c.max_context, c.hidden_size)
         self.h = nn.ModuleList(GPT2Block(c, i) for i in range(c.num_layers))
@@ -159,10 +145,7 @@ def gpt2_state_dict_from_hf(sd: dict[str, torch.Tensor], c: GPT2Config) -> dict[
         (k[len("transformer.") :] if k.startswith("transformer.") else k): v for k, v in sd.items()
     }
     out = {name: sd[name] for name in ("wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias")}
-    if not c.tie_embeddings:
-        if "lm_head.weight" not in sd:
-            raise ValueError("checkpoint has no lm_head.weight but tie_word_embeddings is False")
-        out["lm_head.weight"] = sd["lm_head.weight"]
+    out.update(hf_lm_head(sd, c.tie_embeddings))
     conv = {"attn.c_attn": "wqkv", "attn.c_proj": "wo", "mlp.c_fc": "fc", "mlp.c_proj": "proj"}
     for i in range(c.num_layers):
         p = f"h.{i}."

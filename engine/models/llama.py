@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from dglm.engine.models.base import Decoder, KVCache, StaticKV, attend
+from dglm.engine.models.configs import check_positive, hf_lm_head, hf_special_ids
 from torch import nn
 
 ROPE_TYPES = ("default", "linear", "llama3")
@@ -46,18 +47,8 @@ class LlamaConfig:
     def __post_init__(self):
         if self.head_dim == 0 and self.num_heads > 0:
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
-        for name in (
-            "vocab_size",
-            "hidden_size",
-            "intermediate_size",
-            "num_layers",
-            "num_heads",
-            "num_kv_heads",
-            "head_dim",
-            "max_context",
-        ):
-            if getattr(self, name) < 1:
-                raise ValueError(f"LlamaConfig.{name} must be ≥ 1, got {getattr(self, name)}")
+        check_positive(self, ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
+                              "num_heads", "num_kv_heads", "head_dim", "max_context"))  # fmt: skip
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"LlamaConfig.num_heads={self.num_heads} must be a multiple of "
@@ -100,8 +91,6 @@ class LlamaConfig:
         if window is not None and window < max_context:
             # the sliding window never binds on sequences no longer than it: cap the context
             max_context = window
-        eos = getattr(hf, "eos_token_id", None)
-        eos = () if eos is None else (eos,) if isinstance(eos, int) else tuple(eos)
         attention_bias = bool(getattr(hf, "attention_bias", False))
         return cls(
             vocab_size=hf.vocab_size,
@@ -125,9 +114,7 @@ class LlamaConfig:
             qkv_bias=attention_bias or model_type == "qwen2",
             o_bias=attention_bias,
             mlp_bias=bool(getattr(hf, "mlp_bias", False)),
-            eos_token_ids=eos,
-            bos_token_id=getattr(hf, "bos_token_id", None),
-            pad_token_id=getattr(hf, "pad_token_id", None),
+            **hf_special_ids(hf),
         )
 
 
@@ -210,11 +197,8 @@ class LlamaBlock(nn.Module):
 
 class LlamaDecoder(Decoder):
     def __init__(self, config: LlamaConfig):
-        super().__init__()
-        c = self.config = config
-        self.hidden_size, self.vocab_size = c.hidden_size, c.vocab_size
-        self.max_context, self.num_layers = c.max_context, c.num_layers
-        self.num_kv_heads, self.head_dim = c.num_kv_heads, c.head_dim
+        c = config
+        super().__init__(c, num_kv_heads=c.num_kv_heads, head_dim=c.head_dim)
         self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
         self.layers = nn.ModuleList(LlamaBlock(c, i) for i in range(c.num_layers))
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
@@ -258,10 +242,7 @@ def llama_state_dict_from_hf(
     """HF LlamaForCausalLM / MistralForCausalLM / Qwen2ForCausalLM names → LlamaDecoder names."""
     sd = {(k[len("model.") :] if k.startswith("model.") else k): v for k, v in sd.items()}
     out = {"embed_tokens.weight": sd["embed_tokens.weight"], "norm.weight": sd["norm.weight"]}
-    if not c.tie_embeddings:
-        if "lm_head.weight" not in sd:
-            raise ValueError("checkpoint has no lm_head.weight but tie_word_embeddings is False")
-        out["lm_head.weight"] = sd["lm_head.weight"]
+    out.update(hf_lm_head(sd, c.tie_embeddings))
     for i in range(c.num_layers):
         p, a, m = f"layers.{i}.", f"layers.{i}.self_attn.", f"layers.{i}.mlp."
         qkv = [a + "q_proj", a + "k_proj", a + "v_proj"]

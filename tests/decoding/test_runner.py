@@ -13,8 +13,8 @@ from decoder_fixtures import (
     one_thread,  # noqa: F401 - autouse fixture
     smollm2,
 )
-from dglm.engine.decoding.loop import DecodeParams, generate
 from dglm.engine.decoding.buckets import round_up
+from dglm.engine.decoding.loop import DecodeParams, generate
 from dglm.engine.decoding.runner import DecodeRunner, DecodeRunnerConfig
 from dglm.engine.models import load_decoder
 

@@ -290,6 +290,31 @@ def test_decoder_logits_and_greedy_tokens_match_pytorch(exports, torch_parts, dt
         assert [r.token_ids for r in ours] == [r.token_ids for r in theirs]
 
 
+@pytest.mark.parametrize("pad", [False, True])
+def test_one_loop_samples_the_same_tokens_on_torch_and_onnx(exports, torch_parts, pad):
+    """The one decode loop over the torch decoder and over ONNX Runtime (5 rows: chunked at the
+    largest bucket, padded or not): same seeds, same sampled tokens, stop strings and EOS."""
+    _, pg, decoder, tok = torch_parts
+    models = OrtModels(exports["fp32"], options=RuntimeOptions(pad_batches=pad))
+    prompts = ["Prices are", "The movie was great", "I loved", "A quick brown fox", "Hi"]
+    prefix = [tok.encode(p) for p in prompts]
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        soft = pg(torch.randn(5, 384, generator=g), torch.full((5,), 0.95))
+    params = [
+        DecodeParams(max_new_tokens=9, top_p=0.9, seed=1),
+        DecodeParams(max_new_tokens=9, top_k=20, temperature=0.8, seed=2),
+        DecodeParams(max_new_tokens=7, temperature=0.0),
+        DecodeParams(max_new_tokens=9, top_p=0.8, top_k=50, seed=3, stop=("e",)),
+        DecodeParams(max_new_tokens=9, temperature=1.3, seed=4, ignore_eos=True),
+    ]
+    ours, _ = models.decoder.generate(tok, prefix, params, soft)
+    theirs, _ = torch_generate(decoder, tok, prefix, params, soft_prompt=soft)
+    assert [(r.token_ids, r.text, r.finish_reason) for r in ours] == [
+        (r.token_ids, r.text, r.finish_reason) for r in theirs
+    ]
+
+
 # ------------------------------------------------------------------------------ the engine
 @pytest.fixture(scope="module")
 def onnx_engine(exports):

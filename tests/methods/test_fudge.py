@@ -142,7 +142,7 @@ def standalone_fudge(decoder, tok, encoder, probe, target, prefix_ids, params: F
     km = key_mask[:, :t_prefix] if padded else None
     logits = decoder(decoder.embed(ids), positions, cache, km, last_only=True)[:, -1]
     generated, finished = [[] for _ in range(B)], [False] * B
-    for step in range(params.max_new_tokens):
+    for _ in range(params.max_new_tokens):
         active = [b for b in range(B) if not finished[b]]
         if not active:
             break
