@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 
@@ -120,8 +121,6 @@ def save_probes(path: str | Path, probes: list[Probe]) -> None:
 
 
 def load_probes(path: str | Path) -> list[Probe]:
-    from safetensors import safe_open
-
     with safe_open(str(path), framework="pt") as f:
         meta = json.loads((f.metadata() or {}).get("probes", "{}"))
     tensors = load_file(str(path))

@@ -121,7 +121,7 @@ def _io(name: str, shape: list, dtype: str) -> dict:
     return {"name": name, "shape": shape, "dtype": dtype}
 
 
-def _specs(dims: dict, dt: str) -> dict[str, dict]:
+def graph_specs(dims: dict, dt: str) -> dict[str, dict]:
     """Inputs/outputs of every graph; strings are symbolic dimensions."""
     d, p, h, k = dims["latent_dim"], dims["prompt_len"], dims["hidden_size"], dims["probe_rows"]
     L, nkv, S, dh, V = (
@@ -186,7 +186,7 @@ def _specs(dims: dict, dt: str) -> dict[str, dict]:
     }
 
 
-def _example(spec: dict, sizes: dict[str, int], gen: torch.Generator, vocab: int) -> tuple:
+def example_inputs(spec: dict, sizes: dict[str, int], gen: torch.Generator, vocab: int) -> tuple:
     """Tracing inputs: symbolic dimensions at `sizes` (distinct from every static size)."""
     dtypes = {"float32": torch.float32, "float16": torch.float16}
     out = []
@@ -203,7 +203,7 @@ def _example(spec: dict, sizes: dict[str, int], gen: torch.Generator, vocab: int
 
 
 # ------------------------------------------------------------------------------ writing
-def _export_graph(module: torch.nn.Module, args: tuple, spec: dict, opset: int, tmp: Path):
+def export_graph(module: torch.nn.Module, args: tuple, spec: dict, opset: int, tmp: Path):
     """Trace `module` into a ModelProto (weights loaded in memory) whose I/O match `spec`."""
     import onnx  # optional extra (dglm-engine[onnx]): imported when exporting
 
@@ -378,7 +378,7 @@ def export_onnx(
         "vocab": decoder.vocab_size,
     }
     dt_name = {"fp32": "float32", "fp16": "float16"}[config.dtype]
-    specs = _specs(dims, dt_name)
+    specs = graph_specs(dims, dt_name)
     modules = {
         "score_network": ScoreNetGraph(sn_x),
         "prompt_generator": PromptGenGraph(pg_x),
@@ -401,8 +401,8 @@ def export_onnx(
     with tempfile.TemporaryDirectory() as tmp:
         for name, module in modules.items():
             t = time.perf_counter()
-            args = _example(specs[name], sizes, gen, decoder.vocab_size)
-            protos[name] = _export_graph(module, args, specs[name], config.opset, Path(tmp))
+            args = example_inputs(specs[name], sizes, gen, decoder.vocab_size)
+            protos[name] = export_graph(module, args, specs[name], config.opset, Path(tmp))
             logger.info("traced %s in %.1f s", name, time.perf_counter() - t)
     # decoder graphs: one shared weights file; the others inline unless large
     _externalize(

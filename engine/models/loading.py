@@ -18,12 +18,14 @@ import logging
 import os
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from dglm.engine.models.base import Decoder
 from dglm.engine.models.gpt2 import GPT2Config, GPT2Decoder, gpt2_state_dict_from_hf
 from dglm.engine.models.llama import LlamaConfig, LlamaDecoder, llama_state_dict_from_hf
+from safetensors.torch import load_file
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +75,7 @@ def load_decoder_dir(
     directory: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
 ):
     """(decoder, tokenizer) from a local Hugging Face directory."""
-    from transformers import AutoConfig
+    from transformers import AutoConfig  # heavy: imported when a decoder is loaded
 
     directory = Path(directory)
     if not (directory / "config.json").is_file():
@@ -118,8 +120,6 @@ def load_decoder_dir(
 
 def _with_generation_eos(config, directory: Path):
     """Merge generation_config.json's eos_token_id(s) into the decoder config's."""
-    from dataclasses import replace
-
     path = directory / "generation_config.json"
     if not path.is_file():
         return config
@@ -131,8 +131,6 @@ def _with_generation_eos(config, directory: Path):
 
 def _read_state_dict(directory: Path) -> dict[str, torch.Tensor]:
     """All tensors of a (possibly sharded) safetensors or pytorch_model.bin checkpoint."""
-    from safetensors.torch import load_file
-
     shards: list[Path]
     if (directory / "model.safetensors").is_file():
         shards = [directory / "model.safetensors"]
@@ -170,7 +168,7 @@ def load_tokenizer(directory: Path):
 
 def _resolve_hub_name(name: str) -> Path:
     """A hub repo id → its local snapshot directory (the HF cache first, then the network)."""
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import snapshot_download  # only for hub names not on disk
 
     patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"]
     try:
@@ -234,7 +232,7 @@ def converted_gguf_dir(gguf: Path) -> Path:
 @contextlib.contextmanager
 def _file_lock(path: Path):
     try:
-        import fcntl
+        import fcntl  # POSIX only
     except ImportError:  # no POSIX locks: the atomic rename alone keeps the cache consistent
         yield
         return
@@ -248,7 +246,7 @@ def _file_lock(path: Path):
 
 def _convert_gguf(gguf: Path, out: Path) -> None:
     """Dequantise `gguf` with transformers (needs gguf + accelerate) and save it to `out`."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # heavy: only to convert
 
     for module in ("gguf", "accelerate"):
         if importlib.util.find_spec(module) is None:

@@ -28,7 +28,10 @@ from dglm.export.onnx import (  # noqa: E402
     OPSET,
     ExportConfig,
     ExportValidationError,
+    example_inputs,
+    export_graph,
     export_onnx,
+    graph_specs,
     torch_greedy,
 )
 from dglm.export.runtime import (  # noqa: E402
@@ -434,7 +437,6 @@ def test_decoder_graphs_match_forward_for_every_family(family, tmp_path):
     RoPE, GPT-2 tied/untied) on ORT against `Decoder.forward` with a KV cache, left padded."""
     from dglm.engine.models import load_decoder
     from dglm.export.modules import DecodeGraph, PrefillGraph
-    from dglm.export.onnx import _example, _export_graph, _specs
 
     make_tiny_hf_dir(family, tmp_path / "hf")
     dec, _ = load_decoder(str(tmp_path / "hf"))
@@ -442,14 +444,14 @@ def test_decoder_graphs_match_forward_for_every_family(family, tmp_path):
     dims = {"latent_dim": 8, "prompt_len": P, "hidden_size": dec.hidden_size, "probe_rows": 1,
             "num_layers": dec.num_layers, "num_kv_heads": dec.num_kv_heads,
             "head_dim": dec.head_dim, "max_len": S, "vocab": dec.vocab_size}  # fmt: skip
-    specs = _specs(dims, "float32")
+    specs = graph_specs(dims, "float32")
     g = torch.Generator().manual_seed(3)
     sizes = {"batch": 3, "prefix_len": 5, "prefill_len": 5 + P}  # tracing sizes
     (tmp_path / "trace").mkdir()
     run = {}
     for name, module in (("prefill", PrefillGraph(dec, S)), ("decode", DecodeGraph(dec, S))):
-        args = _example(specs[name], sizes, g, dec.vocab_size)
-        model = _export_graph(module, args, specs[name], OPSET, tmp_path / "trace")
+        args = example_inputs(specs[name], sizes, g, dec.vocab_size)
+        model = export_graph(module, args, specs[name], OPSET, tmp_path / "trace")
         sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
         run[name] = lambda sess=sess, **feeds: [
             torch.from_numpy(o) for o in sess.run(None, {k: v.numpy() for k, v in feeds.items()})
