@@ -35,7 +35,12 @@ import time
 from pathlib import Path
 
 import torch
+from dglm.engine.decoding.loop import DecodeParams, generate
+from dglm.engine.decoding.runner import DecodeRunner, DecodeRunnerConfig
 from dglm.engine.evaluation.provenance import load_average
+from dglm.engine.models import GPT2Config, GPT2Decoder, load_decoder
+from dglm.engine.models.gpt2 import gpt2_state_dict_from_hf
+from dglm.engine.models.loading import smollm2_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as a script or as `python -m benchmarks...`
@@ -105,8 +110,6 @@ def hf_generate(hf, rows: list[list[int]], n: int, pad: int, sampled: bool, seed
 
 def ours_generate(decoder, tok, rows, n: int, sampled: bool, seed: int, **kw):
     """Our generate → (tokens per row, wall ms/step, CPU ms/step, timings)."""
-    from dglm.engine.decoding.loop import DecodeParams, generate
-
     params = [
         DecodeParams(max_new_tokens=n, temperature=1.0, top_p=TOP_P, seed=seed + b)
         if sampled else DecodeParams(max_new_tokens=n, temperature=0.0)
@@ -176,8 +179,6 @@ def weight_bytes(decoder) -> int:
 
 def bench_model(args, name, decoder, tok, hf, pad, device, dtype, rows_out, configs, extra):
     """Ours vs HF over `configs` of (batch, new tokens); appends JSON rows."""
-    from dglm.engine.decoding.runner import DecodeRunner, DecodeRunnerConfig
-
     eos = set(decoder.eos_token_ids) | ({tok.eos_token_id} if tok is not None else set())
     prompt_ids = extra["prompt_ids"]
     longest = max(len(p) for p in prompt_ids)
@@ -277,8 +278,6 @@ def bench_model(args, name, decoder, tok, hf, pad, device, dtype, rows_out, conf
 
 
 def smollm2(device: torch.device, dtype: torch.dtype):
-    from dglm.engine.models import load_decoder
-    from dglm.engine.models.loading import smollm2_dir
     from transformers import LlamaForCausalLM
 
     decoder, tok = load_decoder("smollm2", device=device, dtype=dtype)
@@ -289,8 +288,6 @@ def smollm2(device: torch.device, dtype: torch.dtype):
 def gpt2_large(device: torch.device, dtype: torch.dtype):
     """GPT-2 Large shapes (36 layers, 1280 wide, 20 heads, 50257 tokens), random weights shared
     by ours and HF's GPT2LMHeadModel."""
-    from dglm.engine.models import GPT2Config, GPT2Decoder
-    from dglm.engine.models.gpt2 import gpt2_state_dict_from_hf
     from transformers import GPT2Config as HFConfig
     from transformers import GPT2LMHeadModel
 

@@ -29,9 +29,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from dglm.engine import layers
+from dglm.engine.diffusion.captured import CapturedSampler, sampler_coefficients
+from dglm.engine.diffusion.sampler import Guidance, SamplerConfig
+from dglm.engine.diffusion.score_network import SCORE_NET_PRESETS, ScoreNetwork
 from dglm.engine.evaluation.provenance import load_average
-from dglm.kernels.attention import rms_norm
-from dglm.kernels.guided_update import GuidedUpdateInputs
+from dglm.kernels import guided_update as gu
+from dglm.kernels.attention import qk_norm_attention, qk_norm_attention_ref, rms_norm
+from dglm.kernels.guided_update import GuidedUpdateInputs, select_guided_update
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as a script or as `python -m benchmarks...`
@@ -109,8 +114,6 @@ def guided_inputs(b, device, gen):
 
 # ------------------------------------------------------------------------------ benchmarks
 def bench_attention(device, timer, gen, rows: list, dtypes) -> None:
-    from dglm.kernels.attention import qk_norm_attention, qk_norm_attention_ref
-
     for dtype in dtypes:
         for t, h, dh in ATTN_SHAPES:
             for b in BATCHES:
@@ -136,8 +139,6 @@ def bench_attention(device, timer, gen, rows: list, dtypes) -> None:
 
 
 def bench_guided_update(device, timer, gen, rows: list) -> None:
-    from dglm.kernels import guided_update as gu
-
     compiled = torch.compile(gu.guided_update_ref, dynamic=False)
     for b in BATCHES:
         args = guided_inputs(b, device, gen)
@@ -161,9 +162,6 @@ def bench_guided_update(device, timer, gen, rows: list) -> None:
 
 
 def _sampler_setup(device, dtype, b, gen):
-    from dglm.engine.diffusion.sampler import Guidance, SamplerConfig
-    from dglm.engine.diffusion.score_network import SCORE_NET_PRESETS, ScoreNetwork
-
     torch.manual_seed(0)
     net = ScoreNetwork(SCORE_NET_PRESETS["small"]).to(device, dtype).eval()
     steps = 4
@@ -196,10 +194,6 @@ def _one_eager_step(net, noise, context, cfg_scale, guidance, update_fn, coefs, 
 
 
 def bench_sampler_step(device, timer, gen, rows: list, dtypes) -> None:
-    from dglm.engine import layers
-    from dglm.engine.diffusion.captured import CapturedSampler, sampler_coefficients
-    from dglm.kernels.guided_update import select_guided_update
-
     for dtype in dtypes:
         for b in BATCHES:
             net, config, noise, context, cfg_scale, guidance = _sampler_setup(device, dtype, b, gen)

@@ -12,7 +12,7 @@ time.perf_counter samples; CUDA synchronised before each reading):
   prompt_generator  one call at batch B
   prefill / decode  `decoding.generate` vs the ORT decoder's loop, greedy, 32 new tokens:
                     prefill ms and decode ms per token
-  end_to_end        Engine.generate vs OnnxEngine.generate (50 DDPM steps, `fast` probe guidance,
+  end_to_end        Engine.generate, backend "torch" vs "onnx" (50 DDPM steps, `fast` probe guidance,
                     32 new tokens, top-p sampling), with the same seeds: tokens must be identical
 Writes one JSON row per measurement to <out>/onnx.json and a table to <out>/onnx.md.
 """
@@ -30,7 +30,22 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from dglm.engine.api import GenerationParams
+from dglm.engine.decoding.loop import DecodeParams
+from dglm.engine.decoding.loop import generate as torch_generate
+from dglm.engine.encode.encoder import SentenceEncoder
+from dglm.engine.engine import Engine
 from dglm.engine.evaluation.provenance import load_average
+from dglm.engine.models.loading import cache_root
+from dglm.engine.probes import Control
+from dglm.engine.training.builder import (
+    SEED_SENTIMENT,
+    create_bundle,
+    probe_from_texts,
+    read_labelled_jsonl,
+)
+from dglm.export.onnx import ExportConfig, export_onnx
+from dglm.export.runtime import RuntimeOptions
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as a script or as `python -m benchmarks...`
@@ -49,8 +64,6 @@ PROMPTS = [
 
 
 def _cache() -> Path:
-    from dglm.engine.models.loading import cache_root
-
     return cache_root() / "bench_onnx"
 
 
@@ -71,14 +84,6 @@ def ensure_bundle(path: Path | None) -> Path:
         return path
     out = _cache() / "bundle"
     if not (out / "config.json").is_file():
-        from dglm.engine.encode.encoder import SentenceEncoder
-        from dglm.engine.training.builder import (
-            SEED_SENTIMENT,
-            create_bundle,
-            probe_from_texts,
-            read_labelled_jsonl,
-        )
-
         texts, labels = read_labelled_jsonl(SEED_SENTIMENT)
         probe = probe_from_texts(
             "sentiment", SentenceEncoder(), texts, labels, ("negative", "positive")
@@ -88,8 +93,6 @@ def ensure_bundle(path: Path | None) -> Path:
 
 
 def ensure_export(bundle: Path, path: Path | None, reexport: bool = False) -> Path:
-    from dglm.export.onnx import ExportConfig, export_onnx
-
     if path is not None:
         return path
     out = _cache() / "export_fp32"
@@ -146,13 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/<device>")
     args = p.parse_args(argv)
 
-    import onnxruntime
-    from dglm.engine.api import GenerationParams
-    from dglm.engine.decoding.loop import DecodeParams
-    from dglm.engine.decoding.loop import generate as torch_generate
-    from dglm.engine.engine import Engine
-    from dglm.engine.probes import Control
-    from dglm.export.runtime import RuntimeOptions
+    import onnxruntime  # the optional `onnx` extra: only for its providers list
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)

@@ -53,6 +53,8 @@ import torch
 import torch.nn.functional as F
 from dglm.engine.diffusion.score_network import SCORE_NET_PRESETS, ScoreNetwork
 from dglm.engine.evaluation.provenance import load_average
+from dglm.engine.models import load_decoder
+from dglm.engine.models.loading import smollm2_dir
 from dglm.engine.models.lora import LoraConfig, add_lora
 from dglm.engine.prompt.generator import PROMPT_GENERATOR_PRESETS, PromptGenerator
 from dglm.engine.training import parallel
@@ -152,7 +154,6 @@ def _prompt_generator(job: Job, hidden: int, device: torch.device) -> PromptGene
 
 def pg_step_hf(job: Job) -> Callable[[], None]:
     """The naive step: HF's causal LM over the whole row, its own loss, fp32."""
-    from dglm.engine.models.loading import smollm2_dir
     from transformers import AutoModelForCausalLM
 
     device = torch.device(job.device)
@@ -176,8 +177,6 @@ def pg_step_hf(job: Job) -> Callable[[], None]:
 
 def pg_step_ours(job: Job) -> Callable[[], None]:
     """The trainer's step: cached prefix, adapters, LM head at continuation positions only."""
-    from dglm.engine.models import load_decoder
-
     device = torch.device(job.device)
     dtype = getattr(torch, job.dtype)
     decoder, _ = load_decoder(job.decoder, device, dtype)
