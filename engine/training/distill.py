@@ -40,7 +40,7 @@ from dglm.engine.diffusion.sampler import SamplerConfig, sample
 from dglm.engine.diffusion.schedule import NoiseSchedule
 from dglm.engine.diffusion.score_network import ScoreNetwork
 from dglm.engine.training import parallel
-from dglm.engine.training.loop import Progress, Run, TrainConfig, shuffled_batches
+from dglm.engine.training.loop import LatentPairs, Progress, Run, TrainConfig
 from dglm.kernels.guided_update import guided_update_ref
 
 SCHEDULE = NoiseSchedule(1.0)  # the sampler's schedule (schedule_scale 1)
@@ -196,8 +196,8 @@ def evaluate_student(
 
 def train_distill(
     teacher: ScoreNetwork,
-    train: tuple[torch.Tensor, torch.Tensor],  # (prefix (N, d), continuation (N, d)) latents
-    held_out: tuple[torch.Tensor, torch.Tensor],
+    train: LatentPairs,
+    held_out: LatentPairs,
     out: str | Path,
     cfg: TrainConfig,
     distill: DistillConfig,
@@ -213,14 +213,13 @@ def train_distill(
     """
     device = torch.device(device)
     teacher = teacher.to(device).eval().requires_grad_(False)
-    student = student_from_teacher(teacher).to(device).train()
+    student = student_from_teacher(teacher)
     model_config = {
         "student": asdict(student.config),
         "distill": asdict(distill),
         "teacher_sha": _fingerprint(teacher),
     }
-    run = Run(Path(out), student, cfg, "distill", model_config)
-    run.ema.model.to(device)
+    run = Run(out, student, cfg, "distill", model_config, device)
     target_net = student
     if distill.target_ema > 0:
         target_net = copy.deepcopy(student).eval().requires_grad_(False)
@@ -244,11 +243,7 @@ def train_distill(
     def evaluate() -> dict[str, float]:
         return evaluate_student(run.ema.model, ev_teacher, ev_z, ev_ctx, ev_w, ev_ref)
 
-    batches = shuffled_batches(
-        prefix.shape[0], min(cfg.batch_size, prefix.shape[0]), run.gen, device
-    )
-    while run.running():
-        idx = next(batches)
+    for idx in run.batches(prefix.shape[0], device):
         b = idx.shape[0]
         n = torch.randint(distill.skip, distill.grid + 1, (b,), generator=run.gen)
         w = lo + (hi - lo) * torch.rand(b, generator=run.gen)

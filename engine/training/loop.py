@@ -1,14 +1,6 @@
-"""Training machinery shared by every trainer: config, learning-rate schedule, EMA, the
-resumable run (checkpoints, logs, progress) and the data order.
-Training the score network (diffusion prior) and the prompt generator, resumably.
-
-Recipes follow the DGLM reference (shared/design/reference.md):
-- diffusion: v-prediction MSE on continuation latents given prefix latents, log-normal v-weighting
-  of the log-SNR γ (Kingma & Gao 2023 conversion, made monotonic in ε-space), γ ∈ [−15, 15] drawn by
-  importance sampling from a loss-EMA histogram, prefix dropped with p = 0.1 for classifier-free
-  guidance, EMA of the weights for sampling;
-- prompt generator: the frozen decoder's LM loss on the continuation, given the soft prompt made
-  from the continuation's latent noised by the cosine schedule with scale 3 (noise augmentation).
+"""Training machinery shared by every trainer: config, learning-rate schedule, the diffusion
+loss's γ weighting and sampling, EMA, the resumable run (checkpoints, logs, progress, the data
+order). The trainers themselves: training.diffusion, .prompt, .steering, .distill.
 
 Checkpoints (`<out>/checkpoint.pt`, loaded with `weights_only=True`) hold the model, EMA,
 optimizer, data-order state and step; training resumes from them. The exported networks go to
@@ -29,7 +21,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -40,6 +32,7 @@ from torch import nn
 logger = logging.getLogger(__name__)
 
 Progress = Callable[[int, dict[str, float]], None]  # (step, logs) after every step
+LatentPairs = tuple[torch.Tensor, torch.Tensor]  # (prefix (N, d), continuation (N, d)) latents
 
 
 @dataclass(frozen=True)
@@ -155,12 +148,24 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
 
 class Run:
     """Checkpointing, logging to <out>/log.jsonl and resuming, common to all trainers; in a
-    process group also the gradient averaging, and rank 0 alone evaluates, logs and saves."""
+    process group also the gradient averaging, and rank 0 alone evaluates, logs and saves.
+
+    Puts `model` on `device` in training mode, then makes its optimizer and EMA there; a
+    checkpoint of the same kind and model config in `out` is resumed from.
+    """
 
     def __init__(
-        self, out: Path, model: nn.Module, cfg: TrainConfig, kind: str, model_config: dict
+        self,
+        out: str | Path,
+        model: nn.Module,
+        cfg: TrainConfig,
+        kind: str,
+        model_config: dict,
+        device: str | torch.device = "cpu",
     ) -> None:
-        self.out, self.model, self.cfg, self.kind = out, model, cfg, kind
+        self.out, self.model, self.cfg, self.kind = Path(out), model, cfg, kind
+        self.device = torch.device(device)
+        model.to(self.device).train()
         self.world, self.main = parallel.world_size(), parallel.rank() == 0
         if cfg.batch_size % self.world:
             raise ValueError(
@@ -168,7 +173,7 @@ class Run:
                 f"processes ({self.world}): it is the batch of all processes together"
             )
         parallel.broadcast_parameters(model)  # every rank starts from rank 0's weights
-        out.mkdir(parents=True, exist_ok=True)
+        self.out.mkdir(parents=True, exist_ok=True)
         self.opt = make_optimizer(model, cfg)
         self.ema = EMA(model, cfg.ema_decay)
         self.step = 0
@@ -179,7 +184,7 @@ class Run:
         self.started = time.monotonic()
         self.out_of_time = False  # set by optimizer_step, the same on every rank
         self.meta = {"kind": kind, "model_config": model_config, "train_config": asdict(cfg)}
-        ckpt = out / "checkpoint.pt"
+        ckpt = self.out / "checkpoint.pt"
         if ckpt.exists():
             state = torch.load(ckpt, map_location="cpu", weights_only=True)
             if state["meta"]["kind"] != kind or state["meta"]["model_config"] != model_config:
@@ -239,6 +244,15 @@ class Run:
         if progress:
             progress(step, logs)
 
+    def batches(self, n: int, device: torch.device | None = None) -> Iterator[torch.Tensor]:
+        """The row indices of each step still to take (see `running`): batches of
+        cfg.batch_size (n at most) from a fresh permutation of range(n) per epoch, drawn from the
+        run's generator, on `device` (default CPU: indices into Python lists)."""
+        batch = min(self.cfg.batch_size, n)
+        batches = shuffled_batches(n, batch, self.gen, device or torch.device("cpu"))
+        while self.running():
+            yield next(batches)
+
     def running(self) -> bool:
         """Whether to take another step: steps left and time left (a time-boxed run checkpoints
         before it stops)."""
@@ -275,6 +289,3 @@ def shuffled_batches(n: int, batch: int, gen: torch.Generator, device: torch.dev
         perm = torch.randperm(n, generator=gen)
         for i in range(0, n - batch + 1, batch):
             yield perm[i : i + batch].to(device)
-
-
-# ------------------------------------------------------------------------- diffusion prior

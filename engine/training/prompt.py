@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from dglm.engine.diffusion.schedule import NoiseSchedule
 from dglm.engine.prompt.generator import PromptGenerator
 from dglm.engine.training import parallel
-from dglm.engine.training.loop import EMA, Progress, Run, TrainConfig, shuffled_batches
+from dglm.engine.training.loop import EMA, Progress, Run, TrainConfig
 from torch import nn
 
 logger = logging.getLogger(__name__)
@@ -79,18 +79,14 @@ def train_prompt_generator(
     device: str | torch.device = "cpu",
     progress: Progress | None = None,
 ) -> EMA:
-    """Train the prompt generator against the frozen decoder's LM loss (noise-augmented latents)."""
+    """Train the prompt generator as the DGLM reference does: the frozen decoder's LM loss on the
+    continuation, given the soft prompt made from the continuation's latent noised by the cosine
+    schedule with scale 3 (noise augmentation, `AUGMENT_SCHEDULE`). Returns the EMA."""
     device = torch.device(device)
-    pg.to(device).train()
     decoder.requires_grad_(False).eval()
-    run = Run(Path(out), pg, cfg, "prompt_generator", asdict(pg.config))
-    run.ema.model.to(device)
+    run = Run(out, pg, cfg, "prompt_generator", asdict(pg.config), device)
     prefix_ids, cont_ids, lat = train
-    batches = shuffled_batches(
-        len(prefix_ids), min(cfg.batch_size, len(prefix_ids)), run.gen, torch.device("cpu")
-    )
-    while run.running():
-        idx = next(batches)
+    for idx in run.batches(len(prefix_ids)):
         t = torch.rand(len(idx), generator=run.gen, dtype=torch.float64)
         eps = torch.randn(len(idx), lat.shape[1], generator=run.gen)
         mine = parallel.shard(len(idx))  # this rank's rows of the global batch
@@ -158,7 +154,3 @@ def evaluate_prompt_generator(
         )
     pg.train()
     return {k: v / n for k, v in totals.items()}
-
-
-# ------------------------------------------------------------------------- steering: prompt
-# generator pre-training on token embeddings, then joint training with decoder adapters

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from dglm.engine.models.lora import LoraConfig, LoRALinear, add_lora, load_lora_state
 from dglm.engine.prompt.generator import PromptGenerator
 from dglm.engine.training import parallel
-from dglm.engine.training.loop import EMA, Progress, Run, TrainConfig, shuffled_batches
+from dglm.engine.training.loop import EMA, Progress, Run, TrainConfig
 from torch import nn
 
 logger = logging.getLogger(__name__)
@@ -136,9 +136,7 @@ def pretrain_prompt_generator(
     (`chamfer_loss`), from the noised continuation latent. Cheap (no decoder pass), and it gives
     the joint stage a soft prompt that already names the continuation's words."""
     device = torch.device(device)
-    pg.to(device).train()
-    run = Run(Path(out), pg, cfg, "prompt_generator_chamfer", asdict(pg.config))
-    run.ema.model.to(device)
+    run = Run(out, pg, cfg, "prompt_generator_chamfer", asdict(pg.config), device)
     emb = token_embeddings.detach().to(device)
     cont_ids, lat = train
     skip = frequent_tokens(cont_ids, steer.skip_frequent)
@@ -154,11 +152,7 @@ def pretrain_prompt_generator(
         loss = chamfer_loss(soft, h_target, h_mask[:512].to(device))
         return {"eval_chamfer": float(loss)}
 
-    batches = shuffled_batches(
-        len(cont_ids), min(cfg.batch_size, len(cont_ids)), run.gen, torch.device("cpu")
-    )
-    while run.running():
-        idx = next(batches)
+    for idx in run.batches(len(cont_ids)):
         z, a2 = noised(lat[idx].to(device), steer.alpha2_min, run.gen)
         mine = parallel.shard(len(idx))  # this rank's rows of the global batch
         idx, z, a2 = idx[mine], z[mine], a2[mine]
@@ -367,19 +361,14 @@ def train_steering(
         m.to(device)
     if init_lora:
         load_lora_state(decoder, init_lora)
-    pg.to(device).train()
     modules = SteerModules(pg, adapters)
     meta = {
         "prompt_generator": asdict(pg.config),
         "lora": None if lora is None else lora.to_dict(),
         "steer": asdict(steer),
     }
-    run = Run(Path(out), modules, cfg, "steering", meta)
-    run.ema.model.to(device)
+    run = Run(out, modules, cfg, "steering", meta, device)
     prefix_ids, cont_ids, lat = train
-    batches = shuffled_batches(
-        len(prefix_ids), min(cfg.batch_size, len(prefix_ids)), run.gen, torch.device("cpu")
-    )
 
     def evaluate() -> dict[str, float]:
         return evaluate_steering(
@@ -391,8 +380,7 @@ def train_steering(
         content, content_mask = content_targets(cont_ids, skip, 64)
     if run.main and run.step == 0 and not (Path(out) / "log.jsonl").exists():
         run.log({"phase": "start", **evaluate()})
-    while run.running():
-        idx = next(batches)
+    for idx in run.batches(len(prefix_ids)):
         z, a2 = noised(lat[idx].to(device), steer.alpha2_min, run.gen)
         mine = parallel.shard(len(idx))  # this rank's rows of the global batch
         idx, z, a2 = idx[mine], z[mine], a2[mine]
