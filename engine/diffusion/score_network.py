@@ -7,13 +7,13 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import torch
-from dglm.engine.config import check_positive, config_from_dict
+from dglm.engine.config import FromDict, check_positive
 from dglm.engine.layers import TimeMLP, Transformer
 from torch import nn
 
 
 @dataclass(frozen=True)
-class ScoreNetConfig:
+class ScoreNetConfig(FromDict):
     latent_dim: int = 384  # d: the encoder's embedding width
     dim: int = 256  # transformer width
     depth: int = 8  # transformer blocks (even: dense skips pair them)
@@ -45,10 +45,6 @@ class ScoreNetConfig:
                     f"ScoreNetConfig: latent_dim·{mult}={self.latent_dim * mult} is not divisible by "
                     f"num_tokens={self.num_tokens}"
                 )
-
-    @classmethod
-    def from_dict(cls, data: dict) -> ScoreNetConfig:
-        return config_from_dict(cls, data)
 
 
 SCORE_NET_PRESETS: dict[str, ScoreNetConfig] = {

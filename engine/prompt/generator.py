@@ -7,13 +7,13 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import torch
-from dglm.engine.config import check_positive, config_from_dict
+from dglm.engine.config import FromDict, check_positive
 from dglm.engine.layers import TimeMLP, Transformer
 from torch import nn
 
 
 @dataclass(frozen=True)
-class PromptGeneratorConfig:
+class PromptGeneratorConfig(FromDict):
     latent_dim: int = 384  # d: the encoder's embedding width
     decoder_dim: int = 576  # width of the decoder's token embeddings (soft-prompt vectors)
     dim: int = 256  # transformer width
@@ -32,10 +32,6 @@ class PromptGeneratorConfig:
                 f"PromptGeneratorConfig: 4·latent_dim={4 * self.latent_dim} must be divisible by "
                 f"prompt_len={self.prompt_len} and latent_dim even"
             )
-
-    @classmethod
-    def from_dict(cls, data: dict) -> PromptGeneratorConfig:
-        return config_from_dict(cls, data)
 
 
 PROMPT_GENERATOR_PRESETS: dict[str, PromptGeneratorConfig] = {

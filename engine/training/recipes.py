@@ -15,8 +15,10 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from dglm.engine import bundle as bundle_io
@@ -39,6 +41,7 @@ from dglm.engine.training.steering import (
 )
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 logger = logging.getLogger(__name__)
 
@@ -208,14 +211,31 @@ def train_named_probe(which: str, encoder: str = "all-MiniLM-L6-v2", device: str
     return Probe(probe.name, probe.labels, probe.weight, probe.bias, metrics)
 
 
-def _ema_state(run_dir: Path, kind: str) -> tuple[dict, dict]:
+M = TypeVar("M", bound=nn.Module)
+
+
+def _ema_network(run_dir: str | Path, kind: str, build: Callable[[dict], M]) -> tuple[M, dict]:
+    """(the network `build(model_config)` with the EMA weights of the `kind` run in `run_dir`,
+    the run's model config)."""
     path = Path(run_dir) / "checkpoint.pt"
     if not path.exists():
         raise ValueError(f"no checkpoint.pt in {run_dir}")
     state = torch.load(path, map_location="cpu", weights_only=True)
     if state["meta"]["kind"] != kind:
         raise ValueError(f"{run_dir} is a {state['meta']['kind']} run, not {kind}")
-    return state["ema"], state["meta"]["model_config"]
+    meta = state["meta"]["model_config"]
+    net = build(meta)
+    net.load_state_dict(state["ema"])
+    return net, meta
+
+
+def _check_latent_dim(net: ScoreNetwork, config: BundleConfig, what: str, fix: str) -> None:
+    """A score network going into a bundle must take the bundle's latent width."""
+    if net.config.latent_dim != config.score_network.latent_dim:
+        raise ValueError(
+            f"{what} is {net.config.latent_dim}-d, the bundle's latents are "
+            f"{config.score_network.latent_dim}-d: {fix}"
+        )
 
 
 def assemble_bundle(
@@ -230,14 +250,12 @@ def assemble_bundle(
     notes: str = "",
 ) -> BundleConfig:
     """A trained bundle from the EMA weights of two runs and probe files (fp16 networks)."""
-    sn_state, sn_cfg = _ema_state(Path(diffusion_run), "diffusion")
-    pg_state, pg_cfg = _ema_state(Path(prompt_generator_run), "prompt_generator")
-    sn, pg = (
-        ScoreNetwork(ScoreNetConfig(**sn_cfg)),
-        PromptGenerator(PromptGeneratorConfig(**pg_cfg)),
+    sn, _ = _ema_network(diffusion_run, "diffusion", lambda c: ScoreNetwork(ScoreNetConfig(**c)))
+    pg, _ = _ema_network(
+        prompt_generator_run,
+        "prompt_generator",
+        lambda c: PromptGenerator(PromptGeneratorConfig(**c)),
     )
-    sn.load_state_dict(sn_state)
-    pg.load_state_dict(pg_state)
     probes = [p for f in probe_files for p in load_probes(f)]
     config = BundleConfig(
         encoder, decoder, sn.config, pg.config, sampler or SamplerConfig(), cfg_scale, True, notes
@@ -276,15 +294,10 @@ def add_score_network(
     teacher, so it is dropped and a bundle whose default sampler was the student falls back to
     DPM-Solver++(2M) with 20 steps; re-distil (`dglm train distill`, `dglm bundle add-student`)."""
     src = bundle_io.resolve_bundle_dir(bundle)
-    state, meta = _ema_state(Path(diffusion_run), "diffusion")
+    net, _ = _ema_network(diffusion_run, "diffusion", lambda c: ScoreNetwork(ScoreNetConfig(**c)))
     config = bundle_io.read_config(src)
-    net = ScoreNetwork(ScoreNetConfig(**meta))
-    net.load_state_dict(state)
-    if net.config.latent_dim != config.score_network.latent_dim:
-        raise ValueError(
-            f"the run's score network is {net.config.latent_dim}-d, the bundle's encoder gives "
-            f"{config.score_network.latent_dim}-d latents: train on data embedded by its encoder"
-        )
+    fix = "train on data embedded by the bundle's encoder"
+    _check_latent_dim(net, config, "the run's score network", fix)
     sampler = config.sampler
     if sampler.sampler == "consistency":
         sampler = replace(sampler, sampler="dpmpp-2m", num_inference_steps=20)
@@ -305,15 +318,11 @@ def add_student(
     """Put the EMA student of a `dglm train distill` run into a bundle (in place, or a copy at
     `out`); with `default_steps`, the student's multistep sampler becomes the bundle's default."""
     src = bundle_io.resolve_bundle_dir(bundle)
-    state, meta = _ema_state(Path(distill_run), "distill")
+    student, meta = _ema_network(
+        distill_run, "distill", lambda c: ScoreNetwork(ScoreNetConfig(**c["student"]))
+    )
     config = bundle_io.read_config(src)
-    student = ScoreNetwork(ScoreNetConfig(**meta["student"]))
-    student.load_state_dict(state)
-    if student.config.latent_dim != config.score_network.latent_dim:
-        raise ValueError(
-            f"the student is {student.config.latent_dim}-d, the bundle's score network "
-            f"{config.score_network.latent_dim}-d: distil this bundle's own score network"
-        )
+    _check_latent_dim(student, config, "the student", "distil this bundle's own score network")
     sampler = config.sampler
     if default_steps is not None:
         sampler = replace(sampler, sampler="consistency", num_inference_steps=default_steps)
