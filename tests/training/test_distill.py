@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
@@ -27,9 +26,9 @@ from dglm.engine.training.distill import (
 from dglm.engine.training.loop import TrainConfig
 from dglm.engine.training.recipes import add_student, bundle_score_network
 from dglm.export.onnx import ExportConfig, export_onnx
-from dglm.export.runtime import OnnxEngine
 from dglm.kernels.guided_update import guided_update_ref
 from safetensors.torch import save_file
+from training_fixtures import log_rows
 
 SCHED = NoiseSchedule(1.0)
 
@@ -182,7 +181,7 @@ def test_distillation_moves_the_one_step_student_toward_the_teacher(tmp_path):
     dcfg = DistillConfig(grid=16, skip=4, cfg_range=(1.0, 2.0), eval_rows=64)
     before_student = student_from_teacher(teacher)
     ema = train_distill(teacher, (ctx, x), held, tmp_path, cfg, dcfg, teacher_eval_steps=32)
-    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    log = log_rows(tmp_path)
     assert log[-1]["step"] == 60
 
     g = torch.Generator().manual_seed(5)
@@ -197,7 +196,7 @@ def test_distillation_moves_the_one_step_student_toward_the_teacher(tmp_path):
     # resume: a longer schedule continues from the checkpoint at step 60
     cfg2 = TrainConfig(**{**cfg.__dict__, "steps": 62})
     train_distill(teacher, (ctx, x), held, tmp_path, cfg2, dcfg, teacher_eval_steps=32)
-    steps = [json.loads(line)["step"] for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in log_rows(tmp_path)]
     assert steps[-1] == 62
     # a different teacher is a different run
     other = ScoreNetwork(SCORE_NET_PRESETS["tiny"])
@@ -220,7 +219,7 @@ def student_bundle(tmp_path_factory, tiny_bundle):
                "--steps", "4", "--batch-size", "16", "--warmup", "2", "--eval-every", "2",
                "--grid", "16", "--skip", "2", "--cfg-range", "1,3"])  # fmt: skip
     assert rc == 0
-    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    log = log_rows(run)
     assert [r["step"] for r in log] == [2, 4] and "eval_cos_teacher_4step" in log[-1]
     out = root / "bundle"
     rc = main(["bundle", "add-student", str(tiny_bundle), "--distill", str(run), "--out", str(out),
@@ -350,7 +349,7 @@ def test_onnx_export_carries_the_student(student_bundle, minilm, tmp_path):
     assert manifest["validation"]["graphs"]["student"]["v"]["ok"]
     ref_engine, onnx_engine = (
         Engine.from_pretrained(student_bundle),
-        OnnxEngine.from_exported(tmp_path),
+        Engine.from_pretrained(tmp_path, backend="onnx"),
     )
     assert onnx_engine.config.sampler.sampler == "consistency"
     prompts = ["The movie was", "Prices are"]

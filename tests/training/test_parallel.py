@@ -3,20 +3,15 @@ Llama that computes what one process computes, logs once, and resumes."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from dglm.engine.models import load_decoder
 from dglm.engine.models.lora import LoraConfig
-from dglm.engine.prompt.generator import PromptGenerator, PromptGeneratorConfig
+from dglm.engine.prompt.generator import PROMPT_GENERATOR_PRESETS, PromptGenerator
 from dglm.engine.training import parallel
 from dglm.engine.training.loop import TrainConfig
 from dglm.engine.training.steering import SteerConfig, train_steering
-
-TINY_PG = PromptGeneratorConfig(
-    latent_dim=32, decoder_dim=64, dim=64, depth=2, head_dim=32, prompt_len=4
-)
+from training_fixtures import coded_task, log_rows, split_rows
 
 
 def _collectives(rank: int, world: int, out: str) -> None:
@@ -81,28 +76,18 @@ def _fail_on_rank_1(rank: int, world: int) -> None:
 
 
 # ------------------------------------------------------------------------------ a training run
-def _coded_task(n: int = 64, dim: int = 32):
-    """Continuations fixed by a code that only the latent carries (all 6 tokens long, so the
-    per-process token means average to the one-process mean exactly)."""
-    g = torch.Generator().manual_seed(0)
-    codes = torch.randint(0, 4, (n,), generator=g)
-    table = torch.randint(4, 250, (4, 6), generator=g)
-    lat = torch.nn.functional.one_hot(codes, dim).float() * dim**0.5
-    return [[7, 8, 9]] * n, [table[c].tolist() for c in codes], lat
-
-
 def _steer(decoder_dir: str, out: str, steps: int):
-    pre, cont, lat = _coded_task()
+    train, held = split_rows(coded_task())
     decoder = load_decoder(decoder_dir)[0]
     cfg = TrainConfig(
         steps=steps, batch_size=16, lr=3e-3, warmup=2, eval_every=2, save_every=2, ema_decay=0.5
     )
     torch.manual_seed(0)  # the prompt generator's and the adapters' initial weights
     return train_steering(
-        PromptGenerator(TINY_PG),
+        PromptGenerator(PROMPT_GENERATOR_PRESETS["tiny"]),
         decoder,
-        (pre[:48], cont[:48], lat[:48]),
-        (pre[48:], cont[48:], lat[48:]),
+        train,
+        held,
         0,
         out,
         cfg,
@@ -132,8 +117,7 @@ def test_two_processes_train_like_one_and_resume(tmp_path, tiny_llama_dir):
         torch.testing.assert_close(state["model"][k], v, rtol=1e-3, atol=1e-4, msg=k)
     assert any((v != 0).any() for k, v in expected.items() if k.endswith("__b"))  # adapters trained
     # rank 0 alone logs: the start diagnostic and every 2nd step, once each, as one process does
-    rows = [json.loads(x) for x in (tmp_path / "two" / "log.jsonl").read_text().splitlines()]
-    ref_rows = [json.loads(x) for x in (tmp_path / "one" / "log.jsonl").read_text().splitlines()]
+    rows, ref_rows = log_rows(tmp_path / "two"), log_rows(tmp_path / "one")
     assert [r["step"] for r in rows] == [r["step"] for r in ref_rows] == [0, 2, 4, 6]
     for r, q in zip(rows, ref_rows, strict=True):
         for k in ("loss", "eval_matched", "eval_shuffled"):

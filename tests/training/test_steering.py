@@ -1,14 +1,35 @@
 """Joint prompt-generator + adapter training: the cached-prefix loss, chamfer pre-training,
 the held-out diagnostic, LoRA merge, resume."""
 
-import json
-
 import pytest
 import torch
+from dglm.engine import bundle as bundle_io
+from dglm.engine.api import GenerationParams
+from dglm.engine.diffusion.score_network import ScoreNetConfig, ScoreNetwork
+from dglm.engine.engine import Engine
+from dglm.engine.evaluation.generation import released_decoder
+from dglm.engine.models import load_decoder
 from dglm.engine.models.lora import LoraConfig, add_lora, lora_state_dict, merge_lora, unwrap_lora
-from dglm.engine.prompt.generator import PromptGenerator, PromptGeneratorConfig
+from dglm.engine.prompt.generator import (
+    PROMPT_GENERATOR_PRESETS,
+    PromptGenerator,
+    PromptGeneratorConfig,
+)
+from dglm.engine.training import data as data_mod
+from dglm.engine.training.diffusion import train_diffusion
 from dglm.engine.training.loop import TrainConfig
-from dglm.engine.training.prompt import build_lm_batch, lm_loss_with_soft_prompt
+from dglm.engine.training.prompt import (
+    build_lm_batch,
+    lm_loss_with_soft_prompt,
+    train_prompt_generator,
+)
+from dglm.engine.training.recipes import (
+    LATENTS,
+    PAIRS,
+    add_steering,
+    assemble_bundle,
+    train_steering_run,
+)
 from dglm.engine.training.steering import (
     SteerConfig,
     build_steer_batch,
@@ -19,16 +40,14 @@ from dglm.engine.training.steering import (
     steer_lm_loss,
     train_steering,
 )
+from safetensors.torch import save_file
+from training_fixtures import coded_task, log_rows, split_rows
 
-TINY_PG = PromptGeneratorConfig(
-    latent_dim=32, decoder_dim=64, dim=64, depth=2, head_dim=32, prompt_len=4
-)
+TINY_PG = PROMPT_GENERATOR_PRESETS["tiny"]
 
 
 @pytest.fixture
 def decoder(tiny_llama_dir):
-    from dglm.engine.models import load_decoder
-
     return load_decoder(str(tiny_llama_dir))[0]
 
 
@@ -89,8 +108,6 @@ def test_gradient_reaches_soft_prompt_and_adapters_only(decoder):
 
 
 def test_lora_merge_matches_the_adapted_decoder(decoder, tiny_llama_dir):
-    from dglm.engine.models import load_decoder
-
     cfg = LoraConfig(rank=3, alpha=6.0)
     adapters = add_lora(decoder, cfg)
     g = torch.Generator().manual_seed(3)
@@ -139,58 +156,33 @@ def test_content_targets_skip_frequent_tokens():
     assert mask.tolist() == [[True, True], [True, False], [False, False]]
 
 
-def _coded_task(n: int = 64, dim: int = 32):
-    g = torch.Generator().manual_seed(0)
-    codes = torch.randint(0, 4, (n,), generator=g)
-    table = torch.randint(4, 250, (4, 6), generator=g)
-    lat = torch.nn.functional.one_hot(codes, dim).float() * dim**0.5
-    return [[7, 8, 9]] * n, [table[c].tolist() for c in codes], lat
-
-
 def test_chamfer_pretraining_lowers_its_loss_and_resumes(tmp_path, decoder):
-    pre, cont, lat = _coded_task()
-    cfg = TrainConfig(steps=30, batch_size=16, lr=3e-3, warmup=2, eval_every=10, save_every=10)
-    pg = PromptGenerator(TINY_PG)
+    train, held = (part[1:] for part in split_rows(coded_task()))  # (continuation ids, latents)
     emb = decoder.embed_tokens.weight
     steer = SteerConfig(skip_frequent=0, autocast_bf16=False)
-    pretrain_prompt_generator(
-        pg, emb, (cont[:48], lat[:48]), (cont[48:], lat[48:]), tmp_path, cfg, steer
-    )
-    rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+
+    def run(steps: int) -> list[dict]:
+        cfg = TrainConfig(
+            steps=steps, batch_size=16, lr=3e-3, warmup=2, eval_every=10, save_every=10
+        )
+        pretrain_prompt_generator(PromptGenerator(TINY_PG), emb, train, held, tmp_path, cfg, steer)
+        return log_rows(tmp_path)
+
+    rows = run(30)
     assert rows[-1]["eval_chamfer"] < rows[0]["eval_chamfer"] - 0.05, rows
-    cfg2 = TrainConfig(steps=40, batch_size=16, lr=3e-3, warmup=2, eval_every=10, save_every=10)
-    pretrain_prompt_generator(
-        PromptGenerator(TINY_PG),
-        emb,
-        (cont[:48], lat[:48]),
-        (cont[48:], lat[48:]),
-        tmp_path,
-        cfg2,
-        steer,
-    )
-    steps = [json.loads(line)["step"] for line in (tmp_path / "log.jsonl").read_text().splitlines()]
-    assert steps == [10, 20, 30, 40]  # resumed at 30, not restarted
+    assert [r["step"] for r in run(40)] == [10, 20, 30, 40]  # resumed at 30, not restarted
 
 
 def test_joint_training_carries_the_latent(tmp_path, decoder):
-    pre, cont, lat = _coded_task()
+    train, held = split_rows(coded_task())
     cfg = TrainConfig(
         steps=40, batch_size=16, lr=3e-3, warmup=2, eval_every=40, save_every=20, ema_decay=0.5
     )
     pg = PromptGenerator(TINY_PG)
     steer = SteerConfig(alpha2_min=0.9, shuffle_rows=16, autocast_bf16=False)
-    modules = train_steering(
-        pg,
-        decoder,
-        (pre[:48], cont[:48], lat[:48]),
-        (pre[48:], cont[48:], lat[48:]),
-        0,
-        tmp_path,
-        cfg,
-        LoraConfig(rank=2, alpha=4.0),
-        steer,
-    )
-    rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    lora = LoraConfig(rank=2, alpha=4.0)
+    modules = train_steering(pg, decoder, train, held, 0, tmp_path, cfg, lora, steer)
+    rows = log_rows(tmp_path)
     start, end = rows[0], rows[-1]
     assert start["phase"] == "start" and end["step"] == 40
     # the code → continuation map is learnable only through the soft prompt: matched ≪ shuffled
@@ -203,21 +195,12 @@ def test_joint_training_carries_the_latent(tmp_path, decoder):
 
 
 def test_bundle_with_adapters_loads_merged_and_saves_back(tmp_path, tiny_llama_dir):
-    from dglm.engine import bundle as bundle_io
-    from dglm.engine.api import GenerationParams
-    from dglm.engine.diffusion.score_network import ScoreNetConfig, ScoreNetwork
-    from dglm.engine.engine import Engine
-    from dglm.engine.models import load_decoder
-    from dglm.engine.training.diffusion import train_diffusion
-    from dglm.engine.training.prompt import train_prompt_generator
-    from dglm.engine.training.recipes import add_steering, assemble_bundle
-
     torch.manual_seed(0)
     pg_cfg = PromptGeneratorConfig(
         latent_dim=384, decoder_dim=64, dim=64, depth=2, head_dim=32, prompt_len=4
     )
     sn_cfg = ScoreNetConfig(latent_dim=384, dim=64, depth=2, head_dim=32, num_tokens=8)
-    pre, cont, lat = _coded_task(32, 384)
+    pre, cont, lat = coded_task(32, 384)
     tc = TrainConfig(steps=1, batch_size=16, eval_every=1, save_every=1, warmup=1)
     train_diffusion(ScoreNetwork(sn_cfg), (lat, lat), (lat, lat), tmp_path / "sn", tc)
     dec = load_decoder(str(tiny_llama_dir))[0]
@@ -256,8 +239,6 @@ def test_bundle_with_adapters_loads_merged_and_saves_back(tmp_path, tiny_llama_d
     out = engine.generate(["Hello"], GenerationParams(seed=0, max_new_tokens=3))
     assert out[0].samples[0].token_ids
     # evaluation judges with, and decodes plainly on, the decoder as released
-    from dglm.engine.evaluation.evaluate import released_decoder
-
     base = released_decoder(engine)
     torch.testing.assert_close(base(x, pos), load_decoder(str(tiny_llama_dir))[0](x, pos))
     plain = Engine.from_pretrained(tmp_path / "b")  # no adapters: its own decoder is the release
@@ -271,8 +252,7 @@ def test_bundle_with_adapters_loads_merged_and_saves_back(tmp_path, tiny_llama_d
 
 
 def test_joint_training_with_the_chamfer_term(tmp_path, decoder):
-    pre, cont, lat = _coded_task()
-    data = (pre[:48], cont[:48], lat[:48])
+    data, _ = split_rows(coded_task())
     cfg = TrainConfig(steps=1, batch_size=16, lr=3e-3, warmup=1, eval_every=1, save_every=1)
     losses = []
     for weight in (0.0, 0.5):
@@ -282,16 +262,12 @@ def test_joint_training_with_the_chamfer_term(tmp_path, decoder):
         )
         out = tmp_path / f"w{weight}"
         train_steering(PromptGenerator(TINY_PG), decoder, data, data, 0, out, cfg, None, steer)
-        losses.append(json.loads((out / "log.jsonl").read_text().splitlines()[-1])["loss"])
+        losses.append(log_rows(out)[-1]["loss"])
     # same initial weights and batch: the logged losses differ by the weighted chamfer term
     assert abs(losses[1] - losses[0]) > 1e-3, losses
 
 
 def test_train_steering_run_from_a_bundle_and_data_dir(tmp_path, tiny_bundle):
-    from dglm.engine.training import data as data_mod
-    from dglm.engine.training.recipes import LATENTS, PAIRS, add_steering, train_steering_run
-    from safetensors.torch import save_file
-
     g = torch.Generator().manual_seed(5)
     for split, n in (("train", 24), ("eval", 8)):
         pairs = [

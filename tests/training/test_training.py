@@ -1,7 +1,5 @@
 """Training loops on tiny models: losses fall, runs resume, bundles assemble and load."""
 
-import json
-
 import pytest
 import torch
 from dglm.engine.api import GenerationParams
@@ -9,11 +7,16 @@ from dglm.engine.diffusion.score_network import ScoreNetConfig, ScoreNetwork
 from dglm.engine.engine import Engine
 from dglm.engine.models import load_decoder
 from dglm.engine.probes import Control, save_probes
-from dglm.engine.prompt.generator import PromptGenerator, PromptGeneratorConfig
+from dglm.engine.prompt.generator import (
+    PROMPT_GENERATOR_PRESETS,
+    PromptGenerator,
+    PromptGeneratorConfig,
+)
 from dglm.engine.training.diffusion import train_diffusion
 from dglm.engine.training.loop import LogNormalVWeighting, LossEMASampler, TrainConfig
 from dglm.engine.training.prompt import build_lm_batch, train_prompt_generator
 from dglm.engine.training.recipes import assemble_bundle
+from training_fixtures import coded_task, log_rows, split_rows
 
 
 def _latent_pairs(n: int, d: int, seed: int):
@@ -56,7 +59,7 @@ def test_diffusion_training_learns_and_resumes(tmp_path):
     train_diffusion(
         ScoreNetwork(cfg_net), (pre[:500], cont[:500]), (pre[500:], cont[500:]), tmp_path, cfg
     )
-    logs = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    logs = log_rows(tmp_path)
     assert [r["step"] for r in logs] == [30, 60]
     assert logs[-1]["eval_mse_gamma+0"] < 0.9  # untrained ≈ 1 (v has unit variance)
     # resuming continues from step 60 to 80, not from scratch
@@ -114,31 +117,14 @@ def test_lm_batch_layout():
 
 def test_prompt_generator_training_lowers_lm_loss(tmp_path, tiny_llama_dir):
     decoder, tok = load_decoder(str(tiny_llama_dir))
-    g = torch.Generator().manual_seed(0)
     # continuations are a function of a latent code: a good soft prompt makes them predictable
-    codes = torch.randint(0, 4, (64,), generator=g)
-    table = torch.randint(3, 250, (4, 6), generator=g)
-    lat = torch.nn.functional.one_hot(codes, 32).float() * 32**0.5
-    pre = [[7, 8, 9]] * 64
-    cont = [table[c].tolist() for c in codes]
-    pg = PromptGenerator(
-        PromptGeneratorConfig(
-            latent_dim=32, decoder_dim=64, dim=64, depth=2, head_dim=32, prompt_len=4
-        )
-    )
+    train, held = split_rows(coded_task(first_token=3))
+    pg = PromptGenerator(PROMPT_GENERATOR_PRESETS["tiny"])
     cfg = TrainConfig(
         steps=40, batch_size=16, lr=3e-3, warmup=2, eval_every=40, save_every=40, ema_decay=0.5
     )
-    train_prompt_generator(
-        pg,
-        decoder,
-        (pre[:48], cont[:48], lat[:48]),
-        (pre[48:], cont[48:], lat[48:]),
-        0,
-        tmp_path,
-        cfg,
-    )
-    (row,) = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    train_prompt_generator(pg, decoder, train, held, 0, tmp_path, cfg)
+    (row,) = log_rows(tmp_path)
     # untrained: every loss ≈ log(vocab) ≈ 5.7; the code → continuation map is only learnable
     # through the soft prompt, and pure noise (alpha² = 0) carries no code
     assert row["eval_loss_a2_1.00"] < row["eval_loss_no_prompt"] - 0.2, row
