@@ -13,6 +13,7 @@ import torch
 
 pytest.importorskip("triton", reason="triton is not installed (pip install triton)")
 
+from dglm.engine import layers  # noqa: E402
 from dglm.kernels.attention import (  # noqa: E402
     MAX_TOKENS,
     qk_norm_attention,
@@ -56,9 +57,7 @@ def test_fp32_matches_ref(shape, tol, packed, device, gen):
 
 def test_ref_is_the_layer(gen):
     """The reference is exactly `layers.Attention`'s core (norm modules + SDPA)."""
-    from dglm.engine.layers import Attention
-
-    layer = Attention(dim=128, head_dim=32, time_dim=16)
+    layer = layers.Attention(dim=128, head_dim=32, time_dim=16)
     with torch.no_grad():
         layer.q_norm.weight.copy_(1 + 0.2 * torch.randn(32, generator=gen))
         layer.k_norm.weight.copy_(1 + 0.2 * torch.randn(32, generator=gen))
@@ -125,8 +124,6 @@ def test_16bit_within_ref_error(shape, dtype, gen):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_layer_fused_path_matches_pytorch_path(dtype, gen, monkeypatch):
     """`Attention.forward` on CUDA: fused switch on vs off."""
-    from dglm.engine import layers
-
     torch.manual_seed(0)
     layer = layers.Attention(dim=256, head_dim=64, time_dim=64).cuda().to(dtype).eval()
     with torch.no_grad():
@@ -148,8 +145,6 @@ def test_layer_fused_path_matches_pytorch_path(dtype, gen, monkeypatch):
 @pytest.mark.gpu
 def test_layer_keeps_autograd(gen):
     """With gradients required the layer stays on the PyTorch path and backpropagates."""
-    from dglm.engine import layers
-
     layer = layers.Attention(dim=128, head_dim=32, time_dim=16).cuda()
     x = torch.randn(2, 16, 128, generator=gen).cuda().requires_grad_(True)
     layer(x, torch.randn(2, 16, generator=gen).cuda()).square().sum().backward()
