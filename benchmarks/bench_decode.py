@@ -1,7 +1,7 @@
 """ms per token and tokens/s of our decode loop vs Hugging Face `generate` (eager), in one process.
 
-    python benchmarks/bench_decode.py --device cpu [--quick] [--threads 1]
-    python benchmarks/bench_decode.py --device cuda [--quick]
+    python -m benchmarks.bench_decode --device cpu [--quick] [--threads 1]
+    python -m benchmarks.bench_decode --device cuda [--quick]
     → benchmarks/results/<device>/decode.{json,md}
 
 SmolLM2-135M (fp32 on CPU, bf16 on CUDA) at batch 1, 8, 32, 64 and 32 / 128 new tokens (--quick:
@@ -42,9 +42,8 @@ from dglm.engine.models import GPT2Config, GPT2Decoder, load_decoder
 from dglm.engine.models.gpt2 import gpt2_state_dict_from_hf
 from dglm.engine.models.loading import smollm2_dir
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # run as a script or as `python -m benchmarks...`
-from benchmarks import common  # noqa: E402
+from benchmarks import common
+from benchmarks.common import ROOT
 
 PROMPTS = [
     "The capital of France is",

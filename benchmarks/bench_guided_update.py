@@ -1,6 +1,6 @@
 """Benchmark the fused guided step on CPU: the C++ op against the eager PyTorch reference.
 
-    python benchmarks/bench_guided_update.py [--out benchmarks/results/cpu] [--repeats 101]
+    python -m benchmarks.bench_guided_update [--out benchmarks/results/cpu] [--repeats 101]
 
 Times, in µs per call (median of `repeats` time.perf_counter measurements after warm-up, the
 implementations interleaved so they share the machine's noise):
@@ -28,8 +28,7 @@ from dglm.engine.evaluation.provenance import load_average
 from dglm.kernels import cpu_ops
 from dglm.kernels.guided_update import GuidedUpdateInputs, guided_update_cpu, guided_update_ref
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script or with -m
-from benchmarks.common import environment, header, stamp, write_results  # noqa: E402
+from benchmarks.common import environment, header, stamp, write_results
 
 BATCHES = (1, 8, 64)
 DIM = 384

@@ -38,9 +38,8 @@ from dglm.kernels import guided_update as gu
 from dglm.kernels.attention import qk_norm_attention, qk_norm_attention_ref, rms_norm
 from dglm.kernels.guided_update import GuidedUpdateInputs, select_guided_update
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # run as a script or as `python -m benchmarks...`
-from benchmarks import common  # noqa: E402
+from benchmarks import common
+from benchmarks.common import ROOT
 
 BATCHES = (1, 8, 64)
 ATTN_SHAPES = [(32, 4, 64), (64, 4, 64)]  # (T, H, Dh)

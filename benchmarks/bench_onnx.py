@@ -1,6 +1,6 @@
 """ONNX Runtime backend against our PyTorch path, per stage and end to end.
 
-    python benchmarks/bench_onnx.py [--quick] [--device cpu|cuda] [--threads 1]
+    python -m benchmarks.bench_onnx [--quick] [--device cpu|cuda] [--threads 1]
                                     [--bundle DIR] [--export DIR] [--out benchmarks/results/cpu]
 
 Model: the real encoder and decoder (all-MiniLM-L6-v2, SmolLM2-135M) with "small" score network and
@@ -47,9 +47,7 @@ from dglm.engine.training.builder import (
 from dglm.export.onnx import ExportConfig, export_onnx
 from dglm.export.runtime import RuntimeOptions
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # run as a script or as `python -m benchmarks...`
-from benchmarks.common import environment, header, write_results  # noqa: E402
+from benchmarks.common import ROOT, environment, header, write_results
 
 PROMPTS = [
     "The movie was",

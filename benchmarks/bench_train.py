@@ -69,9 +69,8 @@ from dglm.engine.training.steering import (
 )
 from torch import nn
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # run as a script or as `python -m benchmarks...`
-from benchmarks import common  # noqa: E402
+from benchmarks import common
+from benchmarks.common import ROOT
 
 TARGET = 3.0  # ours (fastest whole-machine layout) ÷ baseline, prompt-generator step
 TRAIN_SHAPE = (16, 24)  # prefix, continuation tokens: `dglm train steering`'s defaults

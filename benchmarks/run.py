@@ -30,13 +30,11 @@ from dglm.engine import bundle as bundle_io
 from dglm.engine.cli.common import comma_separated
 from dglm.engine.engine import Engine
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # run as a script or as `python -m benchmarks.run`
-from benchmarks.common import device_name  # noqa: E402
-from benchmarks.suite.config import METHODS, preset  # noqa: E402
-from benchmarks.suite.methods import hf_decoder_dir, load_hf  # noqa: E402
-from benchmarks.suite.report import write_report  # noqa: E402
-from benchmarks.suite.runner import run  # noqa: E402
+from benchmarks.common import ROOT, device_name
+from benchmarks.suite.config import METHODS, preset
+from benchmarks.suite.methods import hf_decoder_dir, load_hf
+from benchmarks.suite.report import write_report
+from benchmarks.suite.runner import run
 
 _ints = comma_separated(int, "integers")
 
