@@ -26,6 +26,9 @@ class GenerationParams:
     sampler: str | None = None  # "ddpm" | "ddim" | "dpmpp-2m" | "consistency"; None: the bundle's
     guidance_mode: str | None = None  # "fast" | "exact"; None: the bundle's
     renoise_alpha2: float | None = None  # None: the bundle's (0.95 in the reference)
+    # classifier-free guidance of the decoder by the soft prompt (dglm.engine.decoding.guidance):
+    # 1 = off, > 1 follows the plan more strongly; None: the bundle's
+    prompt_guidance: float | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.controls, Control):
@@ -50,6 +53,8 @@ class GenerationParams:
             raise ValueError(f"stop strings must be non-empty strings, got {self.stop!r}")
         if self.cfg_scale is not None:
             finite_in("cfg_scale", self.cfg_scale, -100.0, 100.0)
+        if self.prompt_guidance is not None:
+            finite_in("prompt_guidance", self.prompt_guidance, 0.0, 20.0)
 
     def sampler_config(self, base: SamplerConfig) -> SamplerConfig:
         overrides = {

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from dglm.engine.decoding.guidance import DEFAULT_PLAUSIBILITY, check_prompt_guidance
 from dglm.engine.diffusion.sampler import SamplerConfig
 from dglm.engine.diffusion.score_network import ScoreNetConfig
 from dglm.engine.models import load_decoder
@@ -59,11 +60,16 @@ class BundleConfig:
     # guidance scale of a control given without one (Control.scale None): set per bundle, as the
     # scale at which its networks were measured to steer (`dglm eval`)
     control_scale: float = 10.0
+    # prompt guidance (dglm.engine.decoding.guidance) of a request given without one, and the
+    # plausibility floor α of its token mask; 1.0: off (bundles from before it existed)
+    prompt_guidance: float = 1.0
+    prompt_plausibility: float = DEFAULT_PLAUSIBILITY
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "student_cfg_range", tuple(self.student_cfg_range))
         if not (isinstance(self.control_scale, int | float) and 0 < self.control_scale < 1e9):
             raise ValueError(f"control_scale must be a positive number, got {self.control_scale!r}")
+        check_prompt_guidance(self.prompt_guidance, self.prompt_plausibility)
         if isinstance(self.decoder_lora, dict):
             object.__setattr__(self, "decoder_lora", LoraConfig(**self.decoder_lora))
         lo, hi = self.student_cfg_range

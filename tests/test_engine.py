@@ -117,6 +117,8 @@ def test_bad_input_raises_before_model_work(tiny_engine, prompts, params, field)
         (dict(cfg_scale=float("nan")), "cfg_scale"),
         (dict(seed=-1), "seed"),
         (dict(stop=("",)), "stop"),
+        (dict(prompt_guidance=-1.0), "prompt_guidance"),
+        (dict(prompt_guidance=float("nan")), "prompt_guidance"),
     ],
 )
 def test_bad_params(kwargs, field):
@@ -215,4 +217,36 @@ def test_a_control_without_a_scale_takes_the_bundles_control_scale(tiny_bundle, 
     assert (latent(None) - latent(10.0)).abs().max() > 1e-4
     (bundle / "config.json").write_text(json.dumps({**cfg, "control_scale": -1.0}))
     with pytest.raises(ValueError, match="control_scale"):
+        Engine.from_pretrained(bundle)
+
+
+def test_prompt_guidance_per_request_and_bundle_default(tiny_bundle, tmp_path):
+    """prompt_guidance: 1 (the default of a bundle without the setting) decodes as before; another
+    scale, per request or as the bundle's default, guides the decoder with its soft prompt."""
+    import json
+    import shutil
+
+    bundle = tmp_path / "b"
+    shutil.copytree(tiny_bundle, bundle)
+    engine = Engine.from_pretrained(bundle)
+    assert engine.config.prompt_guidance == 1.0 and engine.config.prompt_plausibility == 0.1
+    prompts = ["The movie was", "Prices are rising while"]
+
+    def tokens(eng, **kw):
+        params = [
+            GenerationParams(seed=s, max_new_tokens=12, ignore_eos=True, **kw) for s in (4, 5)
+        ]
+        return [o.samples[0].token_ids for o in eng.generate(prompts, params)]
+
+    plain = tokens(engine)
+    assert tokens(engine, prompt_guidance=1.0) == plain
+    guided = tokens(engine, prompt_guidance=4.0)
+    assert guided != plain
+    cfg = json.loads((bundle / "config.json").read_text())
+    (bundle / "config.json").write_text(json.dumps({**cfg, "prompt_guidance": 4.0}))
+    by_default = Engine.from_pretrained(bundle)
+    assert tokens(by_default) == guided
+    assert tokens(by_default, prompt_guidance=1.0) == plain
+    (bundle / "config.json").write_text(json.dumps({**cfg, "prompt_plausibility": 1.5}))
+    with pytest.raises(ValueError, match="prompt_plausibility"):
         Engine.from_pretrained(bundle)

@@ -11,7 +11,7 @@ from dglm.engine.cli.common import flags
 # flags passed to GenerationParams under their own names
 SAMPLING_FLAGS = (
     "num_samples", "seed", "max_new_tokens", "temperature", "top_p", "top_k", "cfg_scale",
-    "sampler", "renoise_alpha2",
+    "sampler", "renoise_alpha2", "prompt_guidance",
 )  # fmt: skip
 
 
@@ -45,6 +45,13 @@ def add_parser(sub) -> None:
         "--guidance", choices=("fast", "exact"), default=None, help="probe guidance mode"
     )
     g.add_argument("--renoise-alpha2", type=float, default=None)
+    g.add_argument(
+        "--prompt-guidance",
+        type=float,
+        default=None,
+        help="classifier-free guidance of the decoder by the soft prompt (1 = off); "
+        "default: the bundle's",
+    )
     g.add_argument("--device", default="cpu")
     g.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
     g.add_argument(

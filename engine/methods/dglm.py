@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING
 
 import torch
 from dglm.engine.api import GenerationParams
+from dglm.engine.decoding.guidance import PromptGuidance
+from dglm.engine.decoding.sampling import eos_ids, pad_id
 from dglm.engine.diffusion.sampler import Guidance, SamplerConfig, draw_noise, sample
 from dglm.engine.diffusion.schedule import MULTISTEP_SAMPLERS
 from dglm.engine.methods.base import Conditioning, Method, MethodBatch
@@ -38,6 +40,14 @@ class DGLM(Method):
     def validate(self, params: list[GenerationParams]) -> None:
         e = self.engine
         for p in params:
+            guided = (
+                p.prompt_guidance if p.prompt_guidance is not None else e.config.prompt_guidance
+            )
+            if guided != 1.0 and e.backend != "torch":
+                raise ValueError(
+                    f"prompt_guidance={guided} runs a second decoder stream in PyTorch, which the "
+                    "ONNX backend does not have: pass prompt_guidance=1 or use backend='torch'"
+                )
             cfg = p.sampler_config(e.config.sampler)
             self.check_sampler(cfg, p)
             exact = cfg.guidance_mode == "exact"
@@ -93,7 +103,38 @@ class DGLM(Method):
             z = a2.sqrt() * x0 + (1 - a2).sqrt() * renoise_noise
             soft_prompt = e.prompt_gen(z.to(e.dtype), renoise_a2.to(e.dtype))  # (R, P, H)
         timings["prompt_generator"] = elapsed(e.device, t)
-        return Conditioning(soft_prompt=soft_prompt, latents=x0.float().cpu(), timings=timings)
+        processors = self.prompt_guidance(batch)
+        return Conditioning(
+            soft_prompt=soft_prompt,
+            processors=processors,
+            latents=x0.float().cpu(),
+            timings=timings,
+        )
+
+    def guidance_scales(self, batch: MethodBatch) -> list[float]:
+        """Each row's prompt-guidance scale: its request's, else the bundle's default."""
+        default = self.engine.config.prompt_guidance
+        return [
+            default if batch.params[i].prompt_guidance is None else batch.params[i].prompt_guidance
+            for i, _ in batch.rows
+        ]
+
+    def prompt_guidance(self, batch: MethodBatch) -> tuple[PromptGuidance, ...]:
+        """The PromptGuidance processor when a row is guided (scale ≠ 1), else none."""
+        e, scales = self.engine, self.guidance_scales(batch)
+        if all(s == 1.0 for s in scales):
+            return ()
+        eos = eos_ids(e.decoder, batch.tokenizer)
+        return (
+            PromptGuidance(
+                e.decoder,
+                [batch.prefix_ids[i] for i, _ in batch.rows],
+                scales,
+                max(batch.params[i].max_new_tokens for i, _ in batch.rows),
+                pad_id(e.decoder, batch.tokenizer, eos),
+                e.config.prompt_plausibility,
+            ),
+        )
 
     @torch.no_grad()
     def sample_group(

@@ -1,0 +1,106 @@
+"""Prompt guidance: classifier-free guidance of the decoder by its soft prompt, as a logits processor.
+
+The soft prompt is the decoder's condition (DGLM's plan for the continuation). A second,
+unconditional stream decodes the same rows from their prefix alone, fed the same tokens, and each
+step's scores become
+
+    s = log p_u + g · (log p_c − log p_u)      on tokens with p_c ≥ α · max p_c, −inf elsewhere
+
+(Ho & Salimans 2022 for diffusion; Sanchez et al. 2023, "Stay on topic with Classifier-Free
+Guidance", for language models). g = 1 is plain conditional decoding; g > 1 follows the soft
+prompt more strongly than the decoder alone would. Unbounded, g > 1 promotes tokens that are
+unlikely under both streams and the text falls apart (measured: Gemma-3 perplexity 4.6× plain
+decoding at g = 2); the plausibility mask of contrastive decoding (Li et al. 2023, α = 0.1 by
+default) keeps the choice among the tokens the conditional stream itself finds likely.
+
+Rows with g = 1 pass through untouched (bit-identical to decoding without the processor). The
+unconditional stream is an eager DecodeRunner over its own KV cache: one more decoder pass per
+step for the guided rows only.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from dglm.engine.decoding.padding import left_pad
+from dglm.engine.decoding.runner import DecodeRunner, DecodeRunnerConfig
+from dglm.engine.models.base import Decoder
+
+DEFAULT_PLAUSIBILITY = 0.1  # α: the mask keeps tokens with p_c ≥ α · max p_c
+
+
+def check_prompt_guidance(scale: float, plausibility: float) -> None:
+    """ValueError naming the setting unless 0 ≤ scale ≤ 20 and 0 ≤ plausibility < 1."""
+    if isinstance(scale, bool) or not isinstance(scale, int | float) or not 0 <= scale <= 20:
+        raise ValueError(f"prompt_guidance must be a number in [0, 20], got {scale!r}")
+    if (
+        isinstance(plausibility, bool)
+        or not isinstance(plausibility, int | float)
+        or not 0 <= plausibility < 1
+    ):
+        raise ValueError(f"prompt_plausibility must be a number in [0, 1), got {plausibility!r}")
+
+
+def guided_scores(
+    cond: torch.Tensor, uncond: torch.Tensor, scale: torch.Tensor, plausibility: float
+) -> torch.Tensor:
+    """The guided scores (R, V) from conditional and unconditional logits (R, V) fp32 and the
+    per-row scale (R, 1): log p_u + g·(log p_c − log p_u), −inf outside the plausible set."""
+    lc = torch.log_softmax(cond, dim=-1)
+    lu = torch.log_softmax(uncond, dim=-1)
+    scores = lu + scale * (lc - lu)
+    if plausibility > 0:
+        floor = lc.max(dim=-1, keepdim=True).values + math.log(plausibility)
+        scores = scores.masked_fill(lc < floor, float("-inf"))
+    # a token the conditional stream rules out (−inf, e.g. EOS under ignore_eos) stays out
+    return scores.masked_fill(torch.isneginf(lc), float("-inf"))
+
+
+class PromptGuidance:
+    """A `LogitsProcessor` for one batch: rows with scale ≠ 1 are guided against their prefix alone.
+
+    decoder: the torch decoder of the main loop; prefix_ids: every row's prefix (the batch's row
+    order); scales: per row; max_new_tokens: the longest row's budget; pad: the loop's pad id.
+    """
+
+    def __init__(
+        self,
+        decoder: Decoder,
+        prefix_ids: list[list[int]],
+        scales: list[float],
+        max_new_tokens: int,
+        pad: int,
+        plausibility: float = DEFAULT_PLAUSIBILITY,
+    ) -> None:
+        if len(scales) != len(prefix_ids):
+            raise ValueError(f"{len(scales)} scales for {len(prefix_ids)} rows")
+        for s in scales:
+            check_prompt_guidance(s, plausibility)
+        self.rows = [r for r, s in enumerate(scales) if s != 1.0]  # the guided rows
+        if not self.rows:
+            raise ValueError("no row has prompt_guidance ≠ 1: decode without the processor")
+        if any(not prefix_ids[r] for r in self.rows):
+            raise ValueError("prompt guidance needs a non-empty prefix on every guided row")
+        device = decoder.device
+        ids = [prefix_ids[r] for r in self.rows]
+        total = max(map(len, ids)) + max_new_tokens
+        self.batch = left_pad(ids, pad, total, None, device)
+        config = DecodeRunnerConfig(batch_sizes=(len(ids),), max_len=total, enforce_eager=True)
+        self.stream = DecodeRunner(decoder, config)
+        self.index = torch.tensor(self.rows, device=device)  # (G,)
+        self.scale = torch.tensor([[scales[r]] for r in self.rows], device=device)  # (G, 1)
+        self.plausibility = plausibility
+
+    def __call__(
+        self, logits: torch.Tensor, tokens: torch.Tensor, finished: torch.Tensor
+    ) -> torch.Tensor:
+        if tokens.shape[1] == 0:  # the prefill step: the unconditional stream starts too
+            uncond = self.stream.start(self.batch)
+        else:
+            uncond = self.stream.step(tokens[self.index, -1])
+        guided = guided_scores(logits[self.index], uncond, self.scale, self.plausibility)
+        return logits.index_copy(0, self.index, guided)
+
+
+__all__ = ["DEFAULT_PLAUSIBILITY", "PromptGuidance", "check_prompt_guidance", "guided_scores"]

@@ -1,0 +1,103 @@
+"""Prompt guidance (classifier-free guidance of the decoder by its soft prompt) on the shared loop:
+the score formula and its plausibility mask, greedy tokens against a cache-free reference of
+both streams, rows at scale 1 bit-identical to decoding without it, and the checks."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from decoder_fixtures import VOCAB, make_tiny_hf_dir, one_thread  # noqa: F401 - autouse fixture
+from dglm.engine.decoding.guidance import PromptGuidance, check_prompt_guidance, guided_scores
+from dglm.engine.decoding.loop import generate
+from dglm.engine.decoding.sampling import DecodeParams, eos_ids, pad_id
+from dglm.engine.models import load_decoder
+
+
+@pytest.fixture(scope="module", params=["llama_gqa", "gpt2"])
+def tiny(request, tmp_path_factory):
+    path = tmp_path_factory.mktemp(request.param)
+    make_tiny_hf_dir(request.param, path, seed=5)
+    return load_decoder(str(path))  # (decoder, tokenizer), fp32 CPU
+
+
+def test_guided_scores_formula_and_plausibility_mask(gen):
+    cond, uncond = torch.randn(4, 50, generator=gen) * 3, torch.randn(4, 50, generator=gen) * 3
+    cond[1, 7] = float("-inf")  # a token the conditional stream rules out
+    scale = torch.tensor([[1.0], [2.0], [3.5], [0.0]])
+    lc, lu = torch.log_softmax(cond, -1), torch.log_softmax(uncond, -1)
+    for alpha in (0.0, 0.1, 0.5):
+        got = guided_scores(cond, uncond, scale, alpha)
+        keep = lc >= lc.max(-1, keepdim=True).values + (math.log(alpha) if alpha else -math.inf)
+        keep &= ~torch.isneginf(lc)
+        want = torch.where(keep, lu + scale * (lc - lu), torch.full_like(lc, float("-inf")))
+        torch.testing.assert_close(got, want)
+        assert keep.sum() < keep.numel() or alpha == 0.0  # the mask does drop tokens
+        # the conditional stream's best token always survives
+        assert torch.isfinite(got.gather(1, lc.argmax(-1, keepdim=True))).all()
+    assert torch.isneginf(guided_scores(cond, uncond, scale, 0.0)[1, 7])
+
+
+def full_logits(decoder, ids: list[int], soft: torch.Tensor | None) -> torch.Tensor:
+    """Last-position logits (V,) of one row, without a cache: prefix [+ soft prompt] + tokens."""
+    with torch.no_grad():
+        x = decoder.embed(torch.tensor([ids]))
+        return decoder(x, torch.arange(x.shape[1])[None])[0, -1]
+
+
+def test_greedy_guided_tokens_match_two_cache_free_streams(tiny, gen):
+    """Greedy decoding under prompt guidance picks, at every step, the argmax of the guided scores
+    of the conditional stream (prefix, soft prompt, tokens) and the unconditional one (prefix,
+    tokens), each recomputed from scratch."""
+    decoder, tok = tiny
+    rows = [torch.randint(4, VOCAB, (n,), generator=gen).tolist() for n in (5, 3)]
+    soft = torch.randn(2, 3, decoder.hidden_size, generator=gen)
+    params = [DecodeParams(8, temperature=0.0, ignore_eos=True)] * 2
+    scales, alpha = [2.5, 1.7], 0.2
+    eos = eos_ids(decoder, tok)
+    proc = PromptGuidance(decoder, rows, scales, 8, pad_id(decoder, tok, eos), alpha)
+    got, _ = generate(decoder, tok, rows, params, soft, processors=(proc,))
+    for b, row in enumerate(rows):
+        out: list[int] = []
+        for _ in range(8):
+            with torch.no_grad():
+                xc = torch.cat([decoder.embed(torch.tensor([row])), soft[b : b + 1],
+                                decoder.embed(torch.tensor([out], dtype=torch.long))], 1)  # fmt: skip
+                lc = decoder(xc, torch.arange(xc.shape[1])[None])[0, -1]
+            lc[eos] = float("-inf")  # ignore_eos
+            lu = full_logits(decoder, row + out, None)
+            s = guided_scores(lc[None], lu[None], torch.tensor([[scales[b]]]), alpha)
+            out.append(int(s.argmax()))
+        assert got[b].token_ids == out
+
+
+@pytest.mark.parametrize("static", [True, False])
+def test_rows_at_scale_one_are_bit_identical_and_guided_rows_change(tiny, gen, static):
+    decoder, tok = tiny
+    rows = [torch.randint(4, VOCAB, (n,), generator=gen).tolist() for n in (5, 2, 7)]
+    seeds = torch.randint(0, 2**31, (3,), generator=gen).tolist()
+    params = [DecodeParams(12, top_p=0.9, seed=s, ignore_eos=True) for s in seeds]
+    soft = torch.randn(3, 2, decoder.hidden_size, generator=gen) * 3
+    pad = pad_id(decoder, tok, eos_ids(decoder, tok))
+    ref, _ = generate(decoder, tok, rows, params, soft, static=static)
+    proc = PromptGuidance(decoder, rows, [1.0, 4.0, 1.0], 12, pad, 0.0)
+    got, _ = generate(decoder, tok, rows, params, soft, static=static, processors=(proc,))
+    assert got[0].token_ids == ref[0].token_ids and got[2].token_ids == ref[2].token_ids
+    assert got[1].token_ids != ref[1].token_ids
+
+
+def test_checks_name_the_setting(tiny):
+    decoder, _ = tiny
+    for bad in (-0.5, 21.0, float("nan"), True, "2"):
+        with pytest.raises(ValueError, match="prompt_guidance"):
+            check_prompt_guidance(bad, 0.1)
+    for bad in (-0.1, 1.0, float("inf")):
+        with pytest.raises(ValueError, match="prompt_plausibility"):
+            check_prompt_guidance(2.0, bad)
+    with pytest.raises(ValueError, match="no row"):
+        PromptGuidance(decoder, [[5, 6]], [1.0], 4, 0)
+    with pytest.raises(ValueError, match="non-empty prefix"):
+        PromptGuidance(decoder, [[]], [2.0], 4, 0)
+    with pytest.raises(ValueError, match="2 scales for 1 rows"):
+        PromptGuidance(decoder, [[5, 6]], [2.0, 1.0], 4, 0)
