@@ -43,6 +43,12 @@ def add_parser(sub) -> None:
     e.add_argument("--sources", default=None, help="comma-separated held-out sources")
     e.add_argument("--seed", type=int, default=None)
     e.add_argument(
+        "--prompt-guidance",
+        type=float,
+        default=None,
+        help="evaluate with this prompt-guidance scale as the bundle's default (1 = off)",
+    )
+    e.add_argument(
         "--gemma",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -84,6 +90,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         f"eval_{bundle_dir.name}" + ("_quick" if args.quick else "")
     )
     engine = Engine.from_pretrained(bundle_dir, device=args.device, dtype=args.dtype)
+    if args.prompt_guidance is not None:  # the bundle as if it shipped this default
+        engine.config = replace(engine.config, prompt_guidance=args.prompt_guidance)
     bar = progress_bar(None, "eval", unit="batch")
 
     def progress(name: str, done: int, total: int) -> None:

@@ -49,6 +49,9 @@ def environment(engine) -> dict:
         "decoder": engine.config.decoder,
         "sampler": asdict(engine.config.sampler),
         "cfg_scale": engine.config.cfg_scale,
+        "control_scale": engine.config.control_scale,
+        "prompt_guidance": engine.config.prompt_guidance,
+        "prompt_plausibility": engine.config.prompt_plausibility,
     }
 
 
