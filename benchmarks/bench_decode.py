@@ -40,7 +40,7 @@ from dglm.engine.decoding.runner import DecodeRunner, DecodeRunnerConfig
 from dglm.engine.evaluation.provenance import load_average
 from dglm.engine.models import GPT2Config, GPT2Decoder, load_decoder
 from dglm.engine.models.gpt2 import gpt2_state_dict_from_hf
-from dglm.engine.models.loading import smollm2_dir
+from dglm.engine.models.loading import SHAPE_TWINS_ENV, smollm2_dir
 
 from benchmarks import common
 from benchmarks.common import ROOT
@@ -363,7 +363,8 @@ def main() -> None:
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     decoder, tok, hf = smollm2(device, dtype)
     extra["prompt_ids"] = [tok.encode(p) for p in PROMPTS]
-    bench_model(args, "SmolLM2-135M", decoder, tok, hf, tok.pad_token_id, device, dtype, rows,
+    name = "SmolLM2-135M" + (" (shape twin, random)" if os.environ.get(SHAPE_TWINS_ENV) else "")
+    bench_model(args, name, decoder, tok, hf, tok.pad_token_id, device, dtype, rows,
                 configs, extra)  # fmt: skip
     pending = []
     if device.type == "cuda":

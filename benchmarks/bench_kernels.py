@@ -1,6 +1,8 @@
 """µs per call of the fused kernels against their baselines, and of a whole sampler step.
 
     python -m benchmarks.bench_kernels            # → benchmarks/results/<device>/kernels.{json,md}
+    python -m benchmarks.bench_kernels --quick    # batch 1, short timings, no torch.compile: a
+                                                  # smoke run (benchmarks/gpu_proof.sh --dry-run)
 
 On CUDA (timed with `triton.testing.do_bench`, medians):
 - attention core at batch 1, 8, 64 (T = 32, 64; H = 4, Dh = 64; fp32 and bf16): the Triton kernel
@@ -70,10 +72,10 @@ def time_cpu(fn: Callable[[], object], budget_s: float = 0.5, repeats: int = 9) 
     return statistics.median(samples) * 1e6
 
 
-def time_gpu(fn: Callable[[], object]) -> float:
+def time_gpu(fn: Callable[[], object], rep_ms: int = 200) -> float:
     from triton.testing import do_bench
 
-    return do_bench(fn, warmup=25, rep=200, return_mode="median") * 1e3  # ms → µs
+    return do_bench(fn, warmup=25, rep=rep_ms, return_mode="median") * 1e3  # ms → µs
 
 
 # ------------------------------------------------------------------------------ inputs
@@ -112,10 +114,10 @@ def guided_inputs(b, device, gen):
 
 
 # ------------------------------------------------------------------------------ benchmarks
-def bench_attention(device, timer, gen, rows: list, dtypes) -> None:
+def bench_attention(device, timer, gen, rows: list, dtypes, batches=BATCHES) -> None:
     for dtype in dtypes:
         for t, h, dh in ATTN_SHAPES:
-            for b in BATCHES:
+            for b in batches:
                 q, k, v, w_q, w_k = attention_inputs(b, t, h, dh, dtype, device, gen)
                 qn, kn, vn = (y.transpose(1, 2).contiguous() for y in (q, k, v))
                 args = (q, k, v, w_q, w_k)
@@ -137,9 +139,9 @@ def bench_attention(device, timer, gen, rows: list, dtypes) -> None:
                 print(f"attention {dtype} T={t} B={b}: done", file=sys.stderr)
 
 
-def bench_guided_update(device, timer, gen, rows: list) -> None:
-    compiled = torch.compile(gu.guided_update_ref, dynamic=False)
-    for b in BATCHES:
+def bench_guided_update(device, timer, gen, rows: list, batches=BATCHES, compile=True) -> None:
+    compiled = torch.compile(gu.guided_update_ref, dynamic=False) if compile else None
+    for b in batches:
         args = guided_inputs(b, device, gen)
         impls = {}
         if device.type == "cuda":
@@ -147,7 +149,8 @@ def bench_guided_update(device, timer, gen, rows: list) -> None:
         elif gu.cpp_available():
             impls["cpp"] = partial(gu.guided_update_cpu, *args)
         impls["eager_reference"] = partial(gu.guided_update_ref, *args)
-        impls["torch_compile_reference"] = partial(compiled, *args)
+        if compiled is not None:
+            impls["torch_compile_reference"] = partial(compiled, *args)
         ref = gu.guided_update_ref(*args)
         for impl, fn in impls.items():
             out = fn()
@@ -192,9 +195,9 @@ def _one_eager_step(net, noise, context, cfg_scale, guidance, update_fn, coefs, 
     return update_fn(inputs, True)
 
 
-def bench_sampler_step(device, timer, gen, rows: list, dtypes) -> None:
+def bench_sampler_step(device, timer, gen, rows: list, dtypes, batches=BATCHES) -> None:
     for dtype in dtypes:
-        for b in BATCHES:
+        for b in batches:
             net, config, noise, context, cfg_scale, guidance = _sampler_setup(device, dtype, b, gen)
             coefs = sampler_coefficients(config)
             alpha2 = float(coefs[0, 0] ** 2)  # host scalars precomputed, as sampling.sample does
@@ -313,24 +316,32 @@ def main(argv: list[str] | None = None) -> int:
         help="CPU: torch threads (1 by default: on a shared machine, spinning OpenMP workers "
         "preempted by other jobs make multi-threaded timings meaningless)",
     )  # fmt: skip
+    p.add_argument("--quick", action="store_true",
+                   help="batch 1 only, short timings, no torch.compile baseline (a smoke run)")  # fmt: skip
     args = p.parse_args(argv)
     device = torch.device(args.device)
     gen = torch.Generator().manual_seed(0)
     rows: list[dict] = []
     if device.type == "cuda":
         timer, dtypes = time_gpu, (torch.float32, torch.bfloat16)
+        if args.quick:
+            timer = partial(time_gpu, rep_ms=50)
     else:
         timer, dtypes = time_cpu, (torch.float32,)
+        if args.quick:
+            timer = partial(time_cpu, budget_s=0.05, repeats=3)
         torch.set_num_threads(args.threads)
-    bench_attention(device, timer, gen, rows, dtypes)
-    bench_guided_update(device, timer, gen, rows)
-    bench_sampler_step(device, timer, gen, rows, dtypes)
+    batches = (1,) if args.quick else BATCHES
+    bench_attention(device, timer, gen, rows, dtypes, batches)
+    bench_guided_update(device, timer, gen, rows, batches, compile=not args.quick)
+    bench_sampler_step(device, timer, gen, rows, dtypes, batches)
     env = common.environment(device, ("dglm-engine", "torch", "triton"))
     report = {
         "device": common.device_name(device),
         "environment": env,
         "load_avg": load_average() if device.type == "cpu" else None,
         "pending": PENDING_GPU if device.type != "cuda" else [],
+        "quick": args.quick,
         "rows": common.stamp(rows, env, device),
         "speedups": speedups(rows),
     }

