@@ -73,7 +73,8 @@ def describe(m: Method) -> str:
         s = i["sampler"]
         parts.append(
             f"sampler {s.get('sampler')} × {s.get('num_inference_steps')} steps, "
-            f"{s.get('guidance_mode')} guidance, cfg {i.get('cfg_scale')}"
+            f"{s.get('guidance_mode')} guidance, cfg {i.get('cfg_scale')}, "
+            f"prompt guidance {i.get('prompt_guidance', 1.0):g}"
         )
     if "guided_update" in i:
         parts.append(f"guided update {i['guided_update']}, sampler CUDA graphs {i['cuda_graphs']}")
@@ -217,6 +218,7 @@ def engine_method(
     info = {
         "sampler": sampler_info(engine.config.sampler),
         "cfg_scale": engine.config.cfg_scale,
+        "prompt_guidance": engine.config.prompt_guidance,
         "student": getattr(engine, "student", None) is not None,  # a distilled few-step network
         "dtype": str(engine.dtype).removeprefix("torch."),
         "guided_update": getattr(engine.update_fn, "__name__", str(engine.update_fn)),
@@ -264,7 +266,13 @@ def reference_method(
     tokenizer = engine.tokenizer
     ref = copy.copy(engine)  # shares the networks; only its decoding stage differs
     ref._decode = hf_soft_prompt_decoder(hf, tokenizer, temperature, top_p)
-    overrides = {"sampler": "ddpm", "num_inference_steps": steps, "guidance_mode": "exact"}
+    # the reference decodes plainly from the soft prompt: no prompt guidance
+    overrides = {
+        "sampler": "ddpm",
+        "num_inference_steps": steps,
+        "guidance_mode": "exact",
+        "prompt_guidance": 1.0,
+    }
 
     def run(prompts: list[str], length: int, seeds: list[int]) -> Run:
         return _engine_run(ref, prompts, length, seeds, controls, temperature, top_p, **overrides)
@@ -273,6 +281,7 @@ def reference_method(
     info = {
         "sampler": sampler_info(resolved),
         "cfg_scale": engine.config.cfg_scale,
+        "prompt_guidance": 1.0,
         "dtype": str(engine.dtype).removeprefix("torch."),
         "decoding": "transformers generate (eager) with inputs_embeds = [prefix ; soft prompt]",
     }

@@ -357,3 +357,25 @@ def test_suite_end_to_end_on_the_tiny_bundle(tiny_engine, tiny_llama_dir, tmp_pa
     md = paths["markdown"].read_text()
     assert md.count("| engine_1probe |") == 4 and "## Targets" in md
     assert paths["samples"].read_text().count("\n") == len(samples) > 0
+
+
+def test_reference_dglm_decodes_without_prompt_guidance(tiny_engine, tiny_bundle, tiny_llama_dir):
+    """On a bundle whose default prompt guidance is on, the engine's rows use it and the
+    reference-style rows (HF generate from the soft prompt, as the reference) do not."""
+    from dataclasses import replace
+
+    from dglm.engine.engine import Engine
+
+    from benchmarks.suite.methods import describe, engine_method, load_hf, reference_method
+
+    engine = Engine.from_pretrained(tiny_bundle)
+    engine.config = replace(engine.config, prompt_guidance=2.0)
+    hf = load_hf(tiny_llama_dir, torch.device("cpu"), torch.float32)
+    ref = reference_method(engine, hf, (), steps=2, temperature=1.0, top_p=0.9)
+    ours = engine_method("engine", engine, (), temperature=1.0, top_p=0.9)
+    run = ref.run(["The movie was", "Prices"], 4, [1, 2])
+    assert [len(t) for t in run.token_ids] == [4, 4]
+    assert "prompt guidance 1" in describe(ref) and "prompt guidance 2" in describe(ours)
+    guided = ours.run(["The movie was", "Prices"], 4, [1, 2])
+    plain = engine_method("engine", tiny_engine, (), temperature=1.0, top_p=0.9)
+    assert guided.token_ids != plain.run(["The movie was", "Prices"], 4, [1, 2]).token_ids
