@@ -20,6 +20,8 @@ import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+from benchmarks.suite.report import target_check
+
 STATUSES = ("ok", "failed", "timeout", "skipped")
 TWIN_NOTE = (
     "Models are random shape twins (benchmarks/shape_twins.py): the real encoder's and decoder's "
@@ -29,18 +31,6 @@ TWIN_NOTE = (
 DECODE_FLOOR = 2.0  # ours_graphs ms/token ≤ 2 × the bf16 bandwidth floor at batch 1
 GUIDED_UPDATE = 5.0  # Triton guided update ≥ 5 × the eager reference
 QUALITY_WORDS = ("success",)  # suite targets that judge text: not meaningful on shape twins
-
-
-def check(target: str, where: str, value: float | None, threshold: str, met, note: str = ""):
-    """One target row: met is True / False, or None when not measured."""
-    return {
-        "target": target,
-        "where": where,
-        "value": value,
-        "threshold": threshold,
-        "met": met,
-        "note": note,
-    }
 
 
 # ------------------------------------------------------------------------------ targets
@@ -54,9 +44,9 @@ def decode_targets(report: dict | None) -> list[dict]:
     ]
     if not rows:
         why = "no decode results" if report is None else "no CUDA-graph row with a floor"
-        return [check(name, "—", None, f"≤ {DECODE_FLOOR:g}", None, why)]
+        return [target_check(name, "—", None, f"≤ {DECODE_FLOOR:g}", None, why)]
     return [
-        check(
+        target_check(
             name,
             f"{r['model']}, {r.get('new_tokens')} new tokens, {r.get('sampling')}",
             r["x_floor"],
@@ -89,7 +79,7 @@ def kernel_targets(report: dict | None) -> list[dict]:
         shapes = sorted({k[:2] for k in triton if k in ref}, key=str)
         if not shapes:
             why = "no kernel results" if report is None else "no Triton rows (not a CUDA run)"
-            out.append(check(name, "—", None, f"≥ {need:g}", None, why))
+            out.append(target_check(name, "—", None, f"≥ {need:g}", None, why))
         for dtype, tokens in shapes:
             keys = [k for k in triton if k[:2] == (dtype, tokens) and k in ref]
             worst = min(keys, key=lambda k: ref[k] / triton[k])
@@ -100,14 +90,14 @@ def kernel_targets(report: dict | None) -> list[dict]:
             where = ", ".join(
                 f"{k}={v}" for k, v in (("dtype", dtype), ("tokens", tokens)) if v is not None
             )
-            out.append(check(name, where, value, f"≥ {need:g}", value >= need, note))
+            out.append(target_check(name, where, value, f"≥ {need:g}", value >= need, note))
     return out
 
 
 def suite_targets(report: dict | None) -> list[dict]:
     """The suite's own target checks; those that judge text are marked not measured."""
     if report is None:
-        return [check("suite targets", "—", None, "", None, "no suite results")]
+        return [target_check("suite targets", "—", None, "", None, "no suite results")]
     out = []
     for c in report.get("targets", []):
         c = dict(c)

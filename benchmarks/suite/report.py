@@ -18,7 +18,10 @@ STAGE_SHORT = {"prompt_generator": "pg"}
 
 
 # ------------------------------------------------------------------ targets
-def _check(target: str, where: str, value: float | None, threshold: str, met, note: str = ""):
+def target_check(
+    target: str, where: str, value: float | None, threshold: str, met, note: str = ""
+) -> dict:
+    """One target row of a results table: met is True / False, or None when not measured."""
     return {
         "target": target,
         "where": where,
@@ -75,7 +78,7 @@ def target_checks(rows: list[dict]) -> list[dict]:
         c = p50.get((method, TARGET_BATCH, TARGET_LENGTH))
         ratio = c / base if c is not None and base else None
         checks.append(
-            _check(
+            target_check(
                 f"{method} ≤ {RATIO_CONTROLLED}× engine uncontrolled{extra}",
                 where,
                 ratio,
@@ -91,7 +94,7 @@ def target_checks(rows: list[dict]) -> list[dict]:
     hf = p50.get(("hf_generate", TARGET_BATCH, TARGET_LENGTH))
     speed = hf / c if c and hf is not None else None
     checks.append(
-        _check(
+        target_check(
             "engine_1probe faster than hf_generate (no control)",
             where,
             speed,
@@ -108,13 +111,13 @@ def target_checks(rows: list[dict]) -> list[dict]:
             (L, B) for (m, B, L) in p50 if m == baseline and ("engine_1probe", B, L) in p50
         )
         if not cells:
-            checks.append(_check(f"engine_1probe {label} {baseline}", "—", None, "", None))
+            checks.append(target_check(f"engine_1probe {label} {baseline}", "—", None, "", None))
         for L, B in cells:
             ours, theirs = p50[("engine_1probe", B, L)], p50[(baseline, B, L)]
             s = theirs / ours
             met = s >= need if need > 1 else s > 1
             checks.append(
-                _check(
+                target_check(
                     f"engine_1probe {label} {baseline}",
                     f"L={L}, B={B}",
                     s,
@@ -129,12 +132,12 @@ def target_checks(rows: list[dict]) -> list[dict]:
         bk, bn = _pooled_success(rows, baseline, cells)
         if not on or not bn:
             checks.append(
-                _check(f"engine_1probe control success ≥ {baseline}", "—", None, "", None)
+                target_check(f"engine_1probe control success ≥ {baseline}", "—", None, "", None)
             )
             continue
         ours, theirs = ok / on, bk / bn
         checks.append(
-            _check(
+            target_check(
                 f"engine_1probe control success ≥ {baseline}",
                 f"{len(cells)} shared cell(s)",
                 ours - theirs,
