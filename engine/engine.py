@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -63,11 +64,19 @@ class Engine:
         fast_decode: bool = False,
         onnx_models: OrtModels | None = None,
     ) -> None:
-        self.config = config
         self.encoder = encoder
         # the ONNX backend passes its graphs' stand-ins (no .eval() / .to(): the export fixed them)
         self.onnx_models = onnx_models
         self.backend = "torch" if onnx_models is None else "onnx"
+        if self.backend == "onnx" and config.prompt_guidance != 1.0:
+            # prompt guidance's unconditional stream is a PyTorch decoder pass: not exported yet
+            logger.warning(
+                "the bundle's prompt_guidance=%g is not available on ONNX Runtime: decoding "
+                "without it (requests that ask for it explicitly are refused)",
+                config.prompt_guidance,
+            )
+            config = replace(config, prompt_guidance=1.0)
+        self.config = config
         torch_nets = onnx_models is None
         self.score_net = score_net.eval().to(device, dtype) if torch_nets else score_net
         self.prompt_gen = prompt_gen.eval().to(device, dtype) if torch_nets else prompt_gen

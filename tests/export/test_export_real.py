@@ -52,10 +52,17 @@ def test_real_bundle_exports_validated_and_generates_the_same_tokens(
             main([*args, "--bundle", str(tmp_path), "--backend", "onnx", "--control", control]) == 0
         )
         got = json.loads(capsys.readouterr().out)[0]["samples"][0]["token_ids"]
+        # the ONNX backend decodes without the bundle's prompt guidance (not exported yet)
         ref = Engine.from_pretrained(real_bundle).generate(
             [prompt],
-            GenerationParams(seed=3, max_new_tokens=12, controls=(Control.parse(control),)),
+            GenerationParams(
+                seed=3, max_new_tokens=12, controls=(Control.parse(control),), prompt_guidance=1.0
+            ),
         )
         assert got == ref[0].samples[0].token_ids
+        onnx = Engine.from_pretrained(tmp_path, backend="onnx")
+        assert onnx.config.prompt_guidance == 1.0
+        with pytest.raises(ValueError, match="prompt_guidance=2"):
+            onnx.generate([prompt], GenerationParams(max_new_tokens=2, prompt_guidance=2.0))
     finally:
         torch.set_num_threads(threads)
