@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass, field, replace
 
 import torch
+from dglm.engine.decoding.guidance import check_prompt_guidance
 from dglm.engine.diffusion.sampler import SamplerConfig
 from dglm.engine.probes import Control
 
@@ -54,7 +55,7 @@ class GenerationParams:
         if self.cfg_scale is not None:
             finite_in("cfg_scale", self.cfg_scale, -100.0, 100.0)
         if self.prompt_guidance is not None:
-            finite_in("prompt_guidance", self.prompt_guidance, 0.0, 20.0)
+            check_prompt_guidance(self.prompt_guidance)
 
     def sampler_config(self, base: SamplerConfig) -> SamplerConfig:
         overrides = {

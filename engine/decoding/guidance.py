@@ -28,17 +28,19 @@ from dglm.engine.decoding.runner import DecodeRunner, DecodeRunnerConfig
 from dglm.engine.models.base import Decoder
 
 DEFAULT_PLAUSIBILITY = 0.1  # α: the mask keeps tokens with p_c ≥ α · max p_c
+MAX_PROMPT_GUIDANCE = 20.0  # g beyond this only sharpens toward the mask's argmax
 
 
-def check_prompt_guidance(scale: float, plausibility: float) -> None:
-    """ValueError naming the setting unless 0 ≤ scale ≤ 20 and 0 ≤ plausibility < 1."""
-    if isinstance(scale, bool) or not isinstance(scale, int | float) or not 0 <= scale <= 20:
-        raise ValueError(f"prompt_guidance must be a number in [0, 20], got {scale!r}")
-    if (
-        isinstance(plausibility, bool)
-        or not isinstance(plausibility, int | float)
-        or not 0 <= plausibility < 1
-    ):
+def check_prompt_guidance(scale: float, plausibility: float = DEFAULT_PLAUSIBILITY) -> None:
+    """ValueError naming the setting unless 0 ≤ scale ≤ MAX_PROMPT_GUIDANCE and
+    0 ≤ plausibility < 1."""
+    bad = isinstance(scale, bool) or not isinstance(scale, int | float)
+    if bad or not 0 <= scale <= MAX_PROMPT_GUIDANCE:
+        raise ValueError(
+            f"prompt_guidance must be a number in [0, {MAX_PROMPT_GUIDANCE:g}], got {scale!r}"
+        )
+    bad = isinstance(plausibility, bool) or not isinstance(plausibility, int | float)
+    if bad or not 0 <= plausibility < 1:
         raise ValueError(f"prompt_plausibility must be a number in [0, 1), got {plausibility!r}")
 
 
@@ -103,4 +105,10 @@ class PromptGuidance:
         return logits.index_copy(0, self.index, guided)
 
 
-__all__ = ["DEFAULT_PLAUSIBILITY", "PromptGuidance", "check_prompt_guidance", "guided_scores"]
+__all__ = [
+    "DEFAULT_PLAUSIBILITY",
+    "MAX_PROMPT_GUIDANCE",
+    "PromptGuidance",
+    "check_prompt_guidance",
+    "guided_scores",
+]

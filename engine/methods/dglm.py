@@ -111,17 +111,16 @@ class DGLM(Method):
             timings=timings,
         )
 
-    def guidance_scales(self, batch: MethodBatch) -> list[float]:
-        """Each row's prompt-guidance scale: its request's, else the bundle's default."""
-        default = self.engine.config.prompt_guidance
-        return [
-            default if batch.params[i].prompt_guidance is None else batch.params[i].prompt_guidance
-            for i, _ in batch.rows
-        ]
+    def guidance_scale(self, p: GenerationParams) -> float:
+        """A request's prompt-guidance scale: its own, else the bundle's default."""
+        return (
+            self.engine.config.prompt_guidance if p.prompt_guidance is None else p.prompt_guidance
+        )
 
     def prompt_guidance(self, batch: MethodBatch) -> tuple[PromptGuidance, ...]:
         """The PromptGuidance processor when a row is guided (scale ≠ 1), else none."""
-        e, scales = self.engine, self.guidance_scales(batch)
+        e = self.engine
+        scales = [self.guidance_scale(batch.params[i]) for i, _ in batch.rows]
         if all(s == 1.0 for s in scales):
             return ()
         eos = eos_ids(e.decoder, batch.tokenizer)
