@@ -16,6 +16,7 @@ import torch
 from dglm.engine import bundle as bundle_io
 from dglm.engine.api import GenerationParams, RequestOutput, Sample
 from dglm.engine.bundle import BundleConfig
+from dglm.engine.decoding.loop import companion_count
 from dglm.engine.decoding.loop import generate as decode
 from dglm.engine.decoding.runner import DecodeRunner, DecodeRunnerConfig
 from dglm.engine.decoding.sampling import DecodeParams, DecodeResult, LogitsProcessor
@@ -337,7 +338,8 @@ class Engine:
             slots = max(map(len, prefix_ids)) + max(p.max_new_tokens for p in params)
             slots += 0 if soft_prompt is None else soft_prompt.shape[1]
             hooked = hidden_hook is not None
-            if runner is not None and not runner.can_run(len(prefix_ids), slots, hooked):
+            rows = len(prefix_ids) + companion_count(processors)  # + prompt guidance's stream
+            if runner is not None and not runner.can_run(rows, slots, hooked):
                 runner = None  # past its buffers, or a hook it cannot run: an eager loop
         return decode(
             self.decoder, self.tokenizer, prefix_ids, params, soft_prompt, runner=runner,

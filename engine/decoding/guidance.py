@@ -13,9 +13,10 @@ unlikely under both streams and the text falls apart (measured: Gemma-3 perplexi
 decoding at g = 2); the plausibility mask of contrastive decoding (Li et al. 2023, α = 0.1 by
 default) keeps the choice among the tokens the conditional stream itself finds likely.
 
-Rows with g = 1 pass through untouched (bit-identical to decoding without the processor). The
-unconditional stream is an eager DecodeRunner over its own KV cache: one more decoder pass per
-step for the guided rows only.
+Rows with g = 1 pass through untouched. The unconditional stream is G companion rows (the guided
+rows' prefixes, no soft prompt) that the decode loop runs in the same batched forward as the
+batch's own rows (`CompanionRows`): decoding is memory-bound at small batch, so the second stream
+costs far less than a second pass of the decoder.
 """
 
 from __future__ import annotations
@@ -23,9 +24,6 @@ from __future__ import annotations
 import math
 
 import torch
-from dglm.engine.decoding.padding import left_pad
-from dglm.engine.decoding.runner import DecodeRunner, DecodeRunnerConfig
-from dglm.engine.models.base import Decoder
 
 DEFAULT_PLAUSIBILITY = 0.1  # α: the mask keeps tokens with p_c ≥ α · max p_c
 MAX_PROMPT_GUIDANCE = 20.0  # g beyond this only sharpens toward the mask's argmax
@@ -60,19 +58,16 @@ def guided_scores(
 
 
 class PromptGuidance:
-    """A `LogitsProcessor` for one batch: rows with scale ≠ 1 are guided against their prefix alone.
+    """A `LogitsProcessor` with companion rows (`CompanionRows`) for one batch: rows with scale ≠ 1
+    are guided against their prefix alone, decoded as companion rows beside the batch.
 
-    decoder: the torch decoder of the main loop; prefix_ids: every row's prefix (the batch's row
-    order); scales: per row; max_new_tokens: the longest row's budget; pad: the loop's pad id.
+    prefix_ids: every row's prefix (the batch's row order); scales: per row.
     """
 
     def __init__(
         self,
-        decoder: Decoder,
         prefix_ids: list[list[int]],
         scales: list[float],
-        max_new_tokens: int,
-        pad: int,
         plausibility: float = DEFAULT_PLAUSIBILITY,
     ) -> None:
         if len(scales) != len(prefix_ids):
@@ -84,24 +79,35 @@ class PromptGuidance:
             raise ValueError("no row has prompt_guidance ≠ 1: decode without the processor")
         if any(not prefix_ids[r] for r in self.rows):
             raise ValueError("prompt guidance needs a non-empty prefix on every guided row")
-        device = decoder.device
-        ids = [prefix_ids[r] for r in self.rows]
-        total = max(map(len, ids)) + max_new_tokens
-        self.batch = left_pad(ids, pad, total, None, device)
-        config = DecodeRunnerConfig(batch_sizes=(len(ids),), max_len=total, enforce_eager=True)
-        self.stream = DecodeRunner(decoder, config)
-        self.index = torch.tensor(self.rows, device=device)  # (G,)
-        self.scale = torch.tensor([[scales[r]] for r in self.rows], device=device)  # (G, 1)
+        self.companion_prefixes = [list(prefix_ids[r]) for r in self.rows]
+        self.scales = [float(scales[r]) for r in self.rows]
         self.plausibility = plausibility
+        self.uncond: torch.Tensor | None = None  # (G, V), set by the loop every step
+        self.index: torch.Tensor | None = None  # (G,), on the logits' device
+        self.scale: torch.Tensor | None = None  # (G, 1)
+
+    @property
+    def companion_rows(self) -> list[int]:
+        """The batch row each companion row follows (is fed the sampled token of)."""
+        return self.rows
+
+    def see_companions(self, logits: torch.Tensor) -> None:
+        """This step's logits (G, V) of the companion rows (the unconditional stream)."""
+        if self.index is None or self.index.device != logits.device:
+            self.index = torch.tensor(self.rows, device=logits.device)
+            self.scale = torch.tensor(self.scales, device=logits.device)[:, None]
+        self.uncond = logits
 
     def __call__(
         self, logits: torch.Tensor, tokens: torch.Tensor, finished: torch.Tensor
     ) -> torch.Tensor:
-        if tokens.shape[1] == 0:  # the prefill step: the unconditional stream starts too
-            uncond = self.stream.start(self.batch)
-        else:
-            uncond = self.stream.step(tokens[self.index, -1])
-        guided = guided_scores(logits[self.index], uncond, self.scale, self.plausibility)
+        if self.uncond is None:
+            raise RuntimeError(
+                "PromptGuidance has not seen its companion rows' logits: run it through "
+                "decoding.loop.generate, which decodes them beside the batch"
+            )
+        guided = guided_scores(logits[self.index], self.uncond, self.scale, self.plausibility)
+        self.uncond = None  # one step's logits serve one step
         return logits.index_copy(0, self.index, guided)
 
 

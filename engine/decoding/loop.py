@@ -9,18 +9,21 @@ backend, so a seed gives the same tokens on each (up to the backends' logits).
 
 Method hooks: `processors` (`sampling.LogitsProcessor`) rewrite each step's logits before
 sampling; `hidden_hook` (`models.base.HiddenHook`) edits the final-norm hidden states before the
-LM head (torch backends, op by op).
+LM head (torch backends, op by op). A processor with companion rows (`CompanionRows`, prompt
+guidance's unconditional stream) gets extra rows decoded in the same batched forward as the
+batch's own: after them in the step's batch, without the soft prompt, fed the sampled token of the
+row each one follows.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import torch
 from dglm.engine.decoding.buckets import row_chunks
-from dglm.engine.decoding.padding import PaddedBatch, left_pad
+from dglm.engine.decoding.padding import PaddedBatch, left_pad, stack
 from dglm.engine.decoding.runner import DecodeRunner, DecodeRunnerConfig
 from dglm.engine.decoding.sampling import (
     DecodeParams,
@@ -56,6 +59,26 @@ class StepBackend(Protocol):
     def start(self, batch: PaddedBatch, hidden_hook: HiddenHook | None = None) -> torch.Tensor: ...
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class CompanionRows(Protocol):
+    """A logits processor that needs rows of its own decoded beside the batch.
+
+    companion_prefixes: G prefixes (token ids, decoded without the soft prompt); companion_rows:
+    the batch row each one follows: it is fed that row's sampled token every step;
+    see_companions(logits (G, V)): each step's companion logits, before the processor is called.
+    """
+
+    companion_prefixes: list[list[int]]
+    companion_rows: list[int]
+
+    def see_companions(self, logits: torch.Tensor) -> None: ...
+
+
+def companion_count(processors: tuple[LogitsProcessor, ...]) -> int:
+    """How many companion rows the processors add to a batch (see CompanionRows)."""
+    return sum(len(p.companion_rows) for p in processors if isinstance(p, CompanionRows))
 
 
 class ReferenceStep:
@@ -180,12 +203,21 @@ def generate(
             f"{t_prefix} prefix tokens + {P} soft-prompt vectors + max_new_tokens={max_new} "
             f"exceed the decoder's context of {decoder.max_context}"
         )
+    companions = [p for p in processors if isinstance(p, CompanionRows)]
+    if len(companions) > 1:
+        raise ValueError("at most one logits processor with companion rows per batch")
+    G = companion_count(processors)  # rows decoded beside the batch's own
     if runner is not None:
         if cache is not None:
             raise ValueError("pass either cache or runner (the runner owns its KV buffers)")
         if isinstance(runner, DecodeRunner) and runner.decoder is not decoder:
             raise ValueError("runner was built for another decoder")
-        if B > runner.max_batch and runner.split_batches:  # rows stay independent
+        if B + G > runner.max_batch and runner.split_batches:  # rows stay independent
+            if G:
+                raise ValueError(
+                    f"{B} rows + {G} companion rows exceed the runner's {runner.max_batch} and a "
+                    "processor with companion rows cannot be split into chunks: pass fewer rows"
+                )
             return _in_chunks(
                 decoder, tokenizer, prefix_ids, params, soft_prompt, runner,
                 processors=processors, hidden_hook=hidden_hook,
@@ -197,20 +229,42 @@ def generate(
             )
     t_start = time.perf_counter()
     if runner is None and static:
-        cache = check_cache(cache, decoder, B, total)
-        config = DecodeRunnerConfig(batch_sizes=(B,), max_len=total, enforce_eager=True)
+        cache = check_cache(cache, decoder, B + G, total)
+        config = DecodeRunnerConfig(batch_sizes=(B + G,), max_len=total, enforce_eager=True)
         runner = DecodeRunner(decoder, config, cache=cache)
     elif runner is None:
-        runner = ReferenceStep(decoder, check_cache(cache, decoder, B, total))
+        runner = ReferenceStep(decoder, check_cache(cache, decoder, B + G, total))
 
     device = decoder.device
     eos = eos_ids(decoder, tokenizer)
     pad = pad_id(decoder, tokenizer, eos)
     batch = left_pad(prefix_ids, pad, total, soft_prompt, device)
     sampler = Sampler(params, decoder.vocab_size, eos, pad, device, tokenizer, processors)
+    if G:
+        (comp,) = companions
+        extra = left_pad(comp.companion_prefixes, pad, total, None, device, batch.prefill_len)
+        batch = stack(batch, extra)
+        follow = torch.tensor(comp.companion_rows, device=device)
+        if not isinstance(runner, DecodeRunner | ReferenceStep):
+            raise ValueError(
+                "companion rows (prompt guidance) run on the torch step backends only, not on "
+                f"{type(runner).__name__}"
+            )
+        if not runner.can_run(B + G, total, hidden_hook is not None):
+            raise ValueError(
+                f"the runner cannot take {B} rows + {G} companion rows × {total} KV slots: "
+                "pass no runner, or one with a larger batch bucket"
+            )
+
+    def sample(logits: torch.Tensor) -> torch.Tensor:  # (B [+ G], V) → tokens to feed (B [+ G],)
+        if not G:
+            return sampler.step(logits)
+        comp.see_companions(logits[B:])
+        tok = sampler.step(logits[:B])
+        return torch.cat((tok, tok[follow]))
 
     # ---- prefill: pads, prefix, soft prompt in one causal pass
-    tok = sampler.step(runner.start(batch, hidden_hook))
+    tok = sample(runner.start(batch, hidden_hook))
     sync(device)
     t_prefill, c_prefill = time.perf_counter(), time.process_time()
 
@@ -218,7 +272,7 @@ def generate(
     for step in range(1, max_new):
         if step % STOP_CHECK_EVERY == 0 and sampler.done():
             break
-        tok = sampler.step(runner.step(tok))  # (B, V) logits → (B,)
+        tok = sample(runner.step(tok))  # (B [+ G], V) logits → (B [+ G],)
     sync(device)
     t_decode, c_decode = time.perf_counter(), time.process_time()
 
@@ -251,8 +305,10 @@ __all__ = [
     "DecodeParams",
     "DecodeResult",
     "ReferenceStep",
+    "CompanionRows",
     "StepBackend",
     "check_cache",
+    "companion_count",
     "generate",
     "sync",
 ]

@@ -53,12 +53,14 @@ def left_pad(
     slots: int,
     soft_prompt: torch.Tensor | None = None,
     device: torch.device | str = "cpu",
+    width: int = 0,
 ) -> PaddedBatch:
     """Rows of token ids (a row may be empty when a soft prompt follows) → PaddedBatch with a key
-    mask over `slots` KV slots (≥ longest prefix + P)."""
+    mask over `slots` KV slots (≥ longest prefix + P); `width`: pad the prefixes to at least this
+    many columns (to stack the batch under one of that prefill length, see `stack`)."""
     B = len(prefix_ids)
     lens = [len(p) for p in prefix_ids]
-    t_prefix = max(lens)
+    t_prefix = max(max(lens), width)
     P = 0 if soft_prompt is None else soft_prompt.shape[1]
     t0 = t_prefix + P
     assert slots >= t0, (slots, t0)
@@ -73,4 +75,48 @@ def left_pad(
     return PaddedBatch(ids, soft_prompt, positions, key_mask, min(lens) < t_prefix)
 
 
-__all__ = ["PaddedBatch", "left_pad"]
+@dataclass
+class StackedBatch:
+    """Batches of one prefill length and KV slots as one: the rows of `parts` in order (e.g. a
+    batch with soft prompts and companion rows without, run by the same forward). It reads like a
+    PaddedBatch to the torch step backends (no `ids` / `soft_prompt`: ONNX Runtime refuses it)."""
+
+    parts: tuple[PaddedBatch, ...]
+
+    def __post_init__(self) -> None:
+        first = self.parts[0]
+        for part in self.parts[1:]:
+            if (part.prefill_len, part.slots) != (first.prefill_len, first.slots):
+                raise ValueError(
+                    f"stacked batches need one prefill length and slot count: "
+                    f"{(part.prefill_len, part.slots)} vs {(first.prefill_len, first.slots)}"
+                )
+        self.positions = torch.cat([p.positions for p in self.parts])
+        self.key_mask = torch.cat([p.key_mask for p in self.parts])
+        self.padded = any(p.padded for p in self.parts)
+
+    @property
+    def batch_size(self) -> int:
+        return sum(p.batch_size for p in self.parts)
+
+    @property
+    def prefill_len(self) -> int:
+        return self.parts[0].prefill_len
+
+    @property
+    def slots(self) -> int:
+        return self.parts[0].slots
+
+    def next_positions(self) -> torch.Tensor:
+        return self.positions[:, -1:] + 1
+
+    def embeds(self, decoder) -> torch.Tensor:
+        return torch.cat([p.embeds(decoder) for p in self.parts])
+
+
+def stack(*parts: PaddedBatch) -> StackedBatch:
+    """The rows of `parts` as one batch (same prefill length and slots: pad with `width`)."""
+    return StackedBatch(tuple(parts))
+
+
+__all__ = ["PaddedBatch", "StackedBatch", "left_pad", "stack"]

@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING
 import torch
 from dglm.engine.api import GenerationParams
 from dglm.engine.decoding.guidance import PromptGuidance
-from dglm.engine.decoding.sampling import eos_ids, pad_id
 from dglm.engine.diffusion.sampler import Guidance, SamplerConfig, draw_noise, sample
 from dglm.engine.diffusion.schedule import MULTISTEP_SAMPLERS
 from dglm.engine.methods.base import Conditioning, Method, MethodBatch
@@ -119,21 +118,11 @@ class DGLM(Method):
 
     def prompt_guidance(self, batch: MethodBatch) -> tuple[PromptGuidance, ...]:
         """The PromptGuidance processor when a row is guided (scale ≠ 1), else none."""
-        e = self.engine
         scales = [self.guidance_scale(batch.params[i]) for i, _ in batch.rows]
         if all(s == 1.0 for s in scales):
             return ()
-        eos = eos_ids(e.decoder, batch.tokenizer)
-        return (
-            PromptGuidance(
-                e.decoder,
-                [batch.prefix_ids[i] for i, _ in batch.rows],
-                scales,
-                max(batch.params[i].max_new_tokens for i, _ in batch.rows),
-                pad_id(e.decoder, batch.tokenizer, eos),
-                e.config.prompt_plausibility,
-            ),
-        )
+        prefixes = [batch.prefix_ids[i] for i, _ in batch.rows]
+        return (PromptGuidance(prefixes, scales, self.engine.config.prompt_plausibility),)
 
     @torch.no_grad()
     def sample_group(

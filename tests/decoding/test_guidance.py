@@ -11,7 +11,8 @@ import torch
 from decoder_fixtures import VOCAB, make_tiny_hf_dir, one_thread  # noqa: F401 - autouse fixture
 from dglm.engine.decoding.guidance import PromptGuidance, check_prompt_guidance, guided_scores
 from dglm.engine.decoding.loop import generate
-from dglm.engine.decoding.sampling import DecodeParams, eos_ids, pad_id
+from dglm.engine.decoding.runner import DecodeRunner, DecodeRunnerConfig
+from dglm.engine.decoding.sampling import DecodeParams, eos_ids
 from dglm.engine.models import load_decoder
 
 
@@ -46,18 +47,25 @@ def full_logits(decoder, ids: list[int], soft: torch.Tensor | None) -> torch.Ten
         return decoder(x, torch.arange(x.shape[1])[None])[0, -1]
 
 
-def test_greedy_guided_tokens_match_two_cache_free_streams(tiny, gen):
+@pytest.mark.parametrize("backend", ["static", "reference", "bucketed-trace"])
+def test_greedy_guided_tokens_match_two_cache_free_streams(tiny, gen, backend):
     """Greedy decoding under prompt guidance picks, at every step, the argmax of the guided scores
     of the conditional stream (prefix, soft prompt, tokens) and the unconditional one (prefix,
-    tokens), each recomputed from scratch."""
+    tokens), each recomputed from scratch; on every step backend (the companion rows ride in the
+    same batch: a bucketed runner rounds 2 + 2 rows up to its bucket of 8)."""
     decoder, tok = tiny
     rows = [torch.randint(4, VOCAB, (n,), generator=gen).tolist() for n in (5, 3)]
     soft = torch.randn(2, 3, decoder.hidden_size, generator=gen)
     params = [DecodeParams(8, temperature=0.0, ignore_eos=True)] * 2
     scales, alpha = [2.5, 1.7], 0.2
     eos = eos_ids(decoder, tok)
-    proc = PromptGuidance(decoder, rows, scales, 8, pad_id(decoder, tok, eos), alpha)
-    got, _ = generate(decoder, tok, rows, params, soft, processors=(proc,))
+    proc = PromptGuidance(rows, scales, alpha)
+    kw = {"static": backend != "reference"}
+    if backend == "bucketed-trace":
+        config = DecodeRunnerConfig(batch_sizes=(2, 8), max_len=24, enforce_eager=True,
+                                    step_impl="trace")  # fmt: skip
+        kw = {"runner": DecodeRunner(decoder, config)}
+    got, _ = generate(decoder, tok, rows, params, soft, processors=(proc,), **kw)
     for b, row in enumerate(rows):
         out: list[int] = []
         for _ in range(8):
@@ -79,16 +87,15 @@ def test_rows_at_scale_one_are_bit_identical_and_guided_rows_change(tiny, gen, s
     seeds = torch.randint(0, 2**31, (3,), generator=gen).tolist()
     params = [DecodeParams(12, top_p=0.9, seed=s, ignore_eos=True) for s in seeds]
     soft = torch.randn(3, 2, decoder.hidden_size, generator=gen) * 3
-    pad = pad_id(decoder, tok, eos_ids(decoder, tok))
     ref, _ = generate(decoder, tok, rows, params, soft, static=static)
-    proc = PromptGuidance(decoder, rows, [1.0, 4.0, 1.0], 12, pad, 0.0)
+    proc = PromptGuidance(rows, [1.0, 4.0, 1.0], 0.0)
     got, _ = generate(decoder, tok, rows, params, soft, static=static, processors=(proc,))
     assert got[0].token_ids == ref[0].token_ids and got[2].token_ids == ref[2].token_ids
     assert got[1].token_ids != ref[1].token_ids
 
 
 def test_checks_name_the_setting(tiny):
-    decoder, _ = tiny
+    decoder, tok = tiny
     for bad in (-0.5, 21.0, float("nan"), True, "2"):
         with pytest.raises(ValueError, match="prompt_guidance"):
             check_prompt_guidance(bad, 0.1)
@@ -96,8 +103,16 @@ def test_checks_name_the_setting(tiny):
         with pytest.raises(ValueError, match="prompt_plausibility"):
             check_prompt_guidance(2.0, bad)
     with pytest.raises(ValueError, match="no row"):
-        PromptGuidance(decoder, [[5, 6]], [1.0], 4, 0)
+        PromptGuidance([[5, 6]], [1.0])
     with pytest.raises(ValueError, match="non-empty prefix"):
-        PromptGuidance(decoder, [[]], [2.0], 4, 0)
+        PromptGuidance([[]], [2.0])
     with pytest.raises(ValueError, match="2 scales for 1 rows"):
-        PromptGuidance(decoder, [[5, 6]], [2.0, 1.0], 4, 0)
+        PromptGuidance([[5, 6]], [2.0, 1.0])
+    proc = PromptGuidance([[5, 6]], [2.0])  # outside the loop it has no companion logits
+    with pytest.raises(RuntimeError, match="companion"):
+        proc(torch.zeros(1, VOCAB), torch.zeros(1, 0, dtype=torch.long), torch.zeros(1, dtype=bool))
+    small = DecodeRunner(
+        decoder, DecodeRunnerConfig(batch_sizes=(1,), max_len=16, enforce_eager=True)
+    )
+    with pytest.raises(ValueError, match="companion rows"):  # 1 row + 1 companion > its bucket
+        generate(decoder, tok, [[5, 6]], [DecodeParams(4)], processors=(proc,), runner=small)
