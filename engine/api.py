@@ -10,6 +10,11 @@ from dglm.engine.decoding.guidance import check_prompt_guidance
 from dglm.engine.diffusion.sampler import SamplerConfig
 from dglm.engine.probes import Control
 
+# the smallest positive temperature: logits / T must stay finite in fp32 (T = 1e-40 is subnormal
+# and turns every score into ±inf); below it sampling is argmax anyway, so ask for 0 (greedy)
+MIN_TEMPERATURE = 1e-4
+MAX_TEMPERATURE = 100.0
+
 
 @dataclass(frozen=True)
 class GenerationParams:
@@ -17,10 +22,10 @@ class GenerationParams:
     num_samples: int = 1  # continuations per prompt
     seed: int | None = None  # None: fresh randomness
     max_new_tokens: int = 32
-    temperature: float = 1.0  # 0 = greedy
+    temperature: float = 1.0  # 0 = greedy, else in [MIN_TEMPERATURE, MAX_TEMPERATURE]
     top_p: float = 0.95
     top_k: int = 0  # 0 = off
-    stop: tuple[str, ...] = ()  # stop strings (cut from the text)
+    stop: tuple[str, ...] = ()  # stop strings (cut from the text); one string: one stop string
     ignore_eos: bool = False  # never end at EOS: exactly max_new_tokens (benchmarks)
     cfg_scale: float | None = None  # classifier-free guidance weight; None: the bundle's
     num_inference_steps: int | None = None  # None: the bundle's sampler setting
@@ -35,23 +40,25 @@ class GenerationParams:
         if isinstance(self.controls, Control):
             object.__setattr__(self, "controls", (self.controls,))
         object.__setattr__(self, "controls", tuple(self.controls))
+        if isinstance(self.stop, str):  # one stop string, not its characters
+            object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(self.stop))
-        for c in self.controls:
+        for c in self.controls:  # each Control checked its own scale
             if not isinstance(c, Control):
                 raise ValueError(f"controls must be Control objects, got {c!r}")
-            if c.scale is not None and not math.isfinite(c.scale):
-                raise ValueError(
-                    f"controls: scale for probe {c.probe!r} must be finite, got {c.scale!r}"
-                )
         int_in("num_samples", self.num_samples, 1, 1024)
         int_in("max_new_tokens", self.max_new_tokens, 1, 1 << 20)
         if self.seed is not None:
             int_in("seed", self.seed, 0, 2**62)
-        finite_in("temperature", self.temperature, 0.0, 100.0)
+        if isinstance(self.temperature, bool) or self.temperature != 0:  # 0: greedy
+            finite_in("temperature", self.temperature, MIN_TEMPERATURE, MAX_TEMPERATURE, "0 or ")
         finite_in("top_p", self.top_p, 1e-6, 1.0)
         int_in("top_k", self.top_k, 0, 1 << 30)
-        if any(not isinstance(s, str) or not s for s in self.stop):
-            raise ValueError(f"stop strings must be non-empty strings, got {self.stop!r}")
+        for i, s in enumerate(self.stop):
+            if not isinstance(s, str) or not s:
+                raise ValueError(f"stop[{i}] must be a non-empty string, got {s!r}")
+            if not is_utf8(s):
+                raise ValueError(f"stop[{i}] is not valid UTF-8 text, got {s!r}")
         if self.cfg_scale is not None:
             finite_in("cfg_scale", self.cfg_scale, -100.0, 100.0)
         if self.prompt_guidance is not None:
@@ -71,14 +78,27 @@ def int_in(name: str, value: object, lo: int, hi: int) -> None:
         raise ValueError(f"{name} must be an integer in [{lo}, {hi}], got {value!r}")
 
 
-def finite_in(name: str, value: object, lo: float, hi: float) -> None:
+def finite_in(name: str, value: object, lo: float, hi: float, alternative: str = "") -> None:
+    """ValueError naming `name` unless lo ≤ value ≤ hi; `alternative` ("0 or ") is said first."""
     if (
         isinstance(value, bool)
         or not isinstance(value, (int, float))
         or not math.isfinite(value)
         or not lo <= value <= hi
     ):
-        raise ValueError(f"{name} must be a finite number in [{lo}, {hi}], got {value!r}")
+        raise ValueError(
+            f"{name} must be {alternative}a finite number in [{lo:g}, {hi:g}], got {value!r}"
+        )
+
+
+def is_utf8(text: str) -> bool:
+    """False for text UTF-8 cannot encode: unpaired surrogates, e.g. from invalid UTF-8 bytes in a
+    command line (Python decodes those as U+DC80..U+DCFF)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 @dataclass

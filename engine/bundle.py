@@ -4,6 +4,7 @@
     <bundle>/score_network.safetensors   ScoreNetwork state dict
     <bundle>/prompt_generator.safetensors
     <bundle>/probes.safetensors          all probes, labels and metrics in the header metadata
+                                         (required, possibly with no probes)
     <bundle>/student.safetensors         optional: the distilled few-step student (`dglm train
                                          distill`), used by the "consistency" sampler
     <bundle>/decoder_lora.safetensors    optional: low-rank adapters for the decoder (`dglm train
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -25,7 +26,9 @@ from dglm.engine.diffusion.sampler import SamplerConfig
 from dglm.engine.diffusion.score_network import ScoreNetConfig
 from dglm.engine.models import load_decoder
 from dglm.engine.models.lora import LoraConfig, merge_lora
+from dglm.engine.probes import Probe, check_control_scale, load_probes
 from dglm.engine.prompt.generator import PromptGeneratorConfig
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 logger = logging.getLogger(__name__)
@@ -58,7 +61,7 @@ class BundleConfig:
     # the decoder's weights at load; None: the decoder is used as released.
     decoder_lora: LoraConfig | None = None
     # guidance scale of a control given without one (Control.scale None): set per bundle, as the
-    # scale at which its networks were measured to steer (`dglm eval`)
+    # scale at which its networks were measured to steer (`dglm eval`); in (0, MAX_CONTROL_SCALE]
     control_scale: float = 10.0
     # prompt guidance (dglm.engine.decoding.guidance) of a request given without one, and the
     # plausibility floor α of its token mask; 1.0: off (bundles from before it existed)
@@ -67,8 +70,7 @@ class BundleConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "student_cfg_range", tuple(self.student_cfg_range))
-        if not (isinstance(self.control_scale, int | float) and 0 < self.control_scale < 1e9):
-            raise ValueError(f"control_scale must be a positive number, got {self.control_scale!r}")
+        check_control_scale(self.control_scale, "control_scale", positive=True)
         check_prompt_guidance(self.prompt_guidance, self.prompt_plausibility)
         if isinstance(self.decoder_lora, dict):
             object.__setattr__(self, "decoder_lora", LoraConfig(**self.decoder_lora))
@@ -99,6 +101,8 @@ class BundleConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> BundleConfig:
+        if not isinstance(data, dict):
+            raise ValueError(f"a bundle config is a JSON object, got {type(data).__name__}")
         data = dict(data)
         if data.pop("format", None) != FORMAT:
             raise ValueError(f"not a {FORMAT} config.json")
@@ -107,6 +111,14 @@ class BundleConfig:
             raise ValueError(
                 f"bundle format version {version} is not supported (expected {VERSION})"
             )
+        names = {f.name for f in fields(cls)}
+        required = {
+            f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING
+        }
+        if missing := sorted(required - set(data)):
+            raise ValueError(f"missing keys {missing}")
+        if unknown := sorted(set(data) - names):
+            raise ValueError(f"unknown keys {unknown}")
         return cls(
             encoder=data.pop("encoder"),
             decoder=data.pop("decoder"),
@@ -150,8 +162,41 @@ def resolve_reference(ref: str, bundle_dir: Path) -> str:
 
 
 def read_config(bundle_dir: Path) -> BundleConfig:
-    with open(bundle_dir / "config.json") as f:
-        return BundleConfig.from_dict(json.load(f))
+    """The bundle's config.json; ValueError naming the file if it is missing, not JSON, or not a
+    valid BundleConfig (a missing or unknown key, a bad value)."""
+    path = bundle_dir / "config.json"
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not a readable JSON file ({e})") from e
+    try:
+        return BundleConfig.from_dict(data)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path}: {e}") from e
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a bundle file; ValueError naming it if it is missing or not safetensors
+    (e.g. truncated)."""
+    if not path.is_file():
+        raise ValueError(f"{path} is missing: the bundle is incomplete")
+    try:
+        return load_file(str(path))
+    except (OSError, SafetensorError) as e:
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
+
+
+def load_bundle_probes(bundle_dir: Path) -> list[Probe]:
+    """The bundle's probes. probes.safetensors is required: every bundle writer saves it, with no
+    probes if need be, so a missing one means an incomplete copy, not a bundle without probes."""
+    path = bundle_dir / PROBES_FILE
+    if not path.is_file():
+        raise ValueError(
+            f"{path} is missing: the bundle is incomplete (a bundle without probes still has "
+            "one; write it with dglm.engine.probes.save_probes(path, []))"
+        )
+    return load_probes(path)
 
 
 def save_state(module: torch.nn.Module, path: Path, dtype: torch.dtype = torch.float16) -> None:
@@ -160,18 +205,18 @@ def save_state(module: torch.nn.Module, path: Path, dtype: torch.dtype = torch.f
 
 
 def load_state(module: torch.nn.Module, path: Path) -> None:
-    state = load_file(str(path))
+    state = read_safetensors(path)
     ref = module.state_dict()
     missing, unexpected = set(ref) - set(state), set(state) - set(ref)
     if missing or unexpected:
         raise ValueError(
-            f"{path.name}: weights do not match the config (missing {sorted(missing)[:5]}, "
+            f"{path}: weights do not match the config (missing {sorted(missing)[:5]}, "
             f"unexpected {sorted(unexpected)[:5]})"
         )
     for k, v in state.items():
         if v.shape != ref[k].shape:
             raise ValueError(
-                f"{path.name}: {k} has shape {tuple(v.shape)}, config expects {tuple(ref[k].shape)}"
+                f"{path}: {k} has shape {tuple(v.shape)}, config expects {tuple(ref[k].shape)}"
             )
     module.load_state_dict({k: v.to(ref[k].dtype) for k, v in state.items()})
 
@@ -191,7 +236,7 @@ def load_bundle_decoder(
     if not path.is_file():
         raise ValueError(f"config.json names decoder adapters but {path.name} is missing")
     decoder, tokenizer = load_decoder(ref, device=device, dtype=torch.float32)
-    merge_lora(decoder, config.decoder_lora, load_file(str(path)))
+    merge_lora(decoder, config.decoder_lora, read_safetensors(path))
     if dtype != torch.float32:
         decoder.to(dtype)
         decoder.reset_buffers(device)  # RoPE tables from fp32, as load_decoder makes them

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 from dglm.engine import bundle as bundle_io
-from dglm.engine.api import GenerationParams, RequestOutput, Sample
+from dglm.engine.api import GenerationParams, RequestOutput, Sample, is_utf8
 from dglm.engine.bundle import BundleConfig
 from dglm.engine.decoding.loop import companion_count
 from dglm.engine.decoding.loop import generate as decode
@@ -26,11 +26,10 @@ from dglm.engine.encode.encoder import SentenceEncoder
 from dglm.engine.methods.base import Method, MethodBatch
 from dglm.engine.methods.dglm import DGLM
 from dglm.engine.models.base import Decoder, HiddenHook
-from dglm.engine.probes import Probe, ProbeSet, load_probes, save_probes
+from dglm.engine.probes import Probe, ProbeSet, save_probes
 from dglm.engine.prompt.generator import PromptGenerator
 from dglm.export.runtime import OrtModels, RuntimeOptions, load_export
 from dglm.kernels.guided_update import select_guided_update
-from safetensors.torch import load_file
 
 logger = logging.getLogger(__name__)
 
@@ -138,7 +137,9 @@ class Engine:
         (`onnx_options`: threads, CUDA graphs, batch padding; the export fixes the dtype, `dtype`
         is not used).
         fast_decode: decode with a persistent runner (CUDA graphs on CUDA, traced steps on CPU;
-        each batch/length bucket pays a one-time capture or trace at its first use)."""
+        each batch/length bucket pays a one-time capture or trace at its first use).
+        A bad device, or a bundle file that is missing or unreadable, raises ValueError naming it."""
+        device = resolve_device(device)
         if backend == "onnx":
             exp = load_export(path_or_name, device, onnx_options)
             m = exp.models
@@ -149,7 +150,6 @@ class Engine:
             )  # fmt: skip
         if backend != "torch":
             raise ValueError(f"backend must be 'torch' or 'onnx', got {backend!r}")
-        device = torch.device(device)
         dtype = _as_dtype(dtype)
         bundle_dir = bundle_io.resolve_bundle_dir(path_or_name)
         config = bundle_io.read_config(bundle_dir)
@@ -161,8 +161,7 @@ class Engine:
         if config.student is not None:
             student = ScoreNetwork(config.student)
             bundle_io.load_state(student, bundle_dir / bundle_io.STUDENT_FILE)
-        probes_path = bundle_dir / bundle_io.PROBES_FILE
-        probes = load_probes(probes_path) if probes_path.exists() else []
+        probes = bundle_io.load_bundle_probes(bundle_dir)
         encoder = SentenceEncoder(
             bundle_io.resolve_reference(config.encoder, bundle_dir), device=device
         )
@@ -185,7 +184,7 @@ class Engine:
         )
         engine.bundle_dir = bundle_dir
         if config.decoder_lora is not None:  # already merged; kept to write the bundle back
-            engine.decoder_lora_state = load_file(str(bundle_dir / bundle_io.LORA_FILE))
+            engine.decoder_lora_state = bundle_io.read_safetensors(bundle_dir / bundle_io.LORA_FILE)
         return engine
 
     def save_pretrained(self, path: str | Path) -> None:
@@ -251,6 +250,10 @@ class Engine:
             raise ValueError(f"prompts must be a list of strings, got {type(prompts).__name__}")
         if not prompts:
             raise ValueError("prompts is empty: pass at least one prompt")
+        if not isinstance(params, (list, tuple)):
+            raise ValueError(
+                f"params must be a list of GenerationParams, got {type(params).__name__}"
+            )
         if len(params) != len(prompts):
             raise ValueError(f"params has {len(params)} entries for {len(prompts)} prompts")
         prefix_ids = []
@@ -259,6 +262,16 @@ class Engine:
             if not isinstance(prompt, str) or not prompt.strip():
                 raise ValueError(
                     f"prompts[{i}] is empty ({prompt!r}): every prompt needs some text"
+                )
+            if not is_utf8(prompt):
+                raise ValueError(
+                    f"prompts[{i}] is not valid UTF-8 text (an unpaired surrogate, e.g. from "
+                    f"invalid bytes on a command line): {prompt!r}"
+                )
+            if not isinstance(p, GenerationParams):  # a dict is refused too: no silent defaults
+                raise ValueError(
+                    f"params[{i}] must be a GenerationParams, got {type(p).__name__} {p!r} "
+                    "(for a dict d: GenerationParams(**d))"
                 )
             self.probes.validate(p.controls)
             ids = self.tokenizer.encode(prompt)
@@ -285,6 +298,10 @@ class Engine:
             params = GenerationParams()
         if isinstance(params, GenerationParams):
             params = [params] * (len(prompts) if isinstance(prompts, (list, tuple)) else 1)
+        if isinstance(params, (str, bytes, dict)) or not hasattr(params, "__iter__"):
+            raise ValueError(
+                f"params must be a GenerationParams or a list of them, got {type(params).__name__}"
+            )
         params = list(params)
         prefix_ids = self.validate(prompts, params, method)
 
@@ -395,6 +412,30 @@ class Engine:
         if self.onnx_models is not None:
             info.update(self.onnx_models.info())
         return info
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """The torch device named by `device`; ValueError naming it if torch cannot parse it or it is
+    a CUDA device this machine does not have (no GPU, or a CPU-only torch build)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(
+            f"device must name a torch device such as 'cpu' or 'cuda:0', got {device!r}"
+        ) from e
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(
+                f"device {str(device)!r} is not available: this machine has no CUDA GPU usable by "
+                "torch (or torch is a CPU-only build); use device 'cpu'"
+            )
+        if dev.index is not None and dev.index >= count:
+            raise ValueError(
+                f"device {str(device)!r} is not available: this machine has {count} CUDA GPU(s), "
+                f"cuda:0..cuda:{count - 1}"
+            )
+    return dev
 
 
 def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:

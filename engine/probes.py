@@ -15,8 +15,30 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
+
+# |s| of a control's guidance scale. The step moves x̂0 by σ²·s·g with ‖g‖ ≈ ‖W‖/‖x̂0‖: from
+# s ≈ 1e4 (the top of `dglm eval`'s sweep) it already swamps x̂0 and the rescale keeps only its
+# direction, so larger scales steer no harder; beyond this bound they only risk fp overflow.
+MAX_CONTROL_SCALE = 1e6
+
+
+def check_control_scale(scale: object, what: str, positive: bool = False) -> None:
+    """ValueError naming `what` unless scale is a finite number with |scale| ≤ MAX_CONTROL_SCALE
+    (and > 0 when `positive`). Negative scales steer away from the target."""
+    ok = (
+        not isinstance(scale, bool)
+        and isinstance(scale, int | float)
+        and math.isfinite(scale)
+        and (0 < scale if positive else -MAX_CONTROL_SCALE <= scale)
+        and scale <= MAX_CONTROL_SCALE
+    )
+    if not ok:
+        lo = "(0" if positive else f"[{-MAX_CONTROL_SCALE:g}"
+        raise ValueError(
+            f"{what} must be a finite number in {lo}, {MAX_CONTROL_SCALE:g}], got {scale!r}"
+        )
 
 
 @dataclass(frozen=True)
@@ -121,19 +143,29 @@ def save_probes(path: str | Path, probes: list[Probe]) -> None:
 
 
 def load_probes(path: str | Path) -> list[Probe]:
-    with safe_open(str(path), framework="pt") as f:
-        meta = json.loads((f.metadata() or {}).get("probes", "{}"))
-    tensors = load_file(str(path))
-    return [
-        Probe(
-            name,
-            tuple(m["labels"]),
-            tensors[f"{name}.weight"].float(),
-            tensors[f"{name}.bias"].float(),
-            m.get("metrics", {}),
-        )
-        for name, m in meta.items()
-    ]
+    """The probes of a `save_probes` file; ValueError naming the file if it is missing, not
+    safetensors (e.g. truncated) or not a probes file."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get("probes", "{}"))
+        tensors = load_file(str(path))
+    except (OSError, SafetensorError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not a readable probes file ({e})") from e
+    try:
+        return [
+            Probe(
+                name,
+                tuple(m["labels"]),
+                tensors[f"{name}.weight"].float(),
+                tensors[f"{name}.bias"].float(),
+                m.get("metrics", {}),
+            )
+            for name, m in meta.items()
+        ]
+    except ValueError as e:  # a probe's own check (labels, shapes, non-finite weights)
+        raise ValueError(f"{path}: {e}") from e
+    except (KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{path}: not a probes file written by save_probes ({e!r})") from e
 
 
 @dataclass(frozen=True)
@@ -143,6 +175,12 @@ class Control:
     # guidance scale s (summed-loss composition across controls); None: the bundle's default
     # (BundleConfig.control_scale), the scale its networks were checked to steer at
     scale: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.scale is not None:
+            what = f"controls: the scale of probe {self.probe!r}"
+            check_control_scale(self.scale, what)
+            object.__setattr__(self, "scale", float(self.scale))
 
     @classmethod
     def parse(cls, spec: str) -> Control:
@@ -197,10 +235,6 @@ class ProbeSet:
             if c.probe not in self.probes:
                 raise ValueError(
                     f"unknown probe {c.probe!r} in controls; this engine has {sorted(self.probes)}"
-                )
-            if c.scale is not None and not math.isfinite(c.scale):
-                raise ValueError(
-                    f"control scale for probe {c.probe!r} must be finite, got {c.scale!r}"
                 )
             self.probes[c.probe].target_rows(c.target)
 

@@ -45,7 +45,7 @@ from dglm.engine.decoding.sampling import DecodeParams, eos_ids, pad_id
 from dglm.engine.diffusion.score_network import ScoreNetwork
 from dglm.engine.encode.encoder import SentenceEncoder
 from dglm.engine.models.llama import LlamaDecoder
-from dglm.engine.probes import ProbeSet, load_probes
+from dglm.engine.probes import ProbeSet
 from dglm.engine.prompt.generator import PromptGenerator
 from dglm.export.modules import (
     DecodeGraph,
@@ -340,8 +340,7 @@ def export_onnx(
         student = ScoreNetwork(bcfg.student)
         bundle_io.load_state(student, bundle_dir / bundle_io.STUDENT_FILE)
         student.eval()
-    probes_path = bundle_dir / bundle_io.PROBES_FILE
-    probes = load_probes(probes_path) if probes_path.exists() else []
+    probes = bundle_io.load_bundle_probes(bundle_dir)
     probe_set = ProbeSet(probes, bcfg.score_network.latent_dim)
     decoder_ref = bundle_io.resolve_reference(bcfg.decoder, bundle_dir)
     decoder, tokenizer = bundle_io.load_bundle_decoder(bcfg, bundle_dir)
@@ -433,7 +432,7 @@ def export_onnx(
             stale.unlink()
 
     if probes:
-        shutil.copyfile(probes_path, out / "probes.safetensors")
+        shutil.copyfile(bundle_dir / bundle_io.PROBES_FILE, out / "probes.safetensors")
     tokenizer.save_pretrained(str(out / "tokenizer"))
     encoder_ref = _absolute(bundle_io.resolve_reference(bcfg.encoder, bundle_dir))
     manifest = {

@@ -1,10 +1,13 @@
 """The Engine end to end on the tiny bundle (real MiniLM encoder, tiny random decoder)."""
 
+import json
 import math
+import shutil
 
 import pytest
 import torch
-from dglm.engine.api import GenerationParams
+from dglm.engine import bundle as bundle_io
+from dglm.engine.api import MIN_TEMPERATURE, GenerationParams
 from dglm.engine.engine import Engine
 from dglm.engine.probes import Control, Probe
 
@@ -94,6 +97,11 @@ def test_guidance_moves_latents_toward_target(tiny_engine):
         ),
         (["ok"], GenerationParams(controls=(Control("sentiment", "meh"),)), "not a label"),
         (["ok"], GenerationParams(max_new_tokens=10_000), "context"),
+        (["ok", "\ud800"], GenerationParams(), r"prompts\[1\] is not valid UTF-8"),
+        (["ok"], [None], r"params\[0\] must be a GenerationParams, got NoneType"),
+        (["ok"], [{"seed": 1}], r"params\[0\] must be a GenerationParams, got dict"),
+        (["ok"], "params", "params must be"),
+        (["ok"], 3, "params must be"),
     ],
 )
 def test_bad_input_raises_before_model_work(tiny_engine, prompts, params, field):
@@ -113,10 +121,16 @@ def test_bad_input_raises_before_model_work(tiny_engine, prompts, params, field)
         (dict(temperature=float("inf")), "temperature"),
         (dict(top_p=0.0), "top_p"),
         (dict(num_samples=0), "num_samples"),
-        (dict(controls=(Control("sentiment", "positive", float("inf")),)), "scale"),
+        (dict(temperature=1e-40), "temperature"),  # subnormal: every score ±inf
+        (dict(temperature=MIN_TEMPERATURE / 2), "temperature"),
+        (dict(temperature=-1.0), "temperature"),
+        (dict(temperature=False), "temperature"),
+        (dict(controls=("sentiment",)), "controls"),
         (dict(cfg_scale=float("nan")), "cfg_scale"),
         (dict(seed=-1), "seed"),
         (dict(stop=("",)), "stop"),
+        (dict(stop=""), "stop"),
+        (dict(stop=("ok", "\udcff")), r"stop\[1\] is not valid UTF-8"),
         (dict(prompt_guidance=-1.0), "prompt_guidance"),
         (dict(prompt_guidance=float("nan")), "prompt_guidance"),
     ],
@@ -124,6 +138,13 @@ def test_bad_input_raises_before_model_work(tiny_engine, prompts, params, field)
 def test_bad_params(kwargs, field):
     with pytest.raises(ValueError, match=field):
         GenerationParams(**kwargs)
+
+
+def test_stop_and_temperature_edges():
+    assert GenerationParams(stop="the end").stop == ("the end",)  # one string, not its characters
+    assert GenerationParams(stop=["a", "b"]).stop == ("a", "b")
+    assert GenerationParams(temperature=0).temperature == 0  # greedy
+    assert GenerationParams(temperature=MIN_TEMPERATURE).temperature == MIN_TEMPERATURE
 
 
 def test_bad_sampler_override(tiny_engine):
@@ -162,6 +183,49 @@ def test_missing_bundle_error():
         Engine.from_pretrained("/nonexistent/bundle")
 
 
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[:1000])
+
+
+def _edit_config(**changes):
+    def edit(path):
+        cfg = {**json.loads(path.read_text()), **changes}
+        path.write_text(json.dumps({k: v for k, v in cfg.items() if v is not None}))
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    "name, damage, match",
+    [
+        (bundle_io.SCORE_NET_FILE, _truncate, "score_network.safetensors: not a readable"),
+        (bundle_io.PROMPT_GEN_FILE, lambda p: p.write_bytes(b"{}"), "prompt_generator.safetensors"),
+        (bundle_io.PROBES_FILE, _truncate, "probes.safetensors: not a readable probes file"),
+        (bundle_io.PROBES_FILE, lambda p: p.unlink(), "probes.safetensors is missing"),
+        (bundle_io.SCORE_NET_FILE, lambda p: p.unlink(), "score_network.safetensors is missing"),
+        ("config.json", lambda p: p.write_text("{not json"), "config.json: not a readable JSON"),
+        ("config.json", _edit_config(encoder=None), r"config.json: missing keys \['encoder'\]"),
+        ("config.json", _edit_config(bogus=1), r"config.json: unknown keys \['bogus'\]"),
+        ("config.json", _edit_config(sampler={"steps": 3}), "config.json: .*steps"),
+        ("config.json", _edit_config(control_scale=1e7), "config.json: control_scale"),
+    ],
+)
+def test_a_damaged_bundle_names_the_file(tiny_bundle, tmp_path, name, damage, match):
+    bundle = tmp_path / "b"
+    shutil.copytree(tiny_bundle, bundle)
+    damage(bundle / name)
+    with pytest.raises(ValueError, match=match):
+        Engine.from_pretrained(bundle)
+
+
+def test_an_unavailable_device_is_refused(tiny_bundle):
+    missing = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    with pytest.raises(ValueError, match=f"device 'cuda:{missing}' is not available"):
+        Engine.from_pretrained(tiny_bundle, device=f"cuda:{missing}")
+    with pytest.raises(ValueError, match="device must name a torch device"):
+        Engine.from_pretrained(tiny_bundle, device="gpu0")
+
+
 @pytest.mark.gpu
 def test_cuda_graph_sampler_matches_eager_on_gpu(tiny_bundle):
     eager = Engine.from_pretrained(tiny_bundle, device="cuda", cuda_graphs=False)
@@ -197,9 +261,6 @@ def test_fast_decode_runner_matches_the_default_path(tiny_bundle):
 
 
 def test_a_control_without_a_scale_takes_the_bundles_control_scale(tiny_bundle, tmp_path):
-    import json
-    import shutil
-
     bundle = tmp_path / "b"
     shutil.copytree(tiny_bundle, bundle)
     cfg = json.loads((bundle / "config.json").read_text())
@@ -223,9 +284,6 @@ def test_a_control_without_a_scale_takes_the_bundles_control_scale(tiny_bundle, 
 def test_prompt_guidance_per_request_and_bundle_default(tiny_bundle, tmp_path):
     """prompt_guidance: 1 (the default of a bundle without the setting) decodes as before; another
     scale, per request or as the bundle's default, guides the decoder with its soft prompt."""
-    import json
-    import shutil
-
     bundle = tmp_path / "b"
     shutil.copytree(tiny_bundle, bundle)
     engine = Engine.from_pretrained(bundle)

@@ -1,6 +1,14 @@
 import pytest
 import torch
-from dglm.engine.probes import Control, Probe, ProbeSet, load_probes, save_probes, train_probe
+from dglm.engine.probes import (
+    MAX_CONTROL_SCALE,
+    Control,
+    Probe,
+    ProbeSet,
+    load_probes,
+    save_probes,
+    train_probe,
+)
 
 
 def _separable(gen, n=200, d=16):
@@ -69,9 +77,38 @@ def test_probe_errors(gen):
         ps.validate([Control("b", "yes")])
     with pytest.raises(ValueError, match="not a label"):
         ps.validate([Control("a", "maybe")])
-    with pytest.raises(ValueError, match="finite"):
-        ps.validate([Control("a", "yes", float("nan"))])
     with pytest.raises(ValueError, match="labels"):
         Probe("a", ("no",), torch.randn(1, 4), torch.zeros(1))
     with pytest.raises(ValueError, match="non-finite"):
         Probe("a", ("no", "yes"), torch.full((1, 4), float("inf")), torch.zeros(1))
+
+
+@pytest.mark.parametrize("scale", [1e30, -1e7, float("inf"), float("nan"), "big", True, [1.0]])
+def test_control_scale_must_be_a_bounded_number(scale):
+    with pytest.raises(ValueError, match=r"controls: the scale of probe 'sentiment' must be"):
+        Control("sentiment", "positive", scale)
+
+
+def test_control_scale_range():
+    assert Control("a", "yes", MAX_CONTROL_SCALE).scale == MAX_CONTROL_SCALE
+    assert Control("a", "yes", -MAX_CONTROL_SCALE).scale == -MAX_CONTROL_SCALE  # steers away
+    assert Control("a", "yes", 20).scale == 20.0 and isinstance(
+        Control("a", "yes", 20).scale, float
+    )
+    with pytest.raises(ValueError, match="controls: the scale of probe 'a'"):
+        Control.parse("a=yes:1e30")
+    with pytest.raises(ValueError, match="control scale must be a number, got 'big'"):
+        Control.parse("a=yes:big")
+
+
+def test_load_probes_names_a_bad_file(tmp_path, gen):
+    p = Probe("a", ("no", "yes"), torch.randn(1, 4, generator=gen), torch.zeros(1))
+    path = tmp_path / "p.safetensors"
+    save_probes(path, [p])
+    data = path.read_bytes()
+    for broken in (data[: len(data) // 2], data[:5], b"not a safetensors file"):
+        path.write_bytes(broken)
+        with pytest.raises(ValueError, match="p.safetensors: not a readable probes file"):
+            load_probes(path)
+    with pytest.raises(ValueError, match="missing.safetensors"):
+        load_probes(tmp_path / "missing.safetensors")

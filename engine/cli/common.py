@@ -41,6 +41,18 @@ def command_group(sub, name: str, help: str):
     return group.add_subparsers(dest=f"{name}_command", required=True)
 
 
+def device(text: str) -> str:
+    """An argparse type for --device: a usage error naming the flag for a device torch cannot
+    parse or this machine lacks (e.g. cuda without a GPU)."""
+    from dglm.engine.engine import resolve_device  # heavy (torch): only when the flag is parsed
+
+    try:
+        resolve_device(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
 def float_pair(text: str) -> tuple[float, float]:
     """An argparse type for "LO,HI" (one number: LO = HI)."""
     parts = text.split(",")

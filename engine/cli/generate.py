@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from dglm.engine.cli.common import flags
+from dglm.engine.cli.common import device, flags
 
 # flags passed to GenerationParams under their own names
 SAMPLING_FLAGS = (
@@ -52,7 +52,7 @@ def add_parser(sub) -> None:
         help="classifier-free guidance of the decoder by the soft prompt (1 = off); "
         "default: the bundle's",
     )
-    g.add_argument("--device", default="cpu")
+    g.add_argument("--device", type=device, default="cpu", help="cpu, cuda or cuda:N")
     g.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
     g.add_argument(
         "--backend",
@@ -65,7 +65,7 @@ def add_parser(sub) -> None:
 
     i = sub.add_parser("info", help="describe a bundle")
     i.add_argument("--bundle", default="default")
-    i.add_argument("--device", default="cpu")
+    i.add_argument("--device", type=device, default="cpu", help="cpu, cuda or cuda:N")
     i.set_defaults(func=cmd_info)
 
 

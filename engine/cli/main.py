@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(args.verbose)
     try:
         return args.func(args)
-    except ValueError as e:
+    except (ValueError, FileNotFoundError) as e:  # bad input: a value, a path
         print(f"dglm: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except RuntimeError as e:

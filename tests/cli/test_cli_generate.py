@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import shutil
 
+import pytest
+import torch
+from dglm.engine import bundle as bundle_io
 from dglm.engine.cli.main import main
 
 
@@ -60,3 +64,42 @@ def test_info(tiny_bundle, capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["latent_dim"] == 384 and "sentiment" in info["probes"]
     assert info["probes"]["sentiment"]["metrics"]["train_accuracy"] > 0.8
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (["x", "--stop", ""], "stop[0] must be a non-empty string"),
+        (["x", "--temperature", "1e-40"], "temperature must be 0 or"),
+        (["x", "--control", "sentiment=positive:1e30"], "controls: the scale of probe 'sentiment'"),
+        (["x", "--control", "sentiment=positive:big"], "control scale must be a number"),
+        (["ok", "\udcff\udcfe"], "prompts[1] is not valid UTF-8"),  # invalid bytes in argv
+    ],
+)
+def test_bad_input_is_a_one_line_error(tiny_bundle, capsys, args, match):
+    rc = main(["generate", *args, "--bundle", str(tiny_bundle), "--max-new-tokens", "2"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    assert err.splitlines()[-1].startswith("dglm: error: ") and match in err.splitlines()[-1]
+
+
+def test_a_damaged_bundle_is_a_one_line_error(tiny_bundle, tmp_path, capsys):
+    bundle = tmp_path / "b"
+    shutil.copytree(tiny_bundle, bundle)
+    (bundle / bundle_io.SCORE_NET_FILE).write_bytes(b"not safetensors")
+    assert main(["generate", "x", "--bundle", str(bundle)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dglm: error: ") and "score_network.safetensors" in err
+    assert err.count("\n") == 1
+
+
+@pytest.mark.parametrize("command", ["generate", "info"])
+def test_an_unavailable_device_is_a_usage_error(tiny_bundle, capsys, command):
+    missing = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    args = [command, *(["x"] if command == "generate" else [])]
+    with pytest.raises(SystemExit) as e:
+        main([*args, "--bundle", str(tiny_bundle), "--device", f"cuda:{missing}"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument --device: device 'cuda:{missing}' is not available" in err
+    assert "Traceback" not in err
