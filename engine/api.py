@@ -14,6 +14,9 @@ from dglm.engine.probes import Control
 # and turns every score into ±inf); below it sampling is argmax anyway, so ask for 0 (greedy)
 MIN_TEMPERATURE = 1e-4
 MAX_TEMPERATURE = 100.0
+# RE-Control's decode-time edit (dglm.engine.methods.re_control)
+MAX_RE_CONTROL_STEPS = 1000
+MAX_RE_CONTROL_STEP = 1e4
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,10 @@ class GenerationParams:
     # classifier-free guidance of the decoder by the soft prompt (dglm.engine.decoding.guidance):
     # 1 = off, > 1 follows the plan more strongly; None: the bundle's
     prompt_guidance: float | None = None
+    # RE-Control (controls with method "re-control" / "both"): gradient steps n on the hidden
+    # state per decoding step and their size α; None: the probe's value network's defaults
+    re_control_steps: int | None = None
+    re_control_step_size: float | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.controls, Control):
@@ -63,6 +70,10 @@ class GenerationParams:
             finite_in("cfg_scale", self.cfg_scale, -100.0, 100.0)
         if self.prompt_guidance is not None:
             check_prompt_guidance(self.prompt_guidance)
+        if self.re_control_steps is not None:
+            int_in("re_control_steps", self.re_control_steps, 0, MAX_RE_CONTROL_STEPS)
+        if self.re_control_step_size is not None:
+            finite_in("re_control_step_size", self.re_control_step_size, 0.0, MAX_RE_CONTROL_STEP)
 
     def sampler_config(self, base: SamplerConfig) -> SamplerConfig:
         overrides = {

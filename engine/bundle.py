@@ -9,6 +9,8 @@
                                          distill`), used by the "consistency" sampler
     <bundle>/decoder_lora.safetensors    optional: low-rank adapters for the decoder (`dglm train
                                          steering`), merged into its weights at load
+    <bundle>/value_networks.safetensors  optional: RE-Control's value networks, one per probe
+                                         (`dglm train value`, `dglm bundle add-value-network`)
 
 Encoder and decoder are references (a name or a path; relative paths resolve against the bundle).
 """
@@ -24,6 +26,7 @@ import torch
 from dglm.engine.decoding.guidance import DEFAULT_PLAUSIBILITY, check_prompt_guidance
 from dglm.engine.diffusion.sampler import SamplerConfig
 from dglm.engine.diffusion.score_network import ScoreNetConfig
+from dglm.engine.methods.re_control import ValueNetConfig, ValueNetwork
 from dglm.engine.models import load_decoder
 from dglm.engine.models.lora import LoraConfig, merge_lora
 from dglm.engine.probes import Probe, check_control_scale, load_probes
@@ -40,6 +43,7 @@ PROMPT_GEN_FILE = "prompt_generator.safetensors"
 PROBES_FILE = "probes.safetensors"
 STUDENT_FILE = "student.safetensors"
 LORA_FILE = "decoder_lora.safetensors"
+VALUE_NETS_FILE = "value_networks.safetensors"  # RE-Control: "<probe>.<param>" per network
 BUNDLES_DIR = Path(__file__).resolve().parent / "bundles"
 
 
@@ -67,9 +71,18 @@ class BundleConfig:
     # plausibility floor α of its token mask; 1.0: off (bundles from before it existed)
     prompt_guidance: float = 1.0
     prompt_plausibility: float = DEFAULT_PLAUSIBILITY
+    # RE-Control's value networks (value_networks.safetensors), one per probe they predict
+    value_networks: tuple[ValueNetConfig, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "student_cfg_range", tuple(self.student_cfg_range))
+        nets = tuple(
+            ValueNetConfig.from_dict(v) if isinstance(v, dict) else v for v in self.value_networks
+        )
+        object.__setattr__(self, "value_networks", nets)
+        probes = [v.probe for v in nets]
+        if len(set(probes)) != len(probes):
+            raise ValueError(f"value_networks: one network per probe, got probes {probes}")
         check_control_scale(self.control_scale, "control_scale", positive=True)
         check_prompt_guidance(self.prompt_guidance, self.prompt_plausibility)
         if isinstance(self.decoder_lora, dict):
@@ -185,6 +198,37 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         return load_file(str(path))
     except (OSError, SafetensorError) as e:
         raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
+
+
+def load_value_networks(config: BundleConfig, bundle_dir: Path) -> dict[str, ValueNetwork]:
+    """The bundle's RE-Control value networks by probe (fp32), {} when it has none."""
+    if not config.value_networks:
+        return {}
+    path = bundle_dir / VALUE_NETS_FILE
+    state = read_safetensors(path)
+    nets = {}
+    for vc in config.value_networks:
+        net = ValueNetwork(vc)
+        prefix = vc.probe + "."
+        own = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        ref = net.state_dict()
+        if set(own) != set(ref) or any(own[k].shape != ref[k].shape for k in ref):
+            raise ValueError(
+                f"{path}: the weights of value network {vc.probe!r} do not match its config "
+                f"(hidden_dim={vc.hidden_dim}, depth={vc.depth})"
+            )
+        net.load_state_dict({k: v.float() for k, v in own.items()})
+        nets[vc.probe] = net.eval()
+    return nets
+
+
+def save_value_networks(nets: dict[str, ValueNetwork], path: Path) -> None:
+    state = {
+        f"{name}.{k}": v.detach().to("cpu", torch.float32).contiguous()
+        for name, net in nets.items()
+        for k, v in net.state_dict().items()
+    }
+    save_file(state, str(path))
 
 
 def load_bundle_probes(bundle_dir: Path) -> list[Probe]:

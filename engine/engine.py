@@ -25,6 +25,7 @@ from dglm.engine.diffusion.score_network import ScoreNetwork
 from dglm.engine.encode.encoder import SentenceEncoder
 from dglm.engine.methods.base import Method, MethodBatch
 from dglm.engine.methods.dglm import DGLM
+from dglm.engine.methods.re_control import ReControl, ValueNetwork
 from dglm.engine.models.base import Decoder, HiddenHook
 from dglm.engine.probes import Probe, ProbeSet, save_probes
 from dglm.engine.prompt.generator import PromptGenerator
@@ -117,8 +118,16 @@ class Engine:
         if fast_decode and torch_nets:
             self.decode_runner = self._decode_runner()
         self.dglm = DGLM(self)  # the default method
+        # RE-Control's value networks by probe (`dglm train value`); from_pretrained loads them
+        self.value_nets: dict[str, ValueNetwork] = {}
         if not config.trained:
             logger.warning("bundle networks are untrained (random): outputs are not meaningful")
+
+    @property
+    def re_control(self) -> ReControl:
+        """RE-Control on its own (no soft prompt): every control of a request acts through its
+        probe's value network; `engine.generate(prompts, params, method=engine.re_control)`."""
+        return ReControl(self.value_nets, self.probes.probes)
 
     # ---------------------------------------------------------------- loading and saving
     @classmethod
@@ -183,6 +192,8 @@ class Engine:
             fast_decode,
         )
         engine.bundle_dir = bundle_dir
+        nets = bundle_io.load_value_networks(config, bundle_dir)
+        engine.value_nets = {k: v.to(device) for k, v in nets.items()}
         if config.decoder_lora is not None:  # already merged; kept to write the bundle back
             engine.decoder_lora_state = bundle_io.read_safetensors(bundle_dir / bundle_io.LORA_FILE)
         return engine
@@ -198,6 +209,8 @@ class Engine:
         bundle_io.save_state(self.score_net, out / bundle_io.SCORE_NET_FILE)
         bundle_io.save_state(self.prompt_gen, out / bundle_io.PROMPT_GEN_FILE)
         save_probes(out / bundle_io.PROBES_FILE, list(self.probes.probes.values()))
+        if self.value_nets:
+            bundle_io.save_value_networks(self.value_nets, out / bundle_io.VALUE_NETS_FILE)
         if self.student is not None:
             bundle_io.save_state(self.student, out / bundle_io.STUDENT_FILE)
         if self.config.decoder_lora is not None:
@@ -403,6 +416,10 @@ class Engine:
             "probes": {
                 name: {"labels": list(p.labels), "metrics": p.metrics}
                 for name, p in self.probes.probes.items()
+            },
+            "value_networks": {  # RE-Control, by probe
+                name: {**net.config.to_dict(), **parameters(net)}
+                for name, net in self.value_nets.items()
             },
             "guided_update": getattr(self.update_fn, "__name__", str(self.update_fn)),
             "fast_decode": self.decode_runner is not None,

@@ -168,6 +168,9 @@ def load_probes(path: str | Path) -> list[Probe]:
         raise ValueError(f"{path}: not a probes file written by save_probes ({e!r})") from e
 
 
+CONTROL_METHODS = ("dglm", "re-control", "both")
+
+
 @dataclass(frozen=True)
 class Control:
     probe: str  # probe name
@@ -175,25 +178,46 @@ class Control:
     # guidance scale s (summed-loss composition across controls); None: the bundle's default
     # (BundleConfig.control_scale), the scale its networks were checked to steer at
     scale: float | None = None
+    # how the control acts: "dglm" through DGLM's latent (probe guidance of the diffusion),
+    # "re-control" through the decoder's hidden states (the probe's RE-Control value network,
+    # methods.re_control), "both"
+    method: str = "dglm"
 
     def __post_init__(self) -> None:
         if self.scale is not None:
             what = f"controls: the scale of probe {self.probe!r}"
             check_control_scale(self.scale, what)
             object.__setattr__(self, "scale", float(self.scale))
+        if self.method not in CONTROL_METHODS:
+            raise ValueError(
+                f"controls: the method of probe {self.probe!r} must be one of {CONTROL_METHODS}, "
+                f"got {self.method!r}"
+            )
+
+    @property
+    def latent(self) -> bool:
+        """Whether it acts through DGLM's latent."""
+        return self.method in ("dglm", "both")
+
+    @property
+    def hidden(self) -> bool:
+        """Whether it acts through RE-Control's hidden-state edit."""
+        return self.method in ("re-control", "both")
 
     @classmethod
     def parse(cls, spec: str) -> Control:
-        """ "probe=target[:scale]", e.g. "sentiment=positive:20"."""
+        """ "probe=target[:scale][@method]", e.g. "sentiment=positive:20",
+        "sentiment=positive@re-control", "sentiment=negative:1000@both"."""
+        spec, _, method = spec.partition("@")
         name, sep, rest = spec.partition("=")
         if not sep or not name or not rest:
-            raise ValueError(f"control must look like probe=target[:scale], got {spec!r}")
+            raise ValueError(f"control must look like probe=target[:scale][@method], got {spec!r}")
         target, _, scale = rest.partition(":")
         try:
             value = float(scale) if scale else None
         except ValueError:
             raise ValueError(f"control scale must be a number, got {scale!r} in {spec!r}") from None
-        return cls(name.strip(), target.strip(), value)
+        return cls(name.strip(), target.strip(), value, method.strip() or "dglm")
 
 
 class ProbeSet:

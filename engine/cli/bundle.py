@@ -64,6 +64,16 @@ def add_parser(sub) -> None:
         help="make the student's N-step sampler the bundle's default (default 4)",
     )
     bs.add_argument("--keep-default", action="store_true", help="keep the bundle's default sampler")
+    bv = _add_run_parser(
+        bsub,
+        "add-value-network",
+        "put a `dglm train value` run's value network (RE-Control) in a bundle",
+        "--run",
+        "value",
+        cmd_bundle_add_value_network,
+    )
+    bv.add_argument("--steps", type=int, default=None, help="its default RE-Control steps n")
+    bv.add_argument("--step-size", type=float, default=None, help="its default step size α")
     _add_run_parser(
         bsub,
         "add-steering",
@@ -161,6 +171,15 @@ def cmd_bundle_add_student(args: argparse.Namespace) -> int:
         args.bundle, args.distill, args.out, None if args.keep_default else args.default_steps
     )
     _print_sampler(args, config, student_cfg_range=list(config.student_cfg_range))
+    return 0
+
+
+def cmd_bundle_add_value_network(args: argparse.Namespace) -> int:
+    from dglm.engine.training.recipes import add_value_network
+
+    config = add_value_network(args.bundle, args.run, args.out, args.steps, args.step_size)
+    nets = [v.to_dict() for v in config.value_networks]
+    print(json.dumps({"bundle": str(args.out or args.bundle), "value_networks": nets}))
     return 0
 
 

@@ -11,7 +11,7 @@ from dglm.engine.cli.common import device, flags
 # flags passed to GenerationParams under their own names
 SAMPLING_FLAGS = (
     "num_samples", "seed", "max_new_tokens", "temperature", "top_p", "top_k", "cfg_scale",
-    "sampler", "renoise_alpha2", "prompt_guidance",
+    "sampler", "renoise_alpha2", "prompt_guidance", "re_control_steps", "re_control_step_size",
 )  # fmt: skip
 
 
@@ -23,8 +23,29 @@ def add_parser(sub) -> None:
         "--control",
         action="append",
         default=[],
-        metavar="PROBE=TARGET[:SCALE]",
-        help="steer with a probe, e.g. sentiment=positive:20 (repeatable: losses add)",
+        metavar="PROBE=TARGET[:SCALE][@METHOD]",
+        help="steer with a probe, e.g. sentiment=positive:20 (repeatable: losses add); @METHOD: "
+        "dglm (the default: through the diffusion latent), re-control (the probe's value network "
+        "edits the decoder's hidden states), both",
+    )
+    g.add_argument(
+        "--method",
+        choices=("dglm", "re-control"),
+        default="dglm",
+        help="re-control: RE-Control alone (no soft prompt, no diffusion): every control acts "
+        "through its value network",
+    )
+    g.add_argument(
+        "--re-control-steps",
+        type=int,
+        default=None,
+        help="RE-Control gradient steps per token (default: the value network's)",
+    )
+    g.add_argument(
+        "--re-control-step-size",
+        type=float,
+        default=None,
+        help="RE-Control step size α (default: the value network's)",
     )
     g.add_argument("--num-samples", "-n", type=int, default=1)
     g.add_argument("--seed", type=int, default=None)
@@ -89,7 +110,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     engine = Engine.from_pretrained(
         args.bundle, device=args.device, dtype=args.dtype, backend=args.backend
     )
-    outputs = engine.generate(list(args.prompt), params)
+    method = engine.re_control if args.method == "re-control" else None
+    outputs = engine.generate(list(args.prompt), params, method=method)
     if args.json:
         rows = [
             {
@@ -99,7 +121,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                         "text": s.text,
                         "token_ids": s.token_ids,
                         "finish_reason": s.finish_reason,
-                        "latent_norm": float(s.latent.norm()),
+                        "latent_norm": None if s.latent is None else float(s.latent.norm()),
                     }
                     for s in o.samples
                 ],

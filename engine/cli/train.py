@@ -107,6 +107,30 @@ def add_parser(sub) -> None:
         "--target-ema", type=float, default=0.0, help="target network EMA (0: stop-grad student)"
     )
     tx.set_defaults(func=cmd_train_distill)
+    tv = tsub.add_parser(
+        "value",
+        help="RE-Control's value network for one probe: decoder rollouts, then TD training",
+    )
+    _add_train_args(tv, steps=3_000, batch=64, lr=1e-3)
+    tv.add_argument("--bundle", default="default", help="the bundle whose probe is the reward")
+    tv.add_argument("--probe", required=True, help="the probe whose logits the value predicts")
+    tv.add_argument("--rollouts", type=int, default=4096, help="rollouts to collect (resumes)")
+    tv.add_argument("--rollout-batch-size", type=int, default=32)
+    tv.add_argument("--max-new-tokens", type=int, default=24, help="tokens per rollout")
+    tv.add_argument("--max-prefix-tokens", type=int, default=16, help="keep the last N")
+    tv.add_argument(
+        "--dglm-fraction",
+        type=float,
+        default=0.5,
+        help="share of rollouts decoded through DGLM with a random control (the rest: the "
+        "released decoder on the prefix alone)",
+    )
+    tv.add_argument(
+        "--rollouts-dir",
+        default=None,
+        help="read / write the rollouts here (default <out>/rollouts; one set serves every probe)",
+    )
+    tv.set_defaults(func=cmd_train_value, preset="small", warmup=100, ema_decay=0.99)
     tb = tsub.add_parser("probe", help="a logistic probe from the offline labelled sets")
     tb.add_argument("which", choices=("sentiment", "topic", "toxicity"))
     tb.add_argument("--out", required=True, help="probe safetensors file")
@@ -141,7 +165,7 @@ def _progress(total: int, desc: str):
             {
                 k: f"{v:.4g}"
                 for k, v in logs.items()
-                if k in ("loss", "eval_loss", "eval_loss_a2_0.95")
+                if k in ("loss", "eval_loss", "eval_loss_a2_0.95", "eval_corr_last")
             }
         )
 
@@ -204,6 +228,51 @@ def cmd_train_prompt_generator(args: argparse.Namespace) -> int:
         train_prompt_generator(pg, decoder, train, held, pad, args.out, cfg, args.device, update)
 
     return _train(args, "prompt generator", run)
+
+
+def cmd_train_value(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from dglm.engine.engine import Engine
+    from dglm.engine.evaluation.generation import released_decoder
+    from dglm.engine.methods.re_control import ValueNetConfig
+    from dglm.engine.training.value import (
+        RolloutConfig,
+        collect_rollouts,
+        load_rollouts,
+        reward_columns,
+        train_value,
+    )
+
+    engine = Engine.from_pretrained(args.bundle, device=args.device)
+    cols = reward_columns(engine.probes, args.probe)
+    rcfg = RolloutConfig(
+        rollouts=args.rollouts,
+        batch_size=args.rollout_batch_size,
+        shard_size=args.rollout_batch_size * max(1, 256 // args.rollout_batch_size),
+        max_new_tokens=args.max_new_tokens,
+        max_prefix_tokens=args.max_prefix_tokens,
+        dglm_fraction=args.dglm_fraction,
+        seed=args.seed,
+    )
+    rollouts = Path(args.rollouts_dir or Path(args.out) / "rollouts")
+    bar, update = _progress(args.rollouts, "rollouts")
+    collect_rollouts(engine, released_decoder(engine), args.data, rollouts, rcfg, update)
+    bar.close()
+    data = load_rollouts(rollouts)
+    if data.probes != list(engine.probes.probes):
+        raise ValueError(
+            f"{rollouts} holds rewards of probes {data.probes}, the bundle has "
+            f"{list(engine.probes.probes)}: use another --rollouts-dir"
+        )
+    net_config = ValueNetConfig.preset(
+        args.preset, args.probe, engine.decoder.hidden_size, cols.stop - cols.start
+    )
+    return _train(
+        args,
+        "value",
+        lambda cfg, update: train_value(data, cols, net_config, cfg, args.out, update, args.device),
+    )
 
 
 def cmd_train_probe(args: argparse.Namespace) -> int:

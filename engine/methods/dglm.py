@@ -16,6 +16,7 @@ from dglm.engine.decoding.guidance import PromptGuidance
 from dglm.engine.diffusion.sampler import Guidance, SamplerConfig, draw_noise, sample
 from dglm.engine.diffusion.schedule import MULTISTEP_SAMPLERS
 from dglm.engine.methods.base import Conditioning, Method, MethodBatch
+from dglm.engine.methods.re_control import value_hook
 
 if TYPE_CHECKING:  # annotations only: the engine builds its DGLM method
     from dglm.engine.engine import Engine
@@ -38,7 +39,20 @@ class DGLM(Method):
 
     def validate(self, params: list[GenerationParams]) -> None:
         e = self.engine
-        for p in params:
+        for i, p in enumerate(params):
+            for c in p.controls:
+                if c.hidden and e.backend != "torch":
+                    raise ValueError(
+                        f"params[{i}].controls: method={c.method!r} edits the decoder's hidden "
+                        "states in the decode loop, which the ONNX decode graph does not include: "
+                        "use method='dglm' or backend='torch'"
+                    )
+                if c.hidden and c.probe not in e.value_nets:
+                    raise ValueError(
+                        f"params[{i}].controls: probe {c.probe!r} has no RE-Control value "
+                        f"network in this bundle (value networks: {sorted(e.value_nets) or 'none'}"
+                        "); train one with `dglm train value` or use method='dglm'"
+                    )
             guided = (
                 p.prompt_guidance if p.prompt_guidance is not None else e.config.prompt_guidance
             )
@@ -103,9 +117,11 @@ class DGLM(Method):
             soft_prompt = e.prompt_gen(z.to(e.dtype), renoise_a2.to(e.dtype))  # (R, P, H)
         timings["prompt_generator"] = elapsed(e.device, t)
         processors = self.prompt_guidance(batch)
+        hook = value_hook(e.value_nets, e.probes.probes, batch, False, e.device)
         return Conditioning(
             soft_prompt=soft_prompt,
             processors=processors,
+            hidden_hook=hook,
             latents=x0.float().cpu(),
             timings=timings,
         )
@@ -149,7 +165,9 @@ class DGLM(Method):
         )
         student = cfg.sampler == "consistency"
         use_cfg = not student and bool((cfg_scale != 1.0).any())
-        targets, scales = e.probes.batch_targets([params[i].controls for i in req])
+        # controls acting through the latent (RE-Control-only ones act in the decode loop)
+        latent = [tuple(c for c in params[i].controls if c.latent) for i in req]
+        targets, scales = e.probes.batch_targets(latent)
         guidance = Guidance(
             e.probes.weight.to(e.device),
             e.probes.bias.to(e.device),

@@ -309,6 +309,40 @@ def add_score_network(
     return config
 
 
+def add_value_network(
+    bundle: str | Path,
+    value_run: str | Path,
+    out: str | Path | None = None,
+    steps: int | None = None,
+    step_size: float | None = None,
+) -> BundleConfig:
+    """Put the EMA value network of a `dglm train value` run into a bundle (in place, or a copy at
+    `out`), replacing one for the same probe; `steps` / `step_size`: its decode-time defaults."""
+    from dglm.engine.methods.re_control import ValueNetConfig, ValueNetwork
+
+    src = bundle_io.resolve_bundle_dir(bundle)
+    net, _ = _ema_network(value_run, "value", lambda c: ValueNetwork(ValueNetConfig.from_dict(c)))
+    overrides = {k: v for k, v in (("steps", steps), ("step_size", step_size)) if v is not None}
+    if overrides:
+        net.config = replace(net.config, **overrides)  # checked by ValueNetConfig
+    config = bundle_io.read_config(src)
+    probes = {p.name: p for p in load_probes(src / bundle_io.PROBES_FILE)}
+    name = net.config.probe
+    if name not in probes or probes[name].rows != net.config.outputs:
+        raise ValueError(
+            f"the run's value network predicts probe {name!r} ({net.config.outputs} outputs), "
+            f"which the bundle at {src} does not have with that many rows"
+        )
+    dst = bundle_destination(src, out)
+    nets = bundle_io.load_value_networks(config, dst)
+    nets[name] = net
+    configs = tuple(n.config for n in nets.values())
+    config = replace(config, value_networks=configs)
+    bundle_io.save_value_networks(nets, dst / bundle_io.VALUE_NETS_FILE)
+    bundle_io.write_config(config, dst)
+    return config
+
+
 def add_student(
     bundle: str | Path,
     distill_run: str | Path,

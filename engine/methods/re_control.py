@@ -1,0 +1,305 @@
+"""RE-Control (Kong et al., 2024, "Aligning Large Language Models with Representation Editing: A
+Control Perspective") as a `Method`: value-guided editing of the decoder's hidden states.
+
+Decoding is a dynamical system whose state is the decoder's final-norm hidden state h_t (after the
+last norm, before the LM head). A small value network V reads h_t and predicts the reward of the
+finished continuation; here the reward is a probe of the bundle applied to the sentence encoder's
+embedding of the continuation, so V has one output per probe row (it predicts the probe's logits)
+and one probe serves DGLM and RE-Control alike. At every decoding step, before the logits are
+taken, each controlled row's state takes n gradient-ascent steps of size α on
+
+    J(h) = Σ_(row k, target y) log σ(±V_k(h))      (+ for y = 1, − for y = 0)
+
+i.e. toward the value of its control's target; the KV cache is untouched (the edit acts on the
+LM head's input only). The gradient of the MLP is computed analytically (forward with the ReLU
+masks kept, backward by matmuls: no autograd in the decode loop) by `value_ascent`; rows without
+a RE-Control control pass through bit-identical.
+
+`ValueEdit` is the `HiddenHook` the decode loop runs; `ReControl` is the method on its own (plain
+decoding of the prefix by a frozen decoder, edited), and DGLM adds the same hook for controls with
+`method="re-control"` or `"both"` (see methods.dglm).
+
+Reference-code defects fixed here (see the design notes): one MLP depth for training and
+inference (the network's config travels with its weights); the terminal state of a rollout is its
+last valid position (training.value), and the temporal-difference target is detached.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from dglm.engine.api import MAX_RE_CONTROL_STEP as MAX_STEP_SIZE
+from dglm.engine.api import MAX_RE_CONTROL_STEPS as MAX_STEPS
+from dglm.engine.api import GenerationParams
+from dglm.engine.methods.base import Conditioning, Method, MethodBatch
+from torch import nn
+
+if TYPE_CHECKING:
+    from dglm.engine.probes import Control, Probe
+
+# decode-time defaults (a bundle's value network may carry its own)
+DEFAULT_STEPS = 30  # n: gradient steps per decoding step (the reference's released configs)
+DEFAULT_STEP_SIZE = 0.5  # α
+
+VALUE_NET_PRESETS = {
+    # (hidden width, hidden layers); None width = the decoder's
+    "small": (256, 2),
+    "reference": (None, 2),  # the reference: hidden = model width, 3 linear layers, ReLU
+}
+
+
+@dataclass(frozen=True)
+class ValueNetConfig:
+    probe: str  # the probe whose logits it predicts (its reward)
+    input_dim: int  # the decoder's hidden size
+    outputs: int  # the probe's rows
+    hidden_dim: int = 256
+    depth: int = 2  # hidden layers (linear + ReLU each), then the output layer
+    steps: int = DEFAULT_STEPS  # its decode-time defaults
+    step_size: float = DEFAULT_STEP_SIZE
+
+    def __post_init__(self) -> None:
+        for name in ("input_dim", "outputs", "hidden_dim", "depth"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"value network {name} must be a positive integer, got {v!r}")
+        check_edit(self.steps, self.step_size, f"value network {self.probe!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ValueNetConfig:
+        known = set(cls.__dataclass_fields__)
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"value network config has unknown keys {sorted(unknown)}")
+        return cls(**d)
+
+    @classmethod
+    def preset(cls, name: str, probe: str, input_dim: int, outputs: int) -> ValueNetConfig:
+        if name not in VALUE_NET_PRESETS:
+            raise ValueError(f"value network preset must be one of {sorted(VALUE_NET_PRESETS)}")
+        width, depth = VALUE_NET_PRESETS[name]
+        return cls(probe, input_dim, outputs, width or input_dim, depth)
+
+
+def check_edit(steps: object, step_size: object, where: str = "re_control") -> None:
+    """ValueError naming the field unless 0 ≤ steps ≤ MAX_STEPS (integer) and step_size is a
+    finite number in [0, MAX_STEP_SIZE]."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 0 <= steps <= MAX_STEPS:
+        raise ValueError(f"{where} steps must be an integer in [0, {MAX_STEPS}], got {steps!r}")
+    bad = isinstance(step_size, bool) or not isinstance(step_size, int | float)
+    if bad or not math.isfinite(step_size) or not 0 <= step_size <= MAX_STEP_SIZE:
+        raise ValueError(
+            f"{where} step_size must be a finite number in [0, {MAX_STEP_SIZE:g}], got {step_size!r}"
+        )
+
+
+class ValueNetwork(nn.Module):
+    """V: final-norm hidden state (..., H) → predicted probe logits of the continuation (..., K);
+    `depth` hidden layers of Linear + ReLU, then a Linear output layer."""
+
+    def __init__(self, config: ValueNetConfig) -> None:
+        super().__init__()
+        self.config = config
+        dims = [config.input_dim] + [config.hidden_dim] * config.depth + [config.outputs]
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims, dims[1:], strict=False))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        x = h.to(self.layers[0].weight.dtype)
+        for layer in self.layers[:-1]:
+            x = F.relu(layer(x))
+        return self.layers[-1](x).float()
+
+
+def value_ascent(
+    h: torch.Tensor,
+    net: ValueNetwork,
+    coef: torch.Tensor,
+    steps: torch.Tensor,
+    step_size: torch.Tensor,
+    max_steps: int,
+) -> torch.Tensor:
+    """`max_steps` gradient-ascent steps on J(h) = Σ_k [coef_k ≠ 0] log σ(coef_k · V_k(h)), the
+    gradient of the ReLU MLP computed analytically → edited states (R, H) fp32.
+
+    h (R, H); coef (R, K) fp32: ±1 on the targeted outputs (+ for label 1), 0 elsewhere; steps
+    (R,) long: row r moves during its first steps[r] steps only; step_size (R, 1) fp32."""
+    ws = [layer.weight.float() for layer in net.layers]  # (out, in)
+    bs = [layer.bias.float() for layer in net.layers]
+    h = h.float()
+    for i in range(max_steps):
+        masks, x = [], h
+        for w, b in zip(ws[:-1], bs[:-1], strict=True):
+            z = torch.addmm(b, x, w.T)
+            masks.append(z > 0)
+            x = z.clamp_min(0)
+        v = torch.addmm(bs[-1], x, ws[-1].T)  # (R, K)
+        # d/dv log σ(c v) = c σ(−c v); zero where c = 0
+        g = coef * torch.sigmoid(-coef * v)  # (R, K)
+        g = g @ ws[-1]  # (R, hidden)
+        for w, m in zip(reversed(ws[:-1]), reversed(masks), strict=True):
+            g = (g * m) @ w  # through the ReLU, then the layer
+        move = (steps > i).float()[:, None] * step_size  # (R, 1)
+        h = h + move * g
+    return h
+
+
+@dataclass
+class RowEdit:
+    """One control's edit on some rows: the probe's value network, its targets, n and α."""
+
+    net: ValueNetwork
+    coef: torch.Tensor  # (R, K) ±1 / 0
+    steps: torch.Tensor  # (R,) long
+    step_size: torch.Tensor  # (R, 1) fp32
+
+
+class ValueEdit:
+    """The `HiddenHook` of one batch of R rows: every value network's edit, applied in turn to the
+    final-norm hidden states (R' ≥ R, T, H) of each step; rows past R (a loop's companion rows)
+    and rows with no edit pass through unchanged (bit-identical)."""
+
+    def __init__(self, edits: list[RowEdit], rows: int) -> None:
+        if not edits:
+            raise ValueError("ValueEdit needs at least one edit: decode without the hook")
+        self.edits, self.rows = edits, rows
+        self.max_steps = [int(e.steps.max()) for e in edits]  # host-side, once
+        active = torch.zeros(rows, dtype=torch.bool, device=edits[0].coef.device)
+        for e in edits:
+            active |= (e.steps > 0) & (e.coef != 0).any(-1) & (e.step_size[:, 0] > 0)
+        self.active = active  # (R,)
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        R = self.rows
+        if hidden.shape[0] < R:
+            raise ValueError(f"ValueEdit was built for {R} rows, the step has {hidden.shape[0]}")
+        own = hidden[:R]  # (R, T, H)
+        _, T, H = own.shape
+        h = own.reshape(R * T, H)
+        edited = h.float()
+        for e, n in zip(self.edits, self.max_steps, strict=True):
+            if n == 0:
+                continue
+            rep = (lambda t: t.repeat_interleave(T, 0)) if T > 1 else (lambda t: t)  # noqa: E731
+            edited = value_ascent(edited, e.net, rep(e.coef), rep(e.steps), rep(e.step_size), n)
+        keep = self.active.repeat_interleave(T)[:, None] if T > 1 else self.active[:, None]
+        out = torch.where(keep, edited.to(hidden.dtype), h).reshape(R, T, H)
+        return out if hidden.shape[0] == R else torch.cat((out, hidden[R:]))
+
+
+def row_edits(
+    nets: dict[str, ValueNetwork],
+    probes: dict[str, Probe],
+    controls_per_row: list[tuple[Control, ...]],
+    settings_per_row: list[tuple[int, float]],
+    device: torch.device,
+) -> list[RowEdit]:
+    """One RowEdit per value network some row's controls use: controls_per_row are the controls
+    that act through RE-Control on each row; settings_per_row each row's (steps, step_size)."""
+    R = len(controls_per_row)
+    used = sorted({c.probe for cs in controls_per_row for c in cs})
+    edits = []
+    for name in used:
+        if name not in nets:
+            have = sorted(nets) or "none"
+            raise ValueError(
+                f"controls: probe {name!r} has no value network for RE-Control in this bundle "
+                f"(value networks: {have}); train one with `dglm train value`"
+            )
+        net = nets[name]
+        coef = torch.zeros(R, net.config.outputs)
+        steps = torch.zeros(R, dtype=torch.long)
+        size = torch.zeros(R, 1)
+        for r, controls in enumerate(controls_per_row):
+            for c in controls:
+                if c.probe != name:
+                    continue
+                for row, y in probes[name].target_rows(c.target):
+                    coef[r, row] = 1.0 if y == 1.0 else -1.0
+                steps[r], size[r, 0] = settings_per_row[r]
+        edits.append(RowEdit(net, coef.to(device), steps.to(device), size.to(device)))
+    return edits
+
+
+def edit_settings(p: GenerationParams, net: ValueNetwork | None) -> tuple[int, float]:
+    """A request's (steps, step_size): its own, else its value network's defaults."""
+    steps = p.re_control_steps
+    size = p.re_control_step_size
+    if steps is None:
+        steps = net.config.steps if net is not None else DEFAULT_STEPS
+    if size is None:
+        size = net.config.step_size if net is not None else DEFAULT_STEP_SIZE
+    return steps, size
+
+
+def value_hook(
+    nets: dict[str, ValueNetwork],
+    probes: dict[str, Probe],
+    batch: MethodBatch,
+    every_control: bool,
+    device: torch.device,
+) -> ValueEdit | None:
+    """The hook for a batch: the controls that act on hidden states (`Control.hidden`; every
+    control with `every_control`) act through their value networks; None when no row has one."""
+    per_row, settings = [], []
+    for i, _ in batch.rows:
+        p = batch.params[i]
+        controls = tuple(c for c in p.controls if every_control or c.hidden)
+        per_row.append(controls)
+        net = nets.get(controls[0].probe) if controls else None
+        settings.append(edit_settings(p, net))
+    if not any(per_row):
+        return None
+    edits = row_edits(nets, probes, per_row, settings, device)
+    hook = ValueEdit(edits, len(per_row))
+    return hook if bool(hook.active.any()) else None
+
+
+class ReControl(Method):
+    """RE-Control on its own: the prefix decoded by `decoder` (no soft prompt, no diffusion), each
+    row's final-norm hidden states edited toward its controls' targets by their value networks
+    (every control of a request acts through RE-Control, whatever its `method`)."""
+
+    name = "re-control"
+
+    def __init__(self, nets: dict[str, ValueNetwork], probes: dict[str, Probe]) -> None:
+        self.nets, self.probes = nets, probes
+
+    def validate(self, params: list[GenerationParams]) -> None:
+        for i, p in enumerate(params):
+            for c in p.controls:
+                if c.probe not in self.nets:
+                    raise ValueError(
+                        f"params[{i}].controls: probe {c.probe!r} has no value network "
+                        f"(value networks: {sorted(self.nets) or 'none'})"
+                    )
+
+    def condition(self, batch: MethodBatch) -> Conditioning:
+        device = next(iter(self.nets.values())).layers[0].weight.device if self.nets else "cpu"
+        hook = value_hook(self.nets, self.probes, batch, True, torch.device(device))
+        return Conditioning(hidden_hook=hook)
+
+
+__all__ = [
+    "DEFAULT_STEPS",
+    "DEFAULT_STEP_SIZE",
+    "MAX_STEPS",
+    "MAX_STEP_SIZE",
+    "VALUE_NET_PRESETS",
+    "ReControl",
+    "RowEdit",
+    "ValueEdit",
+    "ValueNetConfig",
+    "ValueNetwork",
+    "check_edit",
+    "edit_settings",
+    "row_edits",
+    "value_ascent",
+    "value_hook",
+]
