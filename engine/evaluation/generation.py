@@ -12,7 +12,9 @@ from dglm.engine.bundle import resolve_reference
 from dglm.engine.decoding.loop import DecodeParams
 from dglm.engine.decoding.loop import generate as decode
 from dglm.engine.evaluation.settings import EvalConfig, Setting
+from dglm.engine.methods.base import MethodBatch
 from dglm.engine.methods.fudge import FudgeParams, fudge_generate
+from dglm.engine.methods.re_control import value_hook
 from dglm.engine.models import load_decoder
 
 
@@ -57,7 +59,7 @@ def generate_setting(
 
     for chunk in batches(len(prefixes), config.batch_size):
         t0 = time.perf_counter()
-        if setting.method == "dglm":
+        if setting.method in ("dglm", "dglm+re-control"):
             params = [
                 GenerationParams(
                     controls=setting.controls,
@@ -82,7 +84,7 @@ def generate_setting(
                     add(k + "_s", v)
         else:
             ids = [engine.tokenizer.encode(prefixes[i]) for i in chunk for _ in range(S)]
-            if setting.method == "decoder":
+            if setting.method in ("decoder", "re-control"):
                 params = [
                     DecodeParams(
                         max_new_tokens=config.max_new_tokens,
@@ -93,7 +95,10 @@ def generate_setting(
                     for i in chunk
                     for j in range(S)
                 ]
-                results, t = decode(base_decoder, engine.tokenizer, ids, params)
+                hook = None
+                if setting.method == "re-control":  # the edit on the same plain decoding
+                    hook = re_control_hook(engine, setting, prefixes, chunk, ids, S)
+                results, t = decode(base_decoder, engine.tokenizer, ids, params, hidden_hook=hook)
                 for k in ("prefill_s", "decode_s"):
                     add(k, t[k])
             elif setting.method == "fudge":
@@ -124,6 +129,18 @@ def generate_setting(
     timings["per_sample_s"] = timings["wall_s"] / n
     latents = torch.stack(lats) if lats else None
     return Generations(rows_idx, texts, toks, latents, timings)
+
+
+def re_control_hook(engine, setting: Setting, prefixes, chunk, ids, samples: int):
+    """RE-Control's hidden-state hook for one batch of rows (every row has the setting's controls,
+    at its value network's default steps and step size)."""
+    params = [GenerationParams(controls=setting.controls) for _ in chunk]
+    rows = [(r, j) for r in range(len(chunk)) for j in range(samples)]
+    per_request = [ids[k * samples] for k in range(len(chunk))]
+    batch = MethodBatch(
+        [prefixes[i] for i in chunk], params, per_request, rows, [0] * len(rows), None
+    )
+    return value_hook(engine.value_nets, engine.probes.probes, batch, True, engine.device)
 
 
 def warm_up(engine, prefix: str) -> None:

@@ -79,6 +79,10 @@ def guidance_label(r: dict) -> str:
         return "none (plain decoding)"
     if r["method"] == "fudge":
         return f"FUDGE λ={r['scale']:g}"
+    if r["method"] == "re-control":
+        return "RE-Control (value network's n, α)"
+    if r["method"] == "dglm+re-control":
+        return f"s={r['scale']:g} + RE-Control"
     if r["group"] == "fidelity":
         return f"s=0, α²={r['renoise_alpha2']:g}"
     if r["scale"] is None:

@@ -92,7 +92,9 @@ def run_eval(
         config = replace(
             config, guidance_scales=tuple(sorted({*config.guidance_scales, default_scale}))
         )
-    settings, skipped = build_settings(config, engine.probes.probes, default_a2)
+    settings, skipped = build_settings(
+        config, engine.probes.probes, default_a2, tuple(engine.value_nets), default_scale
+    )
     logger.info("evaluating %d settings on %d prefixes", len(settings), len(prefixes))
 
     # settings with identical generation parameters share one run (e.g. α² = the bundle's)

@@ -38,6 +38,9 @@ class EvalConfig:
     batch_size: int = 16  # prompts per generation call (every method alike)
     seed: int = 0
     gemma: bool = False  # also judge fluency under Gemma-3-270M (the presets do; needs the extra)
+    # RE-Control rows (alone on the released decoder, and with DGLM at the default scale) for every
+    # probe the bundle has a value network for, at the value network's default steps / step size
+    re_control: bool = True
 
     def __post_init__(self) -> None:
         for name in ("num_prefixes", "num_samples", "max_new_tokens", "fudge_top_k", "batch_size"):
@@ -97,7 +100,8 @@ PRESETS = {
 @dataclass(frozen=True)
 class Setting:
     name: str  # unique, e.g. "dglm sentiment=positive:20"
-    method: str  # "decoder" (plain decoding) | "dglm" | "fudge"
+    # "decoder" (plain decoding) | "dglm" | "fudge" | "re-control" (alone) | "dglm+re-control"
+    method: str
     group: str  # "unguided" | "sentiment" | "toxicity" | "fidelity"
     controls: tuple[Control, ...] = ()
     renoise_alpha2: float | None = None  # dglm only
@@ -119,8 +123,43 @@ def low_toxicity_target(probe: Probe) -> str:
     )
 
 
-def build_settings(config: EvalConfig, probes: dict[str, Probe], default_alpha2: float):
-    """(settings to run, skipped [{setting, reason}])."""
+def re_control_settings(
+    probe: str, target: str, group: str, default_scale: float, default_alpha2: float
+) -> list[Setting]:
+    """RE-Control alone and DGLM + RE-Control (the control acting both ways, DGLM at the bundle's
+    default scale) for one probe target."""
+    return [
+        Setting(
+            f"re-control {probe}={target}",
+            "re-control",
+            group,
+            (Control(probe, target, method="re-control"),),
+            None,
+            probe,
+            target,
+        ),
+        Setting(
+            f"dglm+re-control {probe}={target}:{default_scale:g}",
+            "dglm+re-control",
+            group,
+            (Control(probe, target, default_scale, method="both"),),
+            default_alpha2,
+            probe,
+            target,
+            default_scale,
+        ),
+    ]
+
+
+def build_settings(
+    config: EvalConfig,
+    probes: dict[str, Probe],
+    default_alpha2: float,
+    value_nets: tuple[str, ...] = (),
+    default_scale: float = DEFAULT_SCALE,
+):
+    """(settings to run, skipped [{setting, reason}]); value_nets: the probes with a RE-Control
+    value network."""
     settings = [
         Setting("decoder", "decoder", "unguided"),
         Setting("dglm unguided", "dglm", "unguided", renoise_alpha2=default_alpha2),
@@ -145,6 +184,10 @@ def build_settings(config: EvalConfig, probes: dict[str, Probe], default_alpha2:
                         target,
                         s,
                     )
+                )
+            if config.re_control and "sentiment" in value_nets:
+                settings += re_control_settings(
+                    "sentiment", target, "sentiment", default_scale, default_alpha2
                 )
             for lam in config.fudge_strengths:
                 settings.append(
@@ -173,6 +216,10 @@ def build_settings(config: EvalConfig, probes: dict[str, Probe], default_alpha2:
                     low,
                     s,
                 )
+            )
+        if config.re_control and "toxicity" in value_nets:
+            settings += re_control_settings(
+                "toxicity", low, "toxicity", default_scale, default_alpha2
             )
     else:
         skipped.append({"setting": "toxicity=low", "reason": "the bundle has no 'toxicity' probe"})

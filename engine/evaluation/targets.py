@@ -19,6 +19,9 @@ TARGET_SECOND_JUDGE_RATE = 0.70
 TARGET_PPL_RATIO_UNGUIDED = 1.3
 TARGET_PPL_RATIO_STEERED = 1.5
 TARGET_DIST3_DELTA = 0.05
+# RE-Control (issue 14): alone, ≥ 25 points over plain decoding at perplexity ≤ 1.5× plain; with
+# DGLM, above each alone at equal or better perplexity
+TARGET_RE_CONTROL_GAIN = 0.25
 
 
 def _check(
@@ -144,6 +147,58 @@ def _sentiment_checks(
     ]
 
 
+def _re_control_checks(
+    target: str, group: list[dict], dec: dict, steered: dict | None, ppl: tuple[str, str]
+) -> list[dict]:
+    """RE-Control's targets for one sentiment target (none when its rows were not run)."""
+    alone = next((r for r in group if r["method"] == "re-control"), None)
+    both = next((r for r in group if r["method"] == "dglm+re-control"), None)
+    checks: list[dict] = []
+    key = "vader_" + target
+    if alone is not None:
+        gain = alone["metrics"][key] - dec["metrics"][key]
+        checks += [
+            _check(
+                f"sentiment {target}: RE-Control VADER {target} ≥ plain decoding + "
+                f"{TARGET_RE_CONTROL_GAIN:.0%}",
+                alone["setting"],
+                gain,
+                TARGET_RE_CONTROL_GAIN,
+                gain >= TARGET_RE_CONTROL_GAIN,
+                gain - TARGET_RE_CONTROL_GAIN,
+                f"{rate_ci(alone['metrics'], key)} vs plain decoding {rate_ci(dec['metrics'], key)}",
+            ),
+            _ppl_check(
+                f"sentiment {target}: RE-Control {ppl[1]} ≤ {TARGET_PPL_RATIO_STEERED}× plain "
+                "decoding",
+                alone,
+                dec,
+                ppl[0],
+                TARGET_PPL_RATIO_STEERED,
+            ),
+        ]
+    if both is not None:
+        for other, what in ((alone, "RE-Control alone"), (steered, "DGLM alone")):
+            if other is None:
+                continue
+            diff = both["metrics"][key] - other["metrics"][key]
+            p_both, p_other = both["metrics"][ppl[0]], other["metrics"][ppl[0]]
+            met = diff > 0 and p_both <= p_other
+            checks.append(
+                _check(
+                    f"sentiment {target}: DGLM + RE-Control above {what}, perplexity no worse",
+                    both["setting"],
+                    diff,
+                    0.0,
+                    met,
+                    diff if p_both <= p_other else min(diff, p_other - p_both),
+                    f"VADER {pct(both['metrics'][key])} vs {pct(other['metrics'][key])}; "
+                    f"{ppl[1]} {p_both:.2f} vs {p_other:.2f}",
+                )
+            )
+    return checks
+
+
 def _fidelity_check(fidelity_cos: dict[float, torch.Tensor | None]) -> list[dict]:
     cos_95, cos_0 = fidelity_cos.get(0.95), fidelity_cos.get(0.0)
     if cos_95 is None or cos_0 is None:
@@ -178,6 +233,8 @@ def target_checks(
       perplexity ≤ 1.5× plain decoding's, Dist-3 within 0.05 of unguided DGLM, VADER rate above
       the best FUDGE row with the same probe and target, at a lower latency per sample; the notes
       give the unguided DGLM and plain-decoding base rates with 95% intervals;
+    - RE-Control, when its rows ran: alone, VADER rate ≥ plain decoding's + 25 points at
+      perplexity ≤ 1.5× plain decoding's; with DGLM, above each alone at no worse perplexity;
     - proposal fidelity: the paired mean difference cos(α² = 0.95) − cos(α² = 0) over the same
       prefixes and seeds, met when it exceeds twice its standard error (margin = difference − 2·se).
     """
@@ -204,7 +261,10 @@ def target_checks(
             )
             fudges = [r for r in group if r["method"] == "fudge"]
             ppl = perplexity_key([dec, ref] + ([steered] if steered else []))
+            rc = [r for r in group if r["method"] in ("re-control", "dglm+re-control")]
+            rc_ppl = perplexity_key([dec, *rc, *([steered] if steered else [])])
+            rc_checks = _re_control_checks(target, group, dec, steered, rc_ppl)
             if steered is None:
                 steered = f"dglm sentiment={target}:{default_scale:g} (not run)"
-            checks += _sentiment_checks(target, steered, dec, ref, fudges, ppl)
+            checks += _sentiment_checks(target, steered, dec, ref, fudges, ppl) + rc_checks
     return checks + _fidelity_check(fidelity_cos)

@@ -160,3 +160,36 @@ def test_cli_trains_a_value_network_and_adds_it(tiny_bundle, tmp_path, capsys):
     rc = main(["train", "value", str(data), "--bundle", str(tiny_bundle), "--probe", "topic",
                "--out", str(tmp_path / "r2")])  # fmt: skip
     assert rc == 2 and "--probe 'topic' is not a probe" in capsys.readouterr().err
+
+
+def test_eval_runs_re_control_beside_dglm(engine, tiny_llama_dir):
+    """`dglm eval` adds RE-Control alone and DGLM + RE-Control rows for a probe with a value
+    network, with their targets checked."""
+    pytest.importorskip("textblob")
+    pytest.importorskip("hatesonar")
+    from dglm.engine.evaluation.perplexity import ReferenceLM
+    from dglm.engine.evaluation.report import render_markdown
+    from dglm.engine.evaluation.run import run_eval
+    from dglm.engine.evaluation.settings import EvalConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    lm = ReferenceLM(
+        "tiny-llama",
+        AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval(),
+        AutoTokenizer.from_pretrained(tiny_llama_dir),
+    )
+    config = EvalConfig(prefixes=("The movie was", "I think the food"), num_samples=1,
+                        max_new_tokens=6, guidance_scales=(10.0,), renoise_alpha2s=(),
+                        fudge_strengths=(), batch_size=2)  # fmt: skip
+    report, samples = run_eval(engine, config, reference_lm=lm)
+    rows = {r["setting"]: r for r in report["rows"]}
+    assert {"re-control sentiment=positive", "dglm+re-control sentiment=negative:10"} <= set(rows)
+    text = {s["setting"]: [] for s in samples}
+    for s in samples:
+        text[s["setting"]].append(s["continuation"])
+    assert text["re-control sentiment=positive"] != text["decoder"]
+    targets = {c["target"] for c in report["targets"]}
+    assert "sentiment positive: RE-Control VADER positive ≥ plain decoding + 25%" in targets
+    assert any("DGLM + RE-Control above DGLM alone" in t for t in targets)
+    md = render_markdown(report)
+    assert "RE-Control (value network's n, α)" in md and "s=10 + RE-Control" in md
