@@ -16,7 +16,7 @@ import torch
 from dglm.engine import bundle as bundle_io
 from dglm.engine.api import GenerationParams, RequestOutput, Sample, is_utf8
 from dglm.engine.bundle import BundleConfig
-from dglm.engine.decoding.loop import companion_count
+from dglm.engine.decoding.loop import TokenStream, companion_count
 from dglm.engine.decoding.loop import generate as decode
 from dglm.engine.decoding.runner import DecodeRunner, DecodeRunnerConfig
 from dglm.engine.decoding.sampling import DecodeParams, DecodeResult, LogitsProcessor
@@ -303,9 +303,13 @@ class Engine:
         prompts: list[str],
         params: GenerationParams | list[GenerationParams] | None = None,
         method: Method | None = None,
+        on_tokens: TokenStream | None = None,
     ) -> list[RequestOutput]:
         """One output per prompt, in input order; each holds `num_samples` samples.
-        `method`: how the rows are conditioned (default: DGLM, `self.dglm`)."""
+        `method`: how the rows are conditioned (default: DGLM, `self.dglm`).
+        on_tokens: a streaming hook (`decoding.loop.TokenStream`), called after the conditioning
+        stages with every decoded token; its rows are (prompt i, sample j) in that order, the
+        order of the samples in the outputs."""
         method = method or self.dglm
         if params is None:
             params = GenerationParams()
@@ -336,6 +340,8 @@ class Engine:
         hooks = {"processors": cond.processors} if cond.processors else {}
         if cond.hidden_hook is not None:
             hooks["hidden_hook"] = cond.hidden_hook
+        if on_tokens is not None:
+            hooks["on_tokens"] = on_tokens
         row_ids = [prefix_ids[i] for i, _ in rows]
         results, dec_t = self._decode(row_ids, decode_params, cond.soft_prompt, **hooks)
         timings["prefill"] = dec_t.get("prefill_s", 0.0)
@@ -358,6 +364,7 @@ class Engine:
         soft_prompt: torch.Tensor | None,
         processors: tuple[LogitsProcessor, ...] = (),
         hidden_hook: HiddenHook | None = None,
+        on_tokens: TokenStream | None = None,
     ) -> tuple[list[DecodeResult], dict[str, float]]:
         """The decoding stage: the one loop on this engine's backend → (results, timings).
         The torch backend's persistent runner takes the batches it can (see its can_run)."""
@@ -373,7 +380,7 @@ class Engine:
                 runner = None  # past its buffers, or a hook it cannot run: an eager loop
         return decode(
             self.decoder, self.tokenizer, prefix_ids, params, soft_prompt, runner=runner,
-            processors=processors, hidden_hook=hidden_hook,
+            processors=processors, hidden_hook=hidden_hook, on_tokens=on_tokens,
         )  # fmt: skip
 
     def info(self) -> dict:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dglm.engine.cli import bundle, data, export, generate, probe, train
+from dglm.engine.cli import bundle, data, export, generate, probe, serve, train
 from dglm.engine.cli import eval as eval_
 from dglm.engine.cli.common import EXIT_USAGE, configure_logging
 
 # in `dglm --help` order; `generate` registers `generate` and `info`
-COMMAND_GROUPS = (generate, data, train, bundle, export, probe, eval_)
+COMMAND_GROUPS = (generate, data, train, bundle, export, probe, eval_, serve)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -74,6 +75,17 @@ class CompanionRows(Protocol):
     companion_rows: list[int]
 
     def see_companions(self, logits: torch.Tensor) -> None: ...
+
+
+class TokenStream(Protocol):
+    """A streaming hook (`generate(..., on_tokens=...)`): called after every sampled token with
+    the index of its batch's first row (a batch run in chunks calls it per chunk) and the tokens
+    just sampled, one per row (pad for a finished row; EOS and stop strings are the caller's to
+    cut). Returns the rows, counted from `first_row`, to finish now (e.g. a client gone: they
+    feed pad from then on and the loop ends early once every row is finished), or None.
+    """
+
+    def __call__(self, first_row: int, tokens: list[int]) -> Iterable[int] | None: ...
 
 
 def companion_count(processors: tuple[LogitsProcessor, ...]) -> int:
@@ -149,6 +161,7 @@ def generate(
     static: bool = True,
     processors: tuple[LogitsProcessor, ...] = (),
     hidden_hook: HiddenHook | None = None,
+    on_tokens: TokenStream | None = None,
 ) -> tuple[list[DecodeResult], dict[str, float]]:
     """Generate a continuation per row → (results in row order, timings: "prefill_s",
     "decode_s" (wall), "decode_steps" (steps after the first token), "decode_cpu_s").
@@ -165,6 +178,8 @@ def generate(
     the reference loop instead, `Decoder.forward` over a growing KVCache.
     processors rewrite each step's logits before sampling; hidden_hook edits the final-norm hidden
     states before the LM head at every step (the runner must be able to run it, see can_run).
+    on_tokens (streaming, `TokenStream`) sees each step's tokens: a host read every step when
+    set; None costs nothing and changes nothing.
 
     The decode loop keeps everything on the device: no .item(), no torch.multinomial, no Python
     branch on tensor values (processors aside); the host reads the tokens only every
@@ -220,7 +235,7 @@ def generate(
                 )
             return _in_chunks(
                 decoder, tokenizer, prefix_ids, params, soft_prompt, runner,
-                processors=processors, hidden_hook=hidden_hook,
+                processors=processors, hidden_hook=hidden_hook, on_tokens=on_tokens,
             )  # fmt: skip
         if hidden_hook is not None and not runner.can_run(1, 1, True):
             raise ValueError(
@@ -258,10 +273,15 @@ def generate(
 
     def sample(logits: torch.Tensor) -> torch.Tensor:  # (B [+ G], V) → tokens to feed (B [+ G],)
         if not G:
-            return sampler.step(logits)
-        comp.see_companions(logits[B:])
-        tok = sampler.step(logits[:B])
-        return torch.cat((tok, tok[follow]))
+            tok = sampler.step(logits)
+        else:
+            comp.see_companions(logits[B:])
+            tok = sampler.step(logits[:B])
+        if on_tokens is not None:
+            finish = on_tokens(0, tok.tolist())  # a host read: streaming only
+            if finish:  # from the next step on they feed pad
+                sampler.finished[list(finish)] = True
+        return tok if not G else torch.cat((tok, tok[follow]))
 
     # ---- prefill: pads, prefix, soft prompt in one causal pass
     tok = sample(runner.start(batch, hidden_hook))
@@ -285,15 +305,24 @@ def generate(
     return sampler.results(), timings
 
 
-def _in_chunks(decoder, tokenizer, prefix_ids, params, soft_prompt, runner, **hooks):
+def _in_chunks(
+    decoder, tokenizer, prefix_ids, params, soft_prompt, runner, on_tokens=None, **hooks
+):
     """`generate` over chunks of runner.max_batch rows; results in row order, timings summed."""
     results: list[DecodeResult] = []
     timings: dict[str, float] = {}
     for rows in row_chunks(len(prefix_ids), runner.max_batch):
         soft = None if soft_prompt is None else soft_prompt[rows]
+        stream = None
+        if on_tokens is not None:  # the chunk's rows counted from its first
+
+            def stream(first: int, tokens: list[int], start: int = rows.start):
+                return on_tokens(start + first, tokens)
+
         res, t = generate(
-            decoder, tokenizer, prefix_ids[rows], params[rows], soft, runner=runner, **hooks
-        )
+            decoder, tokenizer, prefix_ids[rows], params[rows], soft, runner=runner,
+            on_tokens=stream, **hooks,
+        )  # fmt: skip
         results += res
         for key, value in t.items():
             timings[key] = timings.get(key, 0.0) + value
@@ -307,6 +336,7 @@ __all__ = [
     "ReferenceStep",
     "CompanionRows",
     "StepBackend",
+    "TokenStream",
     "check_cache",
     "companion_count",
     "generate",

@@ -6,7 +6,7 @@ import pytest
 from dglm.engine.cli import generate
 from dglm.engine.cli.main import build_parser, main
 
-COMMANDS = ["generate", "info", "data", "train", "bundle", "export", "probe", "eval"]
+COMMANDS = ["generate", "info", "data", "train", "bundle", "export", "probe", "eval", "serve"]
 
 
 def test_every_command_is_registered_in_order(capsys):
