@@ -165,7 +165,7 @@ class Call:
 
     async def next(self) -> tuple:
         """The job's next event; ("timeout",) past the deadline, ("gone",) when the client
-        disconnects (only watched before a stream starts: Starlette watches it after)."""
+        disconnects."""
         get = asyncio.ensure_future(self.events.get())
         gone = asyncio.ensure_future(wait_disconnect(self.request))
         left = max(0.0, self.deadline - time.monotonic())
@@ -250,11 +250,9 @@ async def stream_completion(call: Call, req: CompletionRequest, model: str) -> R
         first, event = True, ("accepted",)
         try:
             while True:
-                try:
-                    left = max(0.0, call.deadline - time.monotonic())
-                    event = await asyncio.wait_for(call.events.get(), left)
-                except asyncio.TimeoutError:
-                    event = ("timeout",)
+                event = await call.next()
+                if event[0] == "gone":
+                    return
                 if event[0] == "delta":
                     if first:
                         call.metrics.first_token_seconds.observe(
