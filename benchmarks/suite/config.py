@@ -48,6 +48,8 @@ METHODS = {
     "engine_2probes": "engine",  # sentiment=positive + toxicity=<non-toxic>
     "reference_dglm": "reference_dglm",  # 250 fp32 DDPM steps, exact guidance, eager HF decoding
     "fudge": "fudge",  # token-level top-k reranking with the sentiment probe
+    "re_control": "re_control",  # RE-Control alone: value-network edits of the hidden states
+    "engine_re_control": "engine",  # DGLM + RE-Control, the sentiment control acting both ways
 }
 SENTIMENT_TARGET = ("sentiment", "positive")  # the one-probe control of every controlled method
 

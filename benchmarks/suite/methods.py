@@ -54,7 +54,12 @@ class Method:
 
 
 def control_label(controls: tuple[Control, ...]) -> str:
-    return " + ".join(f"{c.probe}={c.target}:{c.scale:g}" for c in controls) or "—"
+    def one(c: Control) -> str:
+        scale = "" if c.scale is None else f":{c.scale:g}"
+        how = "" if c.method == "dglm" else f"@{c.method}"
+        return f"{c.probe}={c.target}{scale}{how}"
+
+    return " + ".join(one(c) for c in controls) or "—"
 
 
 def method_label(m: Method) -> str:
@@ -191,14 +196,16 @@ def hf_generate_method(hf, tokenizer, temperature: float, top_p: float) -> Metho
 
 
 # ------------------------------------------------------------------ the engine
-def _engine_run(engine: Engine, prompts, length, seeds, controls, temperature, top_p, **overrides):
+def _engine_run(
+    engine: Engine, prompts, length, seeds, controls, temperature, top_p, method=None, **overrides
+):
     """One `Engine.generate` call, one sample per prompt, exactly `length` tokens per row."""
     params = [
         GenerationParams(controls=controls, seed=s, max_new_tokens=length, temperature=temperature,
                          top_p=top_p, ignore_eos=True, **overrides)
         for s in seeds
     ]  # fmt: skip
-    outs = engine.generate(list(prompts), params)
+    outs = engine.generate(list(prompts), params, method=method)
     stages = {k: v for k, v in outs[0].timings.items() if k != "total"}
     samples = [o.samples[0] for o in outs]
     return Run(
@@ -227,6 +234,24 @@ def engine_method(
         + (" (fast_decode: persistent runner)" if engine.decode_runner is not None else ""),
     }
     return Method(name, "engine", controls, run, info)
+
+
+def re_control_method(engine: Engine, control: Control, temperature: float, top_p: float) -> Method:
+    """RE-Control alone through the engine (its decoder, no soft prompt, no diffusion), at the
+    value network's default steps and step size."""
+
+    def run(prompts: list[str], length: int, seeds: list[int]) -> Run:
+        return _engine_run(
+            engine, prompts, length, seeds, (control,), temperature, top_p, engine.re_control
+        )
+
+    net = engine.value_nets[control.probe].config
+    info = {
+        "dtype": str(engine.dtype).removeprefix("torch."),
+        "decoding": f"Engine.generate(method=ReControl): {net.steps} value-ascent steps of "
+        f"{net.step_size:g} per token (eager decode step: the hidden-state hook)",
+    }
+    return Method("re_control", "re_control", (control,), run, info)
 
 
 # ------------------------------------------------------------------ reference-style DGLM
@@ -372,4 +397,15 @@ def build_methods(
             made[name] = fudge_method(
                 engine, one[0], config.fudge_top_k, config.fudge_strength, T, p
             )
+        elif name in ("re_control", "engine_re_control"):
+            if probe not in engine.value_nets:
+                notes.append(f"{name} left out: the bundle has no {probe!r} value network")
+                continue
+            if name == "re_control":
+                made[name] = re_control_method(
+                    engine, Control(probe, label, method="re-control"), T, p
+                )
+            else:
+                both = (Control(probe, label, scale, method="both"),)
+                made[name] = engine_method(name, engine, both, T, p)
     return list(made.values()), notes

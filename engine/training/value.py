@@ -289,10 +289,15 @@ def reward_columns(engine_probes, probe: str) -> slice:
 
 
 def td_loss(
-    net: ValueNetwork, states: torch.Tensor, lengths: torch.Tensor, reward: torch.Tensor
+    net: ValueNetwork,
+    states: torch.Tensor,
+    lengths: torch.Tensor,
+    reward: torch.Tensor,
+    mc_weight: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(TD loss over the non-terminal states, terminal loss) for a batch: states (B, T, H),
-    lengths (B,), reward (B, K)."""
+    lengths (B,), reward (B, K). mc_weight > 0 adds the Monte-Carlo regression of every valid
+    state's value on the reward (mean over states, times mc_weight) to the TD term."""
     v = net(states.float())  # (B, T, K)
     B, T, _ = v.shape
     t = torch.arange(T, device=v.device)[None, :]
@@ -302,6 +307,10 @@ def td_loss(
     td = td.sum() / inner.sum().clamp_min(1.0)
     last = v[torch.arange(B), lengths - 1]  # the last valid position
     term = ((last - reward) ** 2).mean()
+    if mc_weight > 0:
+        valid = (t < lengths[:, None]).float()
+        mc = ((v - reward[:, None, :]) ** 2).mean(-1) * valid
+        td = td + mc_weight * mc.sum() / valid.sum()
     return td, term
 
 
@@ -335,8 +344,10 @@ def train_value(
     out: str | Path,
     progress: Progress | None = None,
     device: str = "cpu",
+    mc_weight: float = 0.0,
 ) -> ValueNetwork:
-    """TD-train a value network on the rollouts' reward columns `cols` → the EMA network."""
+    """TD-train a value network on the rollouts' reward columns `cols` → the EMA network
+    (mc_weight: see td_loss)."""
     n = data.states.shape[0]
     held = torch.arange(n) % HELD_OUT_EVERY == 0
     train_rows, eval_rows = torch.nonzero(~held)[:, 0], torch.nonzero(held)[:, 0]
@@ -357,6 +368,7 @@ def train_value(
             data.states[rows].to(dev),
             data.lengths[rows].to(dev),
             data.rewards[rows][:, cols].to(dev),
+            mc_weight,
         )
         loss = td + term
         run.optimizer_step(loss)

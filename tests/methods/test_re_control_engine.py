@@ -193,3 +193,21 @@ def test_eval_runs_re_control_beside_dglm(engine, tiny_llama_dir):
     assert any("DGLM + RE-Control above DGLM alone" in t for t in targets)
     md = render_markdown(report)
     assert "RE-Control (value network's n, α)" in md and "s=10 + RE-Control" in md
+
+
+def test_benchmark_suite_runs_re_control(engine):
+    """The suite's RE-Control rows: alone (no diffusion stages) and with DGLM."""
+    from benchmarks.suite.config import SuiteConfig
+    from benchmarks.suite.methods import build_methods, control_label
+
+    cfg = SuiteConfig(quick=True, methods=("engine_1probe", "re_control", "engine_re_control"))
+    methods, notes = build_methods(cfg, engine, engine, None, None)
+    assert [m.name for m in methods] == [
+        "engine_1probe",
+        "re_control",
+        "engine_re_control",
+    ] and not notes
+    runs = {m.name: m.run(PROMPTS, 5, [1, 2]) for m in methods}
+    assert runs["re_control"].stages["diffusion"] == 0 < runs["re_control"].stages["decode"]
+    assert runs["engine_re_control"].token_ids != runs["engine_1probe"].token_ids
+    assert control_label(methods[1].controls) == "sentiment=positive@re-control"
