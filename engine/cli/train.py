@@ -130,6 +130,13 @@ def add_parser(sub) -> None:
         default=None,
         help="read / write the rollouts here (default <out>/rollouts; one set serves every probe)",
     )
+    tv.add_argument(
+        "--mc-weight",
+        type=float,
+        default=0.0,
+        help="add the Monte-Carlo regression of every state on the reward with this weight "
+        "(0: the paper's TD loss alone)",
+    )
     tv.set_defaults(func=cmd_train_value, preset="small", warmup=100, ema_decay=0.99)
     tb = tsub.add_parser("probe", help="a logistic probe from the offline labelled sets")
     tb.add_argument("which", choices=("sentiment", "topic", "toxicity"))
@@ -271,7 +278,9 @@ def cmd_train_value(args: argparse.Namespace) -> int:
     return _train(
         args,
         "value",
-        lambda cfg, update: train_value(data, cols, net_config, cfg, args.out, update, args.device),
+        lambda cfg, update: train_value(
+            data, cols, net_config, cfg, args.out, update, args.device, args.mc_weight
+        ),
     )
 
 
