@@ -11,6 +11,10 @@ A request's result does not depend on its batch: its rows draw from generators s
 own seed (sample j: seed + j) in every stage. The floats are not bit-identical to a request run
 alone (the encoder pads a batch to its longest prompt; a one-row matmul takes another kernel), a
 ~1e-6 move of the latent that changes a token only at a near-tie (tests/serve).
+
+Every batch runs with the decode loop's streaming hook (streamed text, and the rows of cancelled
+jobs finished mid-batch): a host read of each step's tokens — free on CPU, one device sync per
+token on CUDA.
 """
 
 from __future__ import annotations

@@ -181,3 +181,25 @@ def test_shutdown_finishes_accepted_requests_then_refuses(tiny_engine):
     with pytest.raises(RequestError) as e:
         batcher.submit(job(["a"], GenerationParams())[0])
     assert e.value.status == 503
+
+
+def test_only_the_worker_thread_calls_the_engine(tiny_engine, monkeypatch):
+    """The thread-safety the server relies on: every Engine call (validation included) is made by
+    the one worker thread, whatever thread the HTTP requests arrive on."""
+    callers = set()
+    for name in ("validate", "generate"):
+        method = getattr(tiny_engine, name)
+
+        def recording(*args, _method=method, **kwargs):
+            callers.add(threading.current_thread().name)
+            return _method(*args, **kwargs)
+
+        monkeypatch.setattr(tiny_engine, name, recording)
+    app = create_app(tiny_engine, ServerConfig())
+    with TestClient(app) as client:
+        for stream in (False, True):
+            body = {"prompt": "The movie was", "max_tokens": 4, "seed": 1, "stream": stream}
+            assert client.post("/v1/completions", json=body).status_code == 200
+        assert client.post("/v1/completions", json={"prompt": "x", "controls": [
+            {"probe": "nope", "target": "y"}]}).status_code == 400  # fmt: skip
+    assert callers == {"dglm-engine"}
