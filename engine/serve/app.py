@@ -269,7 +269,9 @@ async def stream_completion(call: Call, req: CompletionRequest, model: str) -> R
                         completion = sum(len(s.token_ids) for s in samples)
                         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
                                  "total_tokens": prompt_tokens + completion}  # fmt: skip
-                        yield f"data: {json.dumps({'id': cid, 'choices': [], 'usage': usage})}\n\n"
+                        last = {"id": cid, "object": "text_completion", "created": created,
+                                "model": model, "choices": [], "usage": usage}  # fmt: skip
+                        yield f"data: {json.dumps(last)}\n\n"
                     call.metrics.requests.labels("200").inc()
                     call.metrics.request_seconds.observe(time.monotonic() - call.job.arrived)
                 else:  # error / timeout after the 200 went out
