@@ -345,9 +345,12 @@ def train_value(
     progress: Progress | None = None,
     device: str = "cpu",
     mc_weight: float = 0.0,
+    state_noise: float = 0.0,
 ) -> ValueNetwork:
     """TD-train a value network on the rollouts' reward columns `cols` → the EMA network
-    (mc_weight: see td_loss)."""
+    (mc_weight: see td_loss). state_noise: the standard deviation, relative to the states' own
+    per-coordinate RMS, of Gaussian noise added to the training states: a smoother value, whose
+    gradient (what decoding follows) generalises off the rollouts' states."""
     n = data.states.shape[0]
     held = torch.arange(n) % HELD_OUT_EVERY == 0
     train_rows, eval_rows = torch.nonzero(~held)[:, 0], torch.nonzero(held)[:, 0]
@@ -361,11 +364,16 @@ def train_value(
     net = ValueNetwork(net_config)
     run = Run(out, net, cfg, "value", net_config.to_dict(), device)
     dev = run.device
+    rms = float(data.states[train_rows[:256]].float().pow(2).mean().sqrt())
     for idx in run.batches(len(train_rows)):
         rows = train_rows[idx]
+        states = data.states[rows].to(dev).float()
+        if state_noise > 0:
+            noise = torch.randn(states.shape, generator=run.gen).to(dev)
+            states = states + state_noise * rms * noise
         td, term = td_loss(
             net,
-            data.states[rows].to(dev),
+            states,
             data.lengths[rows].to(dev),
             data.rewards[rows][:, cols].to(dev),
             mc_weight,
