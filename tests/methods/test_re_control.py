@@ -183,3 +183,24 @@ def test_train_value_learns_a_learnable_reward(tmp_path, gen):
     assert logs[-1]["eval_terminal_mse"] < 0.5 * logs[-1]["eval_reward_var"]
     assert logs[-1]["loss"] < logs[0]["loss"]
     assert isinstance(net, ValueNetwork)
+
+
+def test_state_noise_smooths_training_and_still_learns(tmp_path, gen):
+    N, T, H = 200, 4, 8
+    states = torch.randn(N, T, H, generator=gen).cumsum(1) / 2
+    lengths = torch.full((N,), T)
+    w = torch.randn(H, generator=gen)
+    reward = (states[:, -1] @ w)[:, None] / 3
+    data = Rollouts(states.to(torch.bfloat16), lengths, reward, torch.zeros(N, dtype=bool), ["p"])
+    cfg = TrainConfig(steps=200, batch_size=64, lr=3e-3, warmup=10, eval_every=200,
+                      save_every=200, ema_decay=0.9)  # fmt: skip
+    vc = ValueNetConfig("p", H, 1, hidden_dim=32)
+    torch.manual_seed(0)
+    plain = train_value(data, slice(0, 1), vc, cfg, tmp_path / "a")
+    torch.manual_seed(0)
+    noisy = train_value(data, slice(0, 1), vc, cfg, tmp_path / "b", state_noise=0.5)
+    assert not torch.equal(plain.layers[0].weight, noisy.layers[0].weight)
+    import json
+
+    last = json.loads((tmp_path / "b" / "log.jsonl").read_text().splitlines()[-1])
+    assert last["eval_corr_last"] > 0.8, last
