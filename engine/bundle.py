@@ -29,6 +29,7 @@ from dglm.engine.diffusion.score_network import ScoreNetConfig
 from dglm.engine.methods.re_control import ValueNetConfig, ValueNetwork
 from dglm.engine.models import load_decoder
 from dglm.engine.models.lora import LoraConfig, merge_lora
+from dglm.engine.models.quant import quantize_decoder
 from dglm.engine.probes import Probe, check_control_scale, load_probes
 from dglm.engine.prompt.generator import PromptGeneratorConfig
 from safetensors import SafetensorError
@@ -270,12 +271,14 @@ def load_bundle_decoder(
     bundle_dir: Path,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
+    quantize: str = "none",
 ):
     """(decoder, tokenizer) as the bundle uses it: the referenced decoder with the bundle's
-    adapters merged into its weights (in fp32, then cast to `dtype`)."""
+    adapters merged into its weights (in fp32, then cast to `dtype`, or quantized: `quantize`,
+    see models.quant)."""
     ref = resolve_reference(config.decoder, bundle_dir)
     if config.decoder_lora is None:
-        return load_decoder(ref, device=device, dtype=dtype)
+        return load_decoder(ref, device=device, dtype=dtype, quantize=quantize)
     path = bundle_dir / LORA_FILE
     if not path.is_file():
         raise ValueError(f"config.json names decoder adapters but {path.name} is missing")
@@ -285,7 +288,7 @@ def load_bundle_decoder(
         decoder.to(dtype)
         decoder.reset_buffers(device)  # RoPE tables from fp32, as load_decoder makes them
     logger.info("merged %s into the decoder (rank %d)", path.name, config.decoder_lora.rank)
-    return decoder, tokenizer
+    return quantize_decoder(decoder, quantize), tokenizer
 
 
 def save_lora(state: dict[str, torch.Tensor], path: Path) -> None:

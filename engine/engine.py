@@ -141,12 +141,15 @@ class Engine:
         cuda_graphs: bool = True,
         fast_decode: bool = False,
         onnx_options: RuntimeOptions | None = None,
+        quantize: str = "none",
     ) -> Engine:
         """backend="onnx": `path_or_name` is a `dglm export onnx` directory, run on ONNX Runtime
         (`onnx_options`: threads, CUDA graphs, batch padding; the export fixes the dtype, `dtype`
         is not used).
         fast_decode: decode with a persistent runner (CUDA graphs on CUDA, traced steps on CPU;
         each batch/length bucket pays a one-time capture or trace at its first use).
+        quantize="int8": the decoder's weights in int8 (weight-only, per-channel scales;
+        models.quant), fp32 only.
         A bad device, or a bundle file that is missing or unreadable, raises ValueError naming it."""
         device = resolve_device(device)
         if backend == "onnx":
@@ -160,6 +163,8 @@ class Engine:
         if backend != "torch":
             raise ValueError(f"backend must be 'torch' or 'onnx', got {backend!r}")
         dtype = _as_dtype(dtype)
+        if quantize != "none" and dtype != torch.float32:
+            raise ValueError(f"quantize={quantize!r} needs dtype float32, got {dtype}")
         bundle_dir = bundle_io.resolve_bundle_dir(path_or_name)
         config = bundle_io.read_config(bundle_dir)
         score_net = ScoreNetwork(config.score_network)
@@ -174,7 +179,9 @@ class Engine:
         encoder = SentenceEncoder(
             bundle_io.resolve_reference(config.encoder, bundle_dir), device=device
         )
-        decoder, tokenizer = bundle_io.load_bundle_decoder(config, bundle_dir, device, dtype)
+        decoder, tokenizer = bundle_io.load_bundle_decoder(
+            config, bundle_dir, device, dtype, quantize
+        )
         logger.info("loaded bundle %s (%d probes)", bundle_dir, len(probes))
         engine = cls(
             config,
@@ -430,6 +437,7 @@ class Engine:
             },
             "guided_update": getattr(self.update_fn, "__name__", str(self.update_fn)),
             "fast_decode": self.decode_runner is not None,
+            "decoder_quantized": getattr(self.decoder, "quantized", "none"),
             "device": str(self.device),
             "dtype": str(self.dtype).replace("torch.", ""),
         }

@@ -301,8 +301,17 @@ class Decoder(nn.Module):
         return h
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """LM head: (B, T, H) final-norm hidden states → fp32 logits (B, T, V)."""
+        """LM head: (B, T, H) final-norm hidden states → fp32 logits (B, T, V) (through the
+        int8 head of a quantized decoder, see models.quant)."""
+        head = self.__dict__["_modules"].get("quant_head")
+        if head is not None:
+            return head(hidden).float()
         return F.linear(hidden, self.lm_head_weight()).float()
+
+    @property
+    def quantized(self) -> str:
+        """ "none", or the weight quantization of `models.quant.quantize_decoder` ("int8")."""
+        return self.__dict__.get("_quantized", "none")
 
     def head(
         self, hidden: torch.Tensor, last_only: bool, hidden_hook: HiddenHook | None

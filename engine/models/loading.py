@@ -75,13 +75,24 @@ def load_decoder(
     name_or_path: str = DEFAULT_DECODER,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
+    quantize: str = "none",
 ):
     """(decoder, tokenizer) for "smollm2", a .gguf file, a local HF directory or a hub name.
 
     The decoder is in eval mode on `device` in `dtype`, its parameters frozen (requires_grad False;
     gradients still flow to inputs_embeds); the tokenizer is the Hugging Face tokenizer saved with
-    the model (None, with a warning, if there is none).
+    the model (None, with a warning, if there is none). quantize="int8": weight-only int8
+    (models.quant; fp32 only, inference only).
     """
+    from dglm.engine.models.quant import QUANTIZE_MODES, quantize_decoder
+
+    if quantize not in QUANTIZE_MODES:
+        raise ValueError(f"quantize must be one of {QUANTIZE_MODES}, got {quantize!r}")
+    decoder, tokenizer = _load_decoder(name_or_path, device, dtype)
+    return quantize_decoder(decoder, quantize), tokenizer
+
+
+def _load_decoder(name_or_path, device, dtype):
     name = str(name_or_path)
     path = Path(name).expanduser()
     if name == DEFAULT_DECODER:
