@@ -41,6 +41,7 @@ from dglm.engine.evaluation.provenance import load_average
 from dglm.engine.models import GPT2Config, GPT2Decoder, load_decoder
 from dglm.engine.models.gpt2 import gpt2_state_dict_from_hf
 from dglm.engine.models.loading import SHAPE_TWINS_ENV, smollm2_dir
+from dglm.engine.models.quant import quantize_decoder
 
 from benchmarks import common
 from benchmarks.common import ROOT
@@ -201,6 +202,12 @@ def bench_model(args, name, decoder, tok, hf, pad, device, dtype, rows_out, conf
         fast = copy.deepcopy(decoder).use_input_major_weights()
         runners["ours_fast"] = DecodeRunner(fast, DecodeRunnerConfig(**kw, step_impl="trace"))
         runners["ours_fast"].warmup()
+        if not args.no_int8:  # weight-only int8 (models.quant), the same traced step
+            q8 = quantize_decoder(copy.deepcopy(decoder)).use_input_major_weights()
+            runners["ours_fast_int8"] = DecodeRunner(
+                q8, DecodeRunnerConfig(**kw, step_impl="trace")
+            )
+            runners["ours_fast_int8"].warmup()
         extra["trace_s"] = round(time.perf_counter() - t0, 1)
         print(f"{name}: traced every bucket in {extra['trace_s']} s", file=sys.stderr)
         if args.compile:
@@ -258,9 +265,9 @@ def bench_model(args, name, decoder, tok, hf, pad, device, dtype, rows_out, conf
                 if impl != "hf_generate":
                     row["speedup_vs_hf"] = round(hf_ms / wall, 3)
                     row["cpu_speedup_vs_hf"] = round(hf_cpu / cpu, 3)
-                    if ref is not None:
+                    if ref is not None and not impl.endswith("int8"):
                         row["same_tokens_as_reference_loop"] = toks == ref
-                    if not sampled:  # HF forced n tokens (min_new_tokens): compare up to EOS
+                    if not sampled and not impl.endswith("int8"):  # HF forced n tokens: to EOS
                         row["same_tokens_as_hf"] = all(
                             o == until_eos(h, eos)[: len(o)] and len(o) <= len(h)
                             for o, h in zip(toks, hf_toks, strict=True)
@@ -274,6 +281,39 @@ def bench_model(args, name, decoder, tok, hf, pad, device, dtype, rows_out, conf
                   + ", ".join(f"{k} {v[0]:.1f} ms ({v[1]:.1f} cpu)" for k, v in res.items())
                   + f" [{time.perf_counter() - t0:.0f} s, load {load_average()}]",
                   file=sys.stderr)  # fmt: skip
+
+
+@torch.inference_mode()
+def int8_quality(decoder, tok, n_texts: int = 64) -> dict:
+    """Teacher-forced next-token quality of the int8 decoder against fp32 on held-out text (the
+    evaluation's held-out prefixes, 16-32 tokens each): perplexity of each and top-1 agreement."""
+    from dglm.engine.evaluation.prefixes import heldout_prefixes
+
+    texts = [p for _, p in heldout_prefixes(tok, n_texts, min_tokens=16, max_tokens=32)]
+    q8 = quantize_decoder(copy.deepcopy(decoder))
+    nll = {"fp32": 0.0, "int8": 0.0}
+    agree = count = 0
+    for text in texts:
+        ids = torch.tensor([tok.encode(text)], device=decoder.device)
+        pos = torch.arange(ids.shape[1], device=decoder.device)[None]
+        out = {}
+        for key, d in (("fp32", decoder), ("int8", q8)):
+            logits = d(d.embed(ids), pos)[0, :-1].float()
+            nll[key] += float(
+                torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum")
+            )
+            out[key] = logits.argmax(-1)
+        agree += int((out["fp32"] == out["int8"]).sum())
+        count += ids.shape[1] - 1
+    ppl = {k: float(torch.tensor(v / count).exp()) for k, v in nll.items()}
+    return {
+        "texts": len(texts),
+        "tokens": count,
+        "ppl_fp32": round(ppl["fp32"], 3),
+        "ppl_int8": round(ppl["int8"], 3),
+        "ppl_delta_pct": round(100 * (ppl["int8"] / ppl["fp32"] - 1), 2),
+        "top1_agreement": round(agree / count, 4),
+    }
 
 
 def smollm2(device: torch.device, dtype: torch.dtype):
@@ -349,6 +389,7 @@ def main() -> None:
     )
     ap.add_argument("--configs", nargs="*", default=None,
                     help="override the configs: BATCHxNEW, e.g. 1x32 8x128")  # fmt: skip
+    ap.add_argument("--no-int8", action="store_true", help="CPU: skip the int8 decoder rows")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     device = torch.device(args.device)
@@ -364,6 +405,9 @@ def main() -> None:
     decoder, tok, hf = smollm2(device, dtype)
     extra["prompt_ids"] = [tok.encode(p) for p in PROMPTS]
     name = "SmolLM2-135M" + (" (shape twin, random)" if os.environ.get(SHAPE_TWINS_ENV) else "")
+    if device.type == "cpu" and not args.no_int8 and not os.environ.get(SHAPE_TWINS_ENV):
+        extra["int8_quality"] = int8_quality(decoder, tok)
+        print(f"int8 quality: {extra['int8_quality']}", file=sys.stderr)
     bench_model(args, name, decoder, tok, hf, tok.pad_token_id, device, dtype, rows,
                 configs, extra)  # fmt: skip
     pending = []
@@ -395,6 +439,15 @@ def main() -> None:
                      f"{extra['trace_s']} s (TorchScript, at warm-up)")  # fmt: skip
     if "capture_s" in extra:
         notes.append(f"ours_graphs: captured every batch × KV bucket in {extra['capture_s']} s")
+    if "int8_quality" in extra:
+        q = extra["int8_quality"]
+        notes.append(
+            "ours_fast_int8: weight-only int8 decoder (models.quant: per-channel int8 weights, "
+            "bf16 products), the same traced step; teacher-forced on "
+            f"{q['texts']} held-out texts ({q['tokens']} tokens): perplexity {q['ppl_int8']} vs "
+            f"{q['ppl_fp32']} fp32 ({q['ppl_delta_pct']:+.2f}%), top-1 agreement "
+            f"{q['top1_agreement']:.1%}; its sampled tokens are not compared (other logits)"
+        )
     if args.quick:
         notes.append(f"--quick: configs {QUICK}")
     notes.append("batches ≥ 32 (one repetition): ours_eager skipped to keep the run short")
