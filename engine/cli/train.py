@@ -1,5 +1,6 @@
 """`dglm train`: the score network, the prompt generator, steering (prompt generator + decoder
-adapters), consistency distillation and the offline probes."""
+adapters), consistency distillation, the offline probes, and Diffusion-LM (its denoiser and its
+attribute classifiers)."""
 
 from __future__ import annotations
 
@@ -145,6 +146,7 @@ def add_parser(sub) -> None:
         "whose gradient steers without wrecking fluency (measured: 2 beat 0, 0.3 and 1)",
     )
     tv.set_defaults(func=cmd_train_value, preset="small", warmup=100, ema_decay=0.99)
+    _add_diffusion_lm_parsers(tsub)
     tb = tsub.add_parser("probe", help="a logistic probe from the offline labelled sets")
     tb.add_argument("which", choices=("sentiment", "topic", "toxicity"))
     tb.add_argument("--out", required=True, help="probe safetensors file")
@@ -426,9 +428,14 @@ def _torch_seed(seed: int) -> None:
 
 
 def _add_train_args(
-    p: argparse.ArgumentParser, steps: int, batch: int, lr: float, preset: bool = True
+    p: argparse.ArgumentParser,
+    steps: int,
+    batch: int,
+    lr: float,
+    preset: bool = True,
+    data_help: str = "directory made by `dglm data pairs` + `dglm data embed`",
 ) -> None:
-    p.add_argument("data", help="directory made by `dglm data pairs` + `dglm data embed`")
+    p.add_argument("data", help=data_help)
     p.add_argument("--out", required=True, help="run directory (resumes from its checkpoint.pt)")
     if preset:  # distillation copies the teacher's shape instead
         p.add_argument("--preset", default="small")
@@ -447,3 +454,149 @@ def _add_train_args(
         help="stop with a checkpoint after this many minutes (0: none); rerun to resume",
     )
     p.add_argument("--device", default="cpu")
+
+
+# ------------------------------------------------------------------------- Diffusion-LM
+def _add_diffusion_lm_parsers(tsub) -> None:
+    tl = tsub.add_parser(
+        "diffusion-lm",
+        help="Diffusion-LM: a denoiser over learned word embeddings (its bundle: RUN/bundle)",
+    )
+    _add_train_args(
+        tl,
+        steps=30_000,
+        batch=64,
+        lr=1e-3,
+        data_help="a `dglm data pairs` directory (its texts, split into sentences) or a text "
+        "file of one sentence per line",
+    )
+    tl.add_argument(
+        "--vocab-size", type=int, default=None, help="words + 4 specials (default: the preset's)"
+    )
+    tl.add_argument("--max-unk", type=int, default=1, help="drop sentences with more unknown words")
+    tl.add_argument("--limit", type=int, default=None, help="use only the first N sentences")
+    tl.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", "bfloat16", "float32"),
+        help="auto: bf16 autocast on CUDA and on CPUs with AMX, else fp32",
+    )
+    tl.set_defaults(func=cmd_train_diffusion_lm, preset="cpu", warmup=500, ema_decay=0.999)
+    tc = tsub.add_parser(
+        "diffusion-lm-classifier",
+        help="a noise-aware attribute classifier on a Diffusion-LM bundle's latent sequence, "
+        "added to the bundle",
+    )
+    _add_train_args(
+        tc,
+        steps=2_000,
+        batch=64,
+        lr=1e-3,
+        preset=False,
+        data_help="sentiment | seed-sentiment | topic, or a JSONL file of {text, label}",
+    )
+    tc.add_argument("--bundle", required=True, help="the Diffusion-LM bundle (updated in place)")
+    tc.add_argument("--name", default=None, help="the classifier's name (default: DATA's)")
+    tc.add_argument("--dim", type=int, default=128)
+    tc.add_argument("--depth", type=int, default=2)
+    tc.set_defaults(func=cmd_train_diffusion_lm_classifier, warmup=100, ema_decay=0.99)
+
+
+def cmd_train_diffusion_lm(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from dglm.engine.methods.diffusion_lm.model import DIFFUSION_LM_PRESETS, DiffusionLMNetwork
+    from dglm.engine.methods.diffusion_lm.vocab import Vocab
+    from dglm.engine.training.diffusion_lm import (
+        VOCAB_FILE,
+        build_vocab,
+        encode_sentences,
+        read_sentences,
+        train_diffusion_lm,
+    )
+    from dglm.engine.training.steering import bf16_is_fast
+
+    if args.preset not in DIFFUSION_LM_PRESETS:
+        raise ValueError(
+            f"--preset must be one of {sorted(DIFFUSION_LM_PRESETS)}, got {args.preset!r}"
+        )
+    preset = DIFFUSION_LM_PRESETS[args.preset]
+    train_text = read_sentences(args.data, "train")[: args.limit]
+    held_text = read_sentences(args.data, "eval")
+    vocab_path = Path(args.out) / VOCAB_FILE
+    if vocab_path.is_file():  # resuming: the run's own vocabulary
+        vocab = Vocab.load(vocab_path)
+    else:
+        vocab = build_vocab(train_text, args.vocab_size or preset.vocab_size, preset.seq_len)
+    config = replace(preset, vocab_size=len(vocab))
+    train, _ = encode_sentences(train_text, vocab, config.seq_len, args.max_unk)
+    held, _ = encode_sentences(held_text, vocab, config.seq_len, args.max_unk)
+    print(
+        json.dumps({"train_sentences": len(train), "held_out": len(held), "vocab": len(vocab)}),
+        flush=True,
+    )
+    bf16 = args.dtype == "bfloat16" or (args.dtype == "auto" and bf16_is_fast(args.device))
+    net = DiffusionLMNetwork(config)
+    return _train(
+        args,
+        "diffusion-lm",
+        lambda cfg, update: train_diffusion_lm(
+            net, vocab, train, held, args.out, cfg, args.device, update, bf16
+        ),
+    )
+
+
+def _labelled_texts(which: str) -> tuple[list[str], list[str]]:
+    from pathlib import Path
+
+    from dglm.engine.training import data
+    from dglm.engine.training.builder import SEED_SENTIMENT, read_labelled_jsonl
+
+    if which == "sentiment":
+        return data.sentiment_set(["rotten_tomatoes"])
+    if which == "seed-sentiment":
+        return read_labelled_jsonl(SEED_SENTIMENT)
+    if which == "topic":
+        return data.topic_set()
+    if Path(which).is_file():
+        return read_labelled_jsonl(which)
+    raise ValueError(
+        f"DATA must be sentiment, seed-sentiment, topic or a JSONL file, got {which!r}"
+    )
+
+
+def cmd_train_diffusion_lm_classifier(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from dglm.engine.methods.diffusion_lm.bundle import load_bundle, save_bundle
+    from dglm.engine.methods.diffusion_lm.model import LatentClassifier, LatentClassifierConfig
+    from dglm.engine.training.diffusion_lm import labelled_sentences, train_latent_classifier
+
+    net, vocab, classifiers, sampling = load_bundle(args.bundle)
+    texts, labels = _labelled_texts(args.data)
+    order = tuple(sorted(set(labels)))
+    name = args.name or Path(args.data).stem
+    c = net.config
+    clf_config = LatentClassifierConfig(
+        name, order, c.emb_dim, c.seq_len, dim=args.dim, depth=args.depth
+    )
+    sets = labelled_sentences(texts, labels, order, vocab, c.seq_len)
+    print(
+        json.dumps({"train": len(sets["train"][1]), "held_out": len(sets["eval"][1])}), flush=True
+    )
+
+    def run(cfg, update) -> None:
+        clf = train_latent_classifier(
+            LatentClassifier(clf_config),
+            net,
+            sets["train"],
+            sets["eval"],
+            args.out,
+            cfg,
+            args.device,
+            update,
+        )
+        classifiers[name] = clf
+        save_bundle(args.bundle, net, vocab, list(classifiers.values()), sampling)
+
+    return _train(args, "diffusion-lm classifier", run)

@@ -1,13 +1,18 @@
-"""Noise schedule and sampler step coefficients (variance preserving, cosine, log-SNR shift).
+"""Noise schedules and sampler step coefficients (variance preserving).
 
-alpha²(t) = cos²(π t / 2), clipped to ≥ 1e-9; log-SNR λ(t) = clamp(logit(alpha²), ±20) + 2·ln(scale);
-the shifted alpha² = sigmoid(λ). σ² = 1 − alpha². z_t = α·x + σ·ε.
+Cosine with a log-SNR shift (`NoiseSchedule`, DGLM's): alpha²(t) = cos²(π t / 2), clipped to
+≥ 1e-9; log-SNR λ(t) = clamp(logit(alpha²), ±20) + 2·ln(scale); the shifted alpha² = sigmoid(λ).
+Sqrt (`SqrtSchedule`, Diffusion-LM's, Li et al. 2022): alpha²(t) = 1 − √(t + s), s = 1e-4, so
+the noise rises fast from t = 0 (σ² = 0.01 there already) and slowly near t = 1; λ clamped to
+±20 likewise. Both: σ² = 1 − alpha², z_t = α·x + σ·ε; every step function below takes either
+(`Schedule`: anything with `log_snr`).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -34,6 +39,30 @@ class NoiseSchedule:
         return torch.sigmoid(self.log_snr(t))
 
 
+@dataclass(frozen=True)
+class SqrtSchedule:
+    # s: the offset of alpha²(t) = 1 − √(t + s); the paper's 1e-4 leaves σ² = 0.01 at t = 0
+    offset: float = 1e-4
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.offset) and 0 < self.offset < 1):
+            raise ValueError(f"SqrtSchedule.offset must be in (0, 1), got {self.offset!r}")
+
+    def log_snr(self, t: torch.Tensor) -> torch.Tensor:
+        """λ(t) = logit(1 − √(t + s)) for t in [0, 1], clamped to ±20 (as `NoiseSchedule`)."""
+        root = (t + self.offset).sqrt()
+        a2 = (1 - root).clamp_min(1e-9)
+        lam = torch.log(a2) - torch.log(root.clamp_max(1 - 1e-12))
+        return lam.clamp(-LOGSNR_CLAMP, LOGSNR_CLAMP)
+
+    def alpha2(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.log_snr(t))
+
+
+class Schedule(Protocol):
+    def log_snr(self, t: torch.Tensor) -> torch.Tensor: ...
+
+
 def alpha2_to_log_snr(alpha2: torch.Tensor) -> torch.Tensor:
     return torch.log(alpha2) - torch.log1p(-alpha2)
 
@@ -52,7 +81,7 @@ MULTISTEP_SAMPLERS = ("dpmpp-2m",)
 
 
 def step_coefficients(
-    schedule: NoiseSchedule, t: float, s: float, sampler: str, var_lambda: float = 0.2
+    schedule: Schedule, t: float, s: float, sampler: str, var_lambda: float = 0.2
 ) -> tuple[float, float, float, float, float]:
     """[α_t, σ_t, c0, cz, n] with z_s = c0·x̂0 + cz·z_t + n·ξ, computed in float64.
 
@@ -88,7 +117,7 @@ def step_coefficients(
 
 
 def multistep_coefficients(
-    schedule: NoiseSchedule, steps: int, sampler: str, var_lambda: float = 0.2
+    schedule: Schedule, steps: int, sampler: str, var_lambda: float = 0.2
 ) -> tuple[list[tuple[float, float, float, float, float]], list[float]]:
     """Per step [α_t, σ_t, c0, cz, n] and c_prev: z_s = c0·x̂0 + cz·z_t + n·ξ + c_prev·x̂0_prev.
 

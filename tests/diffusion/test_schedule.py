@@ -70,3 +70,18 @@ def test_bad_arguments(bad):
         step_coefficients(NoiseSchedule(), 0.5, 0.4, **kw)
     with pytest.raises(ValueError, match="num_inference_steps"):
         time_grid(0)
+
+
+def test_sqrt_schedule_matches_formula_and_steps():
+    """Diffusion-LM's sqrt schedule: alpha² = 1 − √(t + s) inside the clamp, and the shared step
+    coefficients take it (DDIM's last step returns x̂0)."""
+    from dglm.engine.diffusion.schedule import SqrtSchedule
+
+    sched = SqrtSchedule()
+    t = torch.linspace(0.0, 0.99, 23, dtype=torch.float64)
+    torch.testing.assert_close(sched.alpha2(t), 1 - (t + 1e-4).sqrt(), rtol=1e-9, atol=1e-12)
+    assert sched.log_snr(torch.tensor([1.0], dtype=torch.float64)).item() == -20.0
+    grid = time_grid(4)
+    assert step_coefficients(sched, *grid[-1], "ddim")[2:] == (1.0, 0.0, 0.0)
+    with pytest.raises(ValueError, match="offset"):
+        SqrtSchedule(0.0)

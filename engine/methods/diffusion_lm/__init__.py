@@ -1,0 +1,85 @@
+"""Diffusion-LM (Li et al. 2022, "Diffusion-LM Improves Controllable Text Generation") as a
+method of the engine: continuous diffusion over a sequence of learned word embeddings, rounded
+to words, controlled on the latent sequence.
+
+Pieces (one module each): `vocab` (the word-level vocabulary, and why word-level), `model` (the
+x0-prediction denoiser with its embeddings; the noise-aware attribute classifier; presets),
+`sampling` (the reverse diffusion on the shared sqrt schedule with clamping, fixed positions and
+classifier guidance), `bundle` (the standalone bundle format), `method` (requests, the `DiffusionLM`
+method, `DiffusionLMEngine`). Training: dglm.engine.training.diffusion_lm. Rounding:
+dglm.kernels.nearest_embedding.
+
+Train (resumable; log.jsonl holds the held-out loss, rounding error and token errors; the EMA
+weights land in RUN/bundle):
+
+    dglm data pairs --sources rotten_tomatoes,headlines,wikipedia --out data/short
+    dglm --threads 1 train diffusion-lm data/short --out runs/dlm --preset cpu
+    dglm train diffusion-lm sentences.txt --out runs/dlm --preset tiny   # or a text file
+    dglm train diffusion-lm-classifier sentiment --bundle runs/dlm/bundle --out runs/dlm-sent
+
+The classifier command trains on the denoiser's frozen embedding space ("sentiment": Rotten
+Tomatoes fresh/rotten, "seed-sentiment": the package's small seed set, "topic": fortunes by
+category, or a JSONL file of {"text", "label"}) and adds the classifier to the bundle.
+
+Presets (model.DIFFUSION_LM_PRESETS): "tiny" (tests), "cpu" (4,096 words, d = 32, 6 × 256
+transformer, length 32: for one CPU core; corpus: the sentences of Rotten Tomatoes snippets,
+Guardian headlines and Wikipedia leads that fit 30 words, ~100k sentences; time: see
+TRAINING notes of the run, estimated from the measured step rate in the module
+`training.diffusion_lm`), "reference" (the paper's ROCStories shape: 12 × 768, d = 128, 11k
+words, length 64).
+
+Generate:
+
+    from dglm.engine.methods.diffusion_lm import Control, DiffusionLMEngine, DiffusionLMParams
+
+    engine = DiffusionLMEngine.from_pretrained("runs/dlm/bundle")
+    outs = engine.generate(
+        ["", "the movie"],                       # a prompt is fixed left context ("" : none)
+        DiffusionLMParams(length=12, seed=0),    # exactly 12 words, then EOS
+    )
+    engine.generate("", DiffusionLMParams(infill="the food ___ . we left early .", length=10))
+    engine.generate("", DiffusionLMParams(controls=(Control("sentiment", "positive"),)))
+    engine.generate("", DiffusionLMParams(sampler="ddpm", num_inference_steps=200))  # reference
+
+Outputs are the engine's `RequestOutput` / `Sample` (text after the prompt, word ids, "stop" when
+an EOS ended it); `GenerationParams` are accepted too (controls, num_samples, seed, sampler,
+num_inference_steps). Same seed → same output; each sample of a request uses seed + its index.
+
+Control mechanisms:
+- length n: positions 0 (BOS), n + 1 (EOS) and after (PAD) are fixed like infilling's context,
+  and the n free positions round among words only (never PAD/EOS/BOS/UNK), so every sample has
+  exactly n words.
+- infilling: left and right context are fixed positions; at every step a fixed position's latent
+  is reset to its clean embedding noised to that step's level, α_s·E[w] + σ_s·ξ, and x̂0 takes
+  E[w] there; fixed tokens are output as given (they can never change).
+- attributes: after each denoising step, `guidance_steps` Adagrad steps (size
+  `guidance_step_size`) on z_s of the classifiers' cross-entropy (× each control's scale) plus
+  the fluency term fluency·‖z_s − μ‖²/σ (the paper's λ). All three compose.
+Bad values raise ValueError naming the field (length, infill, controls, sampler, ...).
+"""
+
+from dglm.engine.methods.diffusion_lm.method import (
+    DiffusionLM,
+    DiffusionLMEngine,
+    DiffusionLMParams,
+)
+from dglm.engine.methods.diffusion_lm.model import (
+    DIFFUSION_LM_PRESETS,
+    DiffusionLMConfig,
+    DiffusionLMNetwork,
+    LatentClassifier,
+    LatentClassifierConfig,
+)
+from dglm.engine.probes import Control
+
+__all__ = [
+    "DIFFUSION_LM_PRESETS",
+    "Control",
+    "DiffusionLM",
+    "DiffusionLMConfig",
+    "DiffusionLMEngine",
+    "DiffusionLMNetwork",
+    "DiffusionLMParams",
+    "LatentClassifier",
+    "LatentClassifierConfig",
+]

@@ -1,0 +1,153 @@
+"""Diffusion-LM's networks: the denoiser over a sequence of learned word embeddings, and the
+noise-aware attribute classifier that guides it.
+
+Denoiser (x0-prediction): z_t (B, L, d) and alpha²(t) (B,) → x̂0 (B, L, d). Word embeddings E
+(V, d) are learned with it end to end; Linear(d → dim) + the time embedding, the engine's shared
+bidirectional transformer (engine.layers: learned positions, time scale/shift in every block),
+Linear(dim → d). Rounding scores are −‖x − E_v‖² (up to a per-vector constant: 2x·E_v − ‖E_v‖²),
+the rule that also decodes and clamps (kernels.nearest_embedding), so the rounding loss trains
+exactly what sampling uses (the paper ties its LM head to E and scores x·E_v).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from dglm.engine.config import FromDict, check_positive
+from dglm.engine.diffusion.schedule import SqrtSchedule
+from dglm.engine.layers import TimeMLP, Transformer
+from torch import nn
+
+
+@dataclass(frozen=True)
+class DiffusionLMConfig(FromDict):
+    vocab_size: int = 4096  # V: word-level vocabulary, specials included (vocab.Vocab)
+    seq_len: int = 32  # L: positions, BOS + words + EOS + PADs
+    emb_dim: int = 32  # d: word-embedding width, the diffusion space per position
+    dim: int = 256  # transformer width
+    depth: int = 6  # transformer blocks
+    head_dim: int = 64  # attention head width
+    schedule_offset: float = 1e-4  # the sqrt schedule's s: alpha² = 1 − √(t + s)
+    diffusion_steps: int = 2000  # T: training draws t from {1..T}/T (the paper's 2000)
+
+    def __post_init__(self) -> None:
+        check_positive(
+            "DiffusionLMConfig",
+            **{k: getattr(self, k) for k in ("vocab_size", "seq_len", "emb_dim", "dim", "depth")},
+            head_dim=self.head_dim,
+            diffusion_steps=self.diffusion_steps,
+        )
+        if self.vocab_size <= 4:
+            raise ValueError(
+                f"DiffusionLMConfig.vocab_size must exceed the 4 special tokens, got {self.vocab_size}"
+            )
+        if self.seq_len < 3:
+            raise ValueError(
+                f"DiffusionLMConfig.seq_len must be ≥ 3 (BOS, a word, EOS), got {self.seq_len}"
+            )
+        if self.dim % self.head_dim or self.dim % 2:
+            raise ValueError(
+                f"DiffusionLMConfig.dim={self.dim} must be even and divisible by head_dim={self.head_dim}"
+            )
+        SqrtSchedule(self.schedule_offset)  # validates the offset
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+DIFFUSION_LM_PRESETS: dict[str, DiffusionLMConfig] = {
+    # For tests: trains in seconds.
+    "tiny": DiffusionLMConfig(vocab_size=64, seq_len=12, emb_dim=8, dim=32, depth=2, head_dim=16),
+    # One CPU core, short sentences (≤ 30 words): see the package docstring for the corpus and time.
+    "cpu": DiffusionLMConfig(vocab_size=4096, seq_len=32, emb_dim=32, dim=256, depth=6),
+    # The paper's ROCStories shape: BERT-base-sized denoiser, d = 128, 11k words, length 64.
+    "reference": DiffusionLMConfig(
+        vocab_size=11_000, seq_len=64, emb_dim=128, dim=768, depth=12, head_dim=64
+    ),
+}
+
+
+class DiffusionLMNetwork(nn.Module):
+    """x0-prediction denoiser with its word embeddings: (z_t (B,L,d), alpha² (B,)) → x̂0 (B,L,d)."""
+
+    def __init__(self, config: DiffusionLMConfig) -> None:
+        super().__init__()
+        self.config = c = config
+        self.embed = nn.Embedding(c.vocab_size, c.emb_dim)  # N(0, 1) init, as the paper's
+        self.time = TimeMLP(c.dim, c.dim)
+        self.proj_in = nn.Linear(c.emb_dim, c.dim)
+        self.transformer = Transformer(c.dim, c.depth, c.head_dim, c.dim, c.seq_len, dense=False)
+        self.proj_out = nn.Linear(c.dim, c.emb_dim)
+
+    @property
+    def schedule(self) -> SqrtSchedule:
+        return SqrtSchedule(self.config.schedule_offset)
+
+    def forward(self, z: torch.Tensor, alpha2: torch.Tensor) -> torch.Tensor:
+        t_emb = self.time(alpha2)  # (B, dim)
+        h = self.proj_in(z.to(self.proj_in.weight.dtype)) + t_emb[:, None, :]  # (B, L, dim)
+        return self.proj_out(self.transformer(h, t_emb))  # (B, L, d)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Rounding scores (..., V): −‖x − E_v‖² + ‖x‖² = 2x·E_v − ‖E_v‖², in fp32."""
+        e = self.embed.weight.float()
+        return 2 * x.float() @ e.T - e.pow(2).sum(-1)
+
+
+@dataclass(frozen=True)
+class LatentClassifierConfig(FromDict):
+    name: str  # what a control names it by, e.g. "sentiment"
+    labels: tuple[str, ...]  # its classes, in output order
+    emb_dim: int  # d of the denoiser it guides
+    seq_len: int  # L of the denoiser it guides
+    dim: int = 128  # transformer width
+    depth: int = 2  # transformer blocks
+    head_dim: int = 32
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "labels", tuple(self.labels))
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(
+                f"LatentClassifierConfig.name must be a non-empty string, got {self.name!r}"
+            )
+        if len(self.labels) < 2 or len(set(self.labels)) != len(self.labels):
+            raise ValueError(
+                f"LatentClassifierConfig.labels must be ≥ 2 distinct labels, got {self.labels!r}"
+            )
+        check_positive(
+            "LatentClassifierConfig",
+            emb_dim=self.emb_dim,
+            seq_len=self.seq_len,
+            dim=self.dim,
+            depth=self.depth,
+            head_dim=self.head_dim,
+        )
+        if self.dim % self.head_dim or self.dim % 2:
+            raise ValueError(
+                f"LatentClassifierConfig.dim={self.dim} must be even and divisible by "
+                f"head_dim={self.head_dim}"
+            )
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["labels"] = list(self.labels)
+        return d
+
+
+class LatentClassifier(nn.Module):
+    """Noise-aware attribute classifier on the latent sequence: (z_t (B,L,d), alpha² (B,)) →
+    label logits (B, K) fp32; the transformer's outputs mean-pooled over positions."""
+
+    def __init__(self, config: LatentClassifierConfig) -> None:
+        super().__init__()
+        self.config = c = config
+        self.time = TimeMLP(c.dim, c.dim)
+        self.proj_in = nn.Linear(c.emb_dim, c.dim)
+        self.transformer = Transformer(c.dim, c.depth, c.head_dim, c.dim, c.seq_len, dense=False)
+        self.head = nn.Linear(c.dim, len(c.labels))
+
+    def forward(self, z: torch.Tensor, alpha2: torch.Tensor) -> torch.Tensor:
+        t_emb = self.time(alpha2)
+        h = self.proj_in(z.to(self.proj_in.weight.dtype)) + t_emb[:, None, :]
+        return self.head(self.transformer(h, t_emb).mean(dim=1)).float()  # (B, K)

@@ -1,0 +1,346 @@
+"""Diffusion-LM on a tiny config: training loss falls and resumes, length control, infilling's
+fixed tokens, classifier guidance, seeds, the bundle, bad values refused by field."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+from dglm.engine.api import GenerationParams
+from dglm.engine.methods.diffusion_lm import (
+    DIFFUSION_LM_PRESETS,
+    Control,
+    DiffusionLMEngine,
+    DiffusionLMNetwork,
+    DiffusionLMParams,
+    LatentClassifier,
+    LatentClassifierConfig,
+)
+from dglm.engine.methods.diffusion_lm.bundle import load_bundle, save_bundle
+from dglm.engine.methods.diffusion_lm.method import DiffusionLM, plan_row
+from dglm.engine.methods.diffusion_lm.sampling import ClassifierGuidance, ClassifierTerm
+from dglm.engine.methods.diffusion_lm.vocab import BOS, EOS, FIRST_WORD, PAD, Vocab, words
+from dglm.engine.training.diffusion_lm import (
+    build_vocab,
+    encode_sentences,
+    labelled_sentences,
+    read_sentences,
+    split_sentences,
+    train_diffusion_lm,
+    train_latent_classifier,
+)
+from dglm.engine.training.loop import TrainConfig
+
+POSITIVE = [
+    "the movie was great .",
+    "i loved the story .",
+    "the food was good .",
+    "a great fun film .",
+]
+NEGATIVE = [
+    "the movie was bad .",
+    "i hated the story .",
+    "the food was awful .",
+    "a sad dull film .",
+]
+SENTENCES = (POSITIVE + NEGATIVE) * 12
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_run(out, steps: int, sentences=SENTENCES):
+    torch.manual_seed(0)
+    vocab = build_vocab(sentences, 64, 12)
+    config = replace(DIFFUSION_LM_PRESETS["tiny"], vocab_size=len(vocab))
+    ids, _ = encode_sentences(sentences, vocab, config.seq_len)
+    cfg = TrainConfig(
+        steps=steps, batch_size=32, lr=3e-3, warmup=10, eval_every=20, save_every=20, ema_decay=0.9
+    )
+    net = DiffusionLMNetwork(config)
+    return train_diffusion_lm(net, vocab, ids, ids[:16], out, cfg), vocab
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dlm")
+    path, _ = tiny_run(out, 200)
+    return path
+
+
+@pytest.fixture(scope="module")
+def engine(bundle):
+    return DiffusionLMEngine.from_pretrained(bundle)
+
+
+def test_training_loss_falls_and_is_logged(bundle):
+    rows = [json.loads(x) for x in (bundle.parent / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(20, 201, 20))
+    for key in ("eval_loss", "eval_mse", "eval_nll", "eval_round_err", "eval_x0_err_t0.5"):
+        assert key in rows[-1]
+    assert rows[-1]["eval_loss"] < 0.7 * rows[0]["eval_loss"]
+    assert rows[-1]["eval_round_err"] == 0.0  # the learned embeddings are decodable
+
+
+def test_resume_continues_the_step_count(tmp_path):
+    tiny_run(tmp_path, 20)
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert state["step"] == 20
+    tiny_run(tmp_path, 40)
+    rows = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [20, 40]
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == 40
+
+
+@pytest.mark.parametrize("sampler,steps", [("ddim", 10), ("ddpm", 50)])
+def test_length_control_is_exact(engine, sampler, steps):
+    for length in (3, 5, 7):
+        params = DiffusionLMParams(
+            length=length, seed=3, num_samples=4, sampler=sampler, num_inference_steps=steps
+        )
+        for out in engine.generate(["", "the movie"], params):
+            given = len(words(out.prompt))
+            for s in out.samples:
+                assert len(s.token_ids) == length - given
+                assert all(i >= FIRST_WORD for i in s.token_ids)
+                assert s.finish_reason == "stop"
+                assert len(words(out.prompt + s.text)) == length
+
+
+def test_infilling_never_changes_the_fixed_tokens(engine):
+    left, right = "the", "was great ."
+    params = DiffusionLMParams(
+        infill=f"{left} ___ {right}", length=6, seed=0, num_samples=8, num_inference_steps=10
+    )
+    vocab = engine.vocab
+    for s in engine.generate([""], params)[0].samples:
+        ids = s.token_ids
+        assert len(ids) == 6
+        assert ids[:1] == vocab.encode(left) and ids[-3:] == vocab.encode(right)
+        got = words(s.text)
+        assert got[:1] == words(left) and got[-3:] == words(right)
+    # unknown context words are kept as written, never rounded
+    out = engine.generate([""], DiffusionLMParams(infill="zebra ___ .", length=4, seed=1))[0]
+    assert words(out.text)[0] == "zebra" and words(out.text)[-1] == "."
+
+
+def test_layout_of_length_and_infill(engine):
+    vocab = engine.vocab
+    plan = plan_row(vocab, 12, "the", DiffusionLMParams(infill=("", "."), length=5), 0)
+    assert plan.fixed == [True, True, False, False, False, True, True] + [True] * 5
+    assert plan.ids[0] == BOS and plan.ids[6] == EOS and plan.ids[7:] == [PAD] * 5
+    assert plan.word_only[2:5] == [True] * 3 and plan.first == 2
+    free = plan_row(vocab, 12, "", DiffusionLMParams(), 0)
+    assert free.fixed == [True] + [False] * 11 and not any(free.word_only)
+
+
+def test_same_seed_same_output_whatever_the_batch(engine):
+    p = DiffusionLMParams(seed=11, num_inference_steps=12)
+    alone = engine.generate([""], p)[0].samples[0]
+    again = engine.generate([""], p)[0].samples[0]
+    assert alone.token_ids == again.token_ids
+    batch = engine.generate(
+        ["the", "", "a"],
+        [
+            DiffusionLMParams(seed=5, num_inference_steps=12),
+            p,
+            DiffusionLMParams(seed=7, num_inference_steps=12),
+        ],
+    )
+    assert batch[1].samples[0].token_ids == alone.token_ids
+    # samples of a request use seed + index: sample 1 of seed 10 is sample 0 of seed 11
+    two = engine.generate([""], DiffusionLMParams(seed=10, num_samples=2, num_inference_steps=12))
+    assert two[0].samples[1].token_ids == alone.token_ids
+
+
+def test_generation_params_accepted(engine):
+    out = engine.generate(
+        [""], GenerationParams(seed=2, num_samples=2, num_inference_steps=8, sampler="ddim")
+    )
+    assert len(out[0].samples) == 2
+    with pytest.raises(ValueError, match="sampler"):
+        engine.generate([""], GenerationParams(sampler="dpmpp-2m"))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"length": 0}, "length"),
+        ({"length": 11}, "length"),  # BOS + 11 words + EOS > 12 positions
+        ({"infill": "no gap here"}, "infill"),
+        ({"infill": ("a b c d", "e f"), "length": 6}, "length"),
+        ({"sampler": "euler"}, "sampler"),
+        ({"num_inference_steps": 0}, "num_inference_steps"),
+        ({"fluency": -1.0}, "fluency"),
+        ({"fluency": float("nan")}, "fluency"),
+        ({"guidance_steps": -1}, "guidance_steps"),
+        ({"guidance_step_size": float("inf")}, "guidance_step_size"),
+        ({"num_samples": 0}, "num_samples"),
+        ({"seed": -3}, "seed"),
+        ({"controls": (Control("sentiment", "positive"),)}, "controls"),
+        ({"clamp": "yes"}, "clamp"),
+    ],
+)
+def test_bad_values_refused_by_field(engine, kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        engine.generate([""], DiffusionLMParams(**kwargs))
+
+
+def test_bad_prompts_refused(engine):
+    with pytest.raises(ValueError, match="prompts"):
+        engine.generate([], DiffusionLMParams())
+    with pytest.raises(ValueError, match="prompts"):
+        engine.generate([3], DiffusionLMParams())
+
+
+def test_classifier_guidance_composes_and_leaves_other_rows_alone(tmp_path, bundle):
+    net, vocab, _, _ = load_bundle(bundle)
+    texts = POSITIVE * 6 + NEGATIVE * 6
+    labels = ["positive"] * 24 + ["negative"] * 24
+    sets = labelled_sentences(texts, labels, ("negative", "positive"), vocab, 12)
+    config = LatentClassifierConfig(
+        "sentiment", ("negative", "positive"), 8, 12, dim=32, depth=1, head_dim=16
+    )
+    cfg = TrainConfig(steps=60, batch_size=16, lr=3e-3, warmup=5, eval_every=30, save_every=30)
+    torch.manual_seed(0)
+    clf = train_latent_classifier(
+        LatentClassifier(config), net, sets["train"], sets["eval"], tmp_path / "clf", cfg
+    )
+    out = save_bundle(tmp_path / "b", net, vocab, [clf], {"num_inference_steps": 10})
+    eng = DiffusionLMEngine.from_pretrained(out)
+    plain = DiffusionLMParams(seed=4, num_inference_steps=10)
+    guided = DiffusionLMParams(
+        seed=4,
+        num_inference_steps=10,
+        length=5,
+        infill=("the", "."),
+        controls=(Control("sentiment", "negative", scale=2.0),),
+    )
+    both = eng.generate(["", ""], [plain, guided])
+    assert both[0].samples[0].token_ids == eng.generate([""], plain)[0].samples[0].token_ids
+    ids = both[1].samples[0].token_ids
+    assert len(ids) == 5 and ids[0] == vocab.index["the"] and ids[-1] == vocab.index["."]
+    assert eng.default_params().num_inference_steps == 10
+    with pytest.raises(ValueError, match="target"):
+        eng.generate([""], DiffusionLMParams(controls=(Control("sentiment", "neutral"),)))
+
+
+def test_guidance_step_is_adagrad_on_the_paper_loss(gen):
+    """One Adagrad step moves each coordinate by −η·sign(g); the fluency term alone (classifier
+    scale 0 on a guided row) pulls z toward μ."""
+
+    class Const(torch.nn.Module):
+        def forward(self, z, a2):
+            return torch.stack([z.sum((1, 2)), -z.sum((1, 2))], dim=-1)
+
+    z, mu = torch.randn(2, 3, 4, generator=gen), torch.randn(2, 3, 4, generator=gen)
+    term = ClassifierTerm(Const(), torch.tensor([0, 1]), torch.tensor([1.0, 0.0]))
+    g = ClassifierGuidance(
+        [term], torch.tensor([0.0, 0.0]), torch.tensor([1, 1]), torch.tensor([0.1, 0.1])
+    )
+    out = g(z, mu, 0.5, 0.3)
+    assert torch.equal(out[1], z[1])  # no active term: untouched
+    zz = z[:1].clone().requires_grad_(True)
+    loss = torch.nn.functional.cross_entropy(Const()(zz, None), torch.tensor([0]))
+    (grad,) = torch.autograd.grad(loss, zz)
+    torch.testing.assert_close(out[:1], z[:1] - 0.1 * grad.sign())
+
+
+def test_bundle_roundtrip_and_method(bundle, tmp_path):
+    net, vocab, clfs, sampling = load_bundle(bundle)
+    assert isinstance(vocab, Vocab) and clfs == {}
+    method = DiffusionLM(net, vocab)
+    assert method.name == "diffusion-lm"
+    with pytest.raises(ValueError, match="DiffusionLMEngine"):
+        method.condition(None)
+    (tmp_path / "config.json").write_text(json.dumps({"method": "dglm"}))
+    with pytest.raises(ValueError, match="not a Diffusion-LM bundle"):
+        load_bundle(tmp_path)
+
+
+def test_sentences_from_text_and_pairs(tmp_path):
+    assert split_sentences("It rained. Then it stopped! ok") == [
+        "It rained.",
+        "Then it stopped! ok",
+    ]
+    f = tmp_path / "s.txt"
+    f.write_text("\n".join(f"sentence number {i} ." for i in range(200)))
+    train, held = read_sentences(f, "train"), read_sentences(f, "eval")
+    assert len(train) + len(held) == 200 and held and not set(train) & set(held)
+    (tmp_path / "pairs_train.jsonl").write_text(
+        json.dumps({"prefix": "One thing. Another", "continuation": " thing here.", "source": "x"})
+        + "\n"
+    )
+    assert read_sentences(tmp_path, "train") == ["One thing.", "Another thing here."]
+    with pytest.raises(FileNotFoundError, match="pairs_eval"):
+        read_sentences(tmp_path, "eval")
+
+
+def test_cli_trains_and_adds_a_classifier(tmp_path):
+    from dglm.engine.cli.main import main
+
+    f = tmp_path / "s.txt"
+    f.write_text("\n".join(SENTENCES))
+    out = tmp_path / "run"
+    args = [
+        "train",
+        "diffusion-lm",
+        str(f),
+        "--out",
+        str(out),
+        "--preset",
+        "tiny",
+        "--steps",
+        "6",
+        "--batch-size",
+        "8",
+        "--eval-every",
+        "3",
+        "--save-every",
+        "3",
+        "--warmup",
+        "2",
+    ]
+    assert main(args) == 0
+    assert (out / "bundle" / "config.json").is_file()
+    labelled = tmp_path / "lab.jsonl"
+    labelled.write_text(
+        "".join(
+            json.dumps({"text": t, "label": lab}) + "\n"
+            for t, lab in [(p, "pos") for p in POSITIVE * 3] + [(n, "neg") for n in NEGATIVE * 3]
+        )
+    )
+    args = [
+        "train",
+        "diffusion-lm-classifier",
+        str(labelled),
+        "--bundle",
+        str(out / "bundle"),
+        "--out",
+        str(tmp_path / "clf"),
+        "--steps",
+        "4",
+        "--batch-size",
+        "8",
+        "--eval-every",
+        "2",
+        "--save-every",
+        "2",
+        "--warmup",
+        "1",
+        "--dim",
+        "32",
+        "--depth",
+        "1",
+    ]
+    assert main(args) == 0
+    eng = DiffusionLMEngine.from_pretrained(out / "bundle")
+    assert eng.method.classifiers["lab"].config.labels == ("neg", "pos")
+    assert main(["train", "diffusion-lm", str(f), "--out", str(out), "--preset", "nope"]) == 2
