@@ -464,11 +464,11 @@ def _add_diffusion_lm_parsers(tsub) -> None:
     )
     _add_train_args(
         tl,
-        steps=30_000,
+        steps=24_000,
         batch=64,
         lr=1e-3,
-        data_help="a `dglm data pairs` directory (its texts, split into sentences) or a text "
-        "file of one sentence per line",
+        data_help="sources:NAME,NAME (offline sources, e.g. sources:rotten_tomatoes,headlines,"
+        "fortunes), a `dglm data pairs` directory, or a text file of one sentence per line",
     )
     tl.add_argument(
         "--vocab-size", type=int, default=None, help="words + 4 specials (default: the preset's)"

@@ -1,8 +1,9 @@
 """Diffusion-LM training: the denoiser with its word embeddings end to end, and the noise-aware
 attribute classifiers that guide it (dglm.engine.methods.diffusion_lm).
 
-Text: a directory of `dglm data pairs` output (each pair's prefix + continuation, split into
-sentences) or a plain text file (one sentence per line, split train/eval by `data.split_of`).
+Text: "sources:rotten_tomatoes,headlines,fortunes" (the offline sources read directly, split
+into sentences), a directory of `dglm data pairs` output (each pair's prefix + continuation, split
+into sentences) or a plain text file (one sentence per line); train/eval by `data.split_of`.
 A sentence becomes [BOS] words [EOS] [PAD]… of the model's length L; sentences longer than L − 2
 words or with more than `max_unk` unknown words are dropped.
 
@@ -36,7 +37,7 @@ from dglm.engine.methods.diffusion_lm.model import (
     LatentClassifier,
 )
 from dglm.engine.methods.diffusion_lm.vocab import BOS, EOS, PAD, UNK, Vocab, words
-from dglm.engine.training.data import PAIRS_FILE, read_pairs, split_of
+from dglm.engine.training.data import PAIRS_FILE, SOURCES, documents, read_pairs, split_of
 from dglm.engine.training.loop import Progress, Run, TrainConfig
 from dglm.kernels.nearest_embedding import nearest_embedding
 
@@ -56,8 +57,21 @@ def split_sentences(text: str) -> list[str]:
     return [s.strip() for s in _SENTENCE_END.split(text) if s.strip()]
 
 
+SOURCES_PREFIX = "sources:"
+
+
 def read_sentences(path: str | Path, split: str) -> list[str]:
-    """The `split` ("train" | "eval") sentences of a pairs directory or a text file."""
+    """The `split` ("train" | "eval") sentences of a pairs directory, a text file, or
+    "sources:NAME,NAME" (the offline sources of training.data read directly, deduplicated, each
+    sentence split by `split_of`: whole sentences, where pairs cut long documents mid-sentence)."""
+    if str(path).startswith(SOURCES_PREFIX):
+        names = [n for n in str(path)[len(SOURCES_PREFIX) :].split(",") if n]
+        unknown = [n for n in names if n not in SOURCES]
+        if not names or unknown:
+            raise ValueError(f"DATA sources must be among {sorted(SOURCES)}, got {names}")
+        return [
+            s for d in documents(names) for s in split_sentences(d.text) if split_of(s) == split
+        ]
     path = Path(path)
     if path.is_dir():
         pairs_path = path / PAIRS_FILE.format(split=split)

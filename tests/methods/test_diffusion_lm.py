@@ -281,6 +281,8 @@ def test_sentences_from_text_and_pairs(tmp_path):
     assert read_sentences(tmp_path, "train") == ["One thing.", "Another thing here."]
     with pytest.raises(FileNotFoundError, match="pairs_eval"):
         read_sentences(tmp_path, "eval")
+    with pytest.raises(ValueError, match="sources"):
+        read_sentences("sources:no_such_source", "train")
 
 
 def test_cli_trains_and_adds_a_classifier(tmp_path):
