@@ -89,6 +89,16 @@ def add_parser(sub) -> None:
         help="onnx: --bundle is a `dglm export onnx` directory, run on ONNX Runtime",
     )
     g.add_argument("--json", action="store_true", help="print JSON")
+    # Diffusion-LM bundles only (methods.diffusion_lm): structure controls
+    g.add_argument(
+        "--length", type=int, default=None, help="Diffusion-LM: exactly N words, prompt included"
+    )
+    g.add_argument(
+        "--infill",
+        default=None,
+        metavar='"LEFT ___ RIGHT"',
+        help='Diffusion-LM: fixed context around a gap, e.g. "the food ___ . we left early ."',
+    )
     g.set_defaults(func=cmd_generate)
 
     i = sub.add_parser("info", help="describe a bundle")
@@ -104,6 +114,33 @@ def _controls(specs: list[str]):
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from dglm.engine.methods.diffusion_lm.bundle import is_diffusion_lm_bundle
+
+    if is_diffusion_lm_bundle(args.bundle):  # a bundle of another method: its own engine
+        outputs = _generate_diffusion_lm(args)
+    elif args.length is not None or args.infill is not None:
+        raise ValueError("--length and --infill need a Diffusion-LM bundle (--bundle)")
+    else:
+        outputs = _generate_engine(args)
+    return _print_outputs(args, outputs)
+
+
+def _generate_diffusion_lm(args: argparse.Namespace):
+    from dglm.engine.methods.diffusion_lm import DiffusionLMEngine
+
+    engine = DiffusionLMEngine.from_pretrained(args.bundle, device=args.device)
+    own = {"length": args.length, "infill": args.infill, "sampler": args.sampler}
+    own["num_inference_steps"] = args.steps
+    params = engine.default_params(
+        controls=_controls(args.control),
+        num_samples=args.num_samples,
+        seed=args.seed,
+        **{k: v for k, v in own.items() if v is not None},
+    )
+    return engine.generate(list(args.prompt), params)
+
+
+def _generate_engine(args: argparse.Namespace):
     from dglm.engine.api import GenerationParams
     from dglm.engine.engine import Engine
 
@@ -122,7 +159,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         quantize=args.quantize,
     )
     method = engine.re_control if args.method == "re-control" else None
-    outputs = engine.generate(list(args.prompt), params, method=method)
+    return engine.generate(list(args.prompt), params, method=method)
+
+
+def _print_outputs(args: argparse.Namespace, outputs) -> int:
     if args.json:
         rows = [
             {

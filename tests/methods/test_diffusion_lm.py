@@ -285,7 +285,7 @@ def test_sentences_from_text_and_pairs(tmp_path):
         read_sentences("sources:no_such_source", "train")
 
 
-def test_cli_trains_and_adds_a_classifier(tmp_path):
+def test_cli_trains_and_adds_a_classifier(tmp_path, capsys):
     from dglm.engine.cli.main import main
 
     f = tmp_path / "s.txt"
@@ -346,3 +346,13 @@ def test_cli_trains_and_adds_a_classifier(tmp_path):
     eng = DiffusionLMEngine.from_pretrained(out / "bundle")
     assert eng.method.classifiers["lab"].config.labels == ("neg", "pos")
     assert main(["train", "diffusion-lm", str(f), "--out", str(out), "--preset", "nope"]) == 2
+    capsys.readouterr()
+    gen = ["generate", "", "the movie", "--bundle", str(out / "bundle"), "--length", "5"]
+    gen += ["--infill", "___ .", "--control", "lab=pos", "--seed", "0", "--steps", "4", "--json"]
+    assert main(gen) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["prompt"] for r in rows] == ["", "the movie"]
+    for r in rows:
+        s = r["samples"][0]
+        assert len(words(r["prompt"] + s["text"])) == 5 and words(s["text"])[-1] == "."
+    assert main(["generate", "x", "--length", "3"]) == 2  # not a Diffusion-LM bundle

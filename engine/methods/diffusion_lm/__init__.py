@@ -52,6 +52,13 @@ Generate:
     engine.generate("", DiffusionLMParams(controls=(Control("sentiment", "positive"),)))
     engine.generate("", DiffusionLMParams(sampler="ddpm", num_inference_steps=200))  # reference
 
+CLI (a bundle whose config.json declares "method": "diffusion-lm" is dispatched to this engine;
+--control, --seed, -n, --steps and --sampler apply, the decoder's flags are ignored):
+
+    dglm generate "" "the movie" --bundle runs/dlm/bundle --length 12 --seed 0
+    dglm generate "" --bundle runs/dlm/bundle --infill "the food ___ . we left early ." --length 10
+    dglm generate "" --bundle runs/dlm/bundle --control sentiment=positive --sampler ddpm --steps 200
+
 Outputs are the engine's `RequestOutput` / `Sample` (text after the prompt, word ids, "stop" when
 an EOS ended it); `GenerationParams` are accepted too (controls, num_samples, seed, sampler,
 num_inference_steps). Same seed → same output; each sample of a request uses seed + its index.
