@@ -74,6 +74,12 @@ def add_parser(sub) -> None:
     )
     bv.add_argument("--steps", type=int, default=None, help="its default RE-Control steps n")
     bv.add_argument("--step-size", type=float, default=None, help="its default step size α")
+    bv.add_argument(
+        "--step-size-with-dglm",
+        type=float,
+        default=None,
+        help="its default α when the control also acts through DGLM (method both)",
+    )
     _add_run_parser(
         bsub,
         "add-steering",
@@ -177,7 +183,9 @@ def cmd_bundle_add_student(args: argparse.Namespace) -> int:
 def cmd_bundle_add_value_network(args: argparse.Namespace) -> int:
     from dglm.engine.training.recipes import add_value_network
 
-    config = add_value_network(args.bundle, args.run, args.out, args.steps, args.step_size)
+    config = add_value_network(
+        args.bundle, args.run, args.out, args.steps, args.step_size, args.step_size_with_dglm
+    )
     nets = [v.to_dict() for v in config.value_networks]
     print(json.dumps({"bundle": str(args.out or args.bundle), "value_networks": nets}))
     return 0

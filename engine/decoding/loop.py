@@ -12,7 +12,8 @@ sampling; `hidden_hook` (`models.base.HiddenHook`) edits the final-norm hidden s
 LM head (torch backends, op by op). A processor with companion rows (`CompanionRows`, prompt
 guidance's unconditional stream) gets extra rows decoded in the same batched forward as the
 batch's own: after them in the step's batch, without the soft prompt, fed the sampled token of the
-row each one follows.
+row each one follows; a hidden hook with `with_companions(follow)` is extended to them (RE-Control
+edits both streams alike), any other sees them pass through.
 """
 
 from __future__ import annotations
@@ -265,6 +266,9 @@ def generate(
                 "companion rows (prompt guidance) run on the torch step backends only, not on "
                 f"{type(runner).__name__}"
             )
+        extend = getattr(hidden_hook, "with_companions", None)
+        if extend is not None:  # a hook that edits rows: the companions as the rows they follow
+            hidden_hook = extend(comp.companion_rows)
         if not runner.can_run(B + G, total, hidden_hook is not None):
             raise ValueError(
                 f"the runner cannot take {B} rows + {G} companion rows × {total} KV slots: "

@@ -61,6 +61,9 @@ class ValueNetConfig:
     depth: int = 2  # hidden layers (linear + ReLU each), then the output layer
     steps: int = DEFAULT_STEPS  # its decode-time defaults
     step_size: float = DEFAULT_STEP_SIZE
+    # the step size when the control also acts through DGLM (method "both"; None: step_size):
+    # the soft prompt already carries the plan, and a full-size edit on top of it costs fluency
+    step_size_with_dglm: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("input_dim", "outputs", "hidden_dim", "depth"):
@@ -68,6 +71,10 @@ class ValueNetConfig:
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"value network {name} must be a positive integer, got {v!r}")
         check_edit(self.steps, self.step_size, f"value network {self.probe!r}")
+        if self.step_size_with_dglm is not None:
+            check_edit(
+                self.steps, self.step_size_with_dglm, f"value network {self.probe!r} (with DGLM)"
+            )
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -162,8 +169,9 @@ class RowEdit:
 
 class ValueEdit:
     """The `HiddenHook` of one batch of R rows: every value network's edit, applied in turn to the
-    final-norm hidden states (R' ≥ R, T, H) of each step; rows past R (a loop's companion rows)
-    and rows with no edit pass through unchanged (bit-identical)."""
+    final-norm hidden states (R' ≥ R, T, H) of each step; rows past R and rows with no edit pass
+    through unchanged (bit-identical). The decode loop extends it to its companion rows
+    (`with_companions`)."""
 
     def __init__(self, edits: list[RowEdit], rows: int) -> None:
         if not edits:
@@ -174,6 +182,20 @@ class ValueEdit:
         for e in edits:
             active |= (e.steps > 0) & (e.coef != 0).any(-1) & (e.step_size[:, 0] > 0)
         self.active = active  # (R,)
+
+    def with_companions(self, follow: list[int]) -> ValueEdit:
+        """This edit over the batch's rows and then companion rows, companion j edited as the row
+        follow[j] is (prompt guidance's unconditional stream: the edit then acts on the decoder
+        both streams share, and the guidance amplifies the soft prompt's effect, not the edit's)."""
+        index = torch.tensor(follow, device=self.active.device)
+
+        def extend(t: torch.Tensor) -> torch.Tensor:
+            return torch.cat((t, t[index]))
+
+        edits = [
+            RowEdit(e.net, extend(e.coef), extend(e.steps), extend(e.step_size)) for e in self.edits
+        ]
+        return ValueEdit(edits, self.rows + len(follow))
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
         R = self.rows
@@ -227,14 +249,19 @@ def row_edits(
     return edits
 
 
-def edit_settings(p: GenerationParams, net: ValueNetwork | None) -> tuple[int, float]:
-    """A request's (steps, step_size): its own, else its value network's defaults."""
+def edit_settings(
+    p: GenerationParams, net: ValueNetwork | None, with_dglm: bool = False
+) -> tuple[int, float]:
+    """A request's (steps, step_size): its own, else its value network's defaults (with_dglm: the
+    control acts through DGLM too, see ValueNetConfig.step_size_with_dglm)."""
     steps = p.re_control_steps
     size = p.re_control_step_size
     if steps is None:
         steps = net.config.steps if net is not None else DEFAULT_STEPS
     if size is None:
         size = net.config.step_size if net is not None else DEFAULT_STEP_SIZE
+        if with_dglm and net is not None and net.config.step_size_with_dglm is not None:
+            size = net.config.step_size_with_dglm
     return steps, size
 
 
@@ -253,7 +280,8 @@ def value_hook(
         controls = tuple(c for c in p.controls if every_control or c.hidden)
         per_row.append(controls)
         net = nets.get(controls[0].probe) if controls else None
-        settings.append(edit_settings(p, net))
+        with_dglm = not every_control and any(c.latent for c in controls)
+        settings.append(edit_settings(p, net, with_dglm))
     if not any(per_row):
         return None
     edits = row_edits(nets, probes, per_row, settings, device)

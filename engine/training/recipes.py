@@ -315,14 +315,17 @@ def add_value_network(
     out: str | Path | None = None,
     steps: int | None = None,
     step_size: float | None = None,
+    step_size_with_dglm: float | None = None,
 ) -> BundleConfig:
     """Put the EMA value network of a `dglm train value` run into a bundle (in place, or a copy at
-    `out`), replacing one for the same probe; `steps` / `step_size`: its decode-time defaults."""
+    `out`), replacing one for the same probe; `steps` / `step_size` / `step_size_with_dglm`: its
+    decode-time defaults."""
     from dglm.engine.methods.re_control import ValueNetConfig, ValueNetwork
 
     src = bundle_io.resolve_bundle_dir(bundle)
     net, _ = _ema_network(value_run, "value", lambda c: ValueNetwork(ValueNetConfig.from_dict(c)))
-    overrides = {k: v for k, v in (("steps", steps), ("step_size", step_size)) if v is not None}
+    given = {"steps": steps, "step_size": step_size, "step_size_with_dglm": step_size_with_dglm}
+    overrides = {k: v for k, v in given.items() if v is not None}
     if overrides:
         net.config = replace(net.config, **overrides)  # checked by ValueNetConfig
     config = bundle_io.read_config(src)

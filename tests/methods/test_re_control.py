@@ -204,3 +204,29 @@ def test_state_noise_smooths_training_and_still_learns(tmp_path, gen):
 
     last = json.loads((tmp_path / "b" / "log.jsonl").read_text().splitlines()[-1])
     assert last["eval_corr_last"] > 0.8, last
+
+
+def test_companion_rows_are_edited_as_the_rows_they_follow(gen):
+    net = net_of()
+    coef = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
+    edit = RowEdit(net, coef, torch.tensor([4, 4]), torch.tensor([[2.0], [2.0]]))
+    hook = ValueEdit([edit], rows=2).with_companions([0, 1, 0])
+    assert hook.rows == 5
+    h = torch.randn(1, 1, 16, generator=gen).expand(5, 1, 16).contiguous()
+    out = hook(h)
+    assert torch.equal(out[2], out[0]) and torch.equal(out[4], out[0])  # follow row 0: edited
+    assert torch.equal(out[3], h[3]) and torch.equal(out[1], h[1])  # follow row 1: untouched
+    assert not torch.equal(out[0], h[0])
+
+
+def test_step_size_with_dglm_is_the_default_of_combined_controls():
+    from dglm.engine.api import GenerationParams
+    from dglm.engine.methods.re_control import edit_settings
+
+    net = ValueNetwork(ValueNetConfig("p", 8, 1, steps=7, step_size=16.0, step_size_with_dglm=4.0))
+    p = GenerationParams()
+    assert edit_settings(p, net) == (7, 16.0)
+    assert edit_settings(p, net, with_dglm=True) == (7, 4.0)
+    assert edit_settings(GenerationParams(re_control_step_size=2.0), net, True) == (7, 2.0)
+    with pytest.raises(ValueError, match="with DGLM"):
+        ValueNetConfig("p", 8, 1, step_size_with_dglm=float("nan"))
