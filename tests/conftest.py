@@ -133,3 +133,19 @@ def tiny_bundle(tmp_path_factory, tiny_llama_dir, minilm, sentiment_probe) -> Pa
 @pytest.fixture(scope="session")
 def tiny_engine(tiny_bundle):
     return Engine.from_pretrained(tiny_bundle)
+
+
+@pytest.fixture(scope="session")
+def tiny_reference_lm(tiny_llama_dir):
+    """The tiny Llama as `dglm eval`'s fluency judge (in place of Gemma), with the judges' extras
+    required (the eval tests skip without them)."""
+    pytest.importorskip("textblob")
+    pytest.importorskip("hatesonar")
+    from dglm.engine.evaluation.perplexity import ReferenceLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return ReferenceLM(
+        "tiny-llama",
+        AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval(),
+        AutoTokenizer.from_pretrained(tiny_llama_dir),
+    )

@@ -208,9 +208,9 @@ class ValueEdit:
         for e, n in zip(self.edits, self.max_steps, strict=True):
             if n == 0:
                 continue
-            rep = (lambda t: t.repeat_interleave(T, 0)) if T > 1 else (lambda t: t)  # noqa: E731
-            edited = value_ascent(edited, e.net, rep(e.coef), rep(e.steps), rep(e.step_size), n)
-        keep = self.active.repeat_interleave(T)[:, None] if T > 1 else self.active[:, None]
+            per_pos = (t.repeat_interleave(T, 0) for t in (e.coef, e.steps, e.step_size))
+            edited = value_ascent(edited, e.net, *per_pos, n)  # row r's settings at its T positions
+        keep = self.active.repeat_interleave(T)[:, None]
         out = torch.where(keep, edited.to(hidden.dtype), h).reshape(R, T, H)
         return out if hidden.shape[0] == R else torch.cat((out, hidden[R:]))
 

@@ -5,25 +5,15 @@ from __future__ import annotations
 
 import json
 
-import pytest
 from decoder_fixtures import one_thread  # noqa: F401 (autouse fixture)
 from dglm.engine.evaluation.judges import PROFANITY_NOTE
-from dglm.engine.evaluation.perplexity import ReferenceLM
 from dglm.engine.evaluation.report import render_markdown, write_report
 from dglm.engine.evaluation.run import run_eval
 from dglm.engine.evaluation.settings import EvalConfig
 
 
-def test_eval_end_to_end_quick_on_tiny_bundle(tiny_engine, tiny_llama_dir, tmp_path):
-    pytest.importorskip("textblob")
-    pytest.importorskip("hatesonar")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    lm = ReferenceLM(
-        "tiny-llama",
-        AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval(),
-        AutoTokenizer.from_pretrained(tiny_llama_dir),
-    )
+def test_eval_end_to_end_quick_on_tiny_bundle(tiny_engine, tiny_reference_lm, tmp_path):
+    lm = tiny_reference_lm
     config = EvalConfig(
         prefixes=("The movie was", "I think the food"),
         num_samples=2,

@@ -162,22 +162,14 @@ def test_cli_trains_a_value_network_and_adds_it(tiny_bundle, tmp_path, capsys):
     assert rc == 2 and "--probe 'topic' is not a probe" in capsys.readouterr().err
 
 
-def test_eval_runs_re_control_beside_dglm(engine, tiny_llama_dir):
+def test_eval_runs_re_control_beside_dglm(engine, tiny_reference_lm):
     """`dglm eval` adds RE-Control alone and DGLM + RE-Control rows for a probe with a value
     network, with their targets checked."""
-    pytest.importorskip("textblob")
-    pytest.importorskip("hatesonar")
-    from dglm.engine.evaluation.perplexity import ReferenceLM
     from dglm.engine.evaluation.report import render_markdown
     from dglm.engine.evaluation.run import run_eval
     from dglm.engine.evaluation.settings import EvalConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    lm = ReferenceLM(
-        "tiny-llama",
-        AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval(),
-        AutoTokenizer.from_pretrained(tiny_llama_dir),
-    )
+    lm = tiny_reference_lm
     config = EvalConfig(prefixes=("The movie was", "I think the food"), num_samples=1,
                         max_new_tokens=6, guidance_scales=(10.0,), renoise_alpha2s=(),
                         fudge_strengths=(), batch_size=2)  # fmt: skip
