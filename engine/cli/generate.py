@@ -80,7 +80,7 @@ def add_parser(sub) -> None:
         default="none",
         choices=("none", "int8"),
         help="int8: the decoder's weights in int8 (weight-only; fp32 activations around bf16 "
-        "products): faster CPU decoding at perplexity within 0.1%% of fp32",
+        "products): faster CPU decoding at perplexity within 1%% of fp32",
     )
     g.add_argument(
         "--backend",

@@ -9,7 +9,8 @@ dequantise-and-multiply kernel; fp32 in, fp32 out around it), with a plain PyTor
 (`Int8Linear.reference`) it is tested against.
 
 Measured on SmolLM2-135M (96 held-out prefix/continuation pairs, 32 + 32 tokens): perplexity
-43.41 vs 43.43 in fp32; per-tensor dynamic int8 activations (fbgemm's dynamic linear), which ran
+43.41 vs 43.43 in fp32 (bench_decode, teacher-forced on 64 held-out texts: +0.87%, top-1
+agreement 93%); per-tensor dynamic int8 activations (fbgemm's dynamic linear), which ran
 faster still, raised it 4.6× (activation outliers) and are not offered.
 
 Inference only: an int8 decoder has no gradients to give, so training refuses it (its weights are
