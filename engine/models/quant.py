@@ -4,9 +4,12 @@ Decoding at small batch streams every weight once per token, so the bytes of the
 speed: int8 weights stream a quarter of fp32's. `quantize_decoder(decoder, "int8")` replaces every
 `nn.Linear` of the decoder, and its LM head (tied to the embedding or not), by `Int8Linear`:
 symmetric per-output-channel scales (w ≈ q · s, q ∈ [−127, 127]), activations kept in floating
-point. The product runs as `torch._weight_int8pack_mm` on bf16 activations (one fused
-dequantise-and-multiply kernel; fp32 in, fp32 out around it), with a plain PyTorch reference
-(`Int8Linear.reference`) it is tested against.
+point. The product runs through one of three kernels, chosen at load (`INT8_KERNELS`):
+"cpu", the package's C++ kernel (`torch.ops.dglm.int8_linear`, dglm.kernels.int8_linear: fp32
+activations and sums, the weights widened in registers; the CPU default, ~2× faster than the next
+one at batch 1); "int8pack", `torch._weight_int8pack_mm` on bf16 activations (one fused
+dequantise-and-multiply kernel; CUDA, or a CPU build without the C++ kernel); "reference", plain
+PyTorch from the dequantised weights (`Int8Linear.reference`), which the others are tested against.
 
 Measured on SmolLM2-135M (96 held-out prefix/continuation pairs, 32 + 32 tokens): perplexity
 43.41 vs 43.43 in fp32 (bench_decode, teacher-forced on 64 held-out texts: +0.87%, top-1
@@ -19,11 +22,17 @@ buffers, not parameters). LoRA adapters are merged into the fp32 weights before 
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
+from dglm.kernels import int8_linear as int8_kernel  # registers torch.ops.dglm.int8_linear
 from torch import nn
 
+logger = logging.getLogger(__name__)
+
 QUANTIZE_MODES = ("none", "int8")
+INT8_KERNELS = ("cpu", "int8pack", "reference")
 
 
 def int8_weights(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,23 +55,32 @@ def fused_int8_available(device: torch.device | str = "cpu") -> bool:
     return True
 
 
+def best_int8_kernel(device: torch.device | str = "cpu") -> str:
+    """The fastest int8 kernel on `device` (see INT8_KERNELS)."""
+    if torch.device(device).type == "cpu" and int8_kernel.available():
+        return "cpu"
+    return "int8pack" if fused_int8_available(device) else "reference"
+
+
 class Int8Linear(nn.Module):
     """y = x · (q · s)ᵀ + b with q int8 (out, in) and per-row scales s; x, y fp32 (or the input's
-    dtype), the product in bf16 through the fused kernel when `fused`, else the reference."""
+    dtype); `kernel` one of INT8_KERNELS (module docstring)."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, fused: bool) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, kernel: str) -> None:
         super().__init__()
+        if kernel not in INT8_KERNELS:
+            raise ValueError(f"int8 kernel must be one of {INT8_KERNELS}, got {kernel!r}")
         q, scale = int8_weights(weight)
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
         self.register_buffer("qweight", q)
         self.register_buffer("scale", scale)
         self.register_buffer("scale_bf16", scale.to(torch.bfloat16))
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
-        self.fused = fused
+        self.kernel = kernel
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, fused: bool) -> Int8Linear:
-        return cls(linear.weight, linear.bias, fused)
+    def from_linear(cls, linear: nn.Linear, kernel: str) -> Int8Linear:
+        return cls(linear.weight, linear.bias, kernel)
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
         """The same product in fp32 from the dequantised weights."""
@@ -70,7 +88,9 @@ class Int8Linear(nn.Module):
         return F.linear(x.float(), w, self.bias).to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.fused:
+        if self.kernel == "cpu" and x.device.type == "cpu":
+            return torch.ops.dglm.int8_linear(x, self.qweight, self.scale, self.bias)
+        if self.kernel == "reference":
             return self.reference(x)
         shape = x.shape
         y = torch._weight_int8pack_mm(
@@ -80,12 +100,13 @@ class Int8Linear(nn.Module):
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, fused={self.fused}"
+        return f"in={self.in_features}, out={self.out_features}, kernel={self.kernel}"
 
 
-def quantize_decoder(decoder, mode: str = "int8"):
+def quantize_decoder(decoder, mode: str = "int8", kernel: str | None = None):
     """Quantize `decoder` in place (see the module docstring) → decoder. mode "none" does
-    nothing; "int8": weight-only int8 for every nn.Linear and the LM head. CPU or CUDA, fp32."""
+    nothing; "int8": weight-only int8 for every nn.Linear and the LM head. CPU or CUDA, fp32.
+    kernel: one of INT8_KERNELS, None = the fastest on the decoder's device."""
     if mode not in QUANTIZE_MODES:
         raise ValueError(f"quantize must be one of {QUANTIZE_MODES}, got {mode!r}")
     if mode == "none":
@@ -94,21 +115,30 @@ def quantize_decoder(decoder, mode: str = "int8"):
         raise ValueError(f"the decoder is already quantized ({decoder.quantized})")
     if decoder.dtype != torch.float32:
         raise ValueError(f"quantize='int8' takes an fp32 decoder, got {decoder.dtype}")
-    fused = fused_int8_available(decoder.device)
+    if kernel is None:
+        kernel = best_int8_kernel(decoder.device)
+    elif kernel not in INT8_KERNELS:
+        raise ValueError(f"int8 kernel must be one of {INT8_KERNELS}, got {kernel!r}")
+    elif kernel == "cpu" and not int8_kernel.available():
+        raise ValueError("int8 kernel 'cpu' needs dglm.kernels.cpu_ops; reinstall the package")
     head = decoder.lm_head_weight()
     # an untied head keeps its fp32 module (the decoder's dtype and device are read from it)
     untied_head = getattr(decoder, "lm_head", None)
     for parent in list(decoder.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear) and child is not untied_head:
-                setattr(parent, name, Int8Linear.from_linear(child, fused))
-    decoder.quant_head = Int8Linear(head, None, fused)
+                setattr(parent, name, Int8Linear.from_linear(child, kernel))
+    decoder.quant_head = Int8Linear(head, None, kernel)
+    isa = f" ({int8_kernel.isa()})" if kernel == "cpu" else ""
+    logger.info("int8 decoder: kernel %s%s", kernel, isa)
     decoder.__dict__["_quantized"] = mode
     return decoder
 
 
 __all__ = [
+    "INT8_KERNELS",
     "QUANTIZE_MODES",
+    "best_int8_kernel",
     "Int8Linear",
     "fused_int8_available",
     "int8_weights",

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "guided_update.h"
+#include "int8_linear.h"
 
 namespace py = pybind11;
 
@@ -131,6 +132,32 @@ void guided_update_py(const In& z, const In& v_cond, const std::optional<In>& v_
   dglm::guided_update(g);
 }
 
+// Raw addresses, not arrays: the decode step calls this ~120 times per token, and the Python
+// wrapper (dglm.kernels.int8_linear) has already checked dtypes, shapes and contiguity.
+void int8_linear_py(uintptr_t x, uintptr_t q, uintptr_t scale, uintptr_t bias, uintptr_t y,
+                    int64_t M, int64_t K, int64_t N, int threads, const std::string& isa) {
+  if (!x || !q || !scale || !y) throw py::value_error("int8_linear: null buffer address");
+  if (M < 0 || K <= 0 || N <= 0)
+    throw py::value_error("int8_linear: need M >= 0, K > 0, N > 0");
+  dglm::Int8LinearArgs a;
+  a.x = reinterpret_cast<const float*>(x);
+  a.q = reinterpret_cast<const int8_t*>(q);
+  a.scale = reinterpret_cast<const float*>(scale);
+  a.bias = reinterpret_cast<const float*>(bias);
+  a.y = reinterpret_cast<float*>(y);
+  a.M = M;
+  a.K = K;
+  a.N = N;
+  a.threads = threads;
+  if (!isa.empty()) {
+    if (!dglm::int8_linear_supports(isa.c_str()))
+      throw py::value_error("int8_linear: isa " + isa + " is unknown or not supported by this CPU");
+    a.isa = isa.c_str();
+  }
+  py::gil_scoped_release release;
+  dglm::int8_linear(a);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(cpu_ops, m) {
@@ -146,6 +173,16 @@ PYBIND11_MODULE(cpu_ops, m) {
         "(K,); probe_target, probe_scale (B, K); coefs (B, 5) [alpha_t, sigma_t, coef_x0, "
         "coef_z, noise_std]. Writes z_next and x0, preallocated C-contiguous float32 (B, D) "
         "arrays that share no memory with the inputs. Releases the GIL.");
+  m.def("int8_linear", &int8_linear_py, py::arg("x"), py::arg("q"), py::arg("scale"),
+        py::arg("bias"), py::arg("y"), py::arg("M"), py::arg("K"), py::arg("N"),
+        py::arg("threads") = 1, py::arg("isa") = "",
+        "y (M, N) = x (M, K) · (q (N, K) int8 · scale (N,))ᵀ + bias (N,), fp32, on raw buffer "
+        "addresses (bias 0 = none). isa '' = the best this CPU has, or 'avx512' / 'avx2' / "
+        "'scalar' (tests). Unchecked: call it through dglm.kernels.int8_linear. "
+        "Releases the GIL.");
+  m.def("int8_linear_supports", &dglm::int8_linear_supports, py::arg("isa"),
+        "Whether this CPU runs the named int8_linear path ('avx512', 'avx2', 'scalar').");
+  m.attr("int8_linear_isa") = std::string(dglm::int8_linear_isa());
 #ifdef _OPENMP
   m.attr("openmp") = true;
 #else

@@ -13,10 +13,12 @@ from dglm.engine.decoding.sampling import DecodeParams
 from dglm.engine.models import load_decoder
 from dglm.engine.models.quant import (
     Int8Linear,
+    best_int8_kernel,
     fused_int8_available,
     int8_weights,
     quantize_decoder,
 )
+from dglm.kernels import int8_linear as int8_kernel
 from torch import nn
 
 
@@ -32,16 +34,28 @@ def test_int8_weights_round_trip_per_row(gen):
 def test_int8_linear_matches_its_reference_and_fp32(gen, bias):
     lin = nn.Linear(64, 48, bias=bias)
     x = torch.randn(3, 5, 64, generator=gen)
-    ref = Int8Linear.from_linear(lin, fused=False)
+    ref = Int8Linear.from_linear(lin, kernel="reference")
     want = lin(x)
     got_ref = ref(x)
     scale = want.abs().max()
     assert (got_ref - want).abs().max() < 0.02 * scale  # int8 weights
     if fused_int8_available():
-        fused = Int8Linear.from_linear(lin, fused=True)
+        fused = Int8Linear.from_linear(lin, kernel="int8pack")
         got = fused(x)
         assert got.shape == want.shape and got.dtype == torch.float32
         assert (got - got_ref).abs().max() < 0.02 * scale  # bf16 activations
+    if int8_kernel.available():
+        got = Int8Linear.from_linear(lin, kernel="cpu")(x)
+        assert got.shape == want.shape and got.dtype == torch.float32
+        assert (got - got_ref).abs().max() < 1e-5 * scale  # fp32 sums, another order
+
+
+def test_the_cpu_default_is_the_cpp_kernel():
+    assert best_int8_kernel("cpu") == (
+        "cpu" if int8_kernel.available() else "int8pack" if fused_int8_available() else "reference"
+    )
+    with pytest.raises(ValueError, match="int8 kernel must be one of"):
+        Int8Linear.from_linear(nn.Linear(4, 4), kernel="fast")
 
 
 @pytest.fixture(scope="module", params=FAMILIES)

@@ -1,0 +1,31 @@
+// Weight-only int8 linear layer for CPU decoding: y = x · (q · s)ᵀ + b, fp32 activations and sums.
+#pragma once
+
+#include <cstdint>
+
+namespace dglm {
+
+struct Int8LinearArgs {
+  const float* x;      // (M, K) row-major activations
+  const int8_t* q;     // (N, K) row-major int8 weights
+  const float* scale;  // (N,) per-output-row scale: w[n, k] = q[n, k] * scale[n]
+  const float* bias;   // (N,) or nullptr
+  float* y;            // (M, N) row-major output; must not overlap the inputs
+  int64_t M = 0;
+  int64_t K = 0;
+  int64_t N = 0;
+  int threads = 1;     // OpenMP threads over output rows (1 = the calling thread only)
+  const char* isa = nullptr;  // force "avx512" / "avx2" / "scalar" (tests); nullptr = the best
+};
+
+// Which instruction set the kernel runs with on this CPU: "avx512", "avx2" or "scalar".
+const char* int8_linear_isa();
+
+// Whether this CPU can run the named instruction set's path ("avx512", "avx2", "scalar").
+bool int8_linear_supports(const char* isa);
+
+// Runs the product; the widest instruction set this CPU has is chosen at run time unless
+// `a.isa` names one (which must be supported: see int8_linear_supports).
+void int8_linear(const Int8LinearArgs& a);
+
+}  // namespace dglm

@@ -1,0 +1,107 @@
+"""Weight-only int8 linear layer for CPU decoding: `torch.ops.dglm.int8_linear`.
+
+    y = x · (q · s)ᵀ + b     x (..., K) fp32, q (N, K) int8, s (N,) fp32 per-row scales, b (N,)
+
+The C++ kernel (kernels/cpp/int8_linear.cpp, in `dglm.kernels.cpu_ops`) widens each weight byte
+to fp32 in registers and sums in fp32 (no bf16 rounding of the activations, unlike
+`torch._weight_int8pack_mm`), four output rows × up to four activation rows per tile, with
+software prefetch of the next rows. Decoding at batch 1 reads every weight once per token, so
+the speed is the rate at which int8 bytes stream from memory: measured here (SmolLM2-135M's 30
+layers, 106 MB of int8 weights, one thread, the other core busy) ~11-16 ms per pass against
+~22-28 ms for `torch._weight_int8pack_mm` (benchmarks/bench_decode.py has the end-to-end rows).
+AVX-512 (F, BW, VL), AVX2+FMA or scalar code is chosen at run time.
+
+The operator is registered with `torch.library`, so traced decode steps (TorchScript) record it
+and call it like any aten op. It runs on CPU tensors only; `int8_linear_ref` is the reference the
+tests hold it to.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:  # the compiled C++ kernels: absent when the package was installed without building them
+    from dglm.kernels import cpu_ops
+except ImportError:
+    cpu_ops = None
+
+__all__ = ["available", "int8_linear", "int8_linear_ref", "isa"]
+
+
+def available() -> bool:
+    """Whether the compiled kernel is importable (it is built with the package)."""
+    return cpu_ops is not None and hasattr(cpu_ops, "int8_linear")
+
+
+def isa() -> str:
+    """The instruction set the kernel uses on this CPU ("avx512", "avx2", "scalar"), or "none"."""
+    return str(cpu_ops.int8_linear_isa) if available() else "none"
+
+
+def int8_linear_ref(
+    x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The same product in fp32 from the dequantised weights (plain PyTorch)."""
+    w = q.float() * scale.float()[:, None]
+    return torch.nn.functional.linear(x.float(), w, None if bias is None else bias.float())
+
+
+def _check(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
+    if q.dtype != torch.int8 or q.dim() != 2:
+        raise ValueError(
+            f"int8_linear: q must be a 2-D int8 tensor, got {q.dtype} {tuple(q.shape)}"
+        )
+    N, K = q.shape
+    if x.shape[-1] != K:
+        raise ValueError(f"int8_linear: x's last dim {x.shape[-1]} != q's in-features {K}")
+    if scale.dtype != torch.float32 or tuple(scale.shape) != (N,):
+        raise ValueError(
+            f"int8_linear: scale must be fp32 ({N},), got {scale.dtype} {tuple(scale.shape)}"
+        )
+    if bias is not None and (bias.dtype != torch.float32 or tuple(bias.shape) != (N,)):
+        raise ValueError(
+            f"int8_linear: bias must be fp32 ({N},), got {bias.dtype} {tuple(bias.shape)}"
+        )
+    for name, t in (("x", x), ("q", q), ("scale", scale), ("bias", bias)):
+        if t is not None and t.device.type != "cpu":
+            raise ValueError(f"int8_linear: {name} is on {t.device}; the kernel runs on CPU")
+
+
+def _int8_linear_cpu(
+    x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    _check(x, q, scale, bias)
+    if not (q.is_contiguous() and scale.is_contiguous()):
+        q, scale = q.contiguous(), scale.contiguous()
+    if bias is not None:
+        bias = bias.contiguous()
+    N, K = q.shape
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, K).to(torch.float32).contiguous()
+    M = x2.shape[0]
+    y = torch.empty(*lead, N, dtype=torch.float32)
+    if M:
+        cpu_ops.int8_linear(
+            x2.data_ptr(), q.data_ptr(), scale.data_ptr(), 0 if bias is None else bias.data_ptr(),
+            y.data_ptr(), M, K, N, torch.get_num_threads(),
+        )  # fmt: skip
+    return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+
+_LIB = None
+if available():
+    _LIB = torch.library.Library("dglm", "DEF")
+    _LIB.define("int8_linear(Tensor x, Tensor q, Tensor scale, Tensor? bias) -> Tensor")
+    _LIB.impl("int8_linear", _int8_linear_cpu, "CPU")
+
+
+def int8_linear(
+    x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """y (..., N) = x (..., K) · (q · scale)ᵀ + bias through the compiled kernel (CPU tensors;
+    x in any float dtype, computed in fp32, returned in x's dtype)."""
+    if not available():
+        raise RuntimeError(
+            "dglm.kernels.cpu_ops is not built; reinstall the package (pip install -e .)"
+        )
+    return torch.ops.dglm.int8_linear(x, q, scale, bias)

@@ -1,0 +1,88 @@
+"""The C++ weight-only int8 linear kernel (dglm.kernels.int8_linear) against its fp32 reference:
+every instruction-set path this CPU runs, ragged shapes (tails of K and of the 4-row tiles), bias,
+batches, the traced operator, threads, and its refusals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from dglm.kernels import int8_linear as k
+
+pytestmark = pytest.mark.skipif(not k.available(), reason="dglm.kernels.cpu_ops is not built")
+
+ISAS = [
+    i for i in ("avx512", "avx2", "scalar") if k.available() and k.cpu_ops.int8_linear_supports(i)
+]
+
+
+def raw(x, q, s, b, isa, threads=1):
+    y = torch.empty(x.shape[0], q.shape[0])
+    k.cpu_ops.int8_linear(
+        x.data_ptr(), q.data_ptr(), s.data_ptr(), 0 if b is None else b.data_ptr(), y.data_ptr(),
+        x.shape[0], x.shape[1], q.shape[0], threads, isa,
+    )  # fmt: skip
+    return y
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("M,K,N", [(1, 576, 960), (3, 17, 7), (4, 16, 4), (9, 100, 13),
+                                   (1, 1, 1), (6, 33, 42)])  # fmt: skip
+@pytest.mark.parametrize("bias", [False, True])
+def test_every_path_matches_the_reference(gen, isa, M, K, N, bias):
+    x = torch.randn(M, K, generator=gen)
+    q = torch.randint(-127, 128, (N, K), generator=gen, dtype=torch.int8)
+    s = torch.rand(N, generator=gen) * 0.01
+    b = torch.randn(N, generator=gen) if bias else None
+    want = k.int8_linear_ref(x.double(), q, s.double(), None if b is None else b.double())
+    got = raw(x, q, s, b, isa)
+    tol = 1e-5 * (x.abs() @ (q.double().abs() * s.double()[:, None]).t().float()).max() + 1e-6
+    assert (got.double() - want).abs().max() <= tol
+
+
+def test_the_operator_reshapes_converts_and_traces(gen):
+    x = torch.randn(2, 3, 40, generator=gen)
+    q = torch.randint(-127, 128, (24, 40), generator=gen, dtype=torch.int8)
+    s = torch.rand(24, generator=gen)
+    b = torch.randn(24, generator=gen)
+    want = k.int8_linear_ref(x, q, s, b)
+    got = k.int8_linear(x, q, s, b)
+    assert got.shape == (2, 3, 24) and got.dtype == torch.float32
+    assert torch.allclose(got, want, atol=1e-4, rtol=1e-5)
+    half = k.int8_linear(x.bfloat16(), q, s, b)
+    assert half.dtype == torch.bfloat16
+    assert torch.allclose(
+        half.float(), k.int8_linear_ref(x.bfloat16().float(), q, s, b), rtol=1e-2, atol=0.1
+    )
+    assert k.int8_linear(x[:, :0], q, s, b).shape == (2, 0, 24)
+
+    class Layer(torch.nn.Module):
+        def forward(self, x):
+            return torch.ops.dglm.int8_linear(x, q, s, None).relu()
+
+    traced = torch.jit.trace(Layer(), (x,))
+    assert "dglm::int8_linear" in str(traced.graph)
+    assert torch.equal(traced(x + 1), k.int8_linear(x + 1, q, s).relu())
+
+
+def test_threads_give_the_same_result(gen):
+    x = torch.randn(2, 64, generator=gen)
+    q = torch.randint(-127, 128, (400, 64), generator=gen, dtype=torch.int8)
+    s = torch.rand(400, generator=gen)
+    one = raw(x, q, s, None, "", threads=1)
+    assert torch.equal(one, raw(x, q, s, None, "", threads=2))  # rows split, sums unchanged
+
+
+def test_refusals(gen):
+    x = torch.randn(2, 8, generator=gen)
+    q = torch.randint(-127, 128, (4, 8), generator=gen, dtype=torch.int8)
+    s = torch.rand(4, generator=gen)
+    with pytest.raises(ValueError, match="last dim"):
+        k.int8_linear(torch.randn(2, 9), q, s)
+    with pytest.raises(ValueError, match="2-D int8"):
+        k.int8_linear(x, q.int(), s)
+    with pytest.raises(ValueError, match="scale must be fp32"):
+        k.int8_linear(x, q, s.double())
+    with pytest.raises(ValueError, match="bias must be fp32"):
+        k.int8_linear(x, q, s, torch.zeros(5))
+    with pytest.raises(ValueError, match="not supported"):
+        raw(x, q, s, None, "avx9000")
