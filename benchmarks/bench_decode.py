@@ -41,9 +41,9 @@ from dglm.engine.evaluation.provenance import load_average
 from dglm.engine.models import GPT2Config, GPT2Decoder, load_decoder
 from dglm.engine.models.gpt2 import gpt2_state_dict_from_hf
 from dglm.engine.models.loading import SHAPE_TWINS_ENV, smollm2_dir
-from dglm.engine.models.quant import quantize_decoder
+from dglm.engine.models.quant import fused_int8_available, quantize_decoder
 
-from benchmarks import common
+from benchmarks import common, llama_cpp
 from benchmarks.common import ROOT
 
 PROMPTS = [
@@ -119,6 +119,20 @@ def ours_generate(decoder, tok, rows, n: int, sampled: bool, seed: int, **kw):
     steps = max(t["decode_steps"], 1.0)
     return [r.token_ids for r in results], t["decode_s"] / steps * 1e3, \
         t["decode_cpu_s"] / steps * 1e3, t  # fmt: skip
+
+
+def llama_run(llm, call: dict):
+    """llama.cpp on the same prompts (one after another) → (tokens, wall ms/step, CPU ms/step)."""
+    toks, wall, cpu, steps = [], 0.0, 0.0, 0
+    for b, row in enumerate(call["rows"]):
+        temperature = 1.0 if call["sampled"] else 0.0
+        t, _, decode_s, decode_cpu = llama_cpp.sample(
+            llm, row, call["n"], temperature, TOP_P, call["seed"] + b
+        )
+        toks.append(t)
+        wall, cpu, steps = wall + decode_s, cpu + decode_cpu, steps + len(t) - 1
+    steps = max(steps, 1)
+    return toks, wall / steps * 1e3, cpu / steps * 1e3
 
 
 def run(decoder, tok, call: dict, runner=None):
@@ -203,11 +217,15 @@ def bench_model(args, name, decoder, tok, hf, pad, device, dtype, rows_out, conf
         runners["ours_fast"] = DecodeRunner(fast, DecodeRunnerConfig(**kw, step_impl="trace"))
         runners["ours_fast"].warmup()
         if not args.no_int8:  # weight-only int8 (models.quant), the same traced step
-            q8 = quantize_decoder(copy.deepcopy(decoder)).use_input_major_weights()
-            runners["ours_fast_int8"] = DecodeRunner(
-                q8, DecodeRunnerConfig(**kw, step_impl="trace")
-            )
-            runners["ours_fast_int8"].warmup()
+            kernels = {"ours_fast_int8": None}  # the default kernel (C++ when built)
+            if fused_int8_available():
+                kernels["ours_fast_int8pack"] = "int8pack"  # torch's bf16 kernel, for comparison
+            for rname, kernel in kernels.items():
+                q8 = quantize_decoder(copy.deepcopy(decoder), kernel=kernel)
+                runners[rname] = DecodeRunner(
+                    q8.use_input_major_weights(), DecodeRunnerConfig(**kw, step_impl="trace")
+                )
+                runners[rname].warmup()
         extra["trace_s"] = round(time.perf_counter() - t0, 1)
         print(f"{name}: traced every bucket in {extra['trace_s']} s", file=sys.stderr)
         if args.compile:
@@ -241,6 +259,8 @@ def bench_model(args, name, decoder, tok, hf, pad, device, dtype, rows_out, conf
             }
             if batch >= 32 and runners:  # time: the big batches compare the fast path only
                 del impls["ours_eager"]
+            if extra.get("llama") is not None and batch == 1:
+                impls["llama_cpp"] = lambda c=call: llama_run(extra["llama"], c)
             for rname, runner in runners.items():
                 if rname == "ours_compiled" and batch not in args.compile_batches:
                     continue
@@ -265,9 +285,10 @@ def bench_model(args, name, decoder, tok, hf, pad, device, dtype, rows_out, conf
                 if impl != "hf_generate":
                     row["speedup_vs_hf"] = round(hf_ms / wall, 3)
                     row["cpu_speedup_vs_hf"] = round(hf_cpu / cpu, 3)
-                    if ref is not None and not impl.endswith("int8"):
+                    exact = "int8" not in impl and impl != "llama_cpp"  # else other logits
+                    if ref is not None and exact:
                         row["same_tokens_as_reference_loop"] = toks == ref
-                    if not sampled and not impl.endswith("int8"):  # HF forced n tokens: to EOS
+                    if not sampled and exact:  # HF forced n tokens: to EOS
                         row["same_tokens_as_hf"] = all(
                             o == until_eos(h, eos)[: len(o)] and len(o) <= len(h)
                             for o, h in zip(toks, hf_toks, strict=True)
@@ -390,6 +411,7 @@ def main() -> None:
     ap.add_argument("--configs", nargs="*", default=None,
                     help="override the configs: BATCHxNEW, e.g. 1x32 8x128")  # fmt: skip
     ap.add_argument("--no-int8", action="store_true", help="CPU: skip the int8 decoder rows")
+    ap.add_argument("--no-llama-cpp", action="store_true", help="CPU: skip the llama.cpp rows")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     device = torch.device(args.device)
@@ -408,6 +430,11 @@ def main() -> None:
     if device.type == "cpu" and not args.no_int8 and not os.environ.get(SHAPE_TWINS_ENV):
         extra["int8_quality"] = int8_quality(decoder, tok)
         print(f"int8 quality: {extra['int8_quality']}", file=sys.stderr)
+    llama_note = None
+    if device.type == "cpu" and not args.no_llama_cpp and not os.environ.get(SHAPE_TWINS_ENV):
+        extra["llama"], llama_note = llama_cpp.load(args.threads)
+        if llama_note:
+            print(f"llama_cpp row skipped: {llama_note}", file=sys.stderr)
     bench_model(args, name, decoder, tok, hf, tok.pad_token_id, device, dtype, rows,
                 configs, extra)  # fmt: skip
     pending = []
@@ -443,10 +470,20 @@ def main() -> None:
         q = extra["int8_quality"]
         notes.append(
             "ours_fast_int8: weight-only int8 decoder (models.quant: per-channel int8 weights, "
-            "bf16 products), the same traced step; teacher-forced on "
+            "the C++ kernel torch.ops.dglm.int8_linear, fp32 activations and sums), the same "
+            "traced step; ours_fast_int8pack: the same weights through "
+            "torch._weight_int8pack_mm (bf16 activations); teacher-forced on "
             f"{q['texts']} held-out texts ({q['tokens']} tokens): perplexity {q['ppl_int8']} vs "
             f"{q['ppl_fp32']} fp32 ({q['ppl_delta_pct']:+.2f}%), top-1 agreement "
             f"{q['top1_agreement']:.1%}; its sampled tokens are not compared (other logits)"
+        )
+    if llama_note:
+        notes.append(f"llama_cpp rows skipped: {llama_note}")
+    elif extra.get("llama") is not None:
+        notes.append(
+            f"llama_cpp: llama-cpp-python {llama_cpp.version()} on the SmolLM2 GGUF (Q4_1 "
+            f"weights), {args.threads} thread(s), batch 1 only, same prompts and sampling "
+            "settings (its own sampler and RNG)"
         )
     if args.quick:
         notes.append(f"--quick: configs {QUICK}")
@@ -462,7 +499,7 @@ def main() -> None:
         "total_s": round(total_s, 1),
         "notes": notes,
         "pending": pending,
-        "extra": {k: v for k, v in extra.items() if k != "prompt_ids"},
+        "extra": {k: v for k, v in extra.items() if k not in ("prompt_ids", "llama")},
         "rows": common.stamp(rows, env, device),
     }
     out = args.out or ROOT / "benchmarks" / "results" / common.device_name(device)

@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     bundle = ensure_bundle(args.bundle)
     export = ensure_export(bundle, args.export, args.reexport)
     t = time.perf_counter()
-    te = Engine.from_pretrained(bundle, device=device)
+    te = Engine.from_pretrained(bundle, device=device, quantize="none")  # as exported: fp32
     load_torch = time.perf_counter() - t
     t = time.perf_counter()
     options = RuntimeOptions(threads=args.threads)

@@ -116,9 +116,13 @@ def main(argv: list[str] | None = None) -> int:
         engine = Engine.from_pretrained(bundle_dir, device=device, dtype="float32",
                                         fast_decode=fast)  # fmt: skip
         # the reference-style pipeline swaps in HF decoding: its own engine, untouched weights
-        reference = Engine.from_pretrained(bundle_dir, device=device, dtype="float32")
+        reference = Engine.from_pretrained(bundle_dir, device=device, dtype="float32",
+                                           quantize="none")  # fmt: skip
         hf = hf_ref = load_hf(hf_decoder_dir(engine, bundle_dir), device, torch.float32)
-        notes.append("fp32 everywhere; the engine's default CPU paths (C++ guided update)")
+        quant = getattr(engine.decoder, "quantized", "none")
+        notes.append(f"the engine's default CPU paths (C++ guided update; decoder weights "
+                     f"{'int8, fp32 activations' if quant == 'int8' else 'fp32'}); "
+                     "reference_dglm and hf_generate fp32")  # fmt: skip
     if engine.decode_runner is not None:
         t = time.perf_counter()
         engine.decode_runner.warmup(

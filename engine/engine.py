@@ -27,6 +27,7 @@ from dglm.engine.methods.base import Method, MethodBatch
 from dglm.engine.methods.dglm import DGLM
 from dglm.engine.methods.re_control import ReControl, ValueNetwork
 from dglm.engine.models.base import Decoder, HiddenHook
+from dglm.engine.models.quant import resolve_quantize
 from dglm.engine.probes import Probe, ProbeSet, save_probes
 from dglm.engine.prompt.generator import PromptGenerator
 from dglm.export.runtime import OrtModels, RuntimeOptions, load_export
@@ -141,7 +142,7 @@ class Engine:
         cuda_graphs: bool = True,
         fast_decode: bool = False,
         onnx_options: RuntimeOptions | None = None,
-        quantize: str = "none",
+        quantize: str = "auto",
     ) -> Engine:
         """backend="onnx": `path_or_name` is a `dglm export onnx` directory, run on ONNX Runtime
         (`onnx_options`: threads, CUDA graphs, batch padding; the export fixes the dtype, `dtype`
@@ -149,9 +150,20 @@ class Engine:
         fast_decode: decode with a persistent runner (CUDA graphs on CUDA, traced steps on CPU;
         each batch/length bucket pays a one-time capture or trace at its first use).
         quantize="int8": the decoder's weights in int8 (weight-only, per-channel scales;
-        models.quant), fp32 only.
-        A bad device, or a bundle file that is missing or unreadable, raises ValueError naming it."""
+        models.quant), fp32 only; "auto" (default): int8 for an fp32 decoder on CPU, else "none"
+        (models.quant.resolve_quantize); "none": the checkpoint's weights in `dtype`.
+        A bad device, or a bundle file that is missing or unreadable, raises ValueError naming it.
+        A Diffusion-LM bundle (config.json "method": "diffusion-lm") loads as its own engine,
+        `DiffusionLMEngine` (the same `generate(prompts, params)` → RequestOutput list); the
+        decoder options do not apply to it."""
         device = resolve_device(device)
+        if backend == "torch":
+            from dglm.engine.methods.diffusion_lm.bundle import is_diffusion_lm_bundle
+
+            if is_diffusion_lm_bundle(path_or_name):
+                from dglm.engine.methods.diffusion_lm import DiffusionLMEngine
+
+                return DiffusionLMEngine.from_pretrained(path_or_name, device=str(device))
         if backend == "onnx":
             exp = load_export(path_or_name, device, onnx_options)
             m = exp.models
@@ -163,8 +175,9 @@ class Engine:
         if backend != "torch":
             raise ValueError(f"backend must be 'torch' or 'onnx', got {backend!r}")
         dtype = _as_dtype(dtype)
-        if quantize != "none" and dtype != torch.float32:
+        if quantize not in ("none", "auto") and dtype != torch.float32:
             raise ValueError(f"quantize={quantize!r} needs dtype float32, got {dtype}")
+        quantize = resolve_quantize(quantize, device, dtype)
         bundle_dir = bundle_io.resolve_bundle_dir(path_or_name)
         config = bundle_io.read_config(bundle_dir)
         score_net = ScoreNetwork(config.score_network)

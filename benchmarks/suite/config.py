@@ -50,6 +50,7 @@ METHODS = {
     "fudge": "fudge",  # token-level top-k reranking with the sentiment probe
     "re_control": "re_control",  # RE-Control alone: value-network edits of the hidden states
     "engine_re_control": "engine",  # DGLM + RE-Control, the sentiment control acting both ways
+    "llama_cpp": "llama_cpp",  # llama.cpp on the same GGUF, no control (CPU; optional package)
 }
 SENTIMENT_TARGET = ("sentiment", "positive")  # the one-probe control of every controlled method
 

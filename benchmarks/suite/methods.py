@@ -351,6 +351,27 @@ def fudge_method(
 
 
 # ------------------------------------------------------------------ the suite's methods
+# ------------------------------------------------------------------ llama.cpp
+def llama_cpp_method(llm, tokenizer, temperature: float, top_p: float) -> Method:
+    """llama.cpp (benchmarks.llama_cpp) on the GGUF the decoder was converted from, no control:
+    the prompts one after another (its API decodes one sequence per call), the same token ids."""
+    from benchmarks import llama_cpp
+
+    def run(prompts: list[str], length: int, seeds: list[int]) -> Run:
+        prefix = [tokenizer.encode(p) for p in prompts]
+        toks, prefill, decode = [], 0.0, 0.0
+        for ids, seed in zip(prefix, seeds, strict=True):
+            t, pre, dec, _ = llama_cpp.sample(llm, ids, length, temperature, top_p, seed)
+            toks.append(t)
+            prefill, decode = prefill + pre, decode + dec
+        texts = tokenizer.batch_decode(toks, skip_special_tokens=True)
+        return Run(prefix, toks, texts, {"prefill": prefill, "decode": decode})
+
+    info = {"dtype": "Q4_1 (GGUF)", "decoding": f"llama-cpp-python {llama_cpp.version()}, "
+            "one prompt at a time"}  # fmt: skip
+    return Method("llama_cpp", "llama_cpp", (), run, info)
+
+
 def build_methods(
     config,
     engine: Engine,
@@ -377,7 +398,18 @@ def build_methods(
     notes = []
     made: dict[str, Method] = {}
     for name in config.methods:
-        if name == "hf_generate":
+        if name == "llama_cpp":
+            if config.suite != "cpu":
+                notes.append("llama_cpp left out: a CPU decoder, not run in the GPU suite")
+                continue
+            from benchmarks import llama_cpp
+
+            llm, why = llama_cpp.load(torch.get_num_threads())
+            if llm is None:
+                notes.append(f"llama_cpp left out: {why}")
+                continue
+            made[name] = llama_cpp_method(llm, engine.tokenizer, T, p)
+        elif name == "hf_generate":
             made[name] = hf_generate_method(hf, engine.tokenizer, T, p)
         elif name == "engine":
             made[name] = engine_method(name, engine, (), T, p)

@@ -89,7 +89,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     out = args.out or Path("benchmarks/results") / torch.device(args.device).type / (
         f"eval_{bundle_dir.name}" + ("_quick" if args.quick else "")
     )
-    engine = Engine.from_pretrained(bundle_dir, device=args.device, dtype=args.dtype)
+    # the decoder's own weights (no int8): the committed results measure the bundle, not the
+    # quantizer, and stay comparable across runs
+    engine = Engine.from_pretrained(
+        bundle_dir, device=args.device, dtype=args.dtype, quantize="none"
+    )
     if args.prompt_guidance is not None:  # the bundle as if it shipped this default
         engine.config = replace(engine.config, prompt_guidance=args.prompt_guidance)
     bar = progress_bar(None, "eval", unit="batch")

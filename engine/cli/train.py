@@ -260,7 +260,8 @@ def cmd_train_value(args: argparse.Namespace) -> int:
         train_value,
     )
 
-    engine = Engine.from_pretrained(args.bundle, device=args.device)
+    # rollouts record the decoder's own fp32 states (no int8: training data, not serving)
+    engine = Engine.from_pretrained(args.bundle, device=args.device, quantize="none")
     cols = reward_columns(engine.probes, args.probe)
     rcfg = RolloutConfig(
         rollouts=args.rollouts,

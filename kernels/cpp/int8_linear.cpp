@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <vector>
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
@@ -80,6 +81,46 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void tile_avx512_t(const In
     for (int j = 0; j < MR; ++j) finish(a, n0 + i, m0 + j, _mm512_reduce_add_ps(acc[i][j]));
 }
 
+// The same tile from weights already widened to fp32 (wbuf: NR rows of K floats): used when
+// a block of output rows meets more than 4 activation rows, so each weight is widened once.
+template <int NR, int MR>
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void tile_avx512_f32_t(
+    const Int8LinearArgs& a, const float* wbuf, int64_t n0, int64_t m0) {
+  __m512 acc[NR][MR];
+  for (int i = 0; i < NR; ++i)
+    for (int j = 0; j < MR; ++j) acc[i][j] = _mm512_setzero_ps();
+  const int64_t K = a.K;
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    __m512 w[NR];
+    for (int i = 0; i < NR; ++i) w[i] = _mm512_loadu_ps(wbuf + i * K + k);
+    for (int j = 0; j < MR; ++j) {
+      const __m512 x = _mm512_loadu_ps(a.x + (m0 + j) * K + k);
+      for (int i = 0; i < NR; ++i) acc[i][j] = _mm512_fmadd_ps(w[i], x, acc[i][j]);
+    }
+  }
+  if (k < K) {
+    const __mmask16 mask = static_cast<__mmask16>((1u << (K - k)) - 1u);
+    __m512 w[NR];
+    for (int i = 0; i < NR; ++i) w[i] = _mm512_maskz_loadu_ps(mask, wbuf + i * K + k);
+    for (int j = 0; j < MR; ++j) {
+      const __m512 x = _mm512_maskz_loadu_ps(mask, a.x + (m0 + j) * K + k);
+      for (int i = 0; i < NR; ++i) acc[i][j] = _mm512_fmadd_ps(w[i], x, acc[i][j]);
+    }
+  }
+  for (int i = 0; i < NR; ++i)
+    for (int j = 0; j < MR; ++j) finish(a, n0 + i, m0 + j, _mm512_reduce_add_ps(acc[i][j]));
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void widen_avx512(const int8_t* q,
+                                                                      int64_t count, float* out) {
+  int64_t k = 0;
+  for (; k + 16 <= count; k += 16)
+    _mm512_storeu_ps(out + k, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+                                  _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + k)))));
+  for (; k < count; ++k) out[k] = static_cast<float>(q[k]);
+}
+
 __attribute__((target("avx2,fma"))) inline float hsum256(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -121,6 +162,10 @@ using TileFn = void (*)(const Int8LinearArgs&, int64_t, int64_t);
 constexpr TileFn kAvx512[kRows][kBatch] = {
     DGLM_ROW(tile_avx512_t, 1), DGLM_ROW(tile_avx512_t, 2), DGLM_ROW(tile_avx512_t, 3),
     DGLM_ROW(tile_avx512_t, 4)};
+using TileF32Fn = void (*)(const Int8LinearArgs&, const float*, int64_t, int64_t);
+constexpr TileF32Fn kAvx512F32[kRows][kBatch] = {
+    DGLM_ROW(tile_avx512_f32_t, 1), DGLM_ROW(tile_avx512_f32_t, 2),
+    DGLM_ROW(tile_avx512_f32_t, 3), DGLM_ROW(tile_avx512_f32_t, 4)};
 constexpr TileFn kAvx2[kRows][kBatch] = {DGLM_ROW(tile_avx2_t, 1), DGLM_ROW(tile_avx2_t, 2),
                                          DGLM_ROW(tile_avx2_t, 3), DGLM_ROW(tile_avx2_t, 4)};
 #undef DGLM_ROW
@@ -187,12 +232,27 @@ void int8_linear(const Int8LinearArgs& a) {
   const int threads = std::max(1, a.threads);
   // Each block of 4 output rows walks every activation row in tiles of 4: the block's weights
   // (4 × K bytes) stay in L1 while the activations are reused from L1/L2.
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && blocks > 8)
-  for (int64_t b = 0; b < blocks; ++b) {
-    const int64_t n0 = b * kRows;
-    const int64_t nr = std::min<int64_t>(kRows, a.N - n0);
-    for (int64_t m0 = 0; m0 < a.M; m0 += kBatch)
-      run_tile(a, which, n0, nr, m0, std::min<int64_t>(kBatch, a.M - m0));
+  // With more than one tile of activation rows (AVX-512), the block's weights are widened once
+  // into a per-thread fp32 buffer (4 × K floats, L1/L2-resident) and every tile reads that.
+  const bool widen = DGLM_X86 && which == Isa::kAvx512 && a.M > kBatch;
+#pragma omp parallel num_threads(threads) if (threads > 1 && blocks > 8)
+  {
+    std::vector<float> wbuf(widen ? kRows * a.K : 0);
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t n0 = b * kRows;
+      const int64_t nr = std::min<int64_t>(kRows, a.N - n0);
+#if DGLM_X86
+      if (widen) {
+        widen_avx512(a.q + n0 * a.K, nr * a.K, wbuf.data());
+        for (int64_t m0 = 0; m0 < a.M; m0 += kBatch)
+          kAvx512F32[nr - 1][std::min<int64_t>(kBatch, a.M - m0) - 1](a, wbuf.data(), n0, m0);
+        continue;
+      }
+#endif
+      for (int64_t m0 = 0; m0 < a.M; m0 += kBatch)
+        run_tile(a, which, n0, nr, m0, std::min<int64_t>(kBatch, a.M - m0));
+    }
   }
 }
 
