@@ -240,8 +240,8 @@ def generate(
             )  # fmt: skip
         if hidden_hook is not None and not runner.can_run(1, 1, True):
             raise ValueError(
-                "this runner cannot run a hidden-state hook (CUDA graphs, traced steps and the "
-                "ONNX graphs were recorded without one): pass no runner, or an eager one"
+                "this runner cannot run a hidden-state hook (CUDA graphs, compiled steps and the "
+                "ONNX graphs were recorded without one): pass no runner, or an eager or traced one"
             )
     t_start = time.perf_counter()
     if runner is None and static:

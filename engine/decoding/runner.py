@@ -22,8 +22,10 @@ batch, max_len = the slots it needs: no padding).
 Sampling stays outside the step (`decoding.generate` samples from `logits` without a host sync).
 
 As a step backend of the loop (`can_run`, `start`, `step`): a hidden-state hook (`start(...,
-hidden_hook)`) runs only op by op (`enforce_eager`, step_impl "eager"); graphs and traces were
-recorded without one, so `can_run` says no and the loop takes an eager runner instead.
+hidden_hook)`) runs op by op (step_impl "eager") or after a trace of the step's body up to the
+final norm (step_impl "trace": the body is traced once per bucket at the first hooked step; the
+hook and the LM head then run op by op); CUDA graphs and compiled steps were recorded without one,
+so `can_run` says no and the loop takes an eager runner instead.
 """
 
 from __future__ import annotations
@@ -104,6 +106,22 @@ def decode_logits(
     )[:, 0]
 
 
+def decode_hidden(
+    decoder: Decoder,
+    tokens: torch.Tensor,  # (b,) long
+    positions: torch.Tensor,  # (b,) long
+    k: torch.Tensor,
+    v: torch.Tensor,
+    write_pos: torch.Tensor,
+    key_mask: torch.Tensor,
+) -> torch.Tensor:
+    """`decode_logits` up to the final norm: K/V written in place → hidden states (b, 1, H)."""
+    x = decoder.embed(tokens[:, None])  # (b, 1, H)
+    return decoder.forward_static(
+        x, positions[:, None], k, v, write_pos, key_mask, return_hidden=True
+    )
+
+
 _compiled_decode_logits: Callable | None = None
 
 
@@ -132,6 +150,13 @@ class _DecodeModule(nn.Module):
         return decode_logits(self.decoder, tokens, positions, k, v, write_pos, key_mask)
 
 
+class _DecodeHiddenModule(_DecodeModule):
+    """decode_hidden as a module: the traced body of a hooked step (hook and head run after)."""
+
+    def forward(self, tokens, positions, k, v, write_pos, key_mask) -> torch.Tensor:
+        return decode_hidden(self.decoder, tokens, positions, k, v, write_pos, key_mask)
+
+
 class _EagerStep:
     """What a captured graph replays, run without one: `replay()` runs one step, op by op or
     (step_impl="trace") through a TorchScript trace of this bucket made at the first replay."""
@@ -139,15 +164,27 @@ class _EagerStep:
     def __init__(self, runner: DecodeRunner, b: int, s: int) -> None:
         self.runner, self.b, self.s = runner, b, s
         self.traced: torch.jit.ScriptModule | None = None
+        self.traced_hidden: torch.jit.ScriptModule | None = None  # made at the first hooked step
+
+    def _trace(self, module: nn.Module, args: tuple) -> torch.jit.ScriptModule:
+        # tracing runs the step once; running it again rewrites the same K/V at the same slot
+        # before reading it, so the step stays idempotent
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # TracerWarnings on shape checks: shapes are fixed
+            traced = torch.jit.trace(module, args, check_trace=False)
+        logger.info("traced the decode step%s: batch bucket %d, %d KV slots",
+                    " up to the hidden states" if isinstance(module, _DecodeHiddenModule) else "",
+                    self.b, self.s)  # fmt: skip
+        return traced
 
     def _decode(self, decoder, *args: torch.Tensor) -> torch.Tensor:
+        hook = self.runner.hidden_hook
+        if hook is not None:  # the traced body, then the hook and the LM head op by op
+            if self.traced_hidden is None:
+                self.traced_hidden = self._trace(_DecodeHiddenModule(decoder), args)
+            return decoder.logits(hook(self.traced_hidden(*args)))[:, 0]
         if self.traced is None:
-            # tracing runs the step once; running it again rewrites the same K/V at the same
-            # slot before reading it, so the step stays idempotent
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # TracerWarnings on shape checks: shapes are fixed
-                self.traced = torch.jit.trace(_DecodeModule(decoder), args, check_trace=False)
-            logger.info("traced the decode step: batch bucket %d, %d KV slots", self.b, self.s)
+            self.traced = self._trace(_DecodeModule(decoder), args)
         return self.traced(*args)
 
     def replay(self) -> None:
@@ -252,10 +289,12 @@ class DecodeRunner:
             self.write_pos,
             self.key_mask[:b, :s],
         )
-        if self.hidden_hook is not None:  # eager only (see can_run)
+        if decode is not None:  # a traced step (hooked or not: see _EagerStep._decode)
+            logits = decode(*args)
+        elif self.hidden_hook is not None:  # op by op (see can_run)
             logits = decode_logits(*args, hidden_hook=self.hidden_hook)
         else:
-            logits = (decode or self._decode)(*args)
+            logits = self._decode(*args)
         self.logits[:b].copy_(logits)
         self.positions[:b].add_(1)
         self.write_pos.add_(1)
@@ -313,9 +352,10 @@ class DecodeRunner:
     # ------------------------------------------------------------------ step backend
     def can_run(self, batch_size: int, slots: int, hooked: bool = False) -> bool:
         """Whether this runner can take a batch of `batch_size` rows × `slots` KV slots, with a
-        hidden-state hook when `hooked` (op by op only)."""
-        eager = not self.graphs and self.config.step_impl == "eager"
-        return batch_size <= self.max_batch and slots <= self.max_len and (eager or not hooked)
+        hidden-state hook when `hooked` (op by op, or a trace of the step's body with the hook
+        and the LM head after it; not in CUDA graphs or compiled steps)."""
+        hookable = not self.graphs and self.config.step_impl in ("eager", "trace")
+        return batch_size <= self.max_batch and slots <= self.max_len and (hookable or not hooked)
 
     @torch.inference_mode()
     def start(self, batch: PaddedBatch, hidden_hook: HiddenHook | None = None) -> torch.Tensor:
@@ -323,8 +363,8 @@ class DecodeRunner:
         logits (B, V) of its last position; `hidden_hook` acts at every step of this batch."""
         if hidden_hook is not None and not self.can_run(1, 1, True):
             raise ValueError(
-                "a hidden-state hook runs op by op only: use a DecodeRunner with "
-                "DecodeRunnerConfig(enforce_eager=True, step_impl='eager')"
+                "a hidden-state hook runs op by op or traced only: use a DecodeRunner with "
+                "DecodeRunnerConfig(enforce_eager=True, step_impl='eager' or 'trace')"
             )
         self.begin(batch.batch_size, batch.slots, batch.key_mask if batch.padded else None)
         self.hidden_hook = hidden_hook

@@ -314,12 +314,19 @@ class Decoder(nn.Module):
         return self.__dict__.get("_quantized", "none")
 
     def head(
-        self, hidden: torch.Tensor, last_only: bool, hidden_hook: HiddenHook | None
+        self,
+        hidden: torch.Tensor,
+        last_only: bool,
+        hidden_hook: HiddenHook | None,
+        return_hidden: bool = False,
     ) -> torch.Tensor:
         """(B, T, H) final-norm hidden states → fp32 logits (B, T | 1, V): the last position
-        only with `last_only`, through `hidden_hook` (if any) before the LM head."""
+        only with `last_only`, through `hidden_hook` (if any) before the LM head; with
+        `return_hidden` the (B, T | 1, H) hidden states themselves (no hook, no head)."""
         if last_only:
             hidden = hidden[:, -1:]
+        if return_hidden:
+            return hidden
         if hidden_hook is not None:
             hidden = hidden_hook(hidden)
         return self.logits(hidden)
@@ -336,6 +343,7 @@ class Decoder(nn.Module):
         functional: bool = False,
         last_only: bool = False,
         hidden_hook: HiddenHook | None = None,
+        return_hidden: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One static-shape step: the form for CUDA graphs, `torch.compile` and ONNX export.
 
@@ -358,6 +366,8 @@ class Decoder(nn.Module):
                 written, for a graph without in-place updates (the caller scatters them).
             last_only: logits for the last of the T positions only, (B, 1, V).
             hidden_hook: applied to the final-norm hidden states before the LM head.
+            return_hidden: return those final-norm hidden states (B, T | 1, H) instead of the
+                logits (a traced step whose hook and head run outside the trace).
 
         Returns fp32 logits. Equals `forward` with a KVCache holding the same slots (the parity
         tests check < 1e-5 in fp32); attention runs over all S slots, so cost grows with S.
@@ -381,7 +391,7 @@ class Decoder(nn.Module):
         mask = torch.zeros(allowed.shape, dtype=inputs_embeds.dtype, device=allowed.device)
         mask = mask.masked_fill_(~allowed, float("-inf"))
         h = self.blocks_forward(inputs_embeds, positions, kv, mask, False)  # (B, T, H)
-        logits = self.head(h, last_only, hidden_hook)
+        logits = self.head(h, last_only, hidden_hook, return_hidden)
         if not functional:
             return logits
         return logits, torch.stack(kv.new_k), torch.stack(kv.new_v)  # (L, B, n_kv, T, Dh)

@@ -70,8 +70,9 @@ def test_hook_changes_only_the_rows_it_edits(tiny, gen, static):
 
 
 def test_hook_on_a_persistent_runner(tiny, gen):
-    """An eager runner runs the hook (same tokens as the runner-less loop); a traced one cannot:
-    the loop refuses it there."""
+    """Eager and traced runners run the hook (same tokens as the runner-less loop; the traced one
+    through a trace of the step's body, then the hook and the head); a compiled one cannot: the
+    loop refuses it there."""
     decoder, tok = tiny
     rows, params = rows_and_params(gen)
     nudge = RowNudge([0, 2], torch.randn(decoder.hidden_size, generator=gen), 20.0)
@@ -87,9 +88,19 @@ def test_hook_on_a_persistent_runner(tiny, gen):
     traced = DecodeRunner(
         decoder, DecodeRunnerConfig((4,), 32, enforce_eager=True, step_impl="trace")
     )
-    assert traced.can_run(3, 20) and not traced.can_run(3, 20, hooked=True)
+    assert traced.can_run(3, 20, hooked=True)
+    got, _ = generate(decoder, tok, rows, params, runner=traced, hidden_hook=nudge)
+    assert [r.token_ids for r in got] == [r.token_ids for r in ref]
+    plain, _ = generate(decoder, tok, rows, params, runner=traced)  # the plain trace after it
+    assert [r.token_ids for r in plain] == [
+        r.token_ids for r in generate(decoder, tok, rows, params)[0]
+    ]
+    compiled = DecodeRunner(
+        decoder, DecodeRunnerConfig((4,), 32, enforce_eager=True, step_impl="compile")
+    )
+    assert compiled.can_run(3, 20) and not compiled.can_run(3, 20, hooked=True)
     with pytest.raises(ValueError, match="hidden-state hook"):
-        generate(decoder, tok, rows, params, runner=traced, hidden_hook=nudge)
+        generate(decoder, tok, rows, params, runner=compiled, hidden_hook=nudge)
 
 
 def test_logits_processor_sees_history_and_finished_rows(tiny, gen):

@@ -356,3 +356,15 @@ def test_cli_trains_and_adds_a_classifier(tmp_path, capsys):
         s = r["samples"][0]
         assert len(words(r["prompt"] + s["text"])) == 5 and words(s["text"])[-1] == "."
     assert main(["generate", "x", "--length", "3"]) == 2  # not a Diffusion-LM bundle
+
+
+def test_engine_from_pretrained_dispatches_on_the_bundle_method(bundle):
+    from dglm.engine.engine import Engine
+
+    eng = Engine.from_pretrained(bundle)
+    assert isinstance(eng, DiffusionLMEngine)
+    p = DiffusionLMParams(seed=2, length=4, num_inference_steps=5)
+    a = eng.generate(["the"], p)[0].samples[0].token_ids
+    assert (
+        a == DiffusionLMEngine.from_pretrained(bundle).generate(["the"], p)[0].samples[0].token_ids
+    )
