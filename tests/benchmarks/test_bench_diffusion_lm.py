@@ -1,0 +1,73 @@
+"""benchmarks/bench_diffusion_lm.py end to end on a tiny Diffusion-LM bundle with a sentiment
+classifier (no Gemma judge): every section written, the targets stated, samples saved."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+from dglm.engine.methods.diffusion_lm import (
+    DIFFUSION_LM_PRESETS,
+    DiffusionLMNetwork,
+    LatentClassifier,
+    LatentClassifierConfig,
+)
+from dglm.engine.methods.diffusion_lm.bundle import save_bundle
+from dglm.engine.training.diffusion_lm import (
+    build_vocab,
+    encode_sentences,
+    labelled_sentences,
+    train_diffusion_lm,
+    train_latent_classifier,
+)
+from dglm.engine.training.loop import TrainConfig
+
+from benchmarks import bench_diffusion_lm
+
+pytest.importorskip("vaderSentiment")
+
+POSITIVE = ["the movie was great and fun .", "i loved the story and the food .",
+            "a great film with good music ."]  # fmt: skip
+NEGATIVE = ["the movie was bad and dull .", "i hated the story and the food .",
+            "a sad film with awful music ."]  # fmt: skip
+
+
+def test_bench_diffusion_lm_writes_every_section(tmp_path):
+    torch.manual_seed(0)
+    texts = (POSITIVE + NEGATIVE) * 8
+    vocab = build_vocab(texts, 64, 12)
+    config = replace(DIFFUSION_LM_PRESETS["tiny"], vocab_size=len(vocab))
+    ids, _ = encode_sentences(texts, vocab, config.seq_len)
+    cfg = TrainConfig(steps=40, batch_size=16, lr=3e-3, warmup=5, eval_every=20, save_every=20)
+    path = train_diffusion_lm(DiffusionLMNetwork(config), vocab, ids, ids[:8], tmp_path / "r", cfg)
+    from dglm.engine.methods.diffusion_lm.bundle import load_bundle
+
+    net, vocab, _, _ = load_bundle(path)
+    labels = ["positive"] * 24 + ["negative"] * 24
+    sets = labelled_sentences(POSITIVE * 8 + NEGATIVE * 8, labels, ("negative", "positive"),
+                              vocab, 12)  # fmt: skip
+    ccfg = LatentClassifierConfig("sentiment", ("negative", "positive"), 8, 12, dim=32, depth=1,
+                                  head_dim=16)  # fmt: skip
+    clf = train_latent_classifier(LatentClassifier(ccfg), net, sets["train"], sets["eval"],
+                                  tmp_path / "c", replace(cfg, steps=20))  # fmt: skip
+    bundle = save_bundle(tmp_path / "b", net, vocab, [clf], {"num_inference_steps": 10})
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(f"{t} number {i} ." for i, t in enumerate(texts * 4)))
+    out = tmp_path / "out"
+    argv = ["--bundle", str(bundle), "--n", "4", "--quick", "--no-gemma", "--corpus",
+            str(corpus), "--out", str(out)]  # fmt: skip
+    assert bench_diffusion_lm.main(argv) == 0
+    report = json.loads((out / "diffusion_lm.json").read_text())
+    assert [(r["sampler"], r["steps"]) for r in report["speed"]] == list(bench_diffusion_lm.SPEED)
+    assert all(r["seconds_median"] > 0 for r in report["speed"])
+    assert report["speed"][0]["controls"] == ["sentiment=positive"]
+    for q in report["quality"]:
+        assert q["length"]["n"] == 4 and 0 <= q["length"]["rate"] <= 1
+        assert q["infill"]["context_kept"]["n"] >= 1
+        assert set(q["attribute"]) == {"unconditional", "positive", "negative"}
+    assert any("length exact" in t for t in report["targets"])
+    assert (out / "diffusion_lm.md").read_text().startswith("# Diffusion-LM on CPU")
+    tasks = {json.loads(x)["task"] for x in (out / "diffusion_lm_samples.jsonl").open()}
+    assert {"unconditional", "length", "infill", "sentiment=positive"} <= tasks
