@@ -27,8 +27,8 @@ def load(threads: int, n_ctx: int = 512):
     """(Llama on the SmolLM2 GGUF, None) or (None, why not)."""
     try:
         from llama_cpp import Llama
-    except ImportError:
-        return None, MISSING
+    except ImportError as e:
+        return None, f"{MISSING}: {e}"
     llm = Llama(
         model_path=str(smollm2_gguf()), n_ctx=n_ctx, n_batch=n_ctx, n_threads=threads,
         n_threads_batch=threads, seed=0, verbose=False,
