@@ -64,7 +64,8 @@ def target_checks(rows: list[dict]) -> list[dict]:
     """The issue's targets from the rows, each met / missed / not measured (met None).
 
     1. engine_1probe ≤ 1.15× engine (p50) at L=32, B=1; the same for engine_2probes (extra).
-    2. engine_1probe faster than hf_generate (no control) at L=32, B=1.
+    2. engine_1probe faster than hf_generate (no control) at L=32, B=1; and, when llama_cpp ran,
+       at least as fast as it (its tokens/s, uncontrolled).
     3. engine_1probe ≥ 10× faster than reference_dglm, per (length, batch) both ran.
     4. engine_1probe faster than fudge, per (length, batch) both ran.
     5. engine_1probe's control success (VADER) ≥ each baseline's, pooled over the cells both ran
@@ -103,6 +104,19 @@ def target_checks(rows: list[dict]) -> list[dict]:
             "" if speed is None else f"p50 {c:.0f} ms vs {hf:.0f} ms",
         )
     )
+    llama = p50.get(("llama_cpp", TARGET_BATCH, TARGET_LENGTH))
+    if llama is not None:  # the CPU decode issue's target: controlled ≥ llama.cpp uncontrolled
+        speed = llama / c if c else None
+        checks.append(
+            target_check(
+                "engine_1probe tokens/s ≥ llama_cpp's (no control)",
+                where,
+                speed,
+                "≥ 1 (speedup)",
+                None if speed is None else speed >= 1,
+                "" if speed is None else f"p50 {c:.0f} ms vs {llama:.0f} ms",
+            )
+        )
     for baseline, need, label in (
         ("reference_dglm", SPEEDUP_REFERENCE, f"≥ {SPEEDUP_REFERENCE:g}× faster than"),
         ("fudge", 1.0, "faster than"),
