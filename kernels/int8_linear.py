@@ -11,6 +11,9 @@ layers, 106 MB of int8 weights, one thread, the other core busy) ~11-16 ms per p
 ~22-28 ms for `torch._weight_int8pack_mm` (benchmarks/bench_decode.py has the end-to-end rows).
 AVX-512 (F, BW, VL), AVX2+FMA or scalar code is chosen at run time.
 
+From `LARGE_M` activation rows on (prefill of a batch), the operator widens the weights to fp32
+once and hands the product to BLAS instead, which is faster there.
+
 The operator is registered with `torch.library`, so traced decode steps (TorchScript) record it
 and call it like any aten op. It runs on CPU tensors only; `int8_linear_ref` is the reference the
 tests hold it to.
@@ -25,7 +28,12 @@ try:  # the compiled C++ kernels: absent when the package was installed without 
 except ImportError:
     cpu_ops = None
 
-__all__ = ["available", "int8_linear", "int8_linear_ref", "isa"]
+__all__ = ["LARGE_M", "available", "int8_linear", "int8_linear_ref", "isa"]
+
+# From this many activation rows on, the product is compute-bound and BLAS on the weights widened
+# to fp32 (once per call) beats the kernel: measured on SmolLM2's weight set, one core, ms per
+# pass kernel / widen + BLAS: M=64 145 / 150, M=128 323 / 285, M=320 847 / 588 (a batch's prefill).
+LARGE_M = 128
 
 
 def available() -> bool:
@@ -79,6 +87,12 @@ def _int8_linear_cpu(
     lead = x.shape[:-1]
     x2 = x.reshape(-1, K).to(torch.float32).contiguous()
     M = x2.shape[0]
+    if M >= LARGE_M:  # compute-bound: widen the weights once, then BLAS (prefill of long batches)
+        y = torch.nn.functional.linear(x2, q.float()).mul_(scale)
+        if bias is not None:
+            y.add_(bias)
+        y = y.view(*lead, N)
+        return y if x.dtype == torch.float32 else y.to(x.dtype)
     y = torch.empty(*lead, N, dtype=torch.float32)
     if M:
         cpu_ops.int8_linear(

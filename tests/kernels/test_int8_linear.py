@@ -86,3 +86,16 @@ def test_refusals(gen):
         k.int8_linear(x, q, s, torch.zeros(5))
     with pytest.raises(ValueError, match="not supported"):
         raw(x, q, s, None, "avx9000")
+
+
+def test_large_batches_take_the_blas_path_with_the_same_result(gen):
+    x = torch.randn(k.LARGE_M + 3, 48, generator=gen)
+    q = torch.randint(-127, 128, (20, 48), generator=gen, dtype=torch.int8)
+    s = torch.rand(20, generator=gen)
+    b = torch.randn(20, generator=gen)
+    want = k.int8_linear_ref(x.double(), q, s.double(), b.double())
+    got = k.int8_linear(x, q, s, b)
+    assert got.shape == (k.LARGE_M + 3, 20)
+    assert (got.double() - want).abs().max() <= 1e-4 * want.abs().max()
+    small = k.int8_linear(x[:5], q, s, b)  # the kernel: the same rows, another summation order
+    assert torch.allclose(small, got[:5], rtol=1e-5, atol=1e-4)
