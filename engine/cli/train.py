@@ -553,8 +553,8 @@ def _labelled_texts(which: str) -> tuple[list[str], list[str]]:
     from dglm.engine.training import data
     from dglm.engine.training.builder import SEED_SENTIMENT, read_labelled_jsonl
 
-    if which == "sentiment":
-        return data.sentiment_set(["rotten_tomatoes"])
+    if which == "sentiment":  # Rotten Tomatoes, and Amazon fine-food reviews when present
+        return data.sentiment_set()
     if which == "seed-sentiment":
         return read_labelled_jsonl(SEED_SENTIMENT)
     if which == "topic":

@@ -205,7 +205,7 @@ def test_partial_sort_samples_the_same_tokens(gen):
         k = torch.full((n, 1), top_k)
         p = torch.full((n, 1), top_p, dtype=torch.float64)
         full = sample_tokens(logits, gumbel, t, k, p, full_sort=True)
-        for sizes in ((16,), (16, 128), (32, 1000)):
+        for sizes in ((16,), (16, 128), (32, 1000), (8, 64, 256)):
             part = sample_tokens(logits, gumbel, t, k, p, full_sort=True, partial_sizes=sizes)
             assert torch.equal(part, full)
         for row in range(0, n, 8):  # row by row, where most rows take the partial path
@@ -219,7 +219,8 @@ def test_sample_tokens_mixes_greedy_and_sampled_rows(gen):
     gumbel = -(-torch.rand(2, 30, generator=gen).log()).log()
     rows = torch.tensor([1, 3])
     one = torch.ones(2, 1)
-    for kw in (dict(max_k=1), dict(full_sort=True), dict()):
+    for kw in (dict(max_k=1), dict(full_sort=True), dict(full_sort=True, partial_sizes=(4,)),
+               dict()):  # fmt: skip
         k = torch.full((2, 1), 1 if kw else 0)
         tokens = sample_tokens(logits, gumbel, one, k, one, rows, **kw)
         assert tokens[[0, 2]].tolist() == logits[[0, 2]].argmax(-1).tolist()
