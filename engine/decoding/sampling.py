@@ -132,6 +132,7 @@ def sample_tokens(
     max_k: int = 0,
     full_sort: bool = False,
     partial_sizes: tuple[int, ...] = (),
+    uniform: bool = False,
 ) -> torch.Tensor:
     """Next tokens (B,) long from logits (B, V) fp32. No host sync unless `partial_sizes`.
 
@@ -146,9 +147,18 @@ def sample_tokens(
     flag back costs nothing): before the full sort, try `filter_top` with each size; a row it
     covers samples from it (same token, see filter_top), the others go on to the next size and
     finally the full sort; every row's top_k must be 0 or ≤ the sizes tried.
+    uniform: `gumbel` holds the uniforms U, transformed to −log(−log U) only where a token is
+    scored (the candidates of a partial filter), not over the whole vocabulary: the same noise,
+    the same tokens, less work.
     """
     if gumbel is None:
         return logits.argmax(dim=-1)
+
+    def noise(u: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The Gumbel noise of rows `u` at token `ids` (None: every token)."""
+        g = u if ids is None else u.gather(-1, ids)
+        return -(-g.log()).log() if uniform else g
+
     scores = logits if rows is None else logits.index_select(0, rows)  # (S, V)
     scores = scores / temperature
     if full_sort:
@@ -162,8 +172,7 @@ def sample_tokens(
             part, part_ids, covered = filter_top(scores, top_k, top_p, size)
             if bool(covered.any()):  # host branch: CPU only (see above)
                 cov = covered.nonzero()[:, 0]
-                noise = gumbel[cov].gather(-1, part_ids[cov])
-                pick = (part[cov] + noise).argmax(dim=-1, keepdim=True)
+                pick = (part[cov] + noise(gumbel[cov], part_ids[cov])).argmax(dim=-1, keepdim=True)
                 won = part_ids[cov].gather(-1, pick)[:, 0]
                 sampled.index_copy_(0, cov if left is None else left[cov], won)
             if bool(covered.all()):
@@ -172,7 +181,7 @@ def sample_tokens(
             left = rest if left is None else left[rest]
             scores, top_k, top_p, gumbel = (scores[rest], top_k[rest], top_p[rest], gumbel[rest])
         top, ids = filter_logits(scores, top_k, top_p)  # sorted, (R, V) each
-        choice = (top + gumbel.gather(-1, ids)).argmax(dim=-1, keepdim=True)  # (R, 1)
+        choice = (top + noise(gumbel, ids)).argmax(dim=-1, keepdim=True)  # (R, 1)
         won = ids.gather(-1, choice)[:, 0]
         if left is None:
             sampled = won
@@ -183,7 +192,7 @@ def sample_tokens(
             best = scores.topk(max_k, dim=-1).values  # (S, max_k), descending
             kth = best.gather(-1, (top_k.clamp(1, max_k) - 1))  # (S, 1)
             scores = scores.masked_fill(scores < kth, float("-inf"))
-        sampled = (scores + gumbel).argmax(dim=-1)  # (S,)
+        sampled = (scores + noise(gumbel)).argmax(dim=-1)  # (S,)
     return _scatter_rows(logits, sampled, rows)
 
 
@@ -301,10 +310,10 @@ class Sampler:
         if self.gumbel is not None:
             for i, g in enumerate(self.generators):
                 self.gumbel[i].uniform_(generator=g)  # U (V,), this row's own stream
-            self.gumbel.log_().neg_().log_().neg_()  # −log(−log U), in place
+            # −log(−log U) is taken in sample_tokens, only where tokens are scored
         tok = sample_tokens(
             logits, self.gumbel, self.temperature, self.top_k, self.top_p, self.rows,
-            self.max_k, self.full_sort, self.partial,
+            self.max_k, self.full_sort, self.partial, uniform=True,
         ).masked_fill_(self.finished, self.pad)  # fmt: skip
         self.out[:, self.steps] = tok
         self.finished |= torch.isin(tok, self.eos_t)
