@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -401,6 +402,11 @@ def build_methods(
         if name == "llama_cpp":
             if config.suite != "cpu":
                 notes.append("llama_cpp left out: a CPU decoder, not run in the GPU suite")
+                continue
+            if engine.config.decoder != loading.DEFAULT_DECODER or os.environ.get(
+                loading.SHAPE_TWINS_ENV
+            ):
+                notes.append("llama_cpp left out: the bundle's decoder is not the SmolLM2 GGUF")
                 continue
             from benchmarks import llama_cpp
 

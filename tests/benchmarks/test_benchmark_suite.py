@@ -320,6 +320,7 @@ def test_suite_end_to_end_on_the_tiny_bundle(tiny_engine, tiny_llama_dir, tmp_pa
     skipped = {(r["method"], r["batch"], r["length"]): r for r in rows if "skipped" in r}
     names = ["hf_generate", "engine", "engine_1probe", "reference_dglm", "fudge"]
     assert "engine_2probes left out: the bundle has no 'toxicity' probe" in report["notes"]
+    assert "llama_cpp left out: the bundle's decoder is not the SmolLM2 GGUF" in report["notes"]
     for name in ("re_control", "engine_re_control"):
         assert f"{name} left out: the bundle has no 'sentiment' value network" in report["notes"]
     assert set(skipped) == {("fudge", 2, 6), ("fudge", 2, 32), ("reference_dglm", 2, 32)}
