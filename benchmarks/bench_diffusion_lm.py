@@ -52,6 +52,16 @@ QUALITY = (("ddim", 20), ("ddpm", 200))
 EVAL_DEFAULT = ROOT / "benchmarks" / "results" / "cpu" / "eval_default" / "results.json"
 
 
+def bundle_label(path: str) -> str:
+    """The bundle as the results name it: relative to the working directory, else its folder
+    name (no machine paths in committed results)."""
+    p = Path(path).resolve()
+    try:
+        return str(p.relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return p.name
+
+
 def rate(k: int, n: int) -> dict:
     lo, hi = wilson_interval(k, n)
     return {"rate": k / n if n else float("nan"), "ci": [lo, hi], "k": k, "n": n}
@@ -309,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     infill_src = human_sentences(args.corpus, n, 8, full, seed=1)
     samples: list[dict] = []
     report = {
-        "bundle": str(args.bundle), "threads": args.threads, "n": n,
+        "bundle": bundle_label(args.bundle), "threads": args.threads, "n": n,
         "speed": speed(engine, control, full, 3 if args.quick else 9),
         "human": gemma_ppl(lm, human) if lm else {"ppl": float("nan"), "ci": [0, 0], "n": 0},
     }  # fmt: skip

@@ -68,6 +68,7 @@ def test_bench_diffusion_lm_writes_every_section(tmp_path):
         assert q["infill"]["context_kept"]["n"] >= 1
         assert set(q["attribute"]) == {"unconditional", "positive", "negative"}
     assert any("length exact" in t for t in report["targets"])
+    assert report["bundle"] == "b"  # outside the working directory: the folder name only
     assert (out / "diffusion_lm.md").read_text().startswith("# Diffusion-LM on CPU")
     tasks = {json.loads(x)["task"] for x in (out / "diffusion_lm_samples.jsonl").open()}
     assert {"unconditional", "length", "infill", "sentiment=positive"} <= tasks
