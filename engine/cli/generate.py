@@ -26,7 +26,8 @@ def add_parser(sub) -> None:
         metavar="PROBE=TARGET[:SCALE][@METHOD]",
         help="steer with a probe, e.g. sentiment=positive:20 (repeatable: losses add); @METHOD: "
         "dglm (the default: through the diffusion latent), re-control (the probe's value network "
-        "edits the decoder's hidden states), both",
+        "edits the decoder's hidden states), both; with a Diffusion-LM bundle: its classifiers, "
+        "and length=N (the same as --length N)",
     )
     g.add_argument(
         "--method",
@@ -130,10 +131,22 @@ def _generate_diffusion_lm(args: argparse.Namespace):
     from dglm.engine.methods.diffusion_lm import DiffusionLMEngine
 
     engine = DiffusionLMEngine.from_pretrained(args.bundle, device=args.device)
-    own = {"length": args.length, "infill": args.infill, "sampler": args.sampler}
+    controls, length = _controls(args.control), args.length
+    lengths = [c for c in controls if c.probe == "length"]  # `--control length=N`: structure
+    if lengths:
+        if length is not None or len(lengths) > 1:
+            raise ValueError("give the length once: --length N or --control length=N")
+        try:
+            length = int(lengths[0].target)
+        except ValueError:
+            raise ValueError(
+                f"--control length=N needs a whole number of words, got {lengths[0].target!r}"
+            ) from None
+        controls = tuple(c for c in controls if c.probe != "length")
+    own = {"length": length, "infill": args.infill, "sampler": args.sampler}
     own["num_inference_steps"] = args.steps
     params = engine.default_params(
-        controls=_controls(args.control),
+        controls=controls,
         num_samples=args.num_samples,
         seed=args.seed,
         **{k: v for k, v in own.items() if v is not None},

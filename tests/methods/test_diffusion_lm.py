@@ -356,6 +356,26 @@ def test_cli_trains_and_adds_a_classifier(tmp_path, capsys):
         s = r["samples"][0]
         assert len(words(r["prompt"] + s["text"])) == 5 and words(s["text"])[-1] == "."
     assert main(["generate", "x", "--length", "3"]) == 2  # not a Diffusion-LM bundle
+    capsys.readouterr()
+    same = [
+        "generate",
+        "",
+        "--bundle",
+        str(out / "bundle"),
+        "--seed",
+        "0",
+        "--steps",
+        "4",
+        "--json",
+    ]
+    assert main([*same, "--control", "length=4"]) == 0
+    via_control = json.loads(capsys.readouterr().out)[0]["samples"][0]
+    assert main([*same, "--length", "4"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["samples"][0] == via_control
+    assert len(words(via_control["text"])) == 4
+    assert main([*same, "--control", "length=four"]) == 2
+    assert main([*same, "--control", "length=4", "--length", "4"]) == 2
+    assert "give the length once" in capsys.readouterr().err
 
 
 def test_engine_from_pretrained_dispatches_on_the_bundle_method(bundle):
