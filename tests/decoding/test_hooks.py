@@ -77,24 +77,16 @@ def test_hook_on_a_persistent_runner(tiny, gen):
     rows, params = rows_and_params(gen)
     nudge = RowNudge([0, 2], torch.randn(decoder.hidden_size, generator=gen), 20.0)
     ref, _ = generate(decoder, tok, rows, params, hidden_hook=nudge)
-    eager = DecodeRunner(decoder, DecodeRunnerConfig((1, 4), 32, enforce_eager=True))
-    assert eager.can_run(3, 20, hooked=True)
-    got, _ = generate(decoder, tok, rows, params, runner=eager, hidden_hook=nudge)
-    assert [r.token_ids for r in got] == [r.token_ids for r in ref]
-    plain, _ = generate(decoder, tok, rows, params, runner=eager)  # the hook is per batch
-    assert [r.token_ids for r in plain] == [
-        r.token_ids for r in generate(decoder, tok, rows, params)[0]
-    ]
-    traced = DecodeRunner(
-        decoder, DecodeRunnerConfig((4,), 32, enforce_eager=True, step_impl="trace")
-    )
-    assert traced.can_run(3, 20, hooked=True)
-    got, _ = generate(decoder, tok, rows, params, runner=traced, hidden_hook=nudge)
-    assert [r.token_ids for r in got] == [r.token_ids for r in ref]
-    plain, _ = generate(decoder, tok, rows, params, runner=traced)  # the plain trace after it
-    assert [r.token_ids for r in plain] == [
-        r.token_ids for r in generate(decoder, tok, rows, params)[0]
-    ]
+    unhooked = [r.token_ids for r in generate(decoder, tok, rows, params)[0]]
+    for impl, buckets in (("eager", (1, 4)), ("trace", (4,))):
+        runner = DecodeRunner(
+            decoder, DecodeRunnerConfig(buckets, 32, enforce_eager=True, step_impl=impl)
+        )
+        assert runner.can_run(3, 20, hooked=True)
+        got, _ = generate(decoder, tok, rows, params, runner=runner, hidden_hook=nudge)
+        assert [r.token_ids for r in got] == [r.token_ids for r in ref], impl
+        plain, _ = generate(decoder, tok, rows, params, runner=runner)  # the hook is per batch
+        assert [r.token_ids for r in plain] == unhooked, impl
     compiled = DecodeRunner(
         decoder, DecodeRunnerConfig((4,), 32, enforce_eager=True, step_impl="compile")
     )
