@@ -147,8 +147,9 @@ class Engine:
         """backend="onnx": `path_or_name` is a `dglm export onnx` directory, run on ONNX Runtime
         (`onnx_options`: threads, CUDA graphs, batch padding; the export fixes the dtype, `dtype`
         is not used).
-        fast_decode: decode with a persistent runner (CUDA graphs on CUDA, traced steps on CPU;
-        each batch/length bucket pays a one-time capture or trace at its first use).
+        fast_decode: decode with a persistent runner (CUDA graphs on CUDA; on CPU the fused C++
+        step of an int8 Llama decoder, else traced steps; a batch/length bucket pays a one-time
+        capture or trace at its first use).
         quantize="int8": the decoder's weights in int8 (weight-only, per-channel scales;
         models.quant), fp32 only; "auto" (default): int8 for an fp32 decoder on CPU, else "none"
         (models.quant.resolve_quantize); "none": the checkpoint's weights in `dtype`.
@@ -242,17 +243,19 @@ class Engine:
 
     def _decode_runner(self) -> DecodeRunner:
         """A persistent DecodeRunner: CUDA graphs per (batch, KV) bucket on CUDA; on CPU the
-        decoder's weights go input-major and each bucket's step is a TorchScript trace (made at
-        its first use, ~3 s each for SmolLM2; 1.5-1.6x Hugging Face `generate` at batch 1)."""
+        fused C++ step for an int8 Llama-family decoder (the default), else the decoder's weights
+        go input-major and each bucket's step is a TorchScript trace (made at its first use,
+        ~3 s each for SmolLM2)."""
         max_len = min(FAST_DECODE_MAX_LEN, self.decoder.max_context)
         seq = tuple(s for s in (64, 128, 256, 512, 1024) if s < max_len) + (max_len,)
         if self.device.type == "cuda":
             config = DecodeRunnerConfig(max_len=max_len, seq_buckets=seq,
                                         batch_sizes=FAST_DECODE_BATCHES)  # fmt: skip
         else:
-            self.decoder.use_input_major_weights()
+            if self.decoder.quantized == "none":  # (an int8 decoder's matrices are its own)
+                self.decoder.use_input_major_weights()
             config = DecodeRunnerConfig(max_len=max_len, seq_buckets=seq, enforce_eager=True,
-                                        step_impl="trace", batch_sizes=FAST_DECODE_BATCHES)  # fmt: skip
+                                        step_impl="fused", batch_sizes=FAST_DECODE_BATCHES)  # fmt: skip
         return DecodeRunner(self.decoder, config)
 
     def _capture_samplers(self) -> None:

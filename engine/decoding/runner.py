@@ -16,7 +16,8 @@ dummy tokens and are independent of the live ones (row-wise matmuls, per-row att
 buckets (`seq_buckets`) let early steps attend over fewer slots than `max_len`.
 
 With `enforce_eager` (and on CPU) the same step, with the same buckets, runs op by op on the same
-buffers, or through a TorchScript trace / torch.compile (`step_impl`, see STEP_IMPLS).
+buffers, through a TorchScript trace / torch.compile, or (int8 Llama-family decoders) as one
+fused C++ call (`step_impl`, see STEP_IMPLS).
 `decoding.generate` without a runner builds an eager one sized to the call (one bucket = the
 batch, max_len = the slots it needs: no padding).
 Sampling stays outside the step (`decoding.generate` samples from `logits` without a host sync).
@@ -24,7 +25,7 @@ Sampling stays outside the step (`decoding.generate` samples from `logits` witho
 As a step backend of the loop (`can_run`, `start`, `step`): a hidden-state hook (`start(...,
 hidden_hook)`) runs op by op (step_impl "eager") or after a trace of the step's body up to the
 final norm (step_impl "trace": the body is traced once per bucket at the first hooked step; the
-hook and the LM head then run op by op); CUDA graphs and compiled steps were recorded without one,
+hook and the LM head then run op by op), or after the fused step (step_impl "fused"); CUDA graphs and compiled steps were recorded without one,
 so `can_run` says no and the loop takes an eager runner instead.
 """
 
@@ -39,6 +40,8 @@ import torch
 from dglm.engine.decoding.buckets import round_up
 from dglm.engine.decoding.padding import PaddedBatch
 from dglm.engine.models.base import Decoder, HiddenHook, KVCache
+from dglm.kernels import llama_step
+from dglm.kernels.llama_step import LlamaInt8Step
 from torch import nn
 
 logger = logging.getLogger(__name__)
@@ -51,7 +54,10 @@ DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
 #   between them; bit-identical logits. TorchScript is deprecated upstream but still shipped.
 # - "compile": torch.compile (inductor) with dynamic shapes and frozen weights: fuses the small
 #   ops (logits differ by ~1e-5), but compiling SmolLM2 takes 3-7 minutes on 2 busy cores.
-STEP_IMPLS = ("eager", "trace", "compile")
+# - "fused": the whole step up to the final norm in one C++ call (dglm.kernels.llama_step: int8
+#   Llama-family decoders on CPU; equal to the traced step to rounding), then the hook and the LM
+#   head; a decoder it cannot serve runs "trace" instead (logged once).
+STEP_IMPLS = ("eager", "trace", "compile", "fused")
 
 
 @dataclass(frozen=True)
@@ -187,8 +193,18 @@ class _EagerStep:
             self.traced = self._trace(_DecodeModule(decoder), args)
         return self.traced(*args)
 
+    def _fused(self, decoder, tokens, positions, k, v, write_pos, key_mask) -> torch.Tensor:
+        runner = self.runner
+        x = decoder.embed(tokens)  # (b, H)
+        hidden = runner.fused(x, positions, k, v, runner.slot, key_mask)[:, None]  # (b, 1, H)
+        if runner.hidden_hook is not None:
+            hidden = runner.hidden_hook(hidden)
+        return decoder.logits(hidden)[:, 0]
+
     def replay(self) -> None:
-        trace = self.runner.config.step_impl == "trace"
+        if self.runner.fused is not None:
+            return self.runner._step(self.b, self.s, self._fused)
+        trace = self.runner.config.step_impl in ("trace", "fused")
         self.runner._step(self.b, self.s, self._decode if trace else None)
 
 
@@ -254,6 +270,13 @@ class DecodeRunner:
             ) from e
         compiled = config.step_impl == "compile"
         self._decode = compiled_decode_logits() if compiled else decode_logits
+        self.fused: LlamaInt8Step | None = None  # step_impl "fused" on a decoder it serves
+        if config.step_impl == "fused":
+            why = llama_step.unsupported_reason(decoder)
+            if why is None:
+                self.fused = LlamaInt8Step(decoder)
+            else:
+                logger.info("fused decode step unavailable (%s): traced step instead", why)
         self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph | _EagerStep] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.graphs else None
         self.batch = self.rows = self.slot = self.slots = 0  # current batch, set by begin()
@@ -335,7 +358,7 @@ class DecodeRunner:
         the shared memory pool; step_impl "trace" / "compile": trace / compile them by running
         each once. `batch_sizes` limits it to the buckets those batches use. Call it before
         `begin` (it runs steps on the buffers)."""
-        if not self.graphs and self.config.step_impl == "eager":
+        if not self.graphs and (self.config.step_impl == "eager" or self.fused is not None):
             return
         buckets = sorted({self.bucket(n) for n in (batch_sizes or self.batch_sizes)})
         for b in reversed(buckets):
@@ -354,7 +377,7 @@ class DecodeRunner:
         """Whether this runner can take a batch of `batch_size` rows × `slots` KV slots, with a
         hidden-state hook when `hooked` (op by op, or a trace of the step's body with the hook
         and the LM head after it; not in CUDA graphs or compiled steps)."""
-        hookable = not self.graphs and self.config.step_impl in ("eager", "trace")
+        hookable = not self.graphs and self.config.step_impl in ("eager", "trace", "fused")
         return batch_size <= self.max_batch and slots <= self.max_len and (hookable or not hooked)
 
     @torch.inference_mode()
@@ -363,8 +386,9 @@ class DecodeRunner:
         logits (B, V) of its last position; `hidden_hook` acts at every step of this batch."""
         if hidden_hook is not None and not self.can_run(1, 1, True):
             raise ValueError(
-                "a hidden-state hook runs op by op or traced only: use a DecodeRunner with "
-                "DecodeRunnerConfig(enforce_eager=True, step_impl='eager' or 'trace')"
+                "a hidden-state hook runs op by op, traced or fused only: use a DecodeRunner "
+                "with DecodeRunnerConfig(enforce_eager=True, step_impl='eager', 'trace' or "
+                "'fused')"
             )
         self.begin(batch.batch_size, batch.slots, batch.key_mask if batch.padded else None)
         self.hidden_hook = hidden_hook

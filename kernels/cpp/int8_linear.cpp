@@ -20,14 +20,15 @@
 namespace dglm {
 namespace {
 
-constexpr int kRows = 4;  // output rows per tile
+constexpr int kRows = static_cast<int>(kInt8LinearBlock);  // output rows per tile
 constexpr int kBatch = 4;  // activation rows per tile
 constexpr int PF = 8;
 
 void finish(const Int8LinearArgs& a, int64_t n, int64_t m, float sum) {
   float v = sum * a.scale[n];
   if (a.bias) v += a.bias[n];
-  a.y[m * a.N + n] = v;
+  float& y = a.y[m * a.N + n];
+  y = a.accumulate ? y + v : v;
 }
 
 // Portable path: also the reference the vector paths are tested against (same summation order
@@ -226,33 +227,59 @@ bool int8_linear_supports(const char* name) {
   return want >= 0 && want <= static_cast<int>(isa());
 }
 
-void int8_linear(const Int8LinearArgs& a) {
-  const Isa which = a.isa ? static_cast<Isa>(std::max(0, parse(a.isa))) : isa();
-  const int64_t blocks = (a.N + kRows - 1) / kRows;
-  const int threads = std::max(1, a.threads);
+namespace {
+
+Isa chosen_isa(const Int8LinearArgs& a) {
+  return a.isa ? static_cast<Isa>(std::max(0, parse(a.isa))) : isa();
+}
+
+// With more than one tile of activation rows (AVX-512), each block's weights are widened once
+// into fp32 scratch (4 × K floats, L1/L2-resident) and every tile reads that.
+bool widens(const Int8LinearArgs& a, Isa which) {
+  return DGLM_X86 && which == Isa::kAvx512 && a.M > kBatch;
+}
+
+void blocks(const Int8LinearArgs& a, Isa which, int64_t b0, int64_t b1, float* wbuf) {
   // Each block of 4 output rows walks every activation row in tiles of 4: the block's weights
   // (4 × K bytes) stay in L1 while the activations are reused from L1/L2.
-  // With more than one tile of activation rows (AVX-512), the block's weights are widened once
-  // into a per-thread fp32 buffer (4 × K floats, L1/L2-resident) and every tile reads that.
-  const bool widen = DGLM_X86 && which == Isa::kAvx512 && a.M > kBatch;
-#pragma omp parallel num_threads(threads) if (threads > 1 && blocks > 8)
-  {
-    std::vector<float> wbuf(widen ? kRows * a.K : 0);
-#pragma omp for schedule(static)
-    for (int64_t b = 0; b < blocks; ++b) {
-      const int64_t n0 = b * kRows;
-      const int64_t nr = std::min<int64_t>(kRows, a.N - n0);
+  const bool widen = widens(a, which);
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t n0 = b * kRows;
+    const int64_t nr = std::min<int64_t>(kRows, a.N - n0);
 #if DGLM_X86
-      if (widen) {
-        widen_avx512(a.q + n0 * a.K, nr * a.K, wbuf.data());
-        for (int64_t m0 = 0; m0 < a.M; m0 += kBatch)
-          kAvx512F32[nr - 1][std::min<int64_t>(kBatch, a.M - m0) - 1](a, wbuf.data(), n0, m0);
-        continue;
-      }
-#endif
+    if (widen) {
+      widen_avx512(a.q + n0 * a.K, nr * a.K, wbuf);
       for (int64_t m0 = 0; m0 < a.M; m0 += kBatch)
-        run_tile(a, which, n0, nr, m0, std::min<int64_t>(kBatch, a.M - m0));
+        kAvx512F32[nr - 1][std::min<int64_t>(kBatch, a.M - m0) - 1](a, wbuf, n0, m0);
+      continue;
     }
+#endif
+    for (int64_t m0 = 0; m0 < a.M; m0 += kBatch)
+      run_tile(a, which, n0, nr, m0, std::min<int64_t>(kBatch, a.M - m0));
+  }
+}
+
+}  // namespace
+
+int64_t int8_linear_scratch(const Int8LinearArgs& a) {
+  return widens(a, chosen_isa(a)) ? kRows * a.K : 0;
+}
+
+void int8_linear_blocks(const Int8LinearArgs& a, int64_t block_begin, int64_t block_end,
+                        float* wbuf) {
+  blocks(a, chosen_isa(a), block_begin, block_end, wbuf);
+}
+
+void int8_linear(const Int8LinearArgs& a) {
+  const Isa which = chosen_isa(a);
+  const int64_t nblocks = (a.N + kRows - 1) / kRows;
+  const int threads = std::max(1, a.threads);
+  const int64_t scratch = int8_linear_scratch(a);
+#pragma omp parallel num_threads(threads) if (threads > 1 && nblocks > 8)
+  {
+    std::vector<float> wbuf(scratch);
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < nblocks; ++b) blocks(a, which, b, b + 1, wbuf.data());
   }
 }
 

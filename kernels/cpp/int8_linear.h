@@ -15,6 +15,7 @@ struct Int8LinearArgs {
   int64_t K = 0;
   int64_t N = 0;
   int threads = 1;     // OpenMP threads over output rows (1 = the calling thread only)
+  bool accumulate = false;  // y += the product instead of y = it (a residual connection)
   const char* isa = nullptr;  // force "avx512" / "avx2" / "scalar" (tests); nullptr = the best
 };
 
@@ -27,5 +28,14 @@ bool int8_linear_supports(const char* isa);
 // Runs the product; the widest instruction set this CPU has is chosen at run time unless
 // `a.isa` names one (which must be supported: see int8_linear_supports).
 void int8_linear(const Int8LinearArgs& a);
+
+// Output rows [4·block_begin, min(4·block_end, N)) of the product for every activation row, on
+// the calling thread (no threading, `a.threads` ignored): the building block of fused kernels
+// that split one product between their own threads. `wbuf` is scratch of at least
+// int8_linear_scratch(a) floats (nullptr when that is 0).
+constexpr int64_t kInt8LinearBlock = 4;  // output rows per block
+int64_t int8_linear_scratch(const Int8LinearArgs& a);
+void int8_linear_blocks(const Int8LinearArgs& a, int64_t block_begin, int64_t block_end,
+                        float* wbuf);
 
 }  // namespace dglm

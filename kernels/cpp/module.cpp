@@ -4,6 +4,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <array>
 #include <cstdint>
 #include <optional>
 #include <string>
@@ -11,6 +12,7 @@
 
 #include "guided_update.h"
 #include "int8_linear.h"
+#include "llama_step.h"
 
 namespace py = pybind11;
 
@@ -158,6 +160,82 @@ void int8_linear_py(uintptr_t x, uintptr_t q, uintptr_t scale, uintptr_t bias, u
   dglm::int8_linear(a);
 }
 
+// The fused int8 Llama decode step: the weights' addresses are taken once (the Python owner,
+// dglm.kernels.llama_step, keeps the tensors alive); each call passes the step's buffers.
+class LlamaInt8Step {
+ public:
+  // layers: per layer 14 addresses: attn_norm, mlp_norm, then (q, scale, bias) of wqkv, wo,
+  // w13, w2 (bias 0 = none).
+  LlamaInt8Step(int64_t hidden, int64_t intermediate, int64_t heads, int64_t kv_heads,
+                int64_t head_dim, int64_t max_context, float eps,
+                const std::vector<std::vector<uintptr_t>>& layers, uintptr_t final_norm,
+                uintptr_t rope_cos, uintptr_t rope_sin) {
+    if (hidden <= 0 || intermediate <= 0 || heads <= 0 || kv_heads <= 0 || head_dim <= 0 ||
+        max_context <= 0 || heads % kv_heads || head_dim % 2)
+      throw py::value_error("LlamaInt8Step: need positive sizes, heads % kv_heads == 0 and an "
+                            "even head_dim");
+    if (layers.empty()) throw py::value_error("LlamaInt8Step: no layers");
+    if (!final_norm || !rope_cos || !rope_sin)
+      throw py::value_error("LlamaInt8Step: null final_norm / rope table address");
+    m_.shape = {hidden, intermediate, heads, kv_heads, head_dim, max_context, eps};
+    m_.final_norm = reinterpret_cast<const float*>(final_norm);
+    m_.rope_cos = reinterpret_cast<const float*>(rope_cos);
+    m_.rope_sin = reinterpret_cast<const float*>(rope_sin);
+    for (size_t i = 0; i < layers.size(); ++i) {
+      const std::vector<uintptr_t>& p = layers[i];
+      if (p.size() != 14)
+        throw py::value_error("LlamaInt8Step: layer " + std::to_string(i) + " has " +
+                              std::to_string(p.size()) + " addresses, expected 14");
+      for (size_t j : {0, 1, 2, 3, 5, 6, 8, 9, 11, 12})
+        if (!p[j])
+          throw py::value_error("LlamaInt8Step: layer " + std::to_string(i) +
+                                ": null address at " + std::to_string(j));
+      auto mat = [&](size_t j) {
+        return dglm::Int8Matrix{reinterpret_cast<const int8_t*>(p[j]),
+                                reinterpret_cast<const float*>(p[j + 1]),
+                                reinterpret_cast<const float*>(p[j + 2])};
+      };
+      dglm::LlamaLayer l;
+      l.attn_norm = reinterpret_cast<const float*>(p[0]);
+      l.mlp_norm = reinterpret_cast<const float*>(p[1]);
+      l.wqkv = mat(2);
+      l.wo = mat(5);
+      l.w13 = mat(8);
+      l.w2 = mat(11);
+      m_.layers.push_back(l);
+    }
+  }
+
+  void run(uintptr_t x, uintptr_t out, uintptr_t positions, uintptr_t k, uintptr_t v,
+           const std::array<int64_t, 4>& kv_stride, int64_t slot, uintptr_t key_mask,
+           int64_t mask_stride, int64_t batch, int threads) const {
+    if (!x || !out || !positions || !k || !v || !key_mask)
+      throw py::value_error("LlamaInt8Step.run: null buffer address");
+    if (batch < 0 || slot < 0 || kv_stride[3] < m_.shape.head_dim || mask_stride <= slot)
+      throw py::value_error("LlamaInt8Step.run: need batch >= 0, slot >= 0, a slot stride of "
+                            "at least head_dim and a key-mask row longer than slot");
+    dglm::LlamaStepArgs a;
+    a.x = reinterpret_cast<const float*>(x);
+    a.out = reinterpret_cast<float*>(out);
+    a.positions = reinterpret_cast<const int64_t*>(positions);
+    a.k = reinterpret_cast<float*>(k);
+    a.v = reinterpret_cast<float*>(v);
+    std::copy(kv_stride.begin(), kv_stride.end(), a.kv_stride);
+    a.slot = slot;
+    a.key_mask = reinterpret_cast<const uint8_t*>(key_mask);
+    a.mask_stride = mask_stride;
+    a.batch = batch;
+    a.threads = threads;
+    py::gil_scoped_release release;
+    dglm::llama_int8_step(m_, a);
+  }
+
+  size_t num_layers() const { return m_.layers.size(); }
+
+ private:
+  dglm::LlamaModel m_;
+};
+
 }  // namespace
 
 PYBIND11_MODULE(cpu_ops, m) {
@@ -183,6 +261,21 @@ PYBIND11_MODULE(cpu_ops, m) {
   m.def("int8_linear_supports", &dglm::int8_linear_supports, py::arg("isa"),
         "Whether this CPU runs the named int8_linear path ('avx512', 'avx2', 'scalar').");
   m.attr("int8_linear_isa") = std::string(dglm::int8_linear_isa());
+  py::class_<LlamaInt8Step>(m, "LlamaInt8Step",
+                            "Fused int8 decode step of a Llama-family decoder on raw buffer "
+                            "addresses. Unchecked: use it through dglm.kernels.llama_step.")
+      .def(py::init<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, float,
+                    const std::vector<std::vector<uintptr_t>>&, uintptr_t, uintptr_t,
+                    uintptr_t>(),
+           py::arg("hidden"), py::arg("intermediate"), py::arg("heads"), py::arg("kv_heads"),
+           py::arg("head_dim"), py::arg("max_context"), py::arg("eps"), py::arg("layers"),
+           py::arg("final_norm"), py::arg("rope_cos"), py::arg("rope_sin"))
+      .def("run", &LlamaInt8Step::run, py::arg("x"), py::arg("out"), py::arg("positions"),
+           py::arg("k"), py::arg("v"), py::arg("kv_stride"), py::arg("slot"),
+           py::arg("key_mask"), py::arg("mask_stride"), py::arg("batch"), py::arg("threads"),
+           "One decode step (releases the GIL): x (B, H) fp32 → out (B, H) final-norm hidden "
+           "states; writes K/V of every layer at `slot`.")
+      .def_property_readonly("num_layers", &LlamaInt8Step::num_layers);
 #ifdef _OPENMP
   m.attr("openmp") = true;
 #else
