@@ -16,7 +16,9 @@ shared machine wall time swings with the load average (recorded per row), CPU ti
 
 Implementations: `ours_eager` (generate's default static step, op by op), `ours_fast` (CPU: the
 decoder with `use_input_major_weights()` and a DecodeRunner with step_impl="trace", one
-TorchScript trace per bucket made at warm-up, time recorded), `ours_compiled` (CPU, --compile:
+TorchScript trace per bucket made at warm-up, time recorded), `ours_fused_int8` (CPU: the int8
+decoder through the fused C++ step, step_impl="fused", the engine's CPU default),
+`ours_fast_int8` / `ours_fast_int8pack` (the int8 decoder through the traced step), `ours_compiled` (CPU, --compile:
 torch.compile with frozen weights, compile time recorded), `ours_graphs` (CUDA: DecodeRunner
 replaying CUDA graphs), `hf_generate` (transformers eager). Sampled tokens of
 each of ours are checked against the reference loop (`generate(..., static=False)`), same seeds.
@@ -216,7 +218,13 @@ def bench_model(args, name, decoder, tok, hf, pad, device, dtype, rows_out, conf
         fast = copy.deepcopy(decoder).use_input_major_weights()
         runners["ours_fast"] = DecodeRunner(fast, DecodeRunnerConfig(**kw, step_impl="trace"))
         runners["ours_fast"].warmup()
-        if not args.no_int8:  # weight-only int8 (models.quant), the same traced step
+        if not args.no_int8:  # weight-only int8 (models.quant): the fused C++ step (the CPU
+            # default for Llama decoders; a trace where it cannot serve), then the traced step
+            q8 = quantize_decoder(copy.deepcopy(decoder))
+            runners["ours_fused_int8"] = DecodeRunner(
+                q8, DecodeRunnerConfig(**kw, step_impl="fused")
+            )
+            runners["ours_fused_int8"].warmup()
             kernels = {"ours_fast_int8": None}  # the default kernel (C++ when built)
             if fused_int8_available():
                 kernels["ours_fast_int8pack"] = "int8pack"  # torch's bf16 kernel, for comparison
@@ -288,6 +296,8 @@ def bench_model(args, name, decoder, tok, hf, pad, device, dtype, rows_out, conf
                     exact = "int8" not in impl and impl != "llama_cpp"  # else other logits
                     if ref is not None and exact:
                         row["same_tokens_as_reference_loop"] = toks == ref
+                    if impl == "ours_fused_int8" and "ours_fast_int8" in res:
+                        row["same_tokens_as_traced_int8"] = toks == res["ours_fast_int8"][2]
                     if not sampled and exact:  # HF forced n tokens: to EOS
                         row["same_tokens_as_hf"] = all(
                             o == until_eos(h, eos)[: len(o)] and len(o) <= len(h)
@@ -379,7 +389,8 @@ def markdown(report: dict) -> str:
               "× HF (wall) | × HF (cpu) | same tokens | floor | load |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in report["rows"]:
-        same = [k for k in ("same_tokens_as_hf", "same_tokens_as_reference_loop") if k in r]
+        same = [k for k in ("same_tokens_as_hf", "same_tokens_as_reference_loop",
+                            "same_tokens_as_traced_int8") if k in r]  # fmt: skip
         floor = ""
         if "x_floor" in r:
             floor = f"{r['x_floor']}× ({r['floor_ms']} ms)"
@@ -476,6 +487,12 @@ def main() -> None:
             f"{q['texts']} held-out texts ({q['tokens']} tokens): perplexity {q['ppl_int8']} vs "
             f"{q['ppl_fp32']} fp32 ({q['ppl_delta_pct']:+.2f}%), top-1 agreement "
             f"{q['top1_agreement']:.1%}; its sampled tokens are not compared (other logits)"
+        )
+        notes.append(
+            "ours_fused_int8: the same int8 decoder through the fused C++ step "
+            "(dglm.kernels.llama_step: every layer in one call, one OpenMP region; the LM head "
+            "through the int8 kernel after it); `traced_int8` = the same tokens as "
+            "ours_fast_int8 (logits agree to rounding)"
         )
     if llama_note:
         notes.append(f"llama_cpp rows skipped: {llama_note}")

@@ -259,7 +259,9 @@ def generate(
     if G:
         (comp,) = companions
         extra = left_pad(comp.companion_prefixes, pad, total, None, device, batch.prefill_len)
-        batch = stack(batch, extra)
+        rows = comp.companion_rows
+        repeats = all(comp.companion_prefixes[i] == prefix_ids[r] for i, r in enumerate(rows))
+        batch = stack(batch, extra, follow=tuple(rows) if repeats else None)
         follow = torch.tensor(comp.companion_rows, device=device)
         if not isinstance(runner, DecodeRunner | ReferenceStep):
             raise ValueError(

@@ -82,6 +82,11 @@ class StackedBatch:
     PaddedBatch to the torch step backends (no `ids` / `soft_prompt`: ONNX Runtime refuses it)."""
 
     parts: tuple[PaddedBatch, ...]
+    # Two parts whose second repeats prefixes of the first without its soft prompt (prompt
+    # guidance's companion rows): row i of parts[1] has the prefix of row follow[i] of parts[0].
+    # A DecodeRunner then prefills parts[0] only and copies those prefixes' keys and values,
+    # shifted past the soft prompt, instead of computing them again. None: no such relation.
+    follow: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         first = self.parts[0]
@@ -94,6 +99,13 @@ class StackedBatch:
         self.positions = torch.cat([p.positions for p in self.parts])
         self.key_mask = torch.cat([p.key_mask for p in self.parts])
         self.padded = any(p.padded for p in self.parts)
+        if self.follow is not None:
+            if len(self.parts) != 2 or len(self.follow) != self.parts[1].batch_size:
+                raise ValueError(
+                    "follow needs two parts and one followed row per row of the second"
+                )
+            if self.parts[1].soft_prompt is not None:
+                raise ValueError("follow: the second part must have no soft prompt")
 
     @property
     def batch_size(self) -> int:
@@ -114,9 +126,10 @@ class StackedBatch:
         return torch.cat([p.embeds(decoder) for p in self.parts])
 
 
-def stack(*parts: PaddedBatch) -> StackedBatch:
-    """The rows of `parts` as one batch (same prefill length and slots: pad with `width`)."""
-    return StackedBatch(tuple(parts))
+def stack(*parts: PaddedBatch, follow: tuple[int, ...] | None = None) -> StackedBatch:
+    """The rows of `parts` as one batch (same prefill length and slots: pad with `width`);
+    `follow`: see StackedBatch."""
+    return StackedBatch(tuple(parts), follow)
 
 
 __all__ = ["PaddedBatch", "StackedBatch", "left_pad", "stack"]

@@ -25,8 +25,9 @@ Sampling stays outside the step (`decoding.generate` samples from `logits` witho
 As a step backend of the loop (`can_run`, `start`, `step`): a hidden-state hook (`start(...,
 hidden_hook)`) runs op by op (step_impl "eager") or after a trace of the step's body up to the
 final norm (step_impl "trace": the body is traced once per bucket at the first hooked step; the
-hook and the LM head then run op by op), or after the fused step (step_impl "fused"); CUDA graphs and compiled steps were recorded without one,
-so `can_run` says no and the loop takes an eager runner instead.
+hook and the LM head then run op by op), or after the fused step (step_impl "fused"); CUDA
+graphs and compiled steps were recorded without one, so `can_run` says no and the loop takes an
+eager runner instead.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from dataclasses import dataclass
 
 import torch
 from dglm.engine.decoding.buckets import round_up
-from dglm.engine.decoding.padding import PaddedBatch
+from dglm.engine.decoding.padding import PaddedBatch, StackedBatch
 from dglm.engine.models.base import Decoder, HiddenHook, KVCache
 from dglm.kernels import llama_step
 from dglm.kernels.llama_step import LlamaInt8Step
@@ -392,7 +393,36 @@ class DecodeRunner:
             )
         self.begin(batch.batch_size, batch.slots, batch.key_mask if batch.padded else None)
         self.hidden_hook = hidden_hook
+        if getattr(batch, "follow", None) is not None:
+            return self._prefill_following(batch)
         return self.prefill(batch.embeds(self.decoder), batch.positions)
+
+    def _prefill_following(self, batch: StackedBatch) -> torch.Tensor:
+        """Prefill a StackedBatch whose second part repeats prefixes of the first (`follow`):
+        the first part's rows run, the followers get their followed rows' prefix keys and values
+        copied (slots shifted by the soft prompt's length P: a follower is [pads; prefix], its
+        row [pads; prefix; soft]) and the logits of their followed rows' last prefix slot. The
+        keys and values equal what prefilling the followers would write, up to the rounding of
+        attention over other slots."""
+        main, follow = batch.parts[0], torch.tensor(batch.follow, device=self.k.device)
+        B, T0, tp = main.batch_size, batch.prefill_len, main.ids.shape[1]
+        n = batch.batch_size
+        write_pos = torch.arange(T0, device=self.write_pos.device)
+        h = self.decoder.forward_static(
+            main.embeds(self.decoder), main.positions, self.k[:, :B, :, :T0],
+            self.v[:, :B, :, :T0], write_pos, self.key_mask[:B, :T0], return_hidden=True,
+        )  # fmt: skip
+        hidden = torch.cat([h[:, -1:], h.index_select(0, follow)[:, tp - 1 : tp]])  # (n, 1, H)
+        if self.hidden_hook is not None:
+            hidden = self.hidden_hook(hidden)
+        logits = self.decoder.logits(hidden)[:, 0]
+        P = T0 - tp
+        for cache in (self.k, self.v):
+            cache[:, B:n, :, P:T0] = cache[:, :, :, :tp].index_select(1, follow)
+        self.positions[:n].copy_(batch.positions[:, -1] + 1)
+        self.write_pos.fill_(T0)
+        self.slot = T0
+        return logits
 
     # ------------------------------------------------------------------ one batch
     @torch.inference_mode()

@@ -11,6 +11,7 @@ import torch
 from decoder_fixtures import VOCAB, make_tiny_hf_dir, one_thread  # noqa: F401 - autouse fixture
 from dglm.engine.decoding.guidance import PromptGuidance, check_prompt_guidance, guided_scores
 from dglm.engine.decoding.loop import generate
+from dglm.engine.decoding.padding import left_pad, stack
 from dglm.engine.decoding.runner import DecodeRunner, DecodeRunnerConfig
 from dglm.engine.decoding.sampling import DecodeParams, eos_ids
 from dglm.engine.models import load_decoder
@@ -116,3 +117,35 @@ def test_checks_name_the_setting(tiny):
     )
     with pytest.raises(ValueError, match="companion rows"):  # 1 row + 1 companion > its bucket
         generate(decoder, tok, [[5, 6]], [DecodeParams(4)], processors=(proc,), runner=small)
+
+
+def test_companion_rows_reuse_their_rows_prefix_at_prefill(tiny, gen):
+    """A batch stacked with `follow` (prompt guidance's companions repeat prefixes of the batch's
+    rows) prefills only the batch's rows and copies the prefixes' keys and values to the
+    companions, shifted past the soft prompt: the same logits, and the same keys and values at
+    every real slot, as prefilling the companions themselves; later steps agree too."""
+    decoder, tok = tiny
+    rows = [torch.randint(4, VOCAB, (n,), generator=gen).tolist() for n in (5, 2, 7)]
+    soft = torch.randn(3, 3, decoder.hidden_size, generator=gen)
+    slots, follow = 16, (2, 0)
+    batch = left_pad(rows, 0, slots, soft)
+    extra = left_pad([rows[r] for r in follow], 0, slots, None, width=batch.prefill_len)
+    feed = torch.randint(4, VOCAB, (3, 4), generator=gen)
+    out = []
+    for f in (None, follow):
+        r = DecodeRunner(decoder, DecodeRunnerConfig((5,), slots, enforce_eager=True))
+        with torch.inference_mode():
+            logits = [r.start(stack(batch, extra, follow=f))]
+            for t in range(4):  # the companions are fed their rows' tokens
+                tokens = torch.cat([feed[:3, t], feed[list(follow), t]])
+                logits.append(r.step(tokens).clone())
+        real = stack(batch, extra).key_mask[:, : batch.prefill_len + 4]
+        kv = [c[:, :5, :, : batch.prefill_len + 4].clone() for c in (r.k, r.v)]
+        out.append((torch.stack(logits), kv, real))
+    (a, kv_a, real), (b, kv_b, _) = out
+    assert (a - b).abs().max() <= 1e-5 * a.abs().max()
+    for x, y in zip(kv_a, kv_b, strict=True):
+        m = real[None, :, None, :, None].expand_as(x)
+        assert (x[m] - y[m]).abs().max() <= 1e-5 * x[m].abs().max()
+    with pytest.raises(ValueError, match="one followed row per row"):
+        stack(batch, extra, follow=(0,))
