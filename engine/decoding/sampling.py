@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+from dglm.kernels import nucleus
 
 
 @dataclass(frozen=True)
@@ -133,6 +134,7 @@ def sample_tokens(
     full_sort: bool = False,
     partial_sizes: tuple[int, ...] = (),
     uniform: bool = False,
+    native: bool = False,
 ) -> torch.Tensor:
     """Next tokens (B,) long from logits (B, V) fp32. No host sync unless `partial_sizes`.
 
@@ -150,9 +152,14 @@ def sample_tokens(
     uniform: `gumbel` holds the uniforms U, transformed to −log(−log U) only where a token is
     scored (the candidates of a partial filter), not over the whole vocabulary: the same noise,
     the same tokens, less work.
+    native (CPU, with full_sort and uniform): the C++ sampler (dglm.kernels.nucleus) instead of
+    the torch filter: the same tokens without sorting the vocabulary.
     """
     if gumbel is None:
         return logits.argmax(dim=-1)
+    if native and full_sort and uniform:
+        sampled = nucleus.sample_nucleus(logits, gumbel, temperature, top_k, top_p, rows)
+        return _scatter_rows(logits, sampled, rows)
 
     def noise(u: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
         """The Gumbel noise of rows `u` at token `ids` (None: every token)."""
@@ -284,6 +291,8 @@ class Sampler:
             self.partial = tuple(
                 n for n in PARTIAL_SORT_SIZES if all(p.top_k <= n for p in sampled)
             )
+        # on CPU, the C++ sampler (same tokens, no vocabulary sort) when it is built
+        self.native = device.type == "cpu" and self.full_sort and nucleus.available()
         self.rows = None if len(sampled) == B else torch.tensor(sampled_rows, device=device)
         self.generators = []
         for p in sampled:
@@ -313,7 +322,7 @@ class Sampler:
             # −log(−log U) is taken in sample_tokens, only where tokens are scored
         tok = sample_tokens(
             logits, self.gumbel, self.temperature, self.top_k, self.top_p, self.rows,
-            self.max_k, self.full_sort, self.partial, uniform=True,
+            self.max_k, self.full_sort, self.partial, uniform=True, native=self.native,
         ).masked_fill_(self.finished, self.pad)  # fmt: skip
         self.out[:, self.steps] = tok
         self.finished |= torch.isin(tok, self.eos_t)

@@ -13,6 +13,7 @@
 #include "guided_update.h"
 #include "int8_linear.h"
 #include "llama_step.h"
+#include "sampling.h"
 
 namespace py = pybind11;
 
@@ -236,6 +237,29 @@ class LlamaInt8Step {
   dglm::LlamaModel m_;
 };
 
+// Raw addresses: called once per decode step by dglm.kernels.nucleus, which checks the tensors.
+void sample_nucleus_py(uintptr_t logits, int64_t stride, uintptr_t rows, uintptr_t uniforms,
+                       uintptr_t temperature, uintptr_t top_k, uintptr_t top_p, int64_t S,
+                       int64_t V, uintptr_t out) {
+  if (!logits || !uniforms || !temperature || !top_k || !top_p || !out)
+    throw py::value_error("sample_nucleus: null buffer address");
+  if (S < 0 || V <= 0 || stride < V)
+    throw py::value_error("sample_nucleus: need S >= 0, V > 0 and stride >= V");
+  dglm::NucleusArgs a;
+  a.logits = reinterpret_cast<const float*>(logits);
+  a.stride = stride;
+  a.rows = reinterpret_cast<const int64_t*>(rows);
+  a.uniforms = reinterpret_cast<const float*>(uniforms);
+  a.temperature = reinterpret_cast<const float*>(temperature);
+  a.top_k = reinterpret_cast<const int64_t*>(top_k);
+  a.top_p = reinterpret_cast<const double*>(top_p);
+  a.S = S;
+  a.V = V;
+  a.out = reinterpret_cast<int64_t*>(out);
+  py::gil_scoped_release release;
+  dglm::sample_nucleus(a);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(cpu_ops, m) {
@@ -261,6 +285,11 @@ PYBIND11_MODULE(cpu_ops, m) {
   m.def("int8_linear_supports", &dglm::int8_linear_supports, py::arg("isa"),
         "Whether this CPU runs the named int8_linear path ('avx512', 'avx2', 'scalar').");
   m.attr("int8_linear_isa") = std::string(dglm::int8_linear_isa());
+  m.def("sample_nucleus", &sample_nucleus_py, py::arg("logits"), py::arg("stride"),
+        py::arg("rows"), py::arg("uniforms"), py::arg("temperature"), py::arg("top_k"),
+        py::arg("top_p"), py::arg("S"), py::arg("V"), py::arg("out"),
+        "Top-k then top-p Gumbel-max sampling on raw buffer addresses (rows 0 = row s). "
+        "Unchecked: call it through dglm.kernels.nucleus. Releases the GIL.");
   py::class_<LlamaInt8Step>(m, "LlamaInt8Step",
                             "Fused int8 decode step of a Llama-family decoder on raw buffer "
                             "addresses. Unchecked: use it through dglm.kernels.llama_step.")

@@ -26,6 +26,7 @@ from dglm.engine.decoding.sampling import (
     sample_tokens,
 )
 from dglm.engine.models import load_decoder
+from dglm.kernels import nucleus
 
 GREEDY = DecodeParams(max_new_tokens=12, temperature=0.0)
 
@@ -212,6 +213,36 @@ def test_partial_sort_samples_the_same_tokens(gen):
             one = sample_tokens(logits[row : row + 1], gumbel[row : row + 1], t[:1], k[:1],
                                 p[:1], full_sort=True, partial_sizes=(16, 128))  # fmt: skip
             assert one.item() == full[row].item()
+
+
+@pytest.mark.skipif(not nucleus.available(), reason="cpu_ops is not built")
+def test_native_sampler_draws_the_torch_paths_tokens(gen):
+    """The C++ sampler (dglm.kernels.nucleus) draws the torch full sort's tokens: peaked and flat
+    rows (the candidate window widened to the whole vocabulary), top-k alone, top-k with top-p,
+    top-p = 1 beside top-k, temperatures, −inf scores (a masked EOS), greedy rows in between."""
+    n, V = 96, 3000
+    logits = torch.randn(n, V, generator=gen) * torch.linspace(0.05, 9.0, n)[:, None]
+    logits[::7, 5] = float("-inf")
+    logits[3, 11] = logits[3].max() + 30  # one row with all its mass on one token
+    u = torch.rand(n, V, generator=gen)
+    t = torch.rand(n, 1, generator=gen) + 0.3
+    checked = 0
+    for top_k, top_p in ((0, 0.9), (16, 0.95), (0, 0.999), (40, 1.0), (0, 0.3), (1, 0.5)):
+        k = torch.full((n, 1), top_k)
+        p = torch.full((n, 1), top_p, dtype=torch.float64)
+        want = sample_tokens(logits, u, t, k, p, full_sort=True, uniform=True)
+        got = sample_tokens(logits, u, t, k, p, full_sort=True, uniform=True, native=True)
+        assert torch.equal(got, want)
+        checked += int((want != logits.argmax(-1)).sum())
+    assert checked > n  # the draws are not all the greedy token
+    rows = torch.arange(1, n, 2)  # every other row greedy
+    k, p = torch.zeros(len(rows), 1, dtype=torch.long), torch.full((len(rows), 1), 0.8).double()
+    want = sample_tokens(logits, u[rows], t[rows], k, p, rows, full_sort=True, uniform=True)
+    got = sample_tokens(logits, u[rows], t[rows], k, p, rows, full_sort=True, uniform=True,
+                        native=True)  # fmt: skip
+    assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="need `rows`"):
+        nucleus.sample_nucleus(logits, u[:3], t[:3], k[:3], p[:3])
 
 
 def test_sample_tokens_mixes_greedy_and_sampled_rows(gen):
