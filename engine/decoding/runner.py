@@ -57,8 +57,13 @@ DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
 #   ops (logits differ by ~1e-5), but compiling SmolLM2 takes 3-7 minutes on 2 busy cores.
 # - "fused": the whole step up to the final norm in one C++ call (dglm.kernels.llama_step: int8
 #   Llama-family decoders on CPU; equal to the traced step to rounding), then the hook and the LM
-#   head; a decoder it cannot serve runs "trace" instead (logged once).
+#   head; a decoder it cannot serve, or a batch bucket above FUSED_MAX_BATCH, runs "trace" instead.
 STEP_IMPLS = ("eager", "trace", "compile", "fused")
+# Largest batch bucket the fused step runs: from 64 rows the int8 products are compute-bound and
+# faster through BLAS on widened weights (kernels.int8_linear.LARGE_M), which the traced step
+# reaches. Measured on SmolLM2 int8, one core, ms per step fused / traced: B=32 180 / 191,
+# B=64 454 / 409 (benchmarks/results/cpu/decode.md).
+FUSED_MAX_BATCH = 32
 
 
 @dataclass(frozen=True)
@@ -203,7 +208,7 @@ class _EagerStep:
         return decoder.logits(hidden)[:, 0]
 
     def replay(self) -> None:
-        if self.runner.fused is not None:
+        if self.runner.fused_serves(self.b):
             return self.runner._step(self.b, self.s, self._fused)
         trace = self.runner.config.step_impl in ("trace", "fused")
         self.runner._step(self.b, self.s, self._decode if trace else None)
@@ -359,12 +364,12 @@ class DecodeRunner:
         the shared memory pool; step_impl "trace" / "compile": trace / compile them by running
         each once. `batch_sizes` limits it to the buckets those batches use. Call it before
         `begin` (it runs steps on the buffers)."""
-        if not self.graphs and (self.config.step_impl == "eager" or self.fused is not None):
+        if not self.graphs and self.config.step_impl == "eager":
             return
         buckets = sorted({self.bucket(n) for n in (batch_sizes or self.batch_sizes)})
         for b in reversed(buckets):
             for s in reversed(self.config.seq_buckets):
-                if (b, s) in self._graphs:
+                if (b, s) in self._graphs or self.fused_serves(b):
                     continue
                 step = self._capture(b, s)
                 if not self.graphs:  # trace / compile now: one step, its state advance undone
@@ -372,6 +377,11 @@ class DecodeRunner:
                     step.replay()
                     self.positions.copy_(saved[0])
                     self.write_pos.copy_(saved[1])
+
+    def fused_serves(self, rows: int) -> bool:
+        """Whether a step of `rows` rows runs fused (step_impl "fused" on a decoder it serves, up
+        to FUSED_MAX_BATCH rows; above, the traced step, whose int8 products go to BLAS)."""
+        return self.fused is not None and rows <= FUSED_MAX_BATCH
 
     # ------------------------------------------------------------------ step backend
     def can_run(self, batch_size: int, slots: int, hooked: bool = False) -> bool:

@@ -11,7 +11,7 @@ import pytest
 import torch
 from decoder_fixtures import VOCAB, make_tiny_hf_dir, one_thread  # noqa: F401
 from dglm.engine.decoding.loop import generate
-from dglm.engine.decoding.runner import DecodeRunner, DecodeRunnerConfig
+from dglm.engine.decoding.runner import FUSED_MAX_BATCH, DecodeRunner, DecodeRunnerConfig
 from dglm.engine.decoding.sampling import DecodeParams
 from dglm.engine.models import load_decoder
 from dglm.kernels import llama_step
@@ -65,6 +65,18 @@ def test_fused_step_matches_the_traced_step(int8, gen, B):
     assert torch.isfinite(got).all()
     assert (got - want).abs().max() <= 1e-4 * want.abs().max()
     assert torch.equal(got.argmax(-1), want.argmax(-1))
+
+
+def test_batches_above_the_fused_limit_take_the_traced_step(int8, gen):
+    decoder, _ = int8
+    B = FUSED_MAX_BATCH + 1
+    r = runner(decoder, "fused", B)
+    assert r.fused is not None and r.fused_serves(FUSED_MAX_BATCH) and not r.fused_serves(B)
+    ids = torch.randint(4, VOCAB, (B, 9), generator=gen)
+    key_mask = torch.ones(B, 24, dtype=torch.bool)
+    want = run_steps(runner(decoder, "trace", B), ids, key_mask)
+    assert torch.equal(run_steps(r, ids, key_mask), want)
+    assert all(step.traced is not None for step in r._graphs.values())
 
 
 def test_threads_do_not_change_the_result(int8, gen):
