@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from dglm.engine import bundle as bundle_io
 from dglm.engine.cli.common import comma_separated
+from dglm.engine.decoding.runner import FUSED_MAX_BATCH
 from dglm.engine.engine import Engine
 
 from benchmarks.common import ROOT, device_name
@@ -129,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
             tuple(b for b in config.batches if b <= engine.decode_runner.max_batch)
         )
         what = "CUDA graphs" if device.type == "cuda" else "traced input-major step"
+        if getattr(engine.decode_runner, "fused", None) is not None:
+            what = (f"fused int8 C++ step up to batch {FUSED_MAX_BATCH} rows, traced step above; "
+                    "C++ nucleus sampler")  # fmt: skip
         notes.append(f"engine: Engine(fast_decode=True), persistent decode runner ({what}; "
                      f"captured/traced for every batch and KV bucket up front in "
                      f"{time.perf_counter() - t:.0f} s, not timed)")  # fmt: skip
