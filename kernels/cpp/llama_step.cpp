@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "int8_linear.h"
+#include "vec.h"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -30,34 +31,11 @@
 namespace dglm {
 namespace {
 
-// Hot loops are compiled for AVX-512, AVX2 and baseline x86-64; the loader picks one.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define DGLM_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define DGLM_CLONES
 #endif
-
-DGLM_CLONES float dot(const float* a, const float* b, int64_t n) {
-  float s = 0.f;
-#pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
-  return s;
-}
-
-DGLM_CLONES void axpy(float* y, float alpha, const float* x, int64_t n) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
-}
-
-// y = x · rsqrt(mean(x²) + ε) · w
-DGLM_CLONES void rms_norm(const float* x, const float* w, float* y, int64_t n, float eps) {
-  float ss = 0.f;
-#pragma omp simd reduction(+ : ss)
-  for (int64_t i = 0; i < n; ++i) ss += x[i] * x[i];
-  const float r = 1.f / std::sqrt(ss / static_cast<float>(n) + eps);
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) y[i] = x[i] * r * w[i];
-}
 
 // In place: x·cos + rotate_half(x)·sin_signed, rotate_half(x) = [x2, x1] (sin's first half is
 // stored negated, as in LlamaDecoder.rope_sin).
@@ -121,7 +99,7 @@ void attend_group(const float* q, const float* kc, const float* vc, int64_t ss, 
         p[j] = ninf;
         continue;
       }
-      p[j] = dot(qi, kc + j * ss, dh) * scale;
+      p[j] = vec_dot(qi, kc + j * ss, dh) * scale;
       mx = std::max(mx, p[j]);
     }
     float sum = 0.f;
@@ -132,7 +110,7 @@ void attend_group(const float* q, const float* kc, const float* vc, int64_t ss, 
     float* o = out + i * dh;
     std::fill(o, o + dh, 0.f);
     for (int64_t j = 0; j <= slot; ++j)
-      if (p[j] != 0.f) axpy(o, p[j] / sum, vc + j * ss, dh);
+      if (p[j] != 0.f) vec_axpy(o, p[j] / sum, vc + j * ss, dh);
   }
 }
 
@@ -172,7 +150,7 @@ void llama_int8_step(const LlamaModel& m, const LlamaStepArgs& a) {
       float* kl = a.k + static_cast<int64_t>(l) * a.kv_stride[0];
       float* vl = a.v + static_cast<int64_t>(l) * a.kv_stride[0];
       for (int64_t b = rlo; b < rhi; ++b)
-        rms_norm(h.data() + b * H, L.attn_norm, xn.data() + b * H, H, c.eps);
+        vec_rms_norm(h.data() + b * H, L.attn_norm, xn.data() + b * H, H, c.eps);
       barrier();
       matmul_part(L.wqkv, xn.data(), qkv.data(), B, H, nqkv, false, tid, T, wbuf.data());
       barrier();
@@ -196,7 +174,7 @@ void llama_int8_step(const LlamaModel& m, const LlamaStepArgs& a) {
       matmul_part(L.wo, att.data(), h.data(), B, nh * dh, H, true, tid, T, wbuf.data());
       barrier();
       for (int64_t b = rlo; b < rhi; ++b)
-        rms_norm(h.data() + b * H, L.mlp_norm, xn.data() + b * H, H, c.eps);
+        vec_rms_norm(h.data() + b * H, L.mlp_norm, xn.data() + b * H, H, c.eps);
       barrier();
       matmul_part(L.w13, xn.data(), gu.data(), B, H, 2 * I, false, tid, T, wbuf.data());
       barrier();
@@ -206,7 +184,7 @@ void llama_int8_step(const LlamaModel& m, const LlamaStepArgs& a) {
       barrier();
     }
     for (int64_t b = rlo; b < rhi; ++b)
-      rms_norm(h.data() + b * H, m.final_norm, a.out + b * H, H, c.eps);
+      vec_rms_norm(h.data() + b * H, m.final_norm, a.out + b * H, H, c.eps);
   }
 }
 

@@ -14,6 +14,7 @@
 #include "int8_linear.h"
 #include "llama_step.h"
 #include "sampling.h"
+#include "value_edit.h"
 
 namespace py = pybind11;
 
@@ -260,6 +261,35 @@ void sample_nucleus_py(uintptr_t logits, int64_t stride, uintptr_t rows, uintptr
   dglm::sample_nucleus(a);
 }
 
+// Raw addresses: dglm.kernels.value_edit checks the tensors (fp32, contiguous, shapes).
+void value_ascent_py(const std::vector<std::array<uintptr_t, 2>>& weights,
+                     const std::vector<std::array<int64_t, 2>>& shapes, uintptr_t h,
+                     uintptr_t coef, uintptr_t steps, uintptr_t step_size, int64_t rows,
+                     int64_t max_steps, int threads) {
+  if (weights.empty() || weights.size() != shapes.size())
+    throw py::value_error("value_ascent: one (weight, bias) pair and shape per layer");
+  if (!h || !coef || !steps || !step_size) throw py::value_error("value_ascent: null address");
+  dglm::ValueAscentArgs a;
+  for (size_t l = 0; l < weights.size(); ++l) {
+    const auto [out, in] = shapes[l];
+    if (!weights[l][0] || !weights[l][1] || out <= 0 || in <= 0 ||
+        (l && in != a.layers.back().out))
+      throw py::value_error("value_ascent: layer " + std::to_string(l) +
+                            " has a null address or a shape that does not chain");
+    a.layers.push_back({reinterpret_cast<const float*>(weights[l][0]),
+                        reinterpret_cast<const float*>(weights[l][1]), in, out});
+  }
+  a.h = reinterpret_cast<float*>(h);
+  a.coef = reinterpret_cast<const float*>(coef);
+  a.steps = reinterpret_cast<const int64_t*>(steps);
+  a.step_size = reinterpret_cast<const float*>(step_size);
+  a.rows = rows;
+  a.max_steps = max_steps;
+  (void)threads;  // single-threaded: a few rows of small products
+  py::gil_scoped_release release;
+  dglm::value_ascent(a);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(cpu_ops, m) {
@@ -290,6 +320,12 @@ PYBIND11_MODULE(cpu_ops, m) {
         py::arg("top_p"), py::arg("S"), py::arg("V"), py::arg("out"),
         "Top-k then top-p Gumbel-max sampling on raw buffer addresses (rows 0 = row s). "
         "Unchecked: call it through dglm.kernels.nucleus. Releases the GIL.");
+  m.def("value_ascent", &value_ascent_py, py::arg("weights"), py::arg("shapes"), py::arg("h"),
+        py::arg("coef"), py::arg("steps"), py::arg("step_size"), py::arg("rows"),
+        py::arg("max_steps"), py::arg("threads") = 1,
+        "RE-Control's analytic value ascent on raw buffer addresses, h edited in place "
+        "(weights: (w, b) addresses per layer; shapes: (out, in)). Unchecked: call it through "
+        "dglm.kernels.value_edit. Releases the GIL.");
   py::class_<LlamaInt8Step>(m, "LlamaInt8Step",
                             "Fused int8 decode step of a Llama-family decoder on raw buffer "
                             "addresses. Unchecked: use it through dglm.kernels.llama_step.")

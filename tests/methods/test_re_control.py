@@ -21,6 +21,7 @@ from dglm.engine.methods.re_control import (
 from dglm.engine.models import load_decoder
 from dglm.engine.training.loop import TrainConfig
 from dglm.engine.training.value import Rollouts, td_loss, train_value
+from dglm.kernels import value_edit
 
 
 def net_of(h: int = 16, k: int = 2, depth: int = 2, seed: int = 0) -> ValueNetwork:
@@ -39,18 +40,43 @@ def autograd_ascent(h, net, coef, steps, size, n):
     return h
 
 
+NATIVE = [False] + ([True] if value_edit.available() else [])
+
+
+@pytest.mark.parametrize("native", NATIVE, ids=lambda n: "cpp" if n else "torch")
 @pytest.mark.parametrize("depth", [1, 2, 3])
-def test_value_ascent_matches_autograd(gen, depth):
+def test_value_ascent_matches_autograd(gen, depth, native):
+    """Both forms of the analytic edit (PyTorch, and the C++ loop on CPU) against autograd."""
     net = net_of(depth=depth)
     h = torch.randn(5, 16, generator=gen)
     coef = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0], [1.0, -1.0], [0.0, 0.0]])
     steps = torch.tensor([3, 1, 0, 4, 2])
     size = torch.tensor([[0.5], [2.0], [1.0], [0.3], [1.0]])
-    got = value_ascent(h, net, coef, steps, size, 4)
+    got = value_ascent(h, net, coef, steps, size, 4, native=native)
     want = autograd_ascent(h, net, coef, steps, size, 4)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert torch.equal(got[2], h[2]) and torch.equal(got[4], h[4])  # 0 steps / no target
     assert not torch.equal(got[0], h[0])
+
+
+@pytest.mark.skipif(not value_edit.available(), reason="cpu_ops is not built")
+@pytest.mark.parametrize("rows, width, hidden, depth, steps", [(1, 576, 256, 2, 30),
+                         (8, 64, 32, 1, 7), (33, 48, 96, 3, 12)])  # fmt: skip
+def test_cpp_edit_equals_the_torch_form(gen, rows, width, hidden, depth, steps):
+    """Batch sizes, widths, depths and step counts (SmolLM2's 576 with the default 30 steps):
+    the C++ loop stays within fp32 rounding of the PyTorch form over every step."""
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    net = ValueNetwork(ValueNetConfig("p", width, 3, hidden, depth))
+    h = torch.randn(rows, width, generator=gen)
+    coef = torch.randint(-1, 2, (rows, 3), generator=gen).float()
+    n = torch.randint(0, steps + 1, (rows,), generator=gen)
+    size = torch.rand(rows, 1, generator=gen)
+    want = value_ascent(h, net, coef, n, size, steps, native=False)
+    got = value_ascent(h, net, coef, n, size, steps, native=True)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    still = (n == 0) | (coef == 0).all(-1)  # no step or no target: untouched, bit for bit
+    assert torch.equal(got[still], h[still])
+    assert ((got - h).abs().amax(-1)[~still] > 1e-4).all()  # every other row moved
 
 
 def test_ascent_raises_the_targeted_value(gen):
