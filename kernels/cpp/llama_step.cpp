@@ -86,31 +86,43 @@ void matmul_part(const Int8Matrix& w, const float* x, float* y, int64_t M, int64
 }
 
 // Attention of the G query heads sharing key/value head g of one row: q (G, Dh) roped, keys and
-// values at slots [0, slot] of the cache (slot stride ss), out (G, Dh). p: slot + 1 floats.
+// values at slots [0, slot] of the cache (slot stride ss), out (G, Dh). p: G·(slot + 1) floats.
+// With contiguous slots (ss = Dh, the runner's layout) scores and the weighted sum are two small
+// matrix products over all G heads; otherwise slot by slot.
 void attend_group(const float* q, const float* kc, const float* vc, int64_t ss, int64_t slot,
                   const uint8_t* mask, int64_t G, int64_t dh, float* out, float* p) {
   const float scale = 1.f / std::sqrt(static_cast<float>(dh));
   const float ninf = -std::numeric_limits<float>::infinity();
+  const int64_t n = slot + 1;
+  if (ss == dh) {
+    vec_gemm_nt(kc, q, nullptr, p, G, n, dh);  // (G, n) = q · Kᵀ
+  } else {
+    for (int64_t i = 0; i < G; ++i)
+      for (int64_t j = 0; j < n; ++j) p[i * n + j] = vec_dot(q + i * dh, kc + j * ss, dh);
+  }
   for (int64_t i = 0; i < G; ++i) {
-    const float* qi = q + i * dh;
+    float* pi = p + i * n;
     float mx = ninf;
-    for (int64_t j = 0; j <= slot; ++j) {
-      if (j < slot && !mask[j]) {
-        p[j] = ninf;
-        continue;
-      }
-      p[j] = vec_dot(qi, kc + j * ss, dh) * scale;
-      mx = std::max(mx, p[j]);
+    for (int64_t j = 0; j < n; ++j) {
+      pi[j] = (j < slot && !mask[j]) ? ninf : pi[j] * scale;
+      mx = std::max(mx, pi[j]);
     }
     float sum = 0.f;
-    for (int64_t j = 0; j <= slot; ++j) {
-      p[j] = p[j] == ninf ? 0.f : std::exp(p[j] - mx);
-      sum += p[j];
+    for (int64_t j = 0; j < n; ++j) {
+      pi[j] = pi[j] == ninf ? 0.f : std::exp(pi[j] - mx);
+      sum += pi[j];
     }
+    for (int64_t j = 0; j < n; ++j) pi[j] /= sum;
+  }
+  if (ss == dh) {
+    vec_gemm_nn(vc, p, out, G, n, dh);  // (G, Dh) = P · V; masked slots (weight 0) skipped
+    return;
+  }
+  for (int64_t i = 0; i < G; ++i) {
     float* o = out + i * dh;
     std::fill(o, o + dh, 0.f);
-    for (int64_t j = 0; j <= slot; ++j)
-      if (p[j] != 0.f) vec_axpy(o, p[j] / sum, vc + j * ss, dh);
+    for (int64_t j = 0; j < n; ++j)
+      if (p[i * n + j] != 0.f) vec_axpy(o, p[i * n + j], vc + j * ss, dh);
   }
 }
 
@@ -140,7 +152,7 @@ void llama_int8_step(const LlamaModel& m, const LlamaStepArgs& a) {
     tid = omp_get_thread_num();
     T = omp_get_num_threads();
 #endif
-    std::vector<float> wbuf(scratch), p(a.slot + 1);
+    std::vector<float> wbuf(scratch), p(G * (a.slot + 1));
     int64_t rlo, rhi, glo, ghi, elo, ehi;
     split(B, tid, T, &rlo, &rhi);
     split(B * nkv, tid, T, &glo, &ghi);
