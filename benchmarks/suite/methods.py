@@ -250,7 +250,7 @@ def re_control_method(engine: Engine, control: Control, temperature: float, top_
     info = {
         "dtype": str(engine.dtype).removeprefix("torch."),
         "decoding": f"Engine.generate(method=ReControl): {net.steps} value-ascent steps of "
-        f"{net.step_size:g} per token (eager decode step: the hidden-state hook)",
+        f"{net.step_size:g} per token (the engine's decode step with the hidden-state hook)",
     }
     return Method("re_control", "re_control", (control,), run, info)
 

@@ -203,3 +203,26 @@ def test_benchmark_suite_runs_re_control(engine):
     assert runs["re_control"].stages["diffusion"] == 0 < runs["re_control"].stages["decode"]
     assert runs["engine_re_control"].token_ids != runs["engine_1probe"].token_ids
     assert control_label(methods[1].controls) == "sentiment=positive@re-control"
+
+
+def test_overhead_benchmark_measures_both_arms(value_bundle, tmp_path, monkeypatch):
+    """benchmarks/bench_re_control: the edit and plain arms on the same decode path, per batch,
+    their ratio against the target; a bundle without the probe's value network is refused."""
+    import json
+    import sys
+
+    from benchmarks import bench_re_control
+
+    argv = ["bench_re_control", "--bundle", str(value_bundle), "--batches", "1,2", "--tokens",
+            "4", "--repeats", "1", "--out", str(tmp_path)]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", argv)
+    bench_re_control.main()
+    report = json.loads((tmp_path / "re_control.json").read_text())
+    assert [r["batch"] for r in report["rows"]] == [1, 2]
+    for r in report["rows"]:
+        assert r["plain_ms_per_token"] > 0 and r["edit_ms_per_token"] > 0
+        assert r["ratio"] == pytest.approx(r["edit_ms_per_token"] / r["plain_ms_per_token"], 0.01)
+    assert "| 2 |" in (tmp_path / "re_control.md").read_text()
+    monkeypatch.setattr(sys, "argv", [*argv, "--probe", "topic"])
+    with pytest.raises(SystemExit, match="no 'topic' value network"):
+        bench_re_control.main()
