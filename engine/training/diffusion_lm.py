@@ -138,7 +138,13 @@ class DiffusionLMLoss:
         x0 = emb + sigma1 * xi0
         alpha, sigma = a2.sqrt()[:, None, None], (1 - a2).sqrt()[:, None, None]
         z = alpha * x0 + sigma * eps
-        pred = net(z, a2).float()  # (B, L, d)
+        prev = None
+        if net.config.self_condition:  # half the rows see their own first estimate (no grad)
+            with torch.no_grad():
+                first = net(z, a2).float()
+            use = (torch.rand(b, generator=gen) < 0.5).to(dev)[:, None, None]
+            prev = torch.where(use, first, torch.zeros_like(first))
+        pred = net(z, a2, prev).float()  # (B, L, d)
         target = torch.where((t_idx == 1).to(dev)[:, None, None], emb, x0)
         mse = (pred - target.float()).pow(2).mean(dim=(1, 2))  # (B,)
         nll = F.cross_entropy(net.logits(x0).flatten(0, 1), ids.flatten(), reduction="none")

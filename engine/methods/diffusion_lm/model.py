@@ -30,6 +30,10 @@ class DiffusionLMConfig(FromDict):
     head_dim: int = 32  # attention head width
     schedule_offset: float = 1e-4  # the sqrt schedule's s: alpha² = 1 − √(t + s)
     diffusion_steps: int = 2000  # T: training draws t from {1..T}/T (the paper's 2000)
+    # self-conditioning (Chen et al. 2023, "Analog Bits"): the denoiser also reads its own previous
+    # estimate x̂0 (zeros when there is none); trained on half the batches with a first, no-grad
+    # estimate, and fed the previous step's estimate when sampling
+    self_condition: bool = False
 
     def __post_init__(self) -> None:
         check_positive(
@@ -69,6 +73,16 @@ DIFFUSION_LM_PRESETS: dict[str, DiffusionLMConfig] = {
     "cpu-wide": DiffusionLMConfig(
         vocab_size=5000, seq_len=24, emb_dim=32, dim=256, depth=4, head_dim=32
     ),
+    # "cpu-wide" with self-conditioning.
+    "cpu-wide-sc": DiffusionLMConfig(
+        vocab_size=5000,
+        seq_len=24,
+        emb_dim=32,
+        dim=256,
+        depth=4,
+        head_dim=32,
+        self_condition=True,
+    ),  # fmt: skip
     # The paper's ROCStories shape: BERT-base-sized denoiser, d = 128, 11k words, length 64.
     "reference": DiffusionLMConfig(
         vocab_size=11_000, seq_len=64, emb_dim=128, dim=768, depth=12, head_dim=64
@@ -85,6 +99,10 @@ class DiffusionLMNetwork(nn.Module):
         self.embed = nn.Embedding(c.vocab_size, c.emb_dim)  # N(0, 1) init, as the paper's
         self.time = TimeMLP(c.dim, c.dim)
         self.proj_in = nn.Linear(c.emb_dim, c.dim)
+        # the previous estimate's input projection, zero at init (starts as the plain denoiser)
+        self.proj_self = nn.Linear(c.emb_dim, c.dim, bias=False) if c.self_condition else None
+        if self.proj_self is not None:
+            nn.init.zeros_(self.proj_self.weight)
         self.transformer = Transformer(c.dim, c.depth, c.head_dim, c.dim, c.seq_len, dense=False)
         self.proj_out = nn.Linear(c.dim, c.emb_dim)
 
@@ -92,9 +110,16 @@ class DiffusionLMNetwork(nn.Module):
     def schedule(self) -> SqrtSchedule:
         return SqrtSchedule(self.config.schedule_offset)
 
-    def forward(self, z: torch.Tensor, alpha2: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, z: torch.Tensor, alpha2: torch.Tensor, x0_prev: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x̂0 (B, L, d); `x0_prev` (B, L, d): the previous estimate, read by a self-conditioned
+        network only (None = zeros: the first step)."""
         t_emb = self.time(alpha2)  # (B, dim)
-        h = self.proj_in(z.to(self.proj_in.weight.dtype)) + t_emb[:, None, :]  # (B, L, dim)
+        dtype = self.proj_in.weight.dtype
+        h = self.proj_in(z.to(dtype)) + t_emb[:, None, :]  # (B, L, dim)
+        if self.proj_self is not None and x0_prev is not None:
+            h = h + self.proj_self(x0_prev.to(dtype))
         return self.proj_out(self.transformer(h, t_emb))  # (B, L, d)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:

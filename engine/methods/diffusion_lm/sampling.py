@@ -8,7 +8,7 @@ changes the step coefficients, from the shared `schedule.multistep_coefficients`
 schedule: z_s = c0·x̂0 + cz·z_t + n·ξ.
 
 Per step (Li et al. 2022):
-1. x̂0 = f(z_t, t); clamping: free positions snap to their nearest word embedding
+1. x̂0 = f(z_t, t) (a self-conditioned f also reads the previous step's raw x̂0); clamping: free positions snap to their nearest word embedding
    (kernels.nearest_embedding), fixed positions take their clean embedding E[w].
 2. The DDPM/DDIM update z_s = μ + n·ξ with μ = c0·x̂0 + cz·z_t.
 3. Classifier guidance (`ClassifierGuidance`, a step hook: it needs μ and σ, so it acts on the
@@ -38,7 +38,9 @@ from dglm.kernels.nearest_embedding import half_sq_norms, nearest_embedding
 
 SAMPLERS = ("ddpm", "ddim")  # the shared schedule's samplers this model uses
 
-ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (z (B,L,d), alpha² (B,)) → x̂0
+# (z (B,L,d), alpha² (B,), previous x̂0 (B,L,d) or None at the first step) → x̂0 (B,L,d); the
+# previous estimate matters to a self-conditioned denoiser only
+ModelFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 NoiseFn = Callable[[int], torch.Tensor]  # step i → ξ_i (B, L, d)
 # (z_s (B,L,d), μ (B,L,d), σ_s, alpha²_s) → guided z_s
 StepHook = Callable[[torch.Tensor, torch.Tensor, float, float], torch.Tensor]
@@ -96,11 +98,11 @@ def sample_sequence(
     clean = rounder.table[layout.ids].to(z.device)  # (B, L, d) E[w] at fixed positions
     fixed = layout.fixed[..., None]
     z = z.float()
-    x0 = z
+    x0, prev = z, None
     for i, (alpha_t, _, c0, cz, n) in enumerate(rows):
         last = i == len(rows) - 1
         a2 = torch.full((b,), alpha_t * alpha_t, device=z.device)
-        x0 = model_fn(z, a2).float()
+        x0 = prev = model_fn(z, a2, prev).float()  # the raw estimate (as self-conditioning trains)
         if clamp or last:
             _, snapped = rounder(x0, layout)
             x0 = snapped if clamp else torch.where(fixed, clean, x0)
