@@ -131,7 +131,7 @@ class DiffusionLMLoss:
         if t_idx is None:
             t_idx = torch.randint(1, self.T + 1, (b,), generator=gen)
         a2 = self.alpha2[t_idx].to(dev)  # (B,)
-        emb = net.embed(ids)  # (B, L, d)
+        emb = net.embed_ids(ids)  # (B, L, d)
         xi0 = torch.randn(emb.shape, generator=gen).to(dev)
         eps = torch.randn(emb.shape, generator=gen).to(dev)
         sigma1 = (1 - self.alpha2[1]).sqrt()
@@ -171,7 +171,7 @@ def evaluate_diffusion_lm(
     ids = held[:EVAL_ROWS].to(dev)
     gen = torch.Generator().manual_seed(0)
     out = loss_fn(net, ids, gen)
-    table = net.embed.weight.float()
+    table = net.table().float()
     logs = {f"eval_{k}": float(out[k]) for k in ("loss", "mse", "nll", "prior")}
     round_ids, _ = nearest_embedding(out["x0"], table)
     logs["eval_round_err"] = float((round_ids != ids).float().mean())
@@ -255,7 +255,7 @@ def train_latent_classifier(
         raise ValueError(f"no usable texts: {train[0].shape[0]} train, {held[0].shape[0]} held out")
     run = Run(out, clf, cfg, CLASSIFIER_KIND, clf.config.to_dict(), device)
     dev = run.device
-    table = denoiser.embed.weight.detach().float().to(dev)
+    table = denoiser.table().detach().float().to(dev)
     a2_table = DiffusionLMLoss(denoiser).alpha2
     ids, labels = train[0].to(dev), train[1].to(dev)
 

@@ -390,14 +390,17 @@ def test_engine_from_pretrained_dispatches_on_the_bundle_method(bundle):
     )
 
 
-def test_self_conditioning_trains_reads_its_estimate_and_samples(tmp_path):
-    """A self-conditioned denoiser (config.self_condition): its estimate input starts at zero (the
-    plain denoiser), training (half the rows fed a first, no-grad estimate) lowers the loss and
-    makes the network read the estimate; the saved bundle keeps the flag and samples with the
-    previous step's estimate fed back, same seed → same text."""
+def test_self_conditioning_and_embedding_norm_train_and_sample(tmp_path):
+    """A self-conditioned denoiser with fixed-norm word embeddings (config.self_condition,
+    config.embedding_norm): its estimate input starts at zero (the plain denoiser), training (half
+    the rows fed a first, no-grad estimate) lowers the loss and makes the network read the
+    estimate, every embedding the diffusion sees keeps the set norm and stays decodable; the
+    saved bundle keeps both settings and samples with the previous step's estimate fed back,
+    same seed → same text."""
     torch.manual_seed(0)
     vocab = build_vocab(SENTENCES, 64, 12)
-    config = replace(DIFFUSION_LM_PRESETS["tiny"], vocab_size=len(vocab), self_condition=True)
+    config = replace(DIFFUSION_LM_PRESETS["tiny"], vocab_size=len(vocab), self_condition=True,
+                     embedding_norm=8**0.5)  # fmt: skip
     net = DiffusionLMNetwork(config)
     z, a2 = torch.randn(2, 12, config.emb_dim), torch.tensor([0.3, 0.8])
     est = torch.randn(2, 12, config.emb_dim)
@@ -409,9 +412,15 @@ def test_self_conditioning_trains_reads_its_estimate_and_samples(tmp_path):
     path = train_diffusion_lm(net, vocab, ids, ids[:16], tmp_path, cfg)
     rows = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert rows[-1]["eval_loss"] < 0.7 * rows[0]["eval_loss"]
+    assert rows[-1]["eval_round_err"] == 0.0
     engine = DiffusionLMEngine.from_pretrained(path)
     trained = engine.method.net
     assert trained.config.self_condition and trained.proj_self.weight.abs().sum() > 0
+    norms = trained.table().norm(dim=-1)
+    torch.testing.assert_close(norms, torch.full_like(norms, 8**0.5))
+    assert trained.embed.weight.norm(dim=-1).std() > 1e-3  # the raw table is free; its use is not
+    with pytest.raises(ValueError, match="embedding_norm"):
+        replace(config, embedding_norm=-1.0)
     assert not torch.allclose(trained(z, a2, est), trained(z, a2))
     p = DiffusionLMParams(seed=3, num_inference_steps=12)
     first = engine.generate([""], p)[0].samples[0]

@@ -184,7 +184,7 @@ class DiffusionLM(Method):
             k: v.eval().requires_grad_(False) for k, v in (classifiers or {}).items()
         }
         self.defaults = dict(defaults or {})
-        self.rounder = Rounder(net.embed.weight)
+        self.rounder = Rounder(net.table())
         self.device = net.embed.weight.device
 
     def to_params(self, p: GenerationParams | DiffusionLMParams) -> DiffusionLMParams:

@@ -11,6 +11,7 @@ exactly what sampling uses (the paper ties its LM head to E and scores x·E_v).
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -34,6 +35,10 @@ class DiffusionLMConfig(FromDict):
     # estimate x̂0 (zeros when there is none); trained on half the batches with a first, no-grad
     # estimate, and fed the previous step's estimate when sampling
     self_condition: bool = False
+    # > 0: every word embedding is used at this L2 norm (its learned direction only), so the
+    # denoising loss cannot be lowered by shrinking the embeddings together (the collapse a free
+    # table drifts into: rounding errors grow as the MSE falls); 0: the learned table as is
+    embedding_norm: float = 0.0
 
     def __post_init__(self) -> None:
         check_positive(
@@ -55,6 +60,11 @@ class DiffusionLMConfig(FromDict):
                 f"DiffusionLMConfig.dim={self.dim} must be even and divisible by head_dim={self.head_dim}"
             )
         SqrtSchedule(self.schedule_offset)  # validates the offset
+        if not (self.embedding_norm >= 0 and math.isfinite(self.embedding_norm)):
+            raise ValueError(
+                f"DiffusionLMConfig.embedding_norm must be a finite number ≥ 0, got "
+                f"{self.embedding_norm!r}"
+            )
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -73,7 +83,7 @@ DIFFUSION_LM_PRESETS: dict[str, DiffusionLMConfig] = {
     "cpu-wide": DiffusionLMConfig(
         vocab_size=5000, seq_len=24, emb_dim=32, dim=256, depth=4, head_dim=32
     ),
-    # "cpu-wide" with self-conditioning.
+    # "cpu-wide" with self-conditioning and word embeddings at norm √d (unit scale per coordinate).
     "cpu-wide-sc": DiffusionLMConfig(
         vocab_size=5000,
         seq_len=24,
@@ -122,9 +132,22 @@ class DiffusionLMNetwork(nn.Module):
             h = h + self.proj_self(x0_prev.to(dtype))
         return self.proj_out(self.transformer(h, t_emb))  # (B, L, d)
 
+    def table(self) -> torch.Tensor:
+        """The word embeddings E (V, d) as the diffusion uses them: the learned table, or its
+        rows at `config.embedding_norm`."""
+        w = self.embed.weight
+        norm = self.config.embedding_norm
+        if norm > 0:
+            w = w * (norm / w.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+        return w
+
+    def embed_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """E[ids] (..., d)."""
+        return self.table()[ids] if self.config.embedding_norm > 0 else self.embed(ids)
+
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Rounding scores (..., V): −‖x − E_v‖² + ‖x‖² = 2x·E_v − ‖E_v‖², in fp32."""
-        e = self.embed.weight.float()
+        e = self.table().float()
         return 2 * x.float() @ e.T - e.pow(2).sum(-1)
 
 
