@@ -31,12 +31,6 @@
 namespace dglm {
 namespace {
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define DGLM_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define DGLM_CLONES
-#endif
-
 // In place: x·cos + rotate_half(x)·sin_signed, rotate_half(x) = [x2, x1] (sin's first half is
 // stored negated, as in LlamaDecoder.rope_sin).
 DGLM_CLONES void rope(float* x, const float* c, const float* s, int64_t dh) {

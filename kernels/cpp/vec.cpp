@@ -4,12 +4,6 @@
 
 namespace dglm {
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define DGLM_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define DGLM_CLONES
-#endif
-
 // 64 partial sums (four 16-lane vectors with AVX-512): four independent FMA chains instead of
 // one, which a single-accumulator reduction would wait on.
 DGLM_CLONES float vec_dot(const float* a, const float* b, int64_t n) {

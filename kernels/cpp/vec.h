@@ -4,6 +4,14 @@
 
 #include <cstdint>
 
+// Marks a function to be compiled for AVX-512, AVX2 and baseline x86-64, the loader picking one
+// (GCC on x86-64; elsewhere a plain function).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define DGLM_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define DGLM_CLONES
+#endif
+
 namespace dglm {
 
 float vec_dot(const float* a, const float* b, int64_t n);               // Σ a·b
