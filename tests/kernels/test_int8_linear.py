@@ -88,14 +88,15 @@ def test_refusals(gen):
         raw(x, q, s, None, "avx9000")
 
 
-def test_large_batches_take_the_blas_path_with_the_same_result(gen):
+@pytest.mark.parametrize("N", [20, 2 * k.LARGE_BLOCK + 37])  # one block; blocks, a ragged last
+def test_large_batches_take_the_blas_path_with_the_same_result(gen, N):
     x = torch.randn(k.LARGE_M + 3, 48, generator=gen)
-    q = torch.randint(-127, 128, (20, 48), generator=gen, dtype=torch.int8)
-    s = torch.rand(20, generator=gen)
-    b = torch.randn(20, generator=gen)
+    q = torch.randint(-127, 128, (N, 48), generator=gen, dtype=torch.int8)
+    s = torch.rand(N, generator=gen)
+    b = torch.randn(N, generator=gen)
     want = k.int8_linear_ref(x.double(), q, s.double(), b.double())
     got = k.int8_linear(x, q, s, b)
-    assert got.shape == (k.LARGE_M + 3, 20)
+    assert got.shape == (k.LARGE_M + 3, N)
     assert (got.double() - want).abs().max() <= 1e-4 * want.abs().max()
     small = k.int8_linear(x[:5], q, s, b)  # the kernel: the same rows, another summation order
     assert torch.allclose(small, got[:5], rtol=1e-5, atol=1e-4)
