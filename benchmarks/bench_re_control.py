@@ -82,8 +82,8 @@ def main() -> None:
                 ms[edit].append(one_call(engine, prompts, args.tokens, edit, args.probe,
                                          args.label))  # fmt: skip
         plain, edited = statistics.median(ms[False]), statistics.median(ms[True])
-        rows.append({"batch": batch, "tokens": args.tokens, "plain_ms_per_token": round(plain, 2),
-                     "edit_ms_per_token": round(edited, 2), "ratio": round(edited / plain, 3),
+        rows.append({"batch": batch, "tokens": args.tokens, "plain_ms_per_token": round(plain, 3),
+                     "edit_ms_per_token": round(edited, 3), "ratio": round(edited / plain, 3),
                      "met": edited / plain <= TARGET, "repeats": args.repeats,
                      "load_avg": load_average()})  # fmt: skip
         print(f"B={batch}: plain {plain:.1f} ms/token, edit {edited:.1f} ({edited / plain:.2f}x)")

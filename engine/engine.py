@@ -31,6 +31,7 @@ from dglm.engine.models.quant import resolve_quantize
 from dglm.engine.probes import Probe, ProbeSet, save_probes
 from dglm.engine.prompt.generator import PromptGenerator
 from dglm.export.runtime import OrtModels, RuntimeOptions, load_export
+from dglm.kernels import llama_step
 from dglm.kernels.guided_update import select_guided_update
 
 logger = logging.getLogger(__name__)
@@ -140,7 +141,7 @@ class Engine:
         guided_update: str = "auto",
         backend: str = "torch",
         cuda_graphs: bool = True,
-        fast_decode: bool = False,
+        fast_decode: bool | None = None,
         onnx_options: RuntimeOptions | None = None,
         quantize: str = "auto",
     ) -> Engine:
@@ -149,7 +150,8 @@ class Engine:
         is not used).
         fast_decode: decode with a persistent runner (CUDA graphs on CUDA; on CPU the fused C++
         step of an int8 Llama decoder, else traced steps; a batch/length bucket pays a one-time
-        capture or trace at its first use).
+        capture or trace at its first use). None (default): on when the fused CPU step serves
+        the decoder (it costs nothing to set up: no trace, no capture), off otherwise.
         quantize="int8": the decoder's weights in int8 (weight-only, per-channel scales;
         models.quant), fp32 only; "auto" (default): int8 for an fp32 decoder on CPU, else "none"
         (models.quant.resolve_quantize); "none": the checkpoint's weights in `dtype`.
@@ -197,6 +199,8 @@ class Engine:
             config, bundle_dir, device, dtype, quantize
         )
         logger.info("loaded bundle %s (%d probes)", bundle_dir, len(probes))
+        if fast_decode is None:
+            fast_decode = llama_step.unsupported_reason(decoder) is None
         engine = cls(
             config,
             encoder,

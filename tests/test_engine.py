@@ -243,17 +243,22 @@ def test_cuda_graph_sampler_matches_eager_on_gpu(tiny_bundle):
 
 
 def test_fast_decode_runner_matches_the_default_path(tiny_bundle):
-    """fast_decode: a persistent traced runner (CPU) — same greedy tokens, reused across calls,
-    bypassed for batches past its buffers."""
-    plain = Engine.from_pretrained(tiny_bundle)
+    """fast_decode: a persistent runner (CPU: the fused step of the int8 decoder) — same greedy
+    tokens, reused across calls, bypassed for batches past its buffers; on by default where the
+    fused step serves the decoder, off when asked."""
+    plain = Engine.from_pretrained(tiny_bundle, fast_decode=False)
     fast = Engine.from_pretrained(tiny_bundle, fast_decode=True)
     assert fast.info()["fast_decode"] and not plain.info()["fast_decode"]
+    auto = Engine.from_pretrained(tiny_bundle)  # an int8 Llama decoder on CPU: fused, so on
+    assert auto.info()["fast_decode"] and auto.decode_runner.fused is not None
+    fp32 = Engine.from_pretrained(tiny_bundle, quantize="none")  # no fused step: off
+    assert not fp32.info()["fast_decode"]
     prompts = ["The movie was", "A quick brown fox jumps over"]
     params = [GenerationParams(seed=i, max_new_tokens=6, temperature=0.0) for i in range(2)]
     ref, got = plain.generate(prompts, params), fast.generate(prompts, params)
     assert [o.samples[0].token_ids for o in got] == [o.samples[0].token_ids for o in ref]
     traced = set(fast.decode_runner._graphs)
-    assert traced and all(b == 2 for b, _ in traced)  # the batch-2 bucket, traced on first use
+    assert traced and all(b == 2 for b, _ in traced)  # the batch-2 bucket, made on first use
     fast.generate(prompts, params)
     assert set(fast.decode_runner._graphs) == traced  # reused, not re-traced
     many = fast.generate(["x"] * 33, GenerationParams(seed=0, max_new_tokens=2, temperature=0.0))

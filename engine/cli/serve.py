@@ -23,8 +23,10 @@ def add_parser(sub) -> None:
     s.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
     s.add_argument("--backend", default="torch", choices=("torch", "onnx"))
     s.add_argument(
-        "--fast-decode", action="store_true", help="decode with the engine's persistent runner"
-    )
+        "--fast-decode", action="store_true",
+        help="decode with the engine's persistent runner (default: on when the fused CPU step "
+        "serves the decoder, e.g. the default bundle's int8 SmolLM2)",
+    )  # fmt: skip
     s.add_argument("--max-batch", type=int, default=8, help="rows (prompts × n) per engine batch")
     s.add_argument(
         "--max-wait-ms",
@@ -56,7 +58,7 @@ def configs(args: argparse.Namespace):
     name = args.model_name or Path(args.bundle).name
     server = ServerConfig(model_name=name, batch=batch, max_body_bytes=args.max_body_bytes)
     engine = {"device": args.device, "dtype": args.dtype, "backend": args.backend,
-              "fast_decode": args.fast_decode}  # fmt: skip
+              "fast_decode": True if args.fast_decode else None}  # fmt: skip
     return engine, server
 
 

@@ -221,7 +221,8 @@ def test_overhead_benchmark_measures_both_arms(value_bundle, tmp_path, monkeypat
     assert [r["batch"] for r in report["rows"]] == [1, 2]
     for r in report["rows"]:
         assert r["plain_ms_per_token"] > 0 and r["edit_ms_per_token"] > 0
-        assert r["ratio"] == pytest.approx(r["edit_ms_per_token"] / r["plain_ms_per_token"], 0.01)
+        # (the ms are rounded to 3 decimals, the ratio from the unrounded values)
+        assert r["ratio"] == pytest.approx(r["edit_ms_per_token"] / r["plain_ms_per_token"], 0.02)
     assert "| 2 |" in (tmp_path / "re_control.md").read_text()
     monkeypatch.setattr(sys, "argv", [*argv, "--probe", "topic"])
     with pytest.raises(SystemExit, match="no 'topic' value network"):
