@@ -19,18 +19,14 @@ tensors: build it after the decoder's last change (quantizing, merging adapters)
 from __future__ import annotations
 
 import torch
-
-try:
-    from dglm.kernels import cpu_ops
-except ImportError:  # installed without the compiled kernels
-    cpu_ops = None
+from dglm.kernels.native import built, cpu_ops
 
 __all__ = ["LlamaInt8Step", "available", "unsupported_reason"]
 
 
 def available() -> bool:
     """Whether the compiled step is importable (it is built with the package)."""
-    return cpu_ops is not None and hasattr(cpu_ops, "LlamaInt8Step")
+    return built("LlamaInt8Step")
 
 
 def unsupported_reason(decoder) -> str | None:

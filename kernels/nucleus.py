@@ -13,18 +13,14 @@ Same inputs, same tokens as the torch path, up to the last bit of a log (a near-
 from __future__ import annotations
 
 import torch
-
-try:
-    from dglm.kernels import cpu_ops
-except ImportError:  # installed without the compiled kernels
-    cpu_ops = None
+from dglm.kernels.native import built, cpu_ops
 
 __all__ = ["available", "sample_nucleus"]
 
 
 def available() -> bool:
     """Whether the compiled sampler is importable (it is built with the package)."""
-    return cpu_ops is not None and hasattr(cpu_ops, "sample_nucleus")
+    return built("sample_nucleus")
 
 
 def sample_nucleus(

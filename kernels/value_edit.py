@@ -11,18 +11,14 @@ is the reference the tests hold this to (fp32, sums in another order).
 from __future__ import annotations
 
 import torch
-
-try:
-    from dglm.kernels import cpu_ops
-except ImportError:  # installed without the compiled kernels
-    cpu_ops = None
+from dglm.kernels.native import built, cpu_ops
 
 __all__ = ["available", "value_ascent"]
 
 
 def available() -> bool:
     """Whether the compiled edit is importable (it is built with the package)."""
-    return cpu_ops is not None and hasattr(cpu_ops, "value_ascent")
+    return built("value_ascent")
 
 
 def value_ascent(
