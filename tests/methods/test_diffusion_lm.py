@@ -426,3 +426,11 @@ def test_self_conditioning_and_embedding_norm_train_and_sample(tmp_path):
     first = engine.generate([""], p)[0].samples[0]
     assert first.token_ids == engine.generate([""], p)[0].samples[0].token_ids
     assert first.text.strip()
+
+
+def test_cpu_wide_sc_preset_has_both_settings():
+    """The "cpu-wide-sc" preset is "cpu-wide" with both settings on (it once shipped without the
+    fixed norm, so runs trained on it still had the free table its name promised to fix)."""
+    base, sc = DIFFUSION_LM_PRESETS["cpu-wide"], DIFFUSION_LM_PRESETS["cpu-wide-sc"]
+    assert sc.self_condition and sc.embedding_norm == pytest.approx(sc.emb_dim**0.5)
+    assert replace(sc, self_condition=False, embedding_norm=0.0) == base

@@ -92,6 +92,7 @@ DIFFUSION_LM_PRESETS: dict[str, DiffusionLMConfig] = {
         depth=4,
         head_dim=32,
         self_condition=True,
+        embedding_norm=32**0.5,
     ),  # fmt: skip
     # The paper's ROCStories shape: BERT-base-sized denoiser, d = 128, 11k words, length 64.
     "reference": DiffusionLMConfig(
