@@ -7,6 +7,7 @@
 #include "int8_linear.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cstring>
 #include <vector>
 
@@ -113,12 +114,17 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void tile_avx512_f32_t(
     for (int j = 0; j < MR; ++j) finish(a, n0 + i, m0 + j, _mm512_reduce_add_ps(acc[i][j]));
 }
 
+// Widens `count` int8 weights to fp32, prefetching `ahead` bytes further on (the next blocks'
+// rows: without it the widening waits on memory once the weights no longer fit in cache).
 __attribute__((target("avx512f,avx512bw,avx512vl"))) void widen_avx512(const int8_t* q,
-                                                                      int64_t count, float* out) {
+                                                                      int64_t count, float* out,
+                                                                      int64_t ahead) {
   int64_t k = 0;
-  for (; k + 16 <= count; k += 16)
+  for (; k + 16 <= count; k += 16) {
+    if ((k & 63) == 0) _mm_prefetch(reinterpret_cast<const char*>(q + k + ahead), _MM_HINT_T0);
     _mm512_storeu_ps(out + k, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
                                   _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + k)))));
+  }
   for (; k < count; ++k) out[k] = static_cast<float>(q[k]);
 }
 
@@ -229,6 +235,48 @@ bool int8_linear_supports(const char* name) {
 
 namespace {
 
+void blocks(const Int8LinearArgs& a, Isa which, int64_t b0, int64_t b1, float* wbuf);
+
+// Times both ways of serving 8 activation rows on a 256 × 1024 matrix (in cache, best of 5):
+// widening in registers per tile pays the conversion once per 4 rows, the buffer pays stores
+// and loads; which wins depends on the core (measured both ways on different x86 servers).
+bool time_buffer_faster() {
+#if DGLM_X86
+  if (isa() != Isa::kAvx512) return false;
+  constexpr int64_t N = 256, K = 1024, M = 8;
+  std::vector<int8_t> q(N * K);
+  std::vector<float> x(M * K), y(M * N), scale(N, 1.f / 64), wbuf(kRows * K);
+  for (int64_t i = 0; i < N * K; ++i) q[i] = static_cast<int8_t>((i * 37) % 255 - 127);
+  for (int64_t i = 0; i < M * K; ++i) x[i] = static_cast<float>((i * 13) % 17) - 8.f;
+  Int8LinearArgs a;
+  a.x = x.data();
+  a.q = q.data();
+  a.scale = scale.data();
+  a.bias = nullptr;
+  a.y = y.data();
+  a.M = M;
+  a.K = K;
+  a.N = N;
+  double best[2] = {1e30, 1e30};
+  for (int rep = 0; rep < 5; ++rep)
+    for (int w = 0; w < 2; ++w) {
+      a.widen = w;
+      const auto t0 = std::chrono::steady_clock::now();
+      blocks(a, Isa::kAvx512, 0, N / kRows, wbuf.data());
+      const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      best[w] = std::min(best[w], dt);
+    }
+  return best[1] < best[0];
+#else
+  return false;
+#endif
+}
+
+bool buffer_is_faster() {
+  static const bool faster = time_buffer_faster();
+  return faster;
+}
+
 Isa chosen_isa(const Int8LinearArgs& a) {
   return a.isa ? static_cast<Isa>(std::max(0, parse(a.isa))) : isa();
 }
@@ -236,7 +284,8 @@ Isa chosen_isa(const Int8LinearArgs& a) {
 // With more than one tile of activation rows (AVX-512), each block's weights are widened once
 // into fp32 scratch (4 × K floats, L1/L2-resident) and every tile reads that.
 bool widens(const Int8LinearArgs& a, Isa which) {
-  return DGLM_X86 && which == Isa::kAvx512 && a.M > kBatch;
+  if (!DGLM_X86 || which != Isa::kAvx512 || a.M <= kBatch) return false;
+  return a.widen < 0 ? buffer_is_faster() : a.widen > 0;
 }
 
 void blocks(const Int8LinearArgs& a, Isa which, int64_t b0, int64_t b1, float* wbuf) {
@@ -248,7 +297,7 @@ void blocks(const Int8LinearArgs& a, Isa which, int64_t b0, int64_t b1, float* w
     const int64_t nr = std::min<int64_t>(kRows, a.N - n0);
 #if DGLM_X86
     if (widen) {
-      widen_avx512(a.q + n0 * a.K, nr * a.K, wbuf);
+      widen_avx512(a.q + n0 * a.K, nr * a.K, wbuf, PF * a.K);
       for (int64_t m0 = 0; m0 < a.M; m0 += kBatch)
         kAvx512F32[nr - 1][std::min<int64_t>(kBatch, a.M - m0) - 1](a, wbuf, n0, m0);
       continue;
@@ -260,6 +309,8 @@ void blocks(const Int8LinearArgs& a, Isa which, int64_t b0, int64_t b1, float* w
 }
 
 }  // namespace
+
+const char* int8_linear_widening() { return buffer_is_faster() ? "buffer" : "registers"; }
 
 int64_t int8_linear_scratch(const Int8LinearArgs& a) {
   return widens(a, chosen_isa(a)) ? kRows * a.K : 0;

@@ -6,18 +6,26 @@
 namespace dglm {
 
 struct Int8LinearArgs {
-  const float* x;      // (M, K) row-major activations
-  const int8_t* q;     // (N, K) row-major int8 weights
-  const float* scale;  // (N,) per-output-row scale: w[n, k] = q[n, k] * scale[n]
-  const float* bias;   // (N,) or nullptr
-  float* y;            // (M, N) row-major output; must not overlap the inputs
+  const float* x = nullptr;  // (M, K) row-major activations
+  const int8_t* q = nullptr;  // (N, K) row-major int8 weights
+  const float* scale = nullptr;  // (N,) per-output-row scale: w[n, k] = q[n, k] * scale[n]
+  const float* bias = nullptr;  // (N,) or nullptr
+  float* y = nullptr;  // (M, N) row-major output; must not overlap the inputs
   int64_t M = 0;
   int64_t K = 0;
   int64_t N = 0;
   int threads = 1;     // OpenMP threads over output rows (1 = the calling thread only)
   bool accumulate = false;  // y += the product instead of y = it (a residual connection)
   const char* isa = nullptr;  // force "avx512" / "avx2" / "scalar" (tests); nullptr = the best
+  // More than 4 activation rows on AVX-512: 1 = each block of weights widened to fp32 once into
+  // scratch and every tile of 4 rows reads it, 0 = widened in registers again for every tile,
+  // -1 = whichever int8_linear_widening() found faster on this CPU. Same results either way.
+  int widen = -1;
 };
+
+// The AVX-512 path's choice for more than 4 activation rows, timed once on this CPU at first use:
+// "buffer" or "registers" (see Int8LinearArgs::widen).
+const char* int8_linear_widening();
 
 // Which instruction set the kernel runs with on this CPU: "avx512", "avx2" or "scalar".
 const char* int8_linear_isa();

@@ -139,7 +139,8 @@ void guided_update_py(const In& z, const In& v_cond, const std::optional<In>& v_
 // Raw addresses, not arrays: the decode step calls this ~120 times per token, and the Python
 // wrapper (dglm.kernels.int8_linear) has already checked dtypes, shapes and contiguity.
 void int8_linear_py(uintptr_t x, uintptr_t q, uintptr_t scale, uintptr_t bias, uintptr_t y,
-                    int64_t M, int64_t K, int64_t N, int threads, const std::string& isa) {
+                    int64_t M, int64_t K, int64_t N, int threads, const std::string& isa,
+                    int widen) {
   if (!x || !q || !scale || !y) throw py::value_error("int8_linear: null buffer address");
   if (M < 0 || K <= 0 || N <= 0)
     throw py::value_error("int8_linear: need M >= 0, K > 0, N > 0");
@@ -153,6 +154,7 @@ void int8_linear_py(uintptr_t x, uintptr_t q, uintptr_t scale, uintptr_t bias, u
   a.K = K;
   a.N = N;
   a.threads = threads;
+  a.widen = widen < 0 ? -1 : widen > 0;
   if (!isa.empty()) {
     if (!dglm::int8_linear_supports(isa.c_str()))
       throw py::value_error("int8_linear: isa " + isa + " is unknown or not supported by this CPU");
@@ -307,11 +309,15 @@ PYBIND11_MODULE(cpu_ops, m) {
         "arrays that share no memory with the inputs. Releases the GIL.");
   m.def("int8_linear", &int8_linear_py, py::arg("x"), py::arg("q"), py::arg("scale"),
         py::arg("bias"), py::arg("y"), py::arg("M"), py::arg("K"), py::arg("N"),
-        py::arg("threads") = 1, py::arg("isa") = "",
+        py::arg("threads") = 1, py::arg("isa") = "", py::arg("widen") = -1,
         "y (M, N) = x (M, K) · (q (N, K) int8 · scale (N,))ᵀ + bias (N,), fp32, on raw buffer "
         "addresses (bias 0 = none). isa '' = the best this CPU has, or 'avx512' / 'avx2' / "
-        "'scalar' (tests). Unchecked: call it through dglm.kernels.int8_linear. "
-        "Releases the GIL.");
+        "'scalar' (tests); widen (AVX-512, > 4 rows): 1 = weights widened once per block into "
+        "scratch, 0 = in registers per tile, -1 = the faster here (int8_linear_widening). "
+        "Unchecked: call it through dglm.kernels.int8_linear. Releases the GIL.");
+  m.def("int8_linear_widening", &dglm::int8_linear_widening,
+        "'buffer' or 'registers': how the AVX-512 path serves more than 4 activation rows on this "
+        "CPU (timed once, at first use).");
   m.def("int8_linear_supports", &dglm::int8_linear_supports, py::arg("isa"),
         "Whether this CPU runs the named int8_linear path ('avx512', 'avx2', 'scalar').");
   m.attr("int8_linear_isa") = std::string(dglm::int8_linear_isa());

@@ -64,6 +64,31 @@ def test_the_operator_reshapes_converts_and_traces(gen):
     assert torch.equal(traced(x + 1), k.int8_linear(x + 1, q, s).relu())
 
 
+def raw_widen(x, q, s, isa, widen):
+    y = torch.empty(x.shape[0], q.shape[0])
+    k.cpu_ops.int8_linear(
+        x.data_ptr(), q.data_ptr(), s.data_ptr(), 0, y.data_ptr(), x.shape[0], x.shape[1],
+        q.shape[0], 1, isa, widen,
+    )  # fmt: skip
+    return y
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_a_row_gets_the_same_bits_alone_or_in_any_batch(gen, isa):
+    """Batch invariance, which serving relies on (a request alone = the same request batched):
+    every row of a 13-row product equals the row computed alone, bit for bit, whichever way the
+    AVX-512 path widens the weights for more than 4 rows (buffer or registers; the CPU's choice,
+    int8_linear_widening, is timed once)."""
+    x = torch.randn(13, 100, generator=gen)
+    q = torch.randint(-127, 128, (37, 100), generator=gen, dtype=torch.int8)
+    s = torch.rand(37, generator=gen)
+    alone = torch.cat([raw_widen(x[i : i + 1], q, s, isa, -1) for i in range(13)])
+    for widen in (-1, 0, 1):
+        assert torch.equal(raw_widen(x, q, s, isa, widen), alone)
+        assert torch.equal(raw_widen(x[:6], q, s, isa, widen), alone[:6])
+    assert k.cpu_ops.int8_linear_widening() in ("buffer", "registers")
+
+
 def test_threads_give_the_same_result(gen):
     x = torch.randn(2, 64, generator=gen)
     q = torch.randint(-127, 128, (400, 64), generator=gen, dtype=torch.int8)
