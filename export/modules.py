@@ -6,6 +6,7 @@ graph needs a fixed shape or an op the exporter handles:
     ScoreNetGraph   (z, context, alpha2, drop_context) → v             the CFG pair batched by the caller
     PromptGenGraph  (z, alpha2) → soft_prompt
     ProbesGraph     (embedding) → logits                                all probe rows stacked (K)
+    ValueEditGraph  (hidden, coef, steps, step_size) → hidden            RE-Control's edit, unrolled
     PrefillGraph    (input_ids, soft_prompt, positions, key_mask) → (logits, k, v)
     DecodeGraph     (input_ids, positions, slot, key_mask, k_cache, v_cache) → (logits, k_new, v_new)
 
@@ -72,6 +73,46 @@ class ProbesGraph(nn.Module):
     def forward(self, embedding: torch.Tensor) -> torch.Tensor:  # (B, d) → (B, K)
         u = F.normalize(embedding.float(), dim=-1)
         return u @ self.weight.T + self.bias
+
+
+class ValueEditGraph(nn.Module):
+    """RE-Control's edit of final-norm hidden states by one value network, unrolled for
+    `max_steps` steps (the analytic gradient of `methods.re_control.value_ascent`, its reference):
+    (hidden (B, H), coef (B, K) ±1/0, steps (B,) int64 ≤ max_steps, step_size (B,)) → hidden (B, H)
+    fp32. Row r moves during its first steps[r] steps only (a `Where`, so a row with 0 steps comes
+    back bit-identical); no If/Loop, every shape static but the batch."""
+
+    def __init__(self, net: nn.Module, max_steps: int) -> None:
+        super().__init__()
+        for i, layer in enumerate(net.layers):
+            self.register_buffer(f"w{i}", layer.weight.detach().float().clone())  # (out, in)
+            self.register_buffer(f"b{i}", layer.bias.detach().float().clone())
+        self.depth = len(net.layers)
+        self.max_steps = max_steps
+
+    def forward(
+        self,
+        hidden: torch.Tensor,  # (B, H)
+        coef: torch.Tensor,  # (B, K)
+        steps: torch.Tensor,  # (B,) int64
+        step_size: torch.Tensor,  # (B,)
+    ) -> torch.Tensor:
+        ws = [getattr(self, f"w{i}") for i in range(self.depth)]
+        bs = [getattr(self, f"b{i}") for i in range(self.depth)]
+        h = hidden.float()
+        size = step_size.float()[:, None]
+        for i in range(self.max_steps):
+            masks, x = [], h
+            for w, b in zip(ws[:-1], bs[:-1], strict=True):
+                z = x @ w.T + b
+                masks.append(z > 0)
+                x = torch.relu(z)
+            v = x @ ws[-1].T + bs[-1]  # (B, K)
+            g = (coef * torch.sigmoid(-coef * v)) @ ws[-1]
+            for w, m in zip(reversed(ws[:-1]), reversed(masks), strict=True):
+                g = torch.where(m, g, torch.zeros_like(g)) @ w
+            h = torch.where((steps > i)[:, None], h + size * g, h)
+        return h
 
 
 # ------------------------------------------------------------------------------------ decoder

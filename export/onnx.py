@@ -10,6 +10,9 @@ PyTorch on real inputs before the manifest is written.
                                   (bundles with one; w is an input, one row per request)
     OUTDIR/prompt_generator.onnx  (z, alpha2) → soft_prompt
     OUTDIR/probes.onnx            (embedding) → logits over every probe row (bundles with probes)
+    OUTDIR/value_<probe>.onnx     (hidden, coef, steps, step_size) → hidden: RE-Control's edit by
+                                  that probe's value network, unrolled for re_control_max_steps
+                                  (bundles with value networks; fp32 whatever the dtype)
     OUTDIR/prefill.onnx           (input_ids, soft_prompt, positions, key_mask) → (logits, k, v)
     OUTDIR/decode.onnx            (input_ids, positions, slot, key_mask, k_cache, v_cache)
                                   → (logits, k_new, v_new), every dimension static but the batch
@@ -38,12 +41,14 @@ from pathlib import Path
 
 import torch
 from dglm.engine import bundle as bundle_io
+from dglm.engine.api import MAX_RE_CONTROL_STEPS
 from dglm.engine.decoding.loop import ReferenceStep
 from dglm.engine.decoding.loop import generate as torch_generate
 from dglm.engine.decoding.padding import left_pad
 from dglm.engine.decoding.sampling import DecodeParams, eos_ids, pad_id
 from dglm.engine.diffusion.score_network import ScoreNetwork
 from dglm.engine.encode.encoder import SentenceEncoder
+from dglm.engine.methods.re_control import value_ascent
 from dglm.engine.models.llama import LlamaDecoder
 from dglm.engine.probes import ProbeSet
 from dglm.engine.prompt.generator import PromptGenerator
@@ -51,6 +56,7 @@ from dglm.export.modules import (
     DecodeGraph,
     PrefillGraph,
     ProbesGraph,
+    ValueEditGraph,
     PromptGenGraph,
     ScoreNetGraph,
 )
@@ -86,6 +92,7 @@ class ExportConfig:
     validation_tokens: int = 8  # greedy tokens compared per prompt
     rtol: float | None = None  # normwise relative tolerance; None: 1e-4 fp32, 1e-2 fp16
     seed: int = 0  # validation inputs
+    re_control_max_steps: int = 64  # the value-edit graphs' unrolled steps (a request's n ≤ this)
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -104,6 +111,11 @@ class ExportConfig:
             raise ValueError("validation_prompts must be non-empty strings")
         if not isinstance(self.validation_tokens, int) or self.validation_tokens < 2:
             raise ValueError(f"validation_tokens must be ≥ 2, got {self.validation_tokens!r}")
+        n = self.re_control_max_steps
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_RE_CONTROL_STEPS:
+            raise ValueError(
+                f"re_control_max_steps must be an integer in [1, {MAX_RE_CONTROL_STEPS}], got {n!r}"
+            )
         if self.rtol is not None and not (math.isfinite(self.rtol) and self.rtol > 0):
             raise ValueError(f"rtol must be a positive number or None, got {self.rtol!r}")
 
@@ -119,6 +131,19 @@ class ExportValidationError(RuntimeError):
 # ------------------------------------------------------------------------------ graph specs
 def _io(name: str, shape: list, dtype: str) -> dict:
     return {"name": name, "shape": shape, "dtype": dtype}
+
+
+def value_edit_spec(hidden: int, outputs: int) -> dict:
+    """Inputs/outputs of a value-edit graph (fp32 whatever the export dtype)."""
+    return {
+        "inputs": [
+            _io("hidden", ["batch", hidden], "float32"),
+            _io("coef", ["batch", outputs], "float32"),
+            _io("steps", ["batch"], "int64"),
+            _io("step_size", ["batch"], "float32"),
+        ],
+        "outputs": [_io("hidden_out", ["batch", hidden], "float32")],
+    }
 
 
 def graph_specs(dims: dict, dt: str) -> dict[str, dict]:
@@ -342,6 +367,7 @@ def export_onnx(
         student.eval()
     probes = bundle_io.load_bundle_probes(bundle_dir)
     probe_set = ProbeSet(probes, bcfg.score_network.latent_dim)
+    value_nets = bundle_io.load_value_networks(bcfg, bundle_dir)
     decoder_ref = bundle_io.resolve_reference(bcfg.decoder, bundle_dir)
     decoder, tokenizer = bundle_io.load_bundle_decoder(bcfg, bundle_dir)
     if tokenizer is None:
@@ -388,6 +414,10 @@ def export_onnx(
         modules["probes"] = ProbesGraph(probe_set.weight, probe_set.bias)
     if st_x is not None:
         modules["student"] = ScoreNetGraph(st_x)
+    for probe, net in value_nets.items():
+        name = f"value_{probe}"
+        specs[name] = value_edit_spec(decoder.hidden_size, net.config.outputs)
+        modules[name] = ValueEditGraph(net, config.re_control_max_steps)
     # tracing sizes: distinct from one another and from every static size
     p = dims["prompt_len"]
     sizes = {"batch": 3, "prefix_len": 5, "prefill_len": 5 + p}
@@ -457,6 +487,7 @@ def export_onnx(
                     bundle_io.PROMPT_GEN_FILE,
                     bundle_io.PROBES_FILE,
                     bundle_io.STUDENT_FILE,
+                    bundle_io.VALUE_NETS_FILE,
                 )
                 if (bundle_dir / f).exists()
             },
@@ -483,6 +514,16 @@ def export_onnx(
         },
         "graphs": graphs,
         "probes_file": "probes.safetensors" if probes else None,
+        "value_networks": {
+            probe: {
+                "graph": f"value_{probe}",
+                "max_steps": config.re_control_max_steps,
+                "config": net.config.to_dict(),
+                "note": "RE-Control's edit of final-norm hidden states; the decode graphs end at "
+                "the LM head, so the runtime does not apply it (generate with backend='torch')",
+            }
+            for probe, net in value_nets.items()
+        },
         "tokenizer": "tokenizer",
         "export_config": {**asdict(config), "tolerance": config.tolerance},
         "validation": None,
@@ -492,7 +533,7 @@ def export_onnx(
             encoder = SentenceEncoder(encoder_ref)
         manifest["validation"] = validate_export(
             out, manifest, config, score_net, prompt_gen, probe_set, decoder, tokenizer, encoder,
-            student,
+            student, value_nets,
         )  # fmt: skip
     manifest["export_seconds"] = round(time.perf_counter() - t_start, 2)
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -503,6 +544,20 @@ def export_onnx(
 
 
 # ------------------------------------------------------------------------------ validation
+def value_edit_inputs(net, batch: int, max_steps: int, gen: torch.Generator) -> tuple:
+    """Validation inputs of a value-edit graph: hidden states at a decoder's scale, each row one
+    target (±1) on a random output, steps cycling through 0, max_steps and between, α in
+    [0.1, 1]."""
+    H, K = net.config.input_dim, net.config.outputs
+    h = torch.randn(batch, H, generator=gen) * 2
+    coef = torch.zeros(batch, K)
+    pick = torch.randint(0, K, (batch,), generator=gen)
+    coef[torch.arange(batch), pick] = torch.where(torch.arange(batch) % 2 == 0, 1.0, -1.0)
+    steps = torch.tensor([(0, max_steps, max(1, max_steps // 3))[i % 3] for i in range(batch)])
+    size = 0.1 + 0.9 * torch.rand(batch, generator=gen)
+    return h, coef, steps, size
+
+
 def _compare(ort: torch.Tensor, ref: torch.Tensor, rtol: float) -> dict:
     diff = (ort.float() - ref.float()).abs().max().item()
     scale = ref.float().abs().max().item()
@@ -538,6 +593,7 @@ def validate_export(
     tokenizer,
     encoder,
     student: ScoreNetwork | None = None,
+    value_nets: dict | None = None,
 ) -> dict:
     """ONNX Runtime (CPU EP, batches padded to buckets) against the fp32 PyTorch modules on real
     inputs: encoder latents of the validation prompts, their tokens, soft prompts from the prompt
@@ -590,6 +646,15 @@ def validate_export(
                 e = emb[rows]
                 ref = torch.nn.functional.normalize(e, dim=-1) @ probe_set.weight.T + probe_set.bias
                 record("probes", "logits", b, _compare(ort.probes.logits(e), ref, rtol))
+            for probe, net in (value_nets or {}).items():
+                name, n = f"value_{probe}", config.re_control_max_steps
+                h, coef, steps, size = value_edit_inputs(net, b, n, gen)
+                ref = value_ascent(h, net, coef, steps, size[:, None], n, native=False)
+                got = ort.value_edits[probe](h, coef, steps, size)
+                res = _compare(got, ref, rtol)
+                still = steps == 0  # rows without the edit: bit-identical
+                res["ok"] = res["ok"] and torch.equal(got[still], h[still])
+                record(name, "hidden_out", b, res)
 
         # decoder: left-padded real prefixes + soft prompts, teacher-forced on the reference,
         # in chunks of the largest bucket

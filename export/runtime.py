@@ -408,6 +408,37 @@ class OrtProbes:
         return torch.cat(out)
 
 
+class OrtValueEdit:
+    """RE-Control's edit by one value network (value_<probe>.onnx): (hidden (R, H), coef (R, K),
+    steps (R,), step_size (R,)) → edited hidden (R, H) fp32, as `methods.re_control.value_ascent`;
+    a request's steps may not exceed the graph's unrolled `max_steps`."""
+
+    def __init__(self, graph: OrtGraph, buckets: Buckets, max_steps: int) -> None:
+        self.graph, self.buckets, self.max_steps = graph, buckets, max_steps
+
+    def __call__(
+        self, hidden: torch.Tensor, coef: torch.Tensor, steps: torch.Tensor, step_size: torch.Tensor
+    ) -> torch.Tensor:
+        if steps.numel() and int(steps.max()) > self.max_steps:
+            raise ValueError(
+                f"re_control_steps {int(steps.max())} exceeds the {self.max_steps} steps the "
+                f"exported graph {self.graph.name!r} unrolls (re-export with a larger "
+                "re_control_max_steps)"
+            )
+        out = []
+        for rows in row_chunks(hidden.shape[0], self.buckets.largest):
+            n = rows.stop - rows.start
+            b = self.buckets.size(n)
+            feeds = {
+                "hidden": pad_rows(hidden[rows].float(), b),
+                "coef": pad_rows(coef[rows].float(), b),
+                "steps": pad_rows(steps[rows].long(), b),
+                "step_size": pad_rows(step_size[rows].float(), b),
+            }
+            out.append(self.graph.run(feeds, {"batch": b})["hidden_out"][:n])
+        return torch.cat(out)
+
+
 # ------------------------------------------------------------------------------ decoder
 class OrtDecoder:
     """The prefill and decode graphs over a runtime-owned static KV buffer: a step backend of the
@@ -461,7 +492,9 @@ class OrtDecoder:
         is padded up to its bucket (rows copy row 0) and stays in flight for `step`."""
         if hidden_hook is not None:
             raise ValueError(
-                "the ONNX decode graphs end at the LM head: a hidden-state hook needs "
+                "the ONNX decode graphs end at the LM head, so RE-Control's edit of the hidden "
+                "states (a hidden-state hook) is not applied on backend='onnx' (the value networks "
+                "are exported as value_<probe>.onnx for runtimes that wire it in): use "
                 "backend='torch'"
             )
         if batch.soft_prompt is None:
@@ -571,6 +604,10 @@ class OrtModels:
             )
         self.prompt_gen = OrtPromptGenerator(graph("prompt_generator"), self.buckets)
         self.probes = OrtProbes(graph("probes"), self.buckets) if "probes" in graphs else None
+        self.value_edits = {
+            probe: OrtValueEdit(graph(v["graph"]), self.buckets, int(v["max_steps"]))
+            for probe, v in self.manifest.get("value_networks", {}).items()
+        }
         self.decoder = OrtDecoder(
             graph("prefill"),
             graph("decode", True),
@@ -587,6 +624,7 @@ class OrtModels:
             "dtype": m["dtype"],
             "opset": m["opset"],
             "batch_buckets": m["batch_buckets"],
+            "value_edit_graphs": sorted(self.value_edits),
         }
 
 

@@ -18,6 +18,10 @@ def add_parser(sub) -> None:
     eo.add_argument("--batch-buckets", default="1,2,4,8", help="comma-separated batch sizes")
     eo.add_argument("--max-len", type=int, default=256, help="KV slots: prefix + soft prompt + new")
     eo.add_argument("--no-validate", action="store_true", help="skip the PyTorch comparison")
+    eo.add_argument(
+        "--re-control-max-steps", type=int, default=64,
+        help="steps the value networks' edit graphs unroll (value_<probe>.onnx; a request's n ≤ it)",
+    )  # fmt: skip
     eo.set_defaults(func=cmd_export_onnx)
 
 
@@ -31,8 +35,9 @@ def cmd_export_onnx(args: argparse.Namespace) -> int:
             f"--batch-buckets must be comma-separated integers, got {args.batch_buckets!r}"
         ) from None
     config = ExportConfig(
-        dtype=args.dtype, batch_buckets=buckets, max_len=args.max_len, validate=not args.no_validate
-    )
+        dtype=args.dtype, batch_buckets=buckets, max_len=args.max_len,
+        validate=not args.no_validate, re_control_max_steps=args.re_control_max_steps,
+    )  # fmt: skip
     manifest = export_onnx(args.bundle, args.outdir, config)
     print(f"wrote {args.outdir} ({config.dtype}, opset {manifest['opset']}, buckets {buckets})")
     for name, g in manifest["graphs"].items():

@@ -174,6 +174,9 @@ def test_export_config_rejects_bad_values():
         ExportConfig(batch_buckets=(0, 2))
     with pytest.raises(ValueError, match="opset"):
         ExportConfig(opset=9)
+    for bad in (0, 1001, 2.5, True):
+        with pytest.raises(ValueError, match="re_control_max_steps"):
+            ExportConfig(re_control_max_steps=bad)
     assert ExportConfig(batch_buckets=(4, 1, 4)).batch_buckets == (1, 4)
 
 
@@ -492,3 +495,62 @@ def test_decoder_graphs_match_forward_for_every_family(family, tmp_path):
             next_pos = next_pos + 1
     for i, (a, b) in enumerate(zip(got, ref, strict=True)):
         assert _rel(a, b) <= 1e-4, (family, i)
+
+
+# ------------------------------------------------------------------------- RE-Control's edit
+@pytest.fixture(scope="module")
+def value_export(tiny_bundle, minilm, tmp_path_factory):
+    """The tiny bundle with a random value network for its probe, exported (fp32, validated)."""
+    import shutil
+    from dataclasses import replace
+
+    from dglm.engine.methods.re_control import ValueNetConfig, ValueNetwork
+
+    src = tmp_path_factory.mktemp("value_bundle") / "bundle"
+    shutil.copytree(tiny_bundle, src)
+    config = bundle_io.read_config(src)
+    rows = ProbeSet(bundle_io.load_bundle_probes(src), 384).num_rows
+    torch.manual_seed(3)
+    net = ValueNetwork(ValueNetConfig("sentiment", 64, rows, hidden_dim=16, depth=2)).eval()
+    bundle_io.write_config(replace(config, value_networks=(net.config,)), src)
+    bundle_io.save_value_networks({"sentiment": net}, src / bundle_io.VALUE_NETS_FILE)
+    out = tmp_path_factory.mktemp("onnx_value")
+    cfg = ExportConfig(batch_buckets=BUCKETS, max_len=64, re_control_max_steps=6)
+    manifest = export_onnx(src, out, cfg, encoder=minilm)
+    return out, manifest, net
+
+
+def test_value_network_exported_as_its_edit_and_validated(value_export):
+    """Each value network becomes value_<probe>.onnx, RE-Control's edit unrolled for
+    re_control_max_steps: ONNX Runtime equals the PyTorch reference (value_ascent) per row's n and
+    α, rows with 0 steps come back bit-identical, more steps than the graph holds are refused; the
+    engine on the export still refuses the edit in decoding, naming why."""
+    from dglm.engine.methods.re_control import value_ascent
+
+    out, manifest, net = value_export
+    entry = manifest["value_networks"]["sentiment"]
+    assert entry["graph"] == "value_sentiment" and entry["max_steps"] == 6
+    assert entry["config"]["hidden_dim"] == 16 and (out / "value_sentiment.onnx").is_file()
+    checked = manifest["validation"]["graphs"]["value_sentiment"]["hidden_out"]
+    assert checked["ok"] and checked["batches"] == list(BUCKETS)
+    models = OrtModels(out)
+    edit = models.value_edits["sentiment"]
+    assert models.info()["value_edit_graphs"] == ["sentiment"]
+    gen = torch.Generator().manual_seed(1)
+    h = torch.randn(5, 64, generator=gen) * 2
+    coef = torch.zeros(5, net.config.outputs)
+    coef[:, 0] = torch.tensor([1.0, -1.0, 1.0, 0.0, -1.0])
+    steps = torch.tensor([6, 3, 0, 6, 1])
+    size = torch.tensor([0.5, 1.0, 0.7, 0.3, 0.9])
+    got = edit(h, coef, steps, size)  # 5 rows: chunks of the largest bucket, the last padded
+    ref = value_ascent(h, net, coef, steps, size[:, None], 6, native=False)
+    assert (got - ref).abs().max() <= 1e-4 * ref.abs().max()
+    assert not torch.allclose(got[0], h[0])  # it moved
+    assert torch.equal(got[2], h[2]) and torch.equal(got[3], h[3])  # 0 steps; no target
+    with pytest.raises(ValueError, match="exceeds the 6 steps"):
+        edit(h, coef, torch.tensor([7, 0, 0, 0, 0]), size)
+    engine = Engine.from_pretrained(out, backend="onnx")
+    with pytest.raises(ValueError, match="ONNX decode graph does not include"):
+        engine.generate(
+            ["Hi"], GenerationParams(controls=(Control("sentiment", 1, method="re-control"),))
+        )
