@@ -12,7 +12,8 @@ layers, 106 MB of int8 weights, one thread, the other core busy) ~11-16 ms per p
 AVX-512 (F, BW, VL), AVX2+FMA or scalar code is chosen at run time.
 
 From `LARGE_M` activation rows on (prefill of a batch), the operator widens the weights to fp32
-once and hands the product to BLAS instead, which is faster there.
+block by block and hands the product to BLAS instead where that is faster on this CPU (timed once,
+at the first such call: `blas_pays`).
 
 The operator is registered with `torch.library`, so traced decode steps (TorchScript) record it
 and call it like any aten op. It runs on CPU tensors only; `int8_linear_ref` is the reference the
@@ -28,13 +29,18 @@ try:  # the compiled C++ kernels: absent when the package was installed without 
 except ImportError:
     cpu_ops = None
 
-__all__ = ["LARGE_BLOCK", "LARGE_M", "available", "int8_linear", "int8_linear_ref", "isa"]
+__all__ = [
+    "LARGE_BLOCK", "LARGE_M", "available", "blas_pays", "int8_linear", "int8_linear_ref", "isa"
+]  # fmt: skip
 
 # From this many activation rows on, the product is compute-bound and BLAS on the weights widened
 # to fp32 (once per call) is as fast as the kernel or faster: measured on SmolLM2's weight set,
 # one core, ms per pass kernel / widen + BLAS: M=32 77 / 106, M=64 145 / 150, M=128 323 / 285,
 # M=320 847 / 588 (a batch's prefill); a decode step at batch 64 took 414 ms through the kernel
 # against 322 ms for the fp32 decoder.
+# That held on the Intel Xeon those numbers come from; on an AMD EPYC the kernel was 2x faster
+# than BLAS at every M up to 256 (prefill of a batch of 8: 0.26 s through BLAS), so the choice is
+# timed on the CPU it runs on.
 LARGE_M = 64
 # Output rows widened at a time on that path: widening a whole matrix first wrote and re-read
 # 4 bytes per weight from memory (M=64, one core: SmolLM2's gate/up 12.5 ms, LM head 132 ms);
@@ -58,6 +64,45 @@ def int8_linear_ref(
     """The same product in fp32 from the dequantised weights (plain PyTorch)."""
     w = q.float() * scale.float()[:, None]
     return torch.nn.functional.linear(x.float(), w, None if bias is None else bias.float())
+
+
+_BLAS_PAYS: bool | None = None  # timed at the first call with ≥ LARGE_M rows; tests may set it
+
+
+def _blas_product(x2: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    M, N = x2.shape[0], q.shape[0]
+    y = torch.empty(M, N, dtype=torch.float32)
+    for n0 in range(0, N, LARGE_BLOCK):
+        n1 = min(n0 + LARGE_BLOCK, N)
+        y[:, n0:n1] = x2 @ q[n0:n1].float().t()
+    return y
+
+
+def blas_pays() -> bool:
+    """Whether BLAS on widened weight blocks beats the kernel at LARGE_M rows on this CPU: timed
+    once (best of 3 on a 512 × 576 product, a few ms) and remembered for the process."""
+    global _BLAS_PAYS
+    if _BLAS_PAYS is None:
+        import time
+
+        gen = torch.Generator().manual_seed(0)
+        q = torch.randint(-127, 128, (512, 576), generator=gen, dtype=torch.int8)
+        scale = torch.ones(512)
+        x = torch.randn(LARGE_M, 576, generator=gen)
+        y = torch.empty(LARGE_M, 512)
+        best = [float("inf"), float("inf")]
+        for _ in range(3):
+            t = time.perf_counter()
+            cpu_ops.int8_linear(
+                x.data_ptr(), q.data_ptr(), scale.data_ptr(), 0, y.data_ptr(), LARGE_M, 576, 512,
+                torch.get_num_threads(),
+            )  # fmt: skip
+            best[0] = min(best[0], time.perf_counter() - t)
+            t = time.perf_counter()
+            _blas_product(x, q)
+            best[1] = min(best[1], time.perf_counter() - t)
+        _BLAS_PAYS = best[1] < best[0]
+    return _BLAS_PAYS
 
 
 def _check(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
@@ -93,12 +138,10 @@ def _int8_linear_cpu(
     lead = x.shape[:-1]
     x2 = x.reshape(-1, K).to(torch.float32).contiguous()
     M = x2.shape[0]
-    if M >= LARGE_M:  # compute-bound: BLAS on the weights widened block by block (prefill of
-        # long batches, big decode batches); a widened block stays in cache while BLAS reads it
-        y = torch.empty(M, N, dtype=torch.float32)
-        for n0 in range(0, N, LARGE_BLOCK):
-            n1 = min(n0 + LARGE_BLOCK, N)
-            y[:, n0:n1] = x2 @ q[n0:n1].float().t()
+    if M >= LARGE_M and blas_pays():  # compute-bound: BLAS on the weights widened block by
+        # block (prefill of long batches, big decode batches), where this CPU's BLAS is faster; a
+        # widened block stays in cache while BLAS reads it
+        y = _blas_product(x2, q)
         y.mul_(scale)
         if bias is not None:
             y.add_(bias)

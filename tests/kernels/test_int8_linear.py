@@ -114,7 +114,10 @@ def test_refusals(gen):
 
 
 @pytest.mark.parametrize("N", [20, 2 * k.LARGE_BLOCK + 37])  # one block; blocks, a ragged last
-def test_large_batches_take_the_blas_path_with_the_same_result(gen, N):
+@pytest.mark.parametrize("blas", [True, False])  # the CPU's timed choice (blas_pays), forced
+def test_large_batches_take_the_blas_path_with_the_same_result(gen, N, blas, monkeypatch):
+    assert isinstance(k.blas_pays(), bool)
+    monkeypatch.setattr(k, "_BLAS_PAYS", blas)
     x = torch.randn(k.LARGE_M + 3, 48, generator=gen)
     q = torch.randint(-127, 128, (N, 48), generator=gen, dtype=torch.int8)
     s = torch.rand(N, generator=gen)
@@ -125,3 +128,5 @@ def test_large_batches_take_the_blas_path_with_the_same_result(gen, N):
     assert (got.double() - want).abs().max() <= 1e-4 * want.abs().max()
     small = k.int8_linear(x[:5], q, s, b)  # the kernel: the same rows, another summation order
     assert torch.allclose(small, got[:5], rtol=1e-5, atol=1e-4)
+    if not blas:  # the kernel for every row count: batch invariant, bit for bit
+        assert torch.equal(small, got[:5])
