@@ -47,6 +47,14 @@ def add_parser(sub) -> None:
     e.add_argument("--fudge-top-k", type=int, default=None)
     e.add_argument("--fudge-strengths", type=_floats, default=None, help="FUDGE λ, e.g. 1,3")
     e.add_argument("--batch-size", type=int, default=None, help="prompts per generation call")
+    e.add_argument(
+        "--re-control-step-sizes", type=_floats, default=None,
+        help="extra DGLM + RE-Control rows at these step sizes α, e.g. 2,8",
+    )  # fmt: skip
+    e.add_argument(
+        "--only", default=None,
+        help="comma-separated substrings: run only the settings whose names contain one",
+    )  # fmt: skip
     e.add_argument("--sources", default=None, help="comma-separated held-out sources")
     e.add_argument("--seed", type=int, default=None)
     e.add_argument(
@@ -86,6 +94,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "sources": tuple(args.sources.split(",")) if args.sources else None,
         "seed": args.seed,
         "gemma": args.gemma,
+        "re_control_step_sizes": args.re_control_step_sizes,
+        "only": tuple(args.only.split(",")) if args.only else None,
     }
     config = replace(config, **{k: v for k, v in overrides.items() if v is not None})
     if getattr(args, "threads", None) is None and args.quick and args.device == "cpu":

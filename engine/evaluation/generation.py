@@ -69,6 +69,7 @@ def generate_setting(
                     temperature=config.temperature,
                     top_p=config.top_p,
                     renoise_alpha2=setting.renoise_alpha2,
+                    re_control_step_size=setting.re_control_step_size,
                 )
                 for i in chunk
             ]

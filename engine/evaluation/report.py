@@ -82,7 +82,8 @@ def guidance_label(r: dict) -> str:
     if r["method"] == "re-control":
         return "RE-Control (value network's n, α)"
     if r["method"] == "dglm+re-control":
-        return f"s={r['scale']:g} + RE-Control"
+        alpha = r.get("re_control_step_size")
+        return f"s={r['scale']:g} + RE-Control" + ("" if alpha is None else f" α={alpha:g}")
     if r["group"] == "fidelity":
         return f"s=0, α²={r['renoise_alpha2']:g}"
     if r["scale"] is None:

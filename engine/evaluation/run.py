@@ -99,7 +99,10 @@ def run_eval(
 
     # settings with identical generation parameters share one run (e.g. α² = the bundle's)
     def key(s: Setting) -> tuple:
-        return (s.method, s.controls, s.renoise_alpha2, s.probe, s.target, s.scale)
+        return (
+            s.method, s.controls, s.renoise_alpha2, s.probe, s.target, s.scale,
+            s.re_control_step_size,
+        )  # fmt: skip
 
     warm_up(engine, prefixes[0])
     first: dict[tuple, str] = {}
@@ -146,6 +149,7 @@ def run_eval(
             "target": s.target,
             "scale": s.scale,
             "renoise_alpha2": s.renoise_alpha2,
+            "re_control_step_size": s.re_control_step_size,
             "default": s.method == "dglm" and s.scale == default_scale,
             "n": len(gens.texts),
             "metrics": metrics,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from dglm.engine.api import MAX_RE_CONTROL_STEP
 from dglm.engine.bundle import BundleConfig
 from dglm.engine.evaluation.prefixes import DEFAULT_SOURCES
 from dglm.engine.probes import Control, Probe
@@ -41,6 +42,11 @@ class EvalConfig:
     # RE-Control rows (alone on the released decoder, and with DGLM at the default scale) for every
     # probe the bundle has a value network for, at the value network's default steps / step size
     re_control: bool = True
+    # extra DGLM + RE-Control rows at these step sizes α (the value network's n): a sweep of the
+    # combined control's edit strength next to its default (ValueNetConfig.step_size_with_dglm)
+    re_control_step_sizes: tuple[float, ...] = ()
+    # run only the settings whose names contain one of these strings (empty: all)
+    only: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("num_prefixes", "num_samples", "max_new_tokens", "fudge_top_k", "batch_size"):
@@ -60,6 +66,8 @@ class EvalConfig:
             "guidance_scales",
             "renoise_alpha2s",
             "fudge_strengths",
+            "re_control_step_sizes",
+            "only",
         ):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         if any(not isinstance(p, str) or not p.strip() for p in self.prefixes):
@@ -68,6 +76,14 @@ class EvalConfig:
             raise ValueError(f"guidance_scales must be finite and > 0, got {self.guidance_scales}")
         if any(not 0.0 <= a <= 1.0 for a in self.renoise_alpha2s):
             raise ValueError(f"renoise_alpha2s must lie in [0, 1], got {self.renoise_alpha2s}")
+        if any(not (math.isfinite(a) and 0 < a <= MAX_RE_CONTROL_STEP)
+               for a in self.re_control_step_sizes):  # fmt: skip
+            raise ValueError(
+                f"re_control_step_sizes must be finite and in (0, {MAX_RE_CONTROL_STEP:g}], got "
+                f"{self.re_control_step_sizes}"
+            )
+        if any(not isinstance(o, str) or not o for o in self.only):
+            raise ValueError(f"only must hold non-empty strings, got {self.only}")
         if any(not (math.isfinite(s) and s >= 0) for s in self.fudge_strengths):
             raise ValueError(f"fudge_strengths must be finite and ≥ 0, got {self.fudge_strengths}")
         if not 0 < self.top_p <= 1 or not self.temperature >= 0:
@@ -108,6 +124,7 @@ class Setting:
     probe: str | None = None
     target: str | None = None
     scale: float | None = None  # DGLM guidance scale, or FUDGE λ
+    re_control_step_size: float | None = None  # dglm+re-control: α (None: the value network's)
 
 
 def low_toxicity_target(probe: Probe) -> str:
@@ -124,10 +141,30 @@ def low_toxicity_target(probe: Probe) -> str:
 
 
 def re_control_settings(
-    probe: str, target: str, group: str, default_scale: float, default_alpha2: float
+    probe: str,
+    target: str,
+    group: str,
+    default_scale: float,
+    default_alpha2: float,
+    step_sizes: tuple[float, ...] = (),
 ) -> list[Setting]:
     """RE-Control alone and DGLM + RE-Control (the control acting both ways, DGLM at the bundle's
-    default scale) for one probe target."""
+    default scale) for one probe target; the latter again at each of `step_sizes`."""
+    both = (Control(probe, target, default_scale, method="both"),)
+    extra = [
+        Setting(
+            f"dglm+re-control {probe}={target}:{default_scale:g} α={a:g}",
+            "dglm+re-control",
+            group,
+            both,
+            default_alpha2,
+            probe,
+            target,
+            default_scale,
+            float(a),
+        )
+        for a in step_sizes
+    ]
     return [
         Setting(
             f"re-control {probe}={target}",
@@ -148,6 +185,7 @@ def re_control_settings(
             target,
             default_scale,
         ),
+        *extra,
     ]
 
 
@@ -187,8 +225,9 @@ def build_settings(
                 )
             if config.re_control and "sentiment" in value_nets:
                 settings += re_control_settings(
-                    "sentiment", target, "sentiment", default_scale, default_alpha2
-                )
+                    "sentiment", target, "sentiment", default_scale, default_alpha2,
+                    config.re_control_step_sizes,
+                )  # fmt: skip
             for lam in config.fudge_strengths:
                 settings.append(
                     Setting(
@@ -219,14 +258,17 @@ def build_settings(
             )
         if config.re_control and "toxicity" in value_nets:
             settings += re_control_settings(
-                "toxicity", low, "toxicity", default_scale, default_alpha2
-            )
+                "toxicity", low, "toxicity", default_scale, default_alpha2,
+                config.re_control_step_sizes,
+            )  # fmt: skip
     else:
         skipped.append({"setting": "toxicity=low", "reason": "the bundle has no 'toxicity' probe"})
     for a2 in config.renoise_alpha2s:
         settings.append(
             Setting(f"dglm unguided α²={a2:g}", "dglm", "fidelity", renoise_alpha2=float(a2))
         )
+    if config.only:
+        settings = [s for s in settings if any(o in s.name for o in config.only)]
     return settings, skipped
 
 

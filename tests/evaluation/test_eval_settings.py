@@ -46,3 +46,36 @@ def test_presets_judge_with_gemma_and_hold_the_default_scale():
     assert PRESETS["full"].num_prefixes * PRESETS["full"].num_samples >= 200
     for preset in PRESETS.values():
         assert DEFAULT_SCALE in preset.guidance_scales and len(preset.guidance_scales) >= 3
+
+
+def test_re_control_step_size_sweep_and_the_only_filter(gen):
+    """--re-control-step-sizes adds DGLM + RE-Control rows at each α (the same control, α
+    carried to GenerationParams), --only keeps the settings whose names contain a string, and bad
+    values name the field."""
+    probes = {
+        "sentiment": Probe(
+            "sentiment", ("negative", "positive"), torch.randn(1, 8, generator=gen), torch.zeros(1)
+        )
+    }
+    config = EvalConfig(re_control_step_sizes=(2.0, 8.0), only=("re-control", "decoder"))
+    settings, _ = build_settings(config, probes, 0.95, ("sentiment",), 1000.0)
+    names = [s.name for s in settings]
+    assert names == [
+        "decoder",
+        "re-control sentiment=positive",
+        "dglm+re-control sentiment=positive:1000",
+        "dglm+re-control sentiment=positive:1000 α=2",
+        "dglm+re-control sentiment=positive:1000 α=8",
+        "re-control sentiment=negative",
+        "dglm+re-control sentiment=negative:1000",
+        "dglm+re-control sentiment=negative:1000 α=2",
+        "dglm+re-control sentiment=negative:1000 α=8",
+    ]
+    alphas = [s.re_control_step_size for s in settings if s.method == "dglm+re-control"]
+    assert alphas == [None, 2.0, 8.0] * 2
+    assert len({s.controls for s in settings if s.method == "dglm+re-control"}) == 2
+    for bad in ((0.0,), (float("nan"),), (1e9,)):
+        with pytest.raises(ValueError, match="re_control_step_sizes"):
+            EvalConfig(re_control_step_sizes=bad)
+    with pytest.raises(ValueError, match="only"):
+        EvalConfig(only=("",))
