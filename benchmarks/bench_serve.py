@@ -163,7 +163,7 @@ def baseline(engine: Engine, n: int, max_tokens: int) -> dict:
             "tokens_per_s": n * max_tokens / wall, "wall_s": wall}  # fmt: skip
 
 
-def start_ray(bundle: str, replicas: int, max_batch: int, threads: int):
+def start_ray(bundle: str, replicas: int, max_batch: int, threads: int, quantize: str = "auto"):
     """Ray Serve on this machine with `replicas` engine replicas → (stop, url) or (None, why)."""
     try:
         import ray
@@ -181,7 +181,7 @@ def start_ray(bundle: str, replicas: int, max_batch: int, threads: int):
     ray.init(num_cpus=max(2, replicas), include_dashboard=False, ignore_reinit_error=True)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     server = ServerConfig(batch=BatchConfig(max_batch=max_batch))
-    app = deployment(bundle, {"device": "cpu"}, server, replicas,
+    app = deployment(bundle, {"device": "cpu", "quantize": quantize}, server, replicas,
                      {"num_cpus": 1, "runtime_env": {"env_vars": {
                          "OMP_NUM_THREADS": str(threads)}}})  # fmt: skip
     serve.run(app, name="dglm", route_prefix="/")
@@ -264,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--modes", default="batching,no-batching", help=f"some of {MODES}")
     p.add_argument("--ray-replicas", type=int, default=2)
+    p.add_argument("--quantize", default="auto", help="decoder weights (Engine.from_pretrained)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -274,12 +275,14 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--modes: {bad} unknown; choose from {MODES}")
     device = torch.device("cpu")
     env = common.environment(device, packages=(*common.PACKAGES, "fastapi", "uvicorn"))
-    engine = Engine.from_pretrained(args.bundle)
+    engine = Engine.from_pretrained(args.bundle, quantize=args.quantize)
     rows = [{**baseline(engine, args.requests, args.max_tokens), "load": load_average()}]
     notes, batch = [f"decoder weights: {engine.info()['decoder_quantized']}"], None
     for mode in modes:
         if mode == "ray":
-            stop, url = start_ray(args.bundle, args.ray_replicas, args.max_batch, args.threads)
+            stop, url = start_ray(
+                args.bundle, args.ray_replicas, args.max_batch, args.threads, args.quantize
+            )
             if stop is None:
                 notes.append(f"ray rows skipped: {url}")
                 continue

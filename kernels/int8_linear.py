@@ -30,7 +30,8 @@ except ImportError:
     cpu_ops = None
 
 __all__ = [
-    "LARGE_BLOCK", "LARGE_M", "available", "blas_pays", "int8_linear", "int8_linear_ref", "isa"
+    "LARGE_BLOCK", "LARGE_M", "available", "bf16_supported", "blas_pays", "int8_linear",
+    "int8_linear_ref", "isa",
 ]  # fmt: skip
 
 # From this many activation rows on, the product is compute-bound and BLAS on the weights widened
@@ -126,8 +127,17 @@ def _check(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Te
             raise ValueError(f"int8_linear: {name} is on {t.device}; the kernel runs on CPU")
 
 
+def bf16_supported() -> bool:
+    """Whether this CPU runs the bf16-activation mode (AVX512-BF16; see `int8_linear`)."""
+    return available() and bool(cpu_ops.int8_linear_bf16_supported())
+
+
 def _int8_linear_cpu(
-    x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
+    x: torch.Tensor,
+    q: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    bf16: bool = False,
 ) -> torch.Tensor:
     _check(x, q, scale, bias)
     if not (q.is_contiguous() and scale.is_contiguous()):
@@ -138,7 +148,9 @@ def _int8_linear_cpu(
     lead = x.shape[:-1]
     x2 = x.reshape(-1, K).to(torch.float32).contiguous()
     M = x2.shape[0]
-    if M >= LARGE_M and blas_pays():  # compute-bound: BLAS on the weights widened block by
+    if bf16 and not bf16_supported():
+        raise ValueError("int8_linear: bf16 activations need AVX512-BF16, which this CPU lacks")
+    if M >= LARGE_M and not bf16 and blas_pays():  # compute-bound: BLAS on the weights widened block by
         # block (prefill of long batches, big decode batches), where this CPU's BLAS is faster; a
         # widened block stays in cache while BLAS reads it
         y = _blas_product(x2, q)
@@ -151,7 +163,7 @@ def _int8_linear_cpu(
     if M:
         cpu_ops.int8_linear(
             x2.data_ptr(), q.data_ptr(), scale.data_ptr(), 0 if bias is None else bias.data_ptr(),
-            y.data_ptr(), M, K, N, torch.get_num_threads(),
+            y.data_ptr(), M, K, N, torch.get_num_threads(), "", -1, bool(bf16),
         )  # fmt: skip
     return y if x.dtype == torch.float32 else y.to(x.dtype)
 
@@ -159,17 +171,26 @@ def _int8_linear_cpu(
 _LIB = None
 if available():
     _LIB = torch.library.Library("dglm", "DEF")
-    _LIB.define("int8_linear(Tensor x, Tensor q, Tensor scale, Tensor? bias) -> Tensor")
+    _LIB.define(
+        "int8_linear(Tensor x, Tensor q, Tensor scale, Tensor? bias, bool bf16=False) -> Tensor"
+    )
     _LIB.impl("int8_linear", _int8_linear_cpu, "CPU")
 
 
 def int8_linear(
-    x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
+    x: torch.Tensor,
+    q: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    bf16: bool = False,
 ) -> torch.Tensor:
     """y (..., N) = x (..., K) · (q · scale)ᵀ + bias through the compiled kernel (CPU tensors;
-    x in any float dtype, computed in fp32, returned in x's dtype)."""
+    x in any float dtype, computed in fp32, returned in x's dtype). bf16: the activations rounded
+    to bf16 and multiplied by AVX512-BF16 instructions (bf16_supported()), fp32 sums: ~1.5-2x
+    faster where the product is compute-bound (batches), the same result for a row alone or
+    batched."""
     if not available():
         raise RuntimeError(
             "dglm.kernels.cpu_ops is not built; reinstall the package (pip install -e .)"
         )
-    return torch.ops.dglm.int8_linear(x, q, scale, bias)
+    return torch.ops.dglm.int8_linear(x, q, scale, bias, bf16)

@@ -8,7 +8,8 @@ parallel region. It returns the final-norm hidden states; the LM head stays with
 hidden-state hook (RE-Control) still acts before it.
 
 It serves decoders quantized by `models.quant.quantize_decoder(..., kernel="cpu")`: fp32
-activations and caches, int8 weights with per-row scales. Results equal the operator-by-operator
+activations and caches, int8 weights with per-row scales; or with kernel "cpu-bf16" (quantize
+"int8-bf16"), every product in the int8 kernel's bf16-activation mode. Results equal the operator-by-operator
 step to rounding (sums run in another order): tests/kernels/test_llama_step.py holds it to that
 and to same tokens under greedy decoding.
 
@@ -42,11 +43,15 @@ def unsupported_reason(decoder) -> str | None:
         return "the decoder is not quantized to int8"
     if decoder.device.type != "cpu":
         return f"the decoder is on {decoder.device}, not the CPU"
+    kernels = set()
     for i, block in enumerate(decoder.layers):
         for name in ("wqkv", "wo", "w13", "w2"):
             lin = getattr(block, name)
-            if not isinstance(lin, Int8Linear) or lin.kernel != "cpu":
+            if not isinstance(lin, Int8Linear) or lin.kernel not in ("cpu", "cpu-bf16"):
                 return f"layers.{i}.{name} is not an Int8Linear on the C++ kernel"
+            kernels.add(lin.kernel)
+    if len(kernels) > 1:
+        return "the matrices mix the C++ kernel's fp32 and bf16-activation modes"
         for name in ("attn_norm", "mlp_norm"):
             if getattr(block, name).weight.dtype != torch.float32:
                 return f"layers.{i}.{name} is not fp32"
@@ -88,6 +93,7 @@ class LlamaInt8Step:
             c.hidden_size, c.intermediate_size, c.num_heads, c.num_kv_heads, c.head_dim,
             decoder.rope_cos.shape[0], float(c.rms_norm_eps), layers, own(decoder.norm.weight),
             own(decoder.rope_cos), own(decoder.rope_sin),
+            decoder.layers[0].wqkv.kernel == "cpu-bf16",
         )  # fmt: skip
         self._keep = keep
         self.hidden_size = c.hidden_size

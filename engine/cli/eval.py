@@ -35,7 +35,7 @@ def add_parser(sub) -> None:
     e.add_argument(
         "--quantize",
         default="auto",
-        choices=("auto", "none", "int8"),
+        choices=("auto", "none", "int8", "int8-bf16"),
         help="decoder weights as Engine.from_pretrained takes them (auto: int8 on CPU, the "
         "engine default; none: the checkpoint's fp32, as the full n=200 evaluation ran)",
     )

@@ -23,6 +23,11 @@ def add_parser(sub) -> None:
     s.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
     s.add_argument("--backend", default="torch", choices=("torch", "onnx"))
     s.add_argument(
+        "--quantize", default="auto", choices=("auto", "none", "int8", "int8-bf16"),
+        help="decoder weights as `dglm generate --quantize` (int8-bf16: bf16 activations on "
+        "AVX512-BF16 CPUs, faster batches)",
+    )  # fmt: skip
+    s.add_argument(
         "--fast-decode", action="store_true",
         help="decode with the engine's persistent runner (default: on when the fused CPU step "
         "serves the decoder, e.g. the default bundle's int8 SmolLM2)",
@@ -59,6 +64,8 @@ def configs(args: argparse.Namespace):
     server = ServerConfig(model_name=name, batch=batch, max_body_bytes=args.max_body_bytes)
     engine = {"device": args.device, "dtype": args.dtype, "backend": args.backend,
               "fast_decode": True if args.fast_decode else None}  # fmt: skip
+    if args.quantize != "auto":
+        engine["quantize"] = args.quantize
     return engine, server
 
 

@@ -6,6 +6,10 @@
 
 #include "int8_linear.h"
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
 #include <algorithm>
 #include <chrono>
 #include <cstring>
@@ -313,11 +317,13 @@ void blocks(const Int8LinearArgs& a, Isa which, int64_t b0, int64_t b1, float* w
 const char* int8_linear_widening() { return buffer_is_faster() ? "buffer" : "registers"; }
 
 int64_t int8_linear_scratch(const Int8LinearArgs& a) {
+  if (a.bf16) return int8_linear_bf16_scratch(a.M, a.K);
   return widens(a, chosen_isa(a)) ? kRows * a.K : 0;
 }
 
 void int8_linear_blocks(const Int8LinearArgs& a, int64_t block_begin, int64_t block_end,
                         float* wbuf) {
+  if (a.bf16) return int8_linear_bf16_blocks(a, block_begin, block_end, wbuf);
   blocks(a, chosen_isa(a), block_begin, block_end, wbuf);
 }
 
@@ -329,8 +335,18 @@ void int8_linear(const Int8LinearArgs& a) {
 #pragma omp parallel num_threads(threads) if (threads > 1 && nblocks > 8)
   {
     std::vector<float> wbuf(scratch);
+    if (a.bf16) {  // one contiguous share per thread: the activations are converted once each
+      int tid = 0, T = 1;
+#ifdef _OPENMP
+      tid = omp_get_thread_num();
+      T = omp_get_num_threads();
+#endif
+      const int64_t lo = nblocks * tid / T, hi = nblocks * (tid + 1) / T;
+      if (lo < hi) int8_linear_bf16_blocks(a, lo, hi, wbuf.data());
+    } else {
 #pragma omp for schedule(static)
-    for (int64_t b = 0; b < nblocks; ++b) blocks(a, which, b, b + 1, wbuf.data());
+      for (int64_t b = 0; b < nblocks; ++b) blocks(a, which, b, b + 1, wbuf.data());
+    }
   }
 }
 

@@ -21,7 +21,16 @@ struct Int8LinearArgs {
   // scratch and every tile of 4 rows reads it, 0 = widened in registers again for every tile,
   // -1 = whichever int8_linear_widening() found faster on this CPU. Same results either way.
   int widen = -1;
+  // Activations rounded to bf16 and the products taken by AVX512-BF16 (int8_linear_bf16.cpp):
+  // ~1.5x the multiply-add rate of the fp32 path where the batch makes the product compute-bound;
+  // only on CPUs where int8_linear_bf16_supported() (the caller checks).
+  bool bf16 = false;
 };
+
+bool int8_linear_bf16_supported();
+int64_t int8_linear_bf16_scratch(int64_t M, int64_t K);
+void int8_linear_bf16_blocks(const Int8LinearArgs& a, int64_t block_begin, int64_t block_end,
+                             float* scratch);
 
 // The AVX-512 path's choice for more than 4 activation rows, timed once on this CPU at first use:
 // "buffer" or "registers" (see Int8LinearArgs::widen).

@@ -63,8 +63,9 @@ inline void barrier() {
 
 // This thread's share of y (M, N) (+)= x (M, K) · Wᵀ, in blocks of the int8 kernel.
 void matmul_part(const Int8Matrix& w, const float* x, float* y, int64_t M, int64_t K, int64_t N,
-                 bool accumulate, int tid, int nthreads, float* wbuf) {
+                 bool accumulate, int tid, int nthreads, float* wbuf, bool bf16) {
   Int8LinearArgs a;
+  a.bf16 = bf16;
   a.x = x;
   a.q = w.q;
   a.scale = w.scale;
@@ -135,7 +136,9 @@ void llama_int8_step(const LlamaModel& m, const LlamaStepArgs& a) {
   std::vector<float> h(a.x, a.x + B * H), xn(B * H), qkv(B * nqkv), att(B * nh * dh);
   std::vector<float> gu(B * 2 * I), act(B * I);
   const int64_t widest = std::max({H, I, nh * dh});
-  const int64_t scratch = B > 4 ? kInt8LinearBlock * widest : 0;  // see int8_linear_scratch
+  const int64_t scratch = m.bf16 ? int8_linear_bf16_scratch(B, widest)
+                         : B > 4  ? kInt8LinearBlock * widest
+                                  : 0;  // see int8_linear_scratch
   const int threads = std::max(1, a.threads);
   const int64_t s1 = a.kv_stride[1], s2 = a.kv_stride[2], s3 = a.kv_stride[3];
 
@@ -158,7 +161,7 @@ void llama_int8_step(const LlamaModel& m, const LlamaStepArgs& a) {
       for (int64_t b = rlo; b < rhi; ++b)
         vec_rms_norm(h.data() + b * H, L.attn_norm, xn.data() + b * H, H, c.eps);
       barrier();
-      matmul_part(L.wqkv, xn.data(), qkv.data(), B, H, nqkv, false, tid, T, wbuf.data());
+      matmul_part(L.wqkv, xn.data(), qkv.data(), B, H, nqkv, false, tid, T, wbuf.data(), m.bf16);
       barrier();
       for (int64_t item = glo; item < ghi; ++item) {
         const int64_t b = item / nkv, g = item % nkv;
@@ -177,16 +180,16 @@ void llama_int8_step(const LlamaModel& m, const LlamaStepArgs& a) {
                      att.data() + b * nh * dh + g * G * dh, p.data());
       }
       barrier();
-      matmul_part(L.wo, att.data(), h.data(), B, nh * dh, H, true, tid, T, wbuf.data());
+      matmul_part(L.wo, att.data(), h.data(), B, nh * dh, H, true, tid, T, wbuf.data(), m.bf16);
       barrier();
       for (int64_t b = rlo; b < rhi; ++b)
         vec_rms_norm(h.data() + b * H, L.mlp_norm, xn.data() + b * H, H, c.eps);
       barrier();
-      matmul_part(L.w13, xn.data(), gu.data(), B, H, 2 * I, false, tid, T, wbuf.data());
+      matmul_part(L.w13, xn.data(), gu.data(), B, H, 2 * I, false, tid, T, wbuf.data(), m.bf16);
       barrier();
       silu_mul(gu.data(), act.data(), I, elo, ehi);
       barrier();
-      matmul_part(L.w2, act.data(), h.data(), B, I, H, true, tid, T, wbuf.data());
+      matmul_part(L.w2, act.data(), h.data(), B, I, H, true, tid, T, wbuf.data(), m.bf16);
       barrier();
     }
     for (int64_t b = rlo; b < rhi; ++b)

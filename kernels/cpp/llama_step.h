@@ -41,6 +41,7 @@ struct LlamaModel {
   const float* final_norm = nullptr;  // (H,)
   const float* rope_cos = nullptr;    // (max_context, Dh): cos(p·f)
   const float* rope_sin = nullptr;    // (max_context, Dh): sin(p·f), first half negated
+  bool bf16 = false;  // the matrices in the int8 kernel's bf16-activation mode (Int8LinearArgs)
 };
 
 struct LlamaStepArgs {

@@ -140,7 +140,7 @@ void guided_update_py(const In& z, const In& v_cond, const std::optional<In>& v_
 // wrapper (dglm.kernels.int8_linear) has already checked dtypes, shapes and contiguity.
 void int8_linear_py(uintptr_t x, uintptr_t q, uintptr_t scale, uintptr_t bias, uintptr_t y,
                     int64_t M, int64_t K, int64_t N, int threads, const std::string& isa,
-                    int widen) {
+                    int widen, bool bf16) {
   if (!x || !q || !scale || !y) throw py::value_error("int8_linear: null buffer address");
   if (M < 0 || K <= 0 || N <= 0)
     throw py::value_error("int8_linear: need M >= 0, K > 0, N > 0");
@@ -155,6 +155,9 @@ void int8_linear_py(uintptr_t x, uintptr_t q, uintptr_t scale, uintptr_t bias, u
   a.N = N;
   a.threads = threads;
   a.widen = widen < 0 ? -1 : widen > 0;
+  if (bf16 && !dglm::int8_linear_bf16_supported())
+    throw py::value_error("int8_linear: bf16 activations need AVX512-BF16, which this CPU lacks");
+  a.bf16 = bf16;
   if (!isa.empty()) {
     if (!dglm::int8_linear_supports(isa.c_str()))
       throw py::value_error("int8_linear: isa " + isa + " is unknown or not supported by this CPU");
@@ -173,7 +176,11 @@ class LlamaInt8Step {
   LlamaInt8Step(int64_t hidden, int64_t intermediate, int64_t heads, int64_t kv_heads,
                 int64_t head_dim, int64_t max_context, float eps,
                 const std::vector<std::vector<uintptr_t>>& layers, uintptr_t final_norm,
-                uintptr_t rope_cos, uintptr_t rope_sin) {
+                uintptr_t rope_cos, uintptr_t rope_sin, bool bf16) {
+    if (bf16 && !dglm::int8_linear_bf16_supported())
+      throw py::value_error("LlamaInt8Step: bf16 activations need AVX512-BF16, which this CPU "
+                            "lacks");
+    m_.bf16 = bf16;
     if (hidden <= 0 || intermediate <= 0 || heads <= 0 || kv_heads <= 0 || head_dim <= 0 ||
         max_context <= 0 || heads % kv_heads || head_dim % 2)
       throw py::value_error("LlamaInt8Step: need positive sizes, heads % kv_heads == 0 and an "
@@ -310,11 +317,15 @@ PYBIND11_MODULE(cpu_ops, m) {
   m.def("int8_linear", &int8_linear_py, py::arg("x"), py::arg("q"), py::arg("scale"),
         py::arg("bias"), py::arg("y"), py::arg("M"), py::arg("K"), py::arg("N"),
         py::arg("threads") = 1, py::arg("isa") = "", py::arg("widen") = -1,
+        py::arg("bf16") = false,
         "y (M, N) = x (M, K) · (q (N, K) int8 · scale (N,))ᵀ + bias (N,), fp32, on raw buffer "
         "addresses (bias 0 = none). isa '' = the best this CPU has, or 'avx512' / 'avx2' / "
         "'scalar' (tests); widen (AVX-512, > 4 rows): 1 = weights widened once per block into "
         "scratch, 0 = in registers per tile, -1 = the faster here (int8_linear_widening). "
+        "bf16: activations rounded to bf16, products by AVX512-BF16 (int8_linear_bf16_supported). "
         "Unchecked: call it through dglm.kernels.int8_linear. Releases the GIL.");
+  m.def("int8_linear_bf16_supported", &dglm::int8_linear_bf16_supported,
+        "Whether this CPU runs int8_linear's bf16-activation mode (AVX512-BF16).");
   m.def("int8_linear_widening", &dglm::int8_linear_widening,
         "'buffer' or 'registers': how the AVX-512 path serves more than 4 activation rows on this "
         "CPU (timed once, at first use).");
@@ -337,10 +348,11 @@ PYBIND11_MODULE(cpu_ops, m) {
                             "addresses. Unchecked: use it through dglm.kernels.llama_step.")
       .def(py::init<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, float,
                     const std::vector<std::vector<uintptr_t>>&, uintptr_t, uintptr_t,
-                    uintptr_t>(),
+                    uintptr_t, bool>(),
            py::arg("hidden"), py::arg("intermediate"), py::arg("heads"), py::arg("kv_heads"),
            py::arg("head_dim"), py::arg("max_context"), py::arg("eps"), py::arg("layers"),
-           py::arg("final_norm"), py::arg("rope_cos"), py::arg("rope_sin"))
+           py::arg("final_norm"), py::arg("rope_cos"), py::arg("rope_sin"),
+           py::arg("bf16") = false)
       .def("run", &LlamaInt8Step::run, py::arg("x"), py::arg("out"), py::arg("positions"),
            py::arg("k"), py::arg("v"), py::arg("kv_stride"), py::arg("slot"),
            py::arg("key_mask"), py::arg("mask_stride"), py::arg("batch"), py::arg("threads"),

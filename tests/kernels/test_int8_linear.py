@@ -130,3 +130,44 @@ def test_large_batches_take_the_blas_path_with_the_same_result(gen, N, blas, mon
     assert torch.allclose(small, got[:5], rtol=1e-5, atol=1e-4)
     if not blas:  # the kernel for every row count: batch invariant, bit for bit
         assert torch.equal(small, got[:5])
+
+
+BF16 = k.available() and k.cpu_ops.int8_linear_bf16_supported()
+
+
+def raw_bf16(x, q, s, b, threads=1):
+    y = torch.empty(x.shape[0], q.shape[0])
+    k.cpu_ops.int8_linear(
+        x.data_ptr(), q.data_ptr(), s.data_ptr(), 0 if b is None else b.data_ptr(), y.data_ptr(),
+        x.shape[0], x.shape[1], q.shape[0], threads, "", -1, True,
+    )  # fmt: skip
+    return y
+
+
+@pytest.mark.skipif(not BF16, reason="this CPU has no AVX512-BF16")
+@pytest.mark.parametrize("M,K,N", [(1, 576, 960), (3, 17, 7), (4, 32, 4), (9, 100, 13),
+                                   (1, 1, 1), (6, 33, 42), (16, 1536, 12)])  # fmt: skip
+def test_bf16_activation_mode_matches_its_reference_and_is_batch_invariant(gen, M, K, N):
+    """The bf16 mode = the product of the activations rounded to bf16 with the exact int8
+    weights, summed in fp32 (K tails zero-padded); a row gets the same bits alone or in any
+    batch, on one thread or two."""
+    x = torch.randn(M, K, generator=gen) * 3
+    q = torch.randint(-127, 128, (N, K), generator=gen, dtype=torch.int8)
+    s = torch.rand(N, generator=gen) * 0.01
+    b = torch.randn(N, generator=gen)
+    want = k.int8_linear_ref(x.bfloat16().double(), q, s.double(), b.double())
+    got = raw_bf16(x, q, s, b)
+    tol = 1e-5 * (x.abs() @ (q.double().abs() * s.double()[:, None]).t().float()).max() + 1e-6
+    assert (got.double() - want).abs().max() <= tol
+    fp32 = raw(x, q, s, b, "")
+    assert not torch.equal(got, fp32) or K == 1  # it is the other mode
+    alone = torch.cat([raw_bf16(x[i : i + 1], q, s, b) for i in range(M)])
+    assert torch.equal(got, alone)
+    assert torch.equal(raw_bf16(x, q, s, b, threads=2), got)
+
+
+@pytest.mark.skipif(BF16 or not k.available(), reason="this CPU has AVX512-BF16")
+def test_bf16_activation_mode_refused_without_the_instructions(gen):
+    x, q, s = torch.randn(2, 8), torch.zeros(4, 8, dtype=torch.int8), torch.ones(4)
+    with pytest.raises(ValueError, match="AVX512-BF16"):
+        raw_bf16(x, q, s, None)

@@ -14,6 +14,7 @@ from dglm.engine.decoding.loop import generate
 from dglm.engine.decoding.runner import FUSED_MAX_BATCH, DecodeRunner, DecodeRunnerConfig
 from dglm.engine.decoding.sampling import DecodeParams
 from dglm.engine.models import load_decoder
+from dglm.kernels import int8_linear as int8_kernel
 from dglm.kernels import llama_step
 from dglm.kernels.llama_step import LlamaInt8Step
 
@@ -190,3 +191,27 @@ def test_smollm2_int8_fused_greedy_matches_the_traced_step():
             r = DecodeRunner(decoder, config)
             out[impl], _ = generate(decoder, tok, rows, params, runner=r)
         assert [r.token_ids for r in out["fused"]] == [r.token_ids for r in out["trace"]]
+
+
+@pytest.mark.skipif(not int8_kernel.bf16_supported(), reason="this CPU has no AVX512-BF16")
+@pytest.mark.parametrize("family", ["llama_gqa", "qwen2"])
+def test_bf16_activation_mode_fused_equals_traced_and_is_batch_invariant(tmp_path, gen, family):
+    """quantize="int8-bf16": the fused step in the kernel's bf16-activation mode equals the traced
+    step of the same decoder (both through the bf16 kernel), stays close to the fp32-activation
+    int8 decoder, and a row's logits are the same bits alone or in a batch of 6."""
+    make_tiny_hf_dir(family, tmp_path, seed=5)
+    decoder, _ = load_decoder(str(tmp_path), quantize="int8-bf16")
+    assert decoder.quantized == "int8" and decoder.layers[0].wqkv.kernel == "cpu-bf16"
+    fp32_act, _ = load_decoder(str(tmp_path), quantize="int8")
+    B = 6
+    ids = torch.randint(4, VOCAB, (B, 12), generator=gen)
+    key_mask = torch.ones(B, 24, dtype=torch.bool)
+    fused = runner(decoder, "fused", B)
+    assert fused.fused is not None
+    got = run_steps(fused, ids, key_mask)
+    want = run_steps(runner(decoder, "trace", B), ids, key_mask)
+    assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+    ref = run_steps(runner(fp32_act, "fused", B), ids, key_mask)
+    assert (got - ref).abs().max() <= 5e-2 * ref.abs().max() and not torch.equal(got, ref)
+    alone = run_steps(runner(decoder, "fused", 1), ids[2:3], key_mask[2:3])
+    assert torch.equal(alone[:, 0], got[:, 2])

@@ -129,3 +129,34 @@ def test_engine_loads_an_int8_decoder(tiny_bundle):
     assert a == e.generate(["The movie was"], p)[0].samples[0].token_ids and len(a) == 6
     with pytest.raises(ValueError, match="needs dtype float32"):
         Engine.from_pretrained(tiny_bundle, quantize="int8", dtype="bfloat16")
+
+
+def test_int8_bf16_mode_and_its_refusals(pair, gen):
+    """quantize="int8-bf16": every matrix on the kernel's bf16-activation mode (close to the
+    fp32-activation int8 decoder), or a refusal naming AVX512-BF16 on CPUs without it; a kernel
+    other than cpu-bf16 is refused for it, and it is CPU-only."""
+    import copy
+
+    from dglm.engine.models.quant import resolve_quantize
+
+    fp32, q, _ = pair
+    if not int8_kernel.bf16_supported():
+        with pytest.raises(ValueError, match="AVX512-BF16"):
+            resolve_quantize("int8-bf16", "cpu", torch.float32)
+        with pytest.raises(ValueError, match="AVX512-BF16"):
+            quantize_decoder(copy.deepcopy(fp32), "int8-bf16")
+        return
+    assert resolve_quantize("int8-bf16", "cpu", torch.float32) == "int8-bf16"
+    with pytest.raises(ValueError, match="CPU only"):
+        resolve_quantize("int8-bf16", "cuda", torch.float32)
+    with pytest.raises(ValueError, match="uses kernel 'cpu-bf16'"):
+        quantize_decoder(copy.deepcopy(fp32), "int8-bf16", kernel="reference")
+    b = quantize_decoder(copy.deepcopy(fp32), "int8-bf16")
+    kernels = {m.kernel for m in b.modules() if isinstance(m, Int8Linear)}
+    assert kernels == {"cpu-bf16"} and b.quantized == "int8"
+    ids = torch.randint(4, VOCAB, (2, 9), generator=gen)
+    pos = torch.arange(9)[None].expand(2, -1)
+    with torch.inference_mode():
+        want = q(q.embed(ids), pos)
+        got = b(b.embed(ids), pos)
+    assert (got - want).abs().max() <= 5e-2 * want.abs().max()
