@@ -44,6 +44,7 @@ from dglm.engine.models import GPT2Config, GPT2Decoder, load_decoder
 from dglm.engine.models.gpt2 import gpt2_state_dict_from_hf
 from dglm.engine.models.loading import SHAPE_TWINS_ENV, smollm2_dir
 from dglm.engine.models.quant import fused_int8_available, quantize_decoder
+from dglm.kernels.int8_linear import bf16_supported
 
 from benchmarks import common, llama_cpp
 from benchmarks.common import ROOT
@@ -225,6 +226,12 @@ def bench_model(args, name, decoder, tok, hf, pad, device, dtype, rows_out, conf
                 q8, DecodeRunnerConfig(**kw, step_impl="fused")
             )
             runners["ours_fused_int8"].warmup()
+            if bf16_supported():  # the opt-in bf16-activation mode (quantize="int8-bf16")
+                qb = quantize_decoder(copy.deepcopy(decoder), "int8-bf16")
+                runners["ours_fused_int8_bf16"] = DecodeRunner(
+                    qb, DecodeRunnerConfig(**kw, step_impl="fused")
+                )
+                runners["ours_fused_int8_bf16"].warmup()
             kernels = {"ours_fast_int8": None}  # the default kernel (C++ when built)
             if fused_int8_available():
                 kernels["ours_fast_int8pack"] = "int8pack"  # torch's bf16 kernel, for comparison
@@ -321,14 +328,16 @@ def int8_quality(decoder, tok, n_texts: int = 64) -> dict:
     from dglm.engine.evaluation.prefixes import heldout_prefixes
 
     texts = [p for _, p in heldout_prefixes(tok, n_texts, min_tokens=16, max_tokens=32)]
-    q8 = quantize_decoder(copy.deepcopy(decoder))
-    nll = {"fp32": 0.0, "int8": 0.0}
+    models = {"fp32": decoder, "int8": quantize_decoder(copy.deepcopy(decoder))}
+    if bf16_supported():
+        models["int8_bf16"] = quantize_decoder(copy.deepcopy(decoder), "int8-bf16")
+    nll = dict.fromkeys(models, 0.0)
     agree = count = 0
     for text in texts:
         ids = torch.tensor([tok.encode(text)], device=decoder.device)
         pos = torch.arange(ids.shape[1], device=decoder.device)[None]
         out = {}
-        for key, d in (("fp32", decoder), ("int8", q8)):
+        for key, d in models.items():
             logits = d(d.embed(ids), pos)[0, :-1].float()
             nll[key] += float(
                 torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum")
@@ -337,7 +346,7 @@ def int8_quality(decoder, tok, n_texts: int = 64) -> dict:
         agree += int((out["fp32"] == out["int8"]).sum())
         count += ids.shape[1] - 1
     ppl = {k: float(torch.tensor(v / count).exp()) for k, v in nll.items()}
-    return {
+    out = {
         "texts": len(texts),
         "tokens": count,
         "ppl_fp32": round(ppl["fp32"], 3),
@@ -345,6 +354,10 @@ def int8_quality(decoder, tok, n_texts: int = 64) -> dict:
         "ppl_delta_pct": round(100 * (ppl["int8"] / ppl["fp32"] - 1), 2),
         "top1_agreement": round(agree / count, 4),
     }
+    if "int8_bf16" in ppl:
+        out["ppl_int8_bf16"] = round(ppl["int8_bf16"], 3)
+        out["ppl_int8_bf16_delta_pct"] = round(100 * (ppl["int8_bf16"] / ppl["fp32"] - 1), 2)
+    return out
 
 
 def smollm2(device: torch.device, dtype: torch.dtype):
@@ -494,6 +507,12 @@ def main() -> None:
             "through the int8 kernel after it); `traced_int8` = the same tokens as "
             "ours_fast_int8 (logits agree to rounding)"
         )
+        if "ppl_int8_bf16" in q:
+            notes.append(
+                "ours_fused_int8_bf16: the same int8 weights in the kernel's bf16-activation mode "
+                "(quantize='int8-bf16', AVX512-BF16), fused step: perplexity "
+                f"{q['ppl_int8_bf16']} ({q['ppl_int8_bf16_delta_pct']:+.2f}% over fp32)"
+            )
     if llama_note:
         notes.append(f"llama_cpp rows skipped: {llama_note}")
     elif extra.get("llama") is not None:
