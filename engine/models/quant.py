@@ -17,9 +17,9 @@ compute-bound, the same for a row alone or batched, on CPUs that have those inst
 Measured on SmolLM2-135M, teacher-forced on 64 held-out texts (bench_decode): perplexity +0.95%
 over fp32 with the C++ kernel, top-1 agreement 94.2% (int8pack, bf16 activations: +0.87%, 93%);
 per-tensor dynamic int8 activations (fbgemm's dynamic linear), which ran faster still, raised it
-4.6× (activation outliers) and are not offered. On another machine (AMD EPYC, 64 held-out texts of
-the evaluation's sources): fp32 activations +0.48%, bf16 activations (the "cpu-bf16" numerics)
-+0.60%, per-row int8 activations +5.2%, per-64 int8 blocks +1.6%.
+4.6× (activation outliers) and are not offered. bench_decode on an AMD EPYC: "cpu" +0.95%,
+"cpu-bf16" +1.03%. A second set of 64 texts (one source fewer) ranked the activation formats:
+fp32 +0.48%, bf16 +0.60%, int8 per 64-element block +1.6%, int8 per row +5.2%.
 
 Inference only: an int8 decoder has no gradients to give, so training refuses it (its weights are
 buffers, not parameters). LoRA adapters are merged into the fp32 weights before quantizing.
