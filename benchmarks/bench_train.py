@@ -334,7 +334,7 @@ def make_row(job: Job, procs: int, threads: int, times: list[float], shape: str)
         "dtype": job.dtype,
         "shape": shape,
         "batch_per_proc": job.batch,
-        "s_per_step": round(s, 4),
+        "s_per_step": float(f"{s:.6g}"),  # significant digits: steps of a few ms stay exact
         "samples_per_s": round(samples, 3),
         "samples_per_s_per_core": round(samples / (procs * threads), 3),
         "repeats": len(times),
