@@ -477,6 +477,14 @@ def _add_diffusion_lm_parsers(tsub) -> None:
     tl.add_argument("--max-unk", type=int, default=1, help="drop sentences with more unknown words")
     tl.add_argument("--limit", type=int, default=None, help="use only the first N sentences")
     tl.add_argument(
+        "--self-condition", choices=("on", "off"), default=None,
+        help="override the preset's self-conditioning (ablations)",
+    )  # fmt: skip
+    tl.add_argument(
+        "--embedding-norm", type=float, default=None,
+        help="override the preset's fixed word-embedding norm (0: the free table)",
+    )  # fmt: skip
+    tl.add_argument(
         "--dtype",
         default="auto",
         choices=("auto", "bfloat16", "float32"),
@@ -529,7 +537,12 @@ def cmd_train_diffusion_lm(args: argparse.Namespace) -> int:
         vocab = Vocab.load(vocab_path)
     else:
         vocab = build_vocab(train_text, args.vocab_size or preset.vocab_size, preset.seq_len)
-    config = replace(preset, vocab_size=len(vocab))
+    overrides = {"vocab_size": len(vocab)}
+    if args.self_condition is not None:
+        overrides["self_condition"] = args.self_condition == "on"
+    if args.embedding_norm is not None:
+        overrides["embedding_norm"] = args.embedding_norm
+    config = replace(preset, **overrides)
     train, _ = encode_sentences(train_text, vocab, config.seq_len, args.max_unk)
     held, _ = encode_sentences(held_text, vocab, config.seq_len, args.max_unk)
     print(

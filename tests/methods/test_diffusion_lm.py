@@ -309,9 +309,16 @@ def test_cli_trains_and_adds_a_classifier(tmp_path, capsys):
         "3",
         "--warmup",
         "2",
+        "--self-condition",
+        "on",
+        "--embedding-norm",
+        "2.5",
     ]
     assert main(args) == 0
     assert (out / "bundle" / "config.json").is_file()
+    saved = json.loads((out / "bundle" / "config.json").read_text())
+    net_config = saved["model"]  # the overrides reach the saved config
+    assert net_config["self_condition"] is True and net_config["embedding_norm"] == 2.5
     labelled = tmp_path / "lab.jsonl"
     labelled.write_text(
         "".join(
