@@ -56,9 +56,9 @@ from dglm.export.modules import (
     DecodeGraph,
     PrefillGraph,
     ProbesGraph,
-    ValueEditGraph,
     PromptGenGraph,
     ScoreNetGraph,
+    ValueEditGraph,
 )
 from dglm.export.runtime import FORMAT, MANIFEST, VERSION, OrtModels, RuntimeOptions
 

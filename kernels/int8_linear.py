@@ -150,9 +150,10 @@ def _int8_linear_cpu(
     M = x2.shape[0]
     if bf16 and not bf16_supported():
         raise ValueError("int8_linear: bf16 activations need AVX512-BF16, which this CPU lacks")
-    if M >= LARGE_M and not bf16 and blas_pays():  # compute-bound: BLAS on the weights widened block by
-        # block (prefill of long batches, big decode batches), where this CPU's BLAS is faster; a
-        # widened block stays in cache while BLAS reads it
+    # compute-bound: BLAS on the weights widened block by block (prefill of long batches, big
+    # decode batches), where this CPU's BLAS is faster; a widened block stays in cache while BLAS
+    # reads it
+    if M >= LARGE_M and not bf16 and blas_pays():
         y = _blas_product(x2, q)
         y.mul_(scale)
         if bias is not None:
