@@ -18,7 +18,10 @@ pytest.importorskip("prometheus_client")
 from dglm.engine.serve.app import ServerConfig  # noqa: E402
 from dglm.engine.serve.ray_serve import deployment  # noqa: E402
 
-HAS_RAY = importlib.util.find_spec("ray") is not None
+# a real package: the editable install puts the checkout's parent directory on sys.path, where a
+# `ray` folder (Ray's own session directory when the checkout sits in /tmp) is a namespace package
+_RAY = importlib.util.find_spec("ray")
+HAS_RAY = _RAY is not None and _RAY.origin is not None
 
 
 @pytest.mark.parametrize("replicas", [0, -1, 1.5, True])
