@@ -16,10 +16,15 @@ import sys
 import threading
 import time
 
-import httpx
-import ray
-from dglm.engine.serve.app import ServerConfig
-from dglm.engine.serve.ray_serve import deployment
+# On a busy machine Ray Serve's HTTP proxy can take longer to start than its 3 × 5 s readiness
+# checks allow (seen here with two other CPU jobs running: the proxy was killed and the scenario
+# failed); the local cluster's processes inherit this
+os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
+
+import httpx  # noqa: E402
+import ray  # noqa: E402
+from dglm.engine.serve.app import ServerConfig  # noqa: E402
+from dglm.engine.serve.ray_serve import deployment  # noqa: E402
 from ray import serve
 
 
