@@ -5,6 +5,7 @@
 // scalar tail. The instruction set is chosen at run time, so one build runs on any x86-64 CPU.
 
 #include "int8_linear.h"
+#include "int8_linear_tiles.h"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -15,26 +16,13 @@
 #include <cstring>
 #include <vector>
 
-#if defined(__x86_64__) || defined(_M_X64)
-#include <immintrin.h>
-#define DGLM_X86 1
-#else
-#define DGLM_X86 0
-#endif
-
 namespace dglm {
 namespace {
 
-constexpr int kRows = static_cast<int>(kInt8LinearBlock);  // output rows per tile
-constexpr int kBatch = 4;  // activation rows per tile
-constexpr int PF = 8;
-
-void finish(const Int8LinearArgs& a, int64_t n, int64_t m, float sum) {
-  float v = sum * a.scale[n];
-  if (a.bias) v += a.bias[n];
-  float& y = a.y[m * a.N + n];
-  y = a.accumulate ? y + v : v;
-}
+using tiles::finish;
+using tiles::kBatch;
+using tiles::kRows;
+using tiles::PF;
 
 // Portable path: also the reference the vector paths are tested against (same summation order
 // is not guaranteed; fp32 sums).

@@ -7,32 +7,19 @@
 // vdpbf16ps pairs the same k); a tail chunk is zero-padded on both sides.
 
 #include <algorithm>
-#include <cstring>
 
 #include "int8_linear.h"
-
-#if defined(__x86_64__) || defined(_M_X64)
-#include <immintrin.h>
-#define DGLM_X86 1
-#else
-#define DGLM_X86 0
-#endif
+#include "int8_linear_tiles.h"
 
 namespace dglm {
 namespace {
 
-constexpr int kRows = static_cast<int>(kInt8LinearBlock);
-constexpr int kBatch = 4;
-constexpr int PF = 8;
+using tiles::finish;
+using tiles::kBatch;
+using tiles::kRows;
+using tiles::PF;
 
 inline int64_t padded(int64_t K) { return (K + 31) / 32 * 32; }
-
-void finish(const Int8LinearArgs& a, int64_t n, int64_t m, float sum) {
-  float v = sum * a.scale[n];
-  if (a.bias) v += a.bias[n];
-  float& y = a.y[m * a.N + n];
-  y = a.accumulate ? y + v : v;
-}
 
 #if DGLM_X86
 #define DGLM_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
