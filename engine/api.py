@@ -42,6 +42,9 @@ class GenerationParams:
     # state per decoding step and their size α; None: the probe's value network's defaults
     re_control_steps: int | None = None
     re_control_step_size: float | None = None
+    # β of the plausibility mask around the edit, in [0, 1): the edited scores kept on tokens the
+    # unedited state gives ≥ β × its top probability (0 = off); None: the value network's
+    re_control_plausibility: float | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.controls, Control):
@@ -74,6 +77,10 @@ class GenerationParams:
             int_in("re_control_steps", self.re_control_steps, 0, MAX_RE_CONTROL_STEPS)
         if self.re_control_step_size is not None:
             finite_in("re_control_step_size", self.re_control_step_size, 0.0, MAX_RE_CONTROL_STEP)
+        if self.re_control_plausibility is not None:
+            b = self.re_control_plausibility
+            if isinstance(b, bool) or not isinstance(b, int | float) or not 0 <= b < 1:
+                raise ValueError(f"re_control_plausibility must be a number in [0, 1), got {b!r}")
 
     def sampler_config(self, base: SamplerConfig) -> SamplerConfig:
         overrides = {

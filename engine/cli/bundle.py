@@ -80,6 +80,18 @@ def add_parser(sub) -> None:
         default=None,
         help="its default α when the control also acts through DGLM (method both)",
     )
+    bv.add_argument(
+        "--plausibility",
+        type=float,
+        default=None,
+        help="its default plausibility mask β around the edit, in [0, 1) (0 = off)",
+    )
+    bv.add_argument(
+        "--plausibility-with-dglm",
+        type=float,
+        default=None,
+        help="its default β when the control also acts through DGLM (method both)",
+    )
     _add_run_parser(
         bsub,
         "add-steering",
@@ -184,8 +196,9 @@ def cmd_bundle_add_value_network(args: argparse.Namespace) -> int:
     from dglm.engine.training.recipes import add_value_network
 
     config = add_value_network(
-        args.bundle, args.run, args.out, args.steps, args.step_size, args.step_size_with_dglm
-    )
+        args.bundle, args.run, args.out, args.steps, args.step_size, args.step_size_with_dglm,
+        args.plausibility, args.plausibility_with_dglm,
+    )  # fmt: skip
     nets = [v.to_dict() for v in config.value_networks]
     print(json.dumps({"bundle": str(args.out or args.bundle), "value_networks": nets}))
     return 0

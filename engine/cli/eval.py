@@ -52,6 +52,11 @@ def add_parser(sub) -> None:
         help="extra DGLM + RE-Control rows at these step sizes α, e.g. 2,8",
     )  # fmt: skip
     e.add_argument(
+        "--re-control-plausibilities", type=_floats, default=None,
+        help="extra RE-Control and DGLM + RE-Control rows with the plausibility mask β around "
+        "the edit (0 = off), e.g. 0,0.1",
+    )  # fmt: skip
+    e.add_argument(
         "--only", default=None,
         help="comma-separated substrings: run only the settings whose names contain one",
     )  # fmt: skip
@@ -95,6 +100,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "seed": args.seed,
         "gemma": args.gemma,
         "re_control_step_sizes": args.re_control_step_sizes,
+        "re_control_plausibilities": args.re_control_plausibilities,
         "only": tuple(args.only.split(",")) if args.only else None,
     }
     config = replace(config, **{k: v for k, v in overrides.items() if v is not None})

@@ -12,6 +12,7 @@ from dglm.engine.cli.common import device, flags
 SAMPLING_FLAGS = (
     "num_samples", "seed", "max_new_tokens", "temperature", "top_p", "top_k", "cfg_scale",
     "sampler", "renoise_alpha2", "prompt_guidance", "re_control_steps", "re_control_step_size",
+    "re_control_plausibility",
 )  # fmt: skip
 
 
@@ -47,6 +48,13 @@ def add_parser(sub) -> None:
         type=float,
         default=None,
         help="RE-Control step size α (default: the value network's)",
+    )
+    g.add_argument(
+        "--re-control-plausibility",
+        type=float,
+        default=None,
+        help="RE-Control plausibility mask β in [0, 1): keep the edited choice among tokens the "
+        "unedited decoder gives ≥ β × its top probability (0 = off; default: the value network's)",
     )
     g.add_argument("--num-samples", "-n", type=int, default=1)
     g.add_argument("--seed", type=int, default=None)

@@ -194,7 +194,7 @@ class _EagerStep:
         if hook is not None:  # the traced body, then the hook and the LM head op by op
             if self.traced_hidden is None:
                 self.traced_hidden = self._trace(_DecodeHiddenModule(decoder), args)
-            return decoder.logits(hook(self.traced_hidden(*args)))[:, 0]
+            return decoder.hooked_logits(self.traced_hidden(*args), hook)[:, 0]
         if self.traced is None:
             self.traced = self._trace(_DecodeModule(decoder), args)
         return self.traced(*args)
@@ -203,9 +203,7 @@ class _EagerStep:
         runner = self.runner
         x = decoder.embed(tokens)  # (b, H)
         hidden = runner.fused(x, positions, k, v, runner.slot, key_mask)[:, None]  # (b, 1, H)
-        if runner.hidden_hook is not None:
-            hidden = runner.hidden_hook(hidden)
-        return decoder.logits(hidden)[:, 0]
+        return decoder.hooked_logits(hidden, runner.hidden_hook)[:, 0]
 
     def replay(self) -> None:
         if self.runner.fused_serves(self.b):
@@ -423,9 +421,7 @@ class DecodeRunner:
             self.v[:, :B, :, :T0], write_pos, self.key_mask[:B, :T0], return_hidden=True,
         )  # fmt: skip
         hidden = torch.cat([h[:, -1:], h.index_select(0, follow)[:, tp - 1 : tp]])  # (n, 1, H)
-        if self.hidden_hook is not None:
-            hidden = self.hidden_hook(hidden)
-        logits = self.decoder.logits(hidden)[:, 0]
+        logits = self.decoder.hooked_logits(hidden, self.hidden_hook)[:, 0]
         P = T0 - tp
         for cache in (self.k, self.v):
             cache[:, B:n, :, P:T0] = cache[:, :, :, :tp].index_select(1, follow)

@@ -14,7 +14,7 @@ from dglm.engine.decoding.loop import generate as decode
 from dglm.engine.evaluation.settings import EvalConfig, Setting
 from dglm.engine.methods.base import MethodBatch
 from dglm.engine.methods.fudge import FudgeParams, fudge_generate
-from dglm.engine.methods.re_control import value_hook
+from dglm.engine.methods.re_control import value_conditioning
 from dglm.engine.models import load_decoder
 
 
@@ -70,6 +70,7 @@ def generate_setting(
                     top_p=config.top_p,
                     renoise_alpha2=setting.renoise_alpha2,
                     re_control_step_size=setting.re_control_step_size,
+                    re_control_plausibility=setting.re_control_plausibility,
                 )
                 for i in chunk
             ]
@@ -96,10 +97,14 @@ def generate_setting(
                     for i in chunk
                     for j in range(S)
                 ]
-                hook = None
+                hook, masks = None, ()
                 if setting.method == "re-control":  # the edit on the same plain decoding
-                    hook = re_control_hook(engine, setting, prefixes, chunk, ids, S)
-                results, t = decode(base_decoder, engine.tokenizer, ids, params, hidden_hook=hook)
+                    hook, masks = re_control_hook(
+                        engine, setting, prefixes, chunk, ids, S, base_decoder.logits
+                    )
+                results, t = decode(
+                    base_decoder, engine.tokenizer, ids, params, hidden_hook=hook, processors=masks
+                )
                 for k in ("prefill_s", "decode_s"):
                     add(k, t[k])
             elif setting.method == "fudge":
@@ -132,16 +137,26 @@ def generate_setting(
     return Generations(rows_idx, texts, toks, latents, timings)
 
 
-def re_control_hook(engine, setting: Setting, prefixes, chunk, ids, samples: int):
-    """RE-Control's hidden-state hook for one batch of rows (every row has the setting's controls,
-    at its value network's default steps and step size)."""
-    params = [GenerationParams(controls=setting.controls) for _ in chunk]
+def re_control_hook(engine, setting: Setting, prefixes, chunk, ids, samples: int, logits_fn):
+    """RE-Control's hidden-state hook and its plausibility mask (if any) for one batch of rows
+    (every row has the setting's controls, at its step size and plausibility, else its value
+    network's defaults) → (hook, processors)."""
+    params = [
+        GenerationParams(
+            controls=setting.controls,
+            re_control_step_size=setting.re_control_step_size,
+            re_control_plausibility=setting.re_control_plausibility,
+        )
+        for _ in chunk
+    ]
     rows = [(r, j) for r in range(len(chunk)) for j in range(samples)]
     per_request = [ids[k * samples] for k in range(len(chunk))]
     batch = MethodBatch(
         [prefixes[i] for i in chunk], params, per_request, rows, [0] * len(rows), None
     )
-    return value_hook(engine.value_nets, engine.probes.probes, batch, True, engine.device)
+    return value_conditioning(
+        engine.value_nets, engine.probes.probes, batch, True, engine.device, logits_fn
+    )
 
 
 def warm_up(engine, prefix: str) -> None:

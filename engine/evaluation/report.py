@@ -79,11 +79,13 @@ def guidance_label(r: dict) -> str:
         return "none (plain decoding)"
     if r["method"] == "fudge":
         return f"FUDGE λ={r['scale']:g}"
+    beta = r.get("re_control_plausibility")
+    mask = "" if beta is None else f" β={beta:g}"
     if r["method"] == "re-control":
-        return "RE-Control (value network's n, α)"
+        return "RE-Control (value network's n, α" + (")" if beta is None else f"){mask}")
     if r["method"] == "dglm+re-control":
         alpha = r.get("re_control_step_size")
-        return f"s={r['scale']:g} + RE-Control" + ("" if alpha is None else f" α={alpha:g}")
+        return f"s={r['scale']:g} + RE-Control" + ("" if alpha is None else f" α={alpha:g}") + mask
     if r["group"] == "fidelity":
         return f"s=0, α²={r['renoise_alpha2']:g}"
     if r["scale"] is None:

@@ -101,7 +101,7 @@ def run_eval(
     def key(s: Setting) -> tuple:
         return (
             s.method, s.controls, s.renoise_alpha2, s.probe, s.target, s.scale,
-            s.re_control_step_size,
+            s.re_control_step_size, s.re_control_plausibility,
         )  # fmt: skip
 
     warm_up(engine, prefixes[0])
@@ -150,6 +150,7 @@ def run_eval(
             "scale": s.scale,
             "renoise_alpha2": s.renoise_alpha2,
             "re_control_step_size": s.re_control_step_size,
+            "re_control_plausibility": s.re_control_plausibility,
             "default": s.method == "dglm" and s.scale == default_scale,
             "n": len(gens.texts),
             "metrics": metrics,

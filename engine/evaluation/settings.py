@@ -45,6 +45,9 @@ class EvalConfig:
     # extra DGLM + RE-Control rows at these step sizes α (the value network's n): a sweep of the
     # combined control's edit strength next to its default (ValueNetConfig.step_size_with_dglm)
     re_control_step_sizes: tuple[float, ...] = ()
+    # extra rows at these plausibility masks β around the edit (RE-Control alone, and DGLM +
+    # RE-Control at the default and every extra step size): see methods.re_control.PlausibleEdit
+    re_control_plausibilities: tuple[float, ...] = ()
     # run only the settings whose names contain one of these strings (empty: all)
     only: tuple[str, ...] = ()
 
@@ -67,6 +70,7 @@ class EvalConfig:
             "renoise_alpha2s",
             "fudge_strengths",
             "re_control_step_sizes",
+            "re_control_plausibilities",
             "only",
         ):
             object.__setattr__(self, name, tuple(getattr(self, name)))
@@ -81,6 +85,12 @@ class EvalConfig:
             raise ValueError(
                 f"re_control_step_sizes must be finite and in (0, {MAX_RE_CONTROL_STEP:g}], got "
                 f"{self.re_control_step_sizes}"
+            )
+        if any(not (isinstance(b, int | float) and 0 <= b < 1)
+               for b in self.re_control_plausibilities):  # fmt: skip
+            raise ValueError(
+                f"re_control_plausibilities must be numbers in [0, 1), got "
+                f"{self.re_control_plausibilities}"
             )
         if any(not isinstance(o, str) or not o for o in self.only):
             raise ValueError(f"only must hold non-empty strings, got {self.only}")
@@ -125,6 +135,7 @@ class Setting:
     target: str | None = None
     scale: float | None = None  # DGLM guidance scale, or FUDGE λ
     re_control_step_size: float | None = None  # dglm+re-control: α (None: the value network's)
+    re_control_plausibility: float | None = None  # β of the edit's mask (None: the network's)
 
 
 def low_toxicity_target(probe: Probe) -> str:
@@ -147,24 +158,37 @@ def re_control_settings(
     default_scale: float,
     default_alpha2: float,
     step_sizes: tuple[float, ...] = (),
+    plausibilities: tuple[float, ...] = (),
 ) -> list[Setting]:
     """RE-Control alone and DGLM + RE-Control (the control acting both ways, DGLM at the bundle's
-    default scale) for one probe target; the latter again at each of `step_sizes`."""
+    default scale) for one probe target; the latter again at each of `step_sizes`, and both again
+    at each plausibility β of `plausibilities` (with every step size)."""
     both = (Control(probe, target, default_scale, method="both"),)
-    extra = [
-        Setting(
-            f"dglm+re-control {probe}={target}:{default_scale:g} α={a:g}",
-            "dglm+re-control",
-            group,
-            both,
-            default_alpha2,
-            probe,
-            target,
-            default_scale,
-            float(a),
+    alone = (Control(probe, target, method="re-control"),)
+    name = f"dglm+re-control {probe}={target}:{default_scale:g}"
+
+    def combined(a: float | None, b: float | None) -> Setting:
+        suffix = ("" if a is None else f" α={a:g}") + ("" if b is None else f" β={b:g}")
+        return Setting(
+            name + suffix, "dglm+re-control", group, both, default_alpha2, probe, target,
+            default_scale, None if a is None else float(a), None if b is None else float(b),
+        )  # fmt: skip
+
+    extra = [combined(a, None) for a in step_sizes]
+    for b in plausibilities:
+        extra.append(
+            Setting(
+                f"re-control {probe}={target} β={b:g}",
+                "re-control",
+                group,
+                alone,
+                None,
+                probe,
+                target,
+                re_control_plausibility=float(b),
+            )  # fmt: skip
         )
-        for a in step_sizes
-    ]
+        extra += [combined(a, b) for a in (None, *step_sizes)]
     return [
         Setting(
             f"re-control {probe}={target}",
@@ -226,7 +250,7 @@ def build_settings(
             if config.re_control and "sentiment" in value_nets:
                 settings += re_control_settings(
                     "sentiment", target, "sentiment", default_scale, default_alpha2,
-                    config.re_control_step_sizes,
+                    config.re_control_step_sizes, config.re_control_plausibilities,
                 )  # fmt: skip
             for lam in config.fudge_strengths:
                 settings.append(
@@ -259,7 +283,7 @@ def build_settings(
         if config.re_control and "toxicity" in value_nets:
             settings += re_control_settings(
                 "toxicity", low, "toxicity", default_scale, default_alpha2,
-                config.re_control_step_sizes,
+                config.re_control_step_sizes, config.re_control_plausibilities,
             )  # fmt: skip
     else:
         skipped.append({"setting": "toxicity=low", "reason": "the bundle has no 'toxicity' probe"})

@@ -16,7 +16,7 @@ from dglm.engine.decoding.guidance import PromptGuidance
 from dglm.engine.diffusion.sampler import Guidance, SamplerConfig, draw_noise, sample
 from dglm.engine.diffusion.schedule import MULTISTEP_SAMPLERS
 from dglm.engine.methods.base import Conditioning, Method, MethodBatch
-from dglm.engine.methods.re_control import value_hook
+from dglm.engine.methods.re_control import value_conditioning
 
 if TYPE_CHECKING:  # annotations only: the engine builds its DGLM method
     from dglm.engine.engine import Engine
@@ -117,7 +117,10 @@ class DGLM(Method):
             soft_prompt = e.prompt_gen(z.to(e.dtype), renoise_a2.to(e.dtype))  # (R, P, H)
         timings["prompt_generator"] = elapsed(e.device, t)
         processors = self.prompt_guidance(batch)
-        hook = value_hook(e.value_nets, e.probes.probes, batch, False, e.device)
+        hook, masks = value_conditioning(
+            e.value_nets, e.probes.probes, batch, False, e.device, e.decoder.logits
+        )
+        processors = (*processors, *masks)  # the mask acts on the guided scores
         return Conditioning(
             soft_prompt=soft_prompt,
             processors=processors,

@@ -15,6 +15,14 @@ LM head's input only). The gradient of the MLP is computed analytically (forward
 masks kept, backward by matmuls: no autograd in the decode loop) by `value_ascent`; rows without
 a RE-Control control pass through bit-identical.
 
+Plausibility (optional, per request): the edit moves h toward the value network's target wherever
+that leads, including onto tokens the unedited decoder finds implausible, which is where its
+fluency cost comes from. With plausibility β > 0 a row's edited scores are kept only on tokens
+whose probability under the *unedited* state is at least β times that state's most likely token's
+(the plausibility mask of contrastive decoding, Li et al. 2023, here around the edit instead of
+around the soft prompt; `PlausibleEdit`): the edit chooses among what the decoder would plausibly
+say. It costs one more LM-head product per masked row.
+
 `ValueEdit` is the `HiddenHook` the decode loop runs; `ReControl` is the method on its own (plain
 decoding of the prefix by a frozen decoder, edited), and DGLM adds the same hook for controls with
 `method="re-control"` or `"both"` (see methods.dglm).
@@ -68,6 +76,10 @@ class ValueNetConfig:
     # the step size when the control also acts through DGLM (method "both"; None: step_size):
     # the soft prompt already carries the plan, and a full-size edit on top of it costs fluency
     step_size_with_dglm: float | None = None
+    # β of the plausibility mask around the edit (0 = off; see the module docstring), alone and
+    # with DGLM (None: plausibility)
+    plausibility: float = 0.0
+    plausibility_with_dglm: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("input_dim", "outputs", "hidden_dim", "depth"):
@@ -78,6 +90,11 @@ class ValueNetConfig:
         if self.step_size_with_dglm is not None:
             check_edit(
                 self.steps, self.step_size_with_dglm, f"value network {self.probe!r} (with DGLM)"
+            )
+        check_plausibility(self.plausibility, f"value network {self.probe!r} plausibility")
+        if self.plausibility_with_dglm is not None:
+            check_plausibility(
+                self.plausibility_with_dglm, f"value network {self.probe!r} plausibility_with_dglm"
             )
 
     def to_dict(self) -> dict:
@@ -109,6 +126,13 @@ def check_edit(steps: object, step_size: object, where: str = "re_control") -> N
         raise ValueError(
             f"{where} step_size must be a finite number in [0, {MAX_STEP_SIZE:g}], got {step_size!r}"
         )
+
+
+def check_plausibility(value: object, where: str = "re_control_plausibility") -> None:
+    """ValueError naming the field unless value is a number in [0, 1)."""
+    bad = isinstance(value, bool) or not isinstance(value, int | float)
+    if bad or not 0 <= value < 1:
+        raise ValueError(f"{where} must be a number in [0, 1), got {value!r}")
 
 
 class ValueNetwork(nn.Module):
@@ -184,17 +208,55 @@ class ValueEdit:
     """The `HiddenHook` of one batch of R rows: every value network's edit, applied in turn to the
     final-norm hidden states (R' ≥ R, T, H) of each step; rows past R and rows with no edit pass
     through unchanged (bit-identical). The decode loop extends it to its companion rows
-    (`with_companions`)."""
+    (`with_companions`).
 
-    def __init__(self, edits: list[RowEdit], rows: int) -> None:
+    plausibility (R,) fp32, optional: β per row (0 = off); rows with β > 0 that the hook edits
+    have their unedited last-position states kept each step (`unedited`) for `PlausibleEdit`."""
+
+    def __init__(
+        self, edits: list[RowEdit], rows: int, plausibility: torch.Tensor | None = None
+    ) -> None:
         if not edits:
             raise ValueError("ValueEdit needs at least one edit: decode without the hook")
         self.edits, self.rows = edits, rows
         self.max_steps = [int(e.steps.max()) for e in edits]  # host-side, once
-        active = torch.zeros(rows, dtype=torch.bool, device=edits[0].coef.device)
+        device = edits[0].coef.device
+        active = torch.zeros(rows, dtype=torch.bool, device=device)
         for e in edits:
             active |= (e.steps > 0) & (e.coef != 0).any(-1) & (e.step_size[:, 0] > 0)
         self.active = active  # (R,)
+        if plausibility is None:
+            plausibility = torch.zeros(rows, device=device)
+        if plausibility.shape != (rows,):
+            raise ValueError(f"plausibility has shape {tuple(plausibility.shape)}, want ({rows},)")
+        self.plausibility = plausibility.float()
+        masked = (active & (self.plausibility > 0)).nonzero()[:, 0]  # host-side, once
+        self.masked = masked if masked.numel() else None  # rows PlausibleEdit masks
+        # what this step's call saw, shared with the hook's companion-row extension
+        self._seen: dict[str, torch.Tensor] = {}
+
+    @property
+    def unedited(self) -> torch.Tensor:
+        """The last call's unedited final-norm states at the last position of the masked rows
+        (M, H), M = len(self.masked)."""
+        if "unedited" not in self._seen:
+            raise RuntimeError("the hook has not run this step: decode through decoding.generate")
+        return self._seen["unedited"]
+
+    def head_extra(self) -> torch.Tensor | None:
+        """The states whose logits `Decoder.hooked_logits` computes beside the edited ones: the
+        masked rows' unedited states (M, H), or None without a mask."""
+        return None if self.masked is None else self.unedited
+
+    def see_head_extra(self, logits: torch.Tensor) -> None:
+        """Their logits (M, V) from that LM-head call, for `PlausibleEdit`."""
+        self._seen["unedited_logits"] = logits
+
+    def unedited_logits(self, logits_fn) -> torch.Tensor:
+        """This step's logits (M, V) of the masked rows' unedited states: those the LM-head call
+        computed, else through `logits_fn` (a path that ran the LM head apart)."""
+        got = self._seen.get("unedited_logits")
+        return got if got is not None else logits_fn(self.unedited[:, None])[:, 0]
 
     def with_companions(self, follow: list[int]) -> ValueEdit:
         """This edit over the batch's rows and then companion rows, companion j edited as the row
@@ -208,13 +270,20 @@ class ValueEdit:
         edits = [
             RowEdit(e.net, extend(e.coef), extend(e.steps), extend(e.step_size)) for e in self.edits
         ]
-        return ValueEdit(edits, self.rows + len(follow))
+        # companions are not masked (PlausibleEdit acts on the batch's own rows)
+        quiet = torch.zeros(len(follow), device=self.plausibility.device)
+        out = ValueEdit(edits, self.rows + len(follow), torch.cat((self.plausibility, quiet)))
+        out.masked, out._seen = self.masked, self._seen  # reports to this hook's readers
+        return out
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
         R = self.rows
         if hidden.shape[0] < R:
             raise ValueError(f"ValueEdit was built for {R} rows, the step has {hidden.shape[0]}")
         own = hidden[:R]  # (R, T, H)
+        if self.masked is not None:
+            self._seen["unedited"] = own[self.masked, -1]
+            self._seen.pop("unedited_logits", None)  # this step's come with the LM head, if at all
         _, T, H = own.shape
         h = own.reshape(R * T, H)
         edited = h.float()
@@ -228,15 +297,42 @@ class ValueEdit:
         return out if hidden.shape[0] == R else torch.cat((out, hidden[R:]))
 
 
+class PlausibleEdit:
+    """The plausibility mask around a `ValueEdit` (a `LogitsProcessor`): on each masked row, the
+    step's scores are kept on tokens with p_unedited ≥ β · max p_unedited and set to −inf elsewhere,
+    p_unedited the decoder's distribution from the row's unedited state (one LM-head product per
+    masked row per step, through `logits_fn`, the decoder's `logits`). A row whose scores would
+    have no token left (another processor ruled out every plausible one) keeps its scores. Runs
+    after prompt guidance's processor (`PromptGuidance`), on the guided scores."""
+
+    def __init__(self, hook: ValueEdit, logits_fn) -> None:
+        if hook.masked is None:
+            raise ValueError("no row of the hook has plausibility > 0: decode without the mask")
+        self.hook, self.logits_fn = hook, logits_fn
+        self.index = hook.masked
+        self.log_beta = hook.plausibility[hook.masked].log()[:, None]  # (M, 1)
+
+    def __call__(
+        self, logits: torch.Tensor, tokens: torch.Tensor, finished: torch.Tensor
+    ) -> torch.Tensor:
+        base = torch.log_softmax(self.hook.unedited_logits(self.logits_fn), dim=-1)
+        floor = base.max(dim=-1, keepdim=True).values + self.log_beta
+        rows = logits[self.index]
+        masked = rows.masked_fill(base < floor, float("-inf"))
+        empty = torch.isneginf(masked).all(dim=-1, keepdim=True)  # no host read
+        return logits.index_copy(0, self.index, torch.where(empty, rows, masked))
+
+
 def row_edits(
     nets: dict[str, ValueNetwork],
     probes: dict[str, Probe],
     controls_per_row: list[tuple[Control, ...]],
-    settings_per_row: list[tuple[int, float]],
+    settings_per_row: list[tuple[int, float]] | list[tuple[int, float, float]],
     device: torch.device,
 ) -> list[RowEdit]:
     """One RowEdit per value network some row's controls use: controls_per_row are the controls
-    that act through RE-Control on each row; settings_per_row each row's (steps, step_size)."""
+    that act through RE-Control on each row; settings_per_row each row's (steps, step_size[,
+    plausibility])."""
     R = len(controls_per_row)
     used = sorted({c.probe for cs in controls_per_row for c in cs})
     edits = []
@@ -257,25 +353,32 @@ def row_edits(
                     continue
                 for row, y in probes[name].target_rows(c.target):
                     coef[r, row] = 1.0 if y == 1.0 else -1.0
-                steps[r], size[r, 0] = settings_per_row[r]
+                steps[r], size[r, 0] = settings_per_row[r][:2]
         edits.append(RowEdit(net, coef.to(device), steps.to(device), size.to(device)))
     return edits
 
 
 def edit_settings(
     p: GenerationParams, net: ValueNetwork | None, with_dglm: bool = False
-) -> tuple[int, float]:
-    """A request's (steps, step_size): its own, else its value network's defaults (with_dglm: the
-    control acts through DGLM too, see ValueNetConfig.step_size_with_dglm)."""
+) -> tuple[int, float, float]:
+    """A request's (steps, step_size, plausibility): its own, else its value network's defaults
+    (with_dglm: the control acts through DGLM too, see ValueNetConfig.step_size_with_dglm and
+    plausibility_with_dglm)."""
     steps = p.re_control_steps
     size = p.re_control_step_size
+    beta = p.re_control_plausibility
+    c = net.config if net is not None else None
     if steps is None:
-        steps = net.config.steps if net is not None else DEFAULT_STEPS
+        steps = c.steps if c is not None else DEFAULT_STEPS
     if size is None:
-        size = net.config.step_size if net is not None else DEFAULT_STEP_SIZE
-        if with_dglm and net is not None and net.config.step_size_with_dglm is not None:
-            size = net.config.step_size_with_dglm
-    return steps, size
+        size = c.step_size if c is not None else DEFAULT_STEP_SIZE
+        if with_dglm and c is not None and c.step_size_with_dglm is not None:
+            size = c.step_size_with_dglm
+    if beta is None:
+        beta = c.plausibility if c is not None else 0.0
+        if with_dglm and c is not None and c.plausibility_with_dglm is not None:
+            beta = c.plausibility_with_dglm
+    return steps, size, beta
 
 
 def value_hook(
@@ -286,7 +389,8 @@ def value_hook(
     device: torch.device,
 ) -> ValueEdit | None:
     """The hook for a batch: the controls that act on hidden states (`Control.hidden`; every
-    control with `every_control`) act through their value networks; None when no row has one."""
+    control with `every_control`) act through their value networks; None when no row has one.
+    See `value_conditioning` for the hook with its plausibility mask."""
     per_row, settings = [], []
     for i, _ in batch.rows:
         p = batch.params[i]
@@ -298,8 +402,25 @@ def value_hook(
     if not any(per_row):
         return None
     edits = row_edits(nets, probes, per_row, settings, device)
-    hook = ValueEdit(edits, len(per_row))
+    beta = [b if cs else 0.0 for cs, (_, _, b) in zip(per_row, settings, strict=True)]
+    hook = ValueEdit(edits, len(per_row), torch.tensor(beta, device=device))
     return hook if bool(hook.active.any()) else None
+
+
+def value_conditioning(
+    nets: dict[str, ValueNetwork],
+    probes: dict[str, Probe],
+    batch: MethodBatch,
+    every_control: bool,
+    device: torch.device,
+    logits_fn,
+) -> tuple[ValueEdit | None, tuple[PlausibleEdit, ...]]:
+    """`value_hook` and, when a row asks for plausibility > 0, its `PlausibleEdit` processor
+    (logits_fn: the decoder's `logits`, the LM head) → (hook or None, processors)."""
+    hook = value_hook(nets, probes, batch, every_control, device)
+    if hook is None or hook.masked is None:
+        return hook, ()
+    return hook, (PlausibleEdit(hook, logits_fn),)
 
 
 class ReControl(Method):
@@ -309,8 +430,12 @@ class ReControl(Method):
 
     name = "re-control"
 
-    def __init__(self, nets: dict[str, ValueNetwork], probes: dict[str, Probe]) -> None:
-        self.nets, self.probes = nets, probes
+    def __init__(
+        self, nets: dict[str, ValueNetwork], probes: dict[str, Probe], logits_fn=None
+    ) -> None:
+        """logits_fn: the decoder's LM head (`Decoder.logits`), needed only by requests with
+        plausibility > 0."""
+        self.nets, self.probes, self.logits_fn = nets, probes, logits_fn
 
     def validate(self, params: list[GenerationParams]) -> None:
         for i, p in enumerate(params):
@@ -323,8 +448,15 @@ class ReControl(Method):
 
     def condition(self, batch: MethodBatch) -> Conditioning:
         device = next(iter(self.nets.values())).layers[0].weight.device if self.nets else "cpu"
-        hook = value_hook(self.nets, self.probes, batch, True, torch.device(device))
-        return Conditioning(hidden_hook=hook)
+        hook, processors = value_conditioning(
+            self.nets, self.probes, batch, True, torch.device(device), self.logits_fn
+        )
+        if processors and self.logits_fn is None:
+            raise ValueError(
+                "re_control_plausibility > 0 needs the decoder's LM head: build ReControl with "
+                "logits_fn (Engine.re_control does)"
+            )
+        return Conditioning(hidden_hook=hook, processors=processors)
 
 
 __all__ = [
@@ -332,6 +464,7 @@ __all__ = [
     "DEFAULT_STEP_SIZE",
     "MAX_STEPS",
     "MAX_STEP_SIZE",
+    "PlausibleEdit",
     "VALUE_NET_PRESETS",
     "ReControl",
     "RowEdit",
@@ -339,8 +472,10 @@ __all__ = [
     "ValueNetConfig",
     "ValueNetwork",
     "check_edit",
+    "check_plausibility",
     "edit_settings",
     "row_edits",
     "value_ascent",
+    "value_conditioning",
     "value_hook",
 ]

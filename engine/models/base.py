@@ -327,9 +327,25 @@ class Decoder(nn.Module):
             hidden = hidden[:, -1:]
         if return_hidden:
             return hidden
-        if hidden_hook is not None:
-            hidden = hidden_hook(hidden)
-        return self.logits(hidden)
+        return self.hooked_logits(hidden, hidden_hook)
+
+    def hooked_logits(self, hidden: torch.Tensor, hidden_hook: HiddenHook | None) -> torch.Tensor:
+        """LM head through `hidden_hook` (if any): (B, T, H) → fp32 logits (B, T, V) of the edited
+        states. A hook that also wants the logits of other states (`head_extra()` → (M, H) or
+        None; `see_head_extra(logits (M, V))`, e.g. RE-Control's unedited states for its
+        plausibility mask) gets them from the same LM-head call when T = 1: at small batch one
+        pass over the head's weights serves both."""
+        if hidden_hook is None:
+            return self.logits(hidden)
+        edited = hidden_hook(hidden)
+        extra = getattr(hidden_hook, "head_extra", None)
+        states = extra() if extra is not None else None
+        if states is None or edited.shape[1] != 1:
+            return self.logits(edited)
+        B = edited.shape[0]
+        out = self.logits(torch.cat((edited, states[:, None].to(edited.dtype))))
+        hidden_hook.see_head_extra(out[B:, 0])
+        return out[:B]
 
     def forward_static(
         self,

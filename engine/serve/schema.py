@@ -73,6 +73,7 @@ class CompletionRequest(BaseModel):
     prompt_guidance: float | None = None
     re_control_steps: int | None = None
     re_control_step_size: float | None = None
+    re_control_plausibility: float | None = None
 
     @property
     def prompts(self) -> list[str]:
@@ -103,7 +104,7 @@ class CompletionRequest(BaseModel):
 
 DIFFUSION_FIELDS = (
     "cfg_scale", "num_inference_steps", "sampler", "guidance_mode", "renoise_alpha2",
-    "prompt_guidance", "re_control_steps", "re_control_step_size",
+    "prompt_guidance", "re_control_steps", "re_control_step_size", "re_control_plausibility",
 )  # fmt: skip
 # GenerationParams' names → the HTTP fields
 HTTP_NAMES = {"num_samples": "n", "max_new_tokens": "max_tokens", "prompts": "prompt"}

@@ -316,15 +316,23 @@ def add_value_network(
     steps: int | None = None,
     step_size: float | None = None,
     step_size_with_dglm: float | None = None,
+    plausibility: float | None = None,
+    plausibility_with_dglm: float | None = None,
 ) -> BundleConfig:
     """Put the EMA value network of a `dglm train value` run into a bundle (in place, or a copy at
-    `out`), replacing one for the same probe; `steps` / `step_size` / `step_size_with_dglm`: its
-    decode-time defaults."""
+    `out`), replacing one for the same probe; `steps` / `step_size` / `step_size_with_dglm` /
+    `plausibility` / `plausibility_with_dglm`: its decode-time defaults."""
     from dglm.engine.methods.re_control import ValueNetConfig, ValueNetwork
 
     src = bundle_io.resolve_bundle_dir(bundle)
     net, _ = _ema_network(value_run, "value", lambda c: ValueNetwork(ValueNetConfig.from_dict(c)))
-    given = {"steps": steps, "step_size": step_size, "step_size_with_dglm": step_size_with_dglm}
+    given = {
+        "steps": steps,
+        "step_size": step_size,
+        "step_size_with_dglm": step_size_with_dglm,
+        "plausibility": plausibility,
+        "plausibility_with_dglm": plausibility_with_dglm,
+    }
     overrides = {k: v for k, v in given.items() if v is not None}
     if overrides:
         net.config = replace(net.config, **overrides)  # checked by ValueNetConfig

@@ -252,8 +252,113 @@ def test_step_size_with_dglm_is_the_default_of_combined_controls():
 
     net = ValueNetwork(ValueNetConfig("p", 8, 1, steps=7, step_size=16.0, step_size_with_dglm=4.0))
     p = GenerationParams()
-    assert edit_settings(p, net) == (7, 16.0)
-    assert edit_settings(p, net, with_dglm=True) == (7, 4.0)
-    assert edit_settings(GenerationParams(re_control_step_size=2.0), net, True) == (7, 2.0)
+    assert edit_settings(p, net) == (7, 16.0, 0.0)
+    assert edit_settings(p, net, with_dglm=True) == (7, 4.0, 0.0)
+    assert edit_settings(GenerationParams(re_control_step_size=2.0), net, True) == (7, 2.0, 0.0)
     with pytest.raises(ValueError, match="with DGLM"):
         ValueNetConfig("p", 8, 1, step_size_with_dglm=float("nan"))
+
+
+def test_plausibility_defaults_and_checks():
+    from dglm.engine.api import GenerationParams
+    from dglm.engine.methods.re_control import edit_settings
+
+    net = ValueNetwork(ValueNetConfig("p", 8, 1, plausibility=0.05, plausibility_with_dglm=0.2))
+    assert edit_settings(GenerationParams(), net)[2] == 0.05
+    assert edit_settings(GenerationParams(), net, with_dglm=True)[2] == 0.2
+    assert edit_settings(GenerationParams(re_control_plausibility=0.0), net, True)[2] == 0.0
+    plain = ValueNetwork(ValueNetConfig("p", 8, 1, plausibility=0.3))
+    assert edit_settings(GenerationParams(), plain, with_dglm=True)[2] == 0.3  # falls back
+    for bad in (1.0, -0.1, float("nan"), "0.1", True):
+        with pytest.raises(ValueError, match="re_control_plausibility"):
+            GenerationParams(re_control_plausibility=bad)
+        with pytest.raises(ValueError, match="plausibility"):
+            ValueNetConfig("p", 8, 1, plausibility=bad)
+
+
+def test_plausible_edit_masks_by_the_unedited_state(gen):
+    """PlausibleEdit keeps each masked row's scores on the tokens its *unedited* state finds
+    plausible (p ≥ β · max p), leaves β = 0 rows and inactive rows alone, and a row whose every
+    plausible token was already ruled out keeps its scores."""
+    from dglm.engine.methods.re_control import PlausibleEdit
+
+    H, V = 16, 40
+    head = torch.randn(V, H, generator=gen) * 3
+
+    def logits_fn(h: torch.Tensor) -> torch.Tensor:
+        return h.float() @ head.T
+
+    net = net_of()
+    coef = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 0.0], [-1.0, 0.0]])
+    edit = RowEdit(net, coef, torch.tensor([6, 6, 6, 6]), torch.full((4, 1), 3.0))
+    beta = torch.tensor([0.2, 0.0, 0.5, 0.05])  # row 2 has β but no target: not masked
+    hook = ValueEdit([edit], rows=4, plausibility=beta)
+    assert hook.masked.tolist() == [0, 3]
+    hidden = torch.randn(4, 1, H, generator=gen)
+    edited = hook(hidden)
+    logits = logits_fn(edited[:, 0])
+    mask = PlausibleEdit(hook, logits_fn)
+    got = mask(logits.clone(), None, None)
+    base = torch.softmax(logits_fn(hidden[:, 0]), -1)
+    for r, b in ((0, 0.2), (3, 0.05)):
+        keep = base[r] >= b * base[r].max()
+        assert torch.equal(got[r][keep], logits[r][keep])
+        assert torch.isneginf(got[r][~keep]).all() and (~keep).any()
+    assert torch.equal(got[1], logits[1]) and torch.equal(got[2], logits[2])
+    # another processor ruled out every token row 0 finds plausible: the row keeps its scores
+    ruled = logits.clone()
+    ruled[0][base[0] >= 0.2 * base[0].max()] = float("-inf")
+    again = mask(ruled.clone(), None, None)
+    assert torch.equal(again[0], ruled[0])
+    # companions extend the hook and report to the same mask
+    ext = hook.with_companions([0, 3])
+    ext(torch.cat((hidden, hidden[[0, 3]])))
+    assert torch.equal(hook.unedited, hidden[[0, 3], -1])
+    with pytest.raises(ValueError, match="plausibility > 0"):
+        PlausibleEdit(ValueEdit([edit], rows=4), logits_fn)
+
+
+def test_plausibility_in_the_decode_loop(tiny, gen):
+    """β = 0 decodes exactly as the edit alone; β > 0 with the edit: every sampled token is one
+    the unedited decoder found plausible at that step (checked by replaying the rows)."""
+    from dglm.engine.methods.re_control import PlausibleEdit
+
+    decoder, tok = tiny
+    H = decoder.hidden_size
+    torch.manual_seed(2)
+    net = ValueNetwork(ValueNetConfig("p", H, 1, hidden_dim=32, depth=1))
+    rows = [torch.randint(4, VOCAB, (n,), generator=gen).tolist() for n in (4, 6)]
+    params = [DecodeParams(6, temperature=1.0, seed=s, ignore_eos=True) for s in (1, 2)]
+    edit = RowEdit(net, torch.tensor([[1.0], [1.0]]), torch.tensor([8, 8]),
+                   torch.tensor([[60.0], [60.0]]))  # fmt: skip
+    edited, _ = generate(decoder, tok, rows, params, hidden_hook=ValueEdit([edit], 2))
+    off = ValueEdit([edit], 2, torch.zeros(2))
+    same, _ = generate(decoder, tok, rows, params, hidden_hook=off)
+    assert [r.token_ids for r in same] == [r.token_ids for r in edited]
+    beta = 0.3
+    hook = ValueEdit([edit], 2, torch.full((2,), beta))
+    got, _ = generate(decoder, tok, rows, params, hidden_hook=hook,
+                      processors=(PlausibleEdit(hook, decoder.logits),))  # fmt: skip
+    assert [r.token_ids for r in got] != [r.token_ids for r in edited]
+    # the unedited logits from the edited rows' LM-head call (Decoder.hooked_logits) = the mask
+    # running the head apart, and a traced step's = an eager one's
+    apart = ValueEdit([edit], 2, torch.full((2,), beta))
+    apart.head_extra = lambda: None
+    again, _ = generate(decoder, tok, rows, params, hidden_hook=apart,
+                        processors=(PlausibleEdit(apart, decoder.logits),))  # fmt: skip
+    assert [r.token_ids for r in again] == [r.token_ids for r in got]
+    traced = DecodeRunner(decoder, DecodeRunnerConfig(batch_sizes=(2,), max_len=16,
+                          enforce_eager=True, step_impl="trace"))  # fmt: skip
+    hook_t = ValueEdit([edit], 2, torch.full((2,), beta))
+    again, _ = generate(decoder, tok, rows, params, runner=traced, hidden_hook=hook_t,
+                        processors=(PlausibleEdit(hook_t, decoder.logits),))  # fmt: skip
+    assert [r.token_ids for r in again] == [r.token_ids for r in got]
+    for r in range(2):
+        out = got[r].token_ids
+        for i, t in enumerate(out):
+            ids = torch.tensor([rows[r] + out[:i]])
+            with torch.no_grad():
+                logits = decoder(decoder.embed(ids), torch.arange(ids.shape[1])[None],
+                                 last_only=True)[0, -1]  # fmt: skip
+            p = torch.softmax(logits, -1)
+            assert p[t] >= beta * p.max() * (1 - 1e-4), (r, i)

@@ -93,6 +93,15 @@ def test_re_control_acts_per_row_and_per_method(engine):
     # zero steps (or size 0) is exactly no edit
     assert tokens(engine, re, re_control_steps=0)[0] == plain[0]
     assert tokens(engine, re, re_control_step_size=0.0)[0] == plain[0]
+    # the plausibility mask: β = 0 is the edit alone; β > 0 changes only the controlled row,
+    # alone, with DGLM (after prompt guidance's companion rows) and through engine.re_control
+    assert tokens(engine, re, re_control_plausibility=0.0) == t_re
+    assert tokens(engine, both, re_control_plausibility=0.0) == t_both
+    for controls, unmasked in ((re, t_re), (both, t_both)):
+        masked = tokens(engine, controls, re_control_plausibility=0.5)
+        assert masked[1] == plain[1] and masked[0] != unmasked[0]
+    alone = tokens(engine, re, method=engine.re_control, re_control_plausibility=0.5)
+    assert alone[1] == tokens(engine, [(), ()], method=engine.re_control)[1]
 
 
 def test_re_control_alone_decodes_without_a_soft_prompt(engine):
@@ -165,6 +174,8 @@ def test_cli_trains_a_value_network_and_adds_it(tiny_bundle, tmp_path, capsys):
 def test_eval_runs_re_control_beside_dglm(engine, tiny_reference_lm):
     """`dglm eval` adds RE-Control alone and DGLM + RE-Control rows for a probe with a value
     network, with their targets checked."""
+    from dataclasses import replace
+
     from dglm.engine.evaluation.report import render_markdown
     from dglm.engine.evaluation.run import run_eval
     from dglm.engine.evaluation.settings import EvalConfig
@@ -173,9 +184,13 @@ def test_eval_runs_re_control_beside_dglm(engine, tiny_reference_lm):
     config = EvalConfig(prefixes=("The movie was", "I think the food"), num_samples=1,
                         max_new_tokens=6, guidance_scales=(10.0,), renoise_alpha2s=(),
                         fudge_strengths=(), batch_size=2)  # fmt: skip
+    config = replace(config, re_control_step_sizes=(2.0,), re_control_plausibilities=(0.9,))
     report, samples = run_eval(engine, config, reference_lm=lm)
     rows = {r["setting"]: r for r in report["rows"]}
-    assert {"re-control sentiment=positive", "dglm+re-control sentiment=negative:10"} <= set(rows)
+    assert {"re-control sentiment=positive", "dglm+re-control sentiment=negative:10",
+            "re-control sentiment=positive β=0.9", "dglm+re-control sentiment=positive:10 β=0.9",
+            "dglm+re-control sentiment=positive:10 α=2 β=0.9"} <= set(rows)  # fmt: skip
+    assert rows["re-control sentiment=positive β=0.9"]["re_control_plausibility"] == 0.9
     text = {s["setting"]: [] for s in samples}
     for s in samples:
         text[s["setting"]].append(s["continuation"])
@@ -185,6 +200,9 @@ def test_eval_runs_re_control_beside_dglm(engine, tiny_reference_lm):
     assert any("DGLM + RE-Control above DGLM alone" in t for t in targets)
     md = render_markdown(report)
     assert "RE-Control (value network's n, α)" in md and "s=10 + RE-Control" in md
+    assert "RE-Control (value network's n, α) β=0.9" in md and "s=10 + RE-Control α=2 β=0.9" in md
+    masked = [s["continuation"] for s in samples if s["setting"].endswith("positive β=0.9")]
+    assert masked != text["re-control sentiment=positive"]
 
 
 def test_benchmark_suite_runs_re_control(engine):
