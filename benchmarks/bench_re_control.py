@@ -41,9 +41,19 @@ PROMPTS = [
 TARGET = 1.3  # edit / plain, ms per token
 
 
-def one_call(engine: Engine, prompts, tokens: int, edit: bool, probe: str, label: str) -> float:
-    """ms per decode step of one Engine.generate call."""
-    overrides = {} if edit else {"re_control_steps": 0}
+ARMS = ("plain", "edit", "masked")
+
+
+def one_call(
+    engine: Engine, prompts, tokens: int, arm: str, probe: str, label: str, beta: float = 0.0
+) -> float:
+    """ms per decode step of one Engine.generate call; arm: "plain" (no edit), "edit" (the value
+    network's defaults, no plausibility mask), "masked" (the edit with the mask at β)."""
+    overrides = {
+        "plain": {"re_control_steps": 0},
+        "edit": {"re_control_plausibility": 0.0},
+        "masked": {"re_control_plausibility": beta},
+    }[arm]
     params = [
         GenerationParams(controls=(Control(probe, label, method="re-control"),), seed=i,
                          max_new_tokens=tokens, ignore_eos=True, **overrides)
@@ -62,6 +72,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--probe", default="sentiment")
     ap.add_argument("--label", default="positive")
+    ap.add_argument(
+        "--plausibility", type=float, default=0.1,
+        help="β of the third arm, the edit with its plausibility mask (0: no such arm)",
+    )  # fmt: skip
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -74,19 +88,25 @@ def main() -> None:
     rows = []
     for batch in (int(b) for b in args.batches.split(",")):
         prompts = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
-        for edit in (False, True):  # warm-up: buckets, first calls
-            one_call(engine, prompts, 4, edit, args.probe, args.label)
-        ms = {False: [], True: []}
+        arms = ARMS if args.plausibility > 0 else ARMS[:2]
+        for arm in arms:  # warm-up: buckets, first calls
+            one_call(engine, prompts, 4, arm, args.probe, args.label, args.plausibility)
+        ms = {arm: [] for arm in arms}
         for _ in range(args.repeats):
-            for edit in (False, True):
-                ms[edit].append(one_call(engine, prompts, args.tokens, edit, args.probe,
-                                         args.label))  # fmt: skip
-        plain, edited = statistics.median(ms[False]), statistics.median(ms[True])
-        rows.append({"batch": batch, "tokens": args.tokens, "plain_ms_per_token": round(plain, 3),
-                     "edit_ms_per_token": round(edited, 3), "ratio": round(edited / plain, 3),
-                     "met": edited / plain <= TARGET, "repeats": args.repeats,
-                     "load_avg": load_average()})  # fmt: skip
-        print(f"B={batch}: plain {plain:.1f} ms/token, edit {edited:.1f} ({edited / plain:.2f}x)")
+            for arm in arms:
+                ms[arm].append(one_call(engine, prompts, args.tokens, arm, args.probe,
+                                        args.label, args.plausibility))  # fmt: skip
+        plain, edited = statistics.median(ms["plain"]), statistics.median(ms["edit"])
+        row = {"batch": batch, "tokens": args.tokens, "plain_ms_per_token": round(plain, 3),
+               "edit_ms_per_token": round(edited, 3), "ratio": round(edited / plain, 3),
+               "met": edited / plain <= TARGET, "repeats": args.repeats}  # fmt: skip
+        if "masked" in ms:
+            masked = statistics.median(ms["masked"])
+            row |= {"plausibility": args.plausibility, "masked_ms_per_token": round(masked, 3),
+                    "masked_ratio": round(masked / plain, 3)}  # fmt: skip
+        rows.append(row | {"load_avg": load_average()})
+        print(f"B={batch}: plain {plain:.1f} ms/token, edit {edited:.1f} ({edited / plain:.2f}x)"
+              + (f", masked {masked:.1f} ({masked / plain:.2f}x)" if "masked" in ms else ""))
     env = common.environment(device)
     report = {
         "bench": "re_control", "environment": env, "threads": args.threads,
@@ -105,14 +125,19 @@ def main() -> None:
         f"{args.probe}={args.label}; edit = the value network's defaults ({net.steps} steps of "
         f"{net.step_size:g}, {net.depth} × {net.hidden_dim} MLP), plain = re_control_steps=0 "
         f"(same decode path, no hook); median of {args.repeats} alternating repetitions. Target: "
-        f"edit ≤ {TARGET}× plain per token.",
+        f"edit ≤ {TARGET}× plain per token."
+        + (f" masked = the edit with its plausibility mask at β = {args.plausibility:g} "
+           "(`re_control_plausibility`: one more LM-head row per edited row)."
+           if args.plausibility > 0 else ""),
         "",
-        "| batch | plain ms/token | edit ms/token | edit / plain | target ≤ 1.3 | load |",
-        "|---:|---:|---:|---:|---|---:|",
-    ]
+        "| batch | plain ms/token | edit ms/token | edit / plain | target ≤ 1.3 | masked ms/token "
+        "| masked / plain | load |",
+        "|---:|---:|---:|---:|---|---:|---:|---:|",
+    ]  # fmt: skip
     for r in rows:
         lines.append(f"| {r['batch']} | {r['plain_ms_per_token']} | {r['edit_ms_per_token']} | "
                      f"{r['ratio']} | {'**met**' if r['met'] else '**missed**'} | "
+                     f"{r.get('masked_ms_per_token', '—')} | {r.get('masked_ratio', '—')} | "
                      f"{r['load_avg']} |")  # fmt: skip
     out = common.write_results(
         ROOT / "benchmarks" / "results" / "cpu" if args.out is None else type(ROOT)(args.out),

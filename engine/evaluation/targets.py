@@ -241,6 +241,16 @@ def target_checks(
     by_name = {r["setting"]: r for r in rows}
     dec, ref = by_name.get("decoder"), by_name.get("dglm unguided")
     checks: list[dict] = []
+    if dec is not None and ref is None:  # RE-Control's checks need plain decoding only
+        for target in ("positive", "negative"):
+            group = [r for r in rows if r["group"] == "sentiment" and r["target"] == target]
+            steered = next(
+                (r for r in group if r["method"] == "dglm" and r["scale"] == default_scale), None
+            )
+            rc = [r for r in group if r["method"] in ("re-control", "dglm+re-control")]
+            if rc:
+                rc_ppl = perplexity_key([dec, *rc, *([steered] if steered else [])])
+                checks += _re_control_checks(target, group, dec, steered, rc_ppl)
     if dec is not None and ref is not None:
         ppl = perplexity_key([dec, ref])
         checks.append(

@@ -79,3 +79,29 @@ def test_targets_fall_back_to_smollm2_perplexity_and_mark_missing_settings():
     neg = [c for c in t.values() if c["target"].startswith("sentiment negative")]
     assert len(neg) == 6 and all(c["met"] is None for c in neg)
     assert all("not run" in c["setting"] for c in neg)
+
+
+def test_re_control_targets_need_plain_decoding_only():
+    """An evaluation of RE-Control rows beside plain decoding and DGLM (no unguided DGLM row)
+    still checks RE-Control's targets: the gain over plain decoding, its perplexity, and the
+    combined control against each alone at no worse perplexity."""
+    from eval_rows import headline, row
+
+    rows = [
+        row("decoder", "decoder", "unguided", ref_perplexity=50.0, vader_negative=0.2),
+        headline("n10", "negative", 0.5, vader=0.62, textblob=0.3, ref_ppl=26.0, dist_3=0.9),
+        row("re", "re-control", "sentiment", "negative", ref_perplexity=80.0, vader_negative=0.55),
+        row("both", "dglm+re-control", "sentiment", "negative", 10.0, ref_perplexity=24.0,
+            vader_negative=0.65),  # fmt: skip
+    ]
+    t = by_target(target_checks(rows, {}))
+    gain = t["sentiment negative: RE-Control VADER negative ≥ plain decoding + 25%"]
+    assert gain["met"] and gain["value"] == pytest.approx(0.35)
+    ppl = t["sentiment negative: RE-Control Gemma-3-270M perplexity ≤ 1.5× plain decoding"]
+    assert not ppl["met"] and ppl["value"] == pytest.approx(1.6)
+    over = t["sentiment negative: DGLM + RE-Control above DGLM alone, perplexity no worse"]
+    assert over["met"] and over["value"] == pytest.approx(0.03)
+    assert t["sentiment negative: DGLM + RE-Control above RE-Control alone, perplexity no worse"][
+        "met"
+    ]
+    assert not any("VADER negative ≥ 80%" in k for k in t)  # DGLM's own need unguided DGLM

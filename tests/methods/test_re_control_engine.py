@@ -241,6 +241,9 @@ def test_overhead_benchmark_measures_both_arms(value_bundle, tmp_path, monkeypat
         assert r["plain_ms_per_token"] > 0 and r["edit_ms_per_token"] > 0
         # (the ms are rounded to 3 decimals, the ratio from the unrounded values)
         assert r["ratio"] == pytest.approx(r["edit_ms_per_token"] / r["plain_ms_per_token"], 0.02)
+        assert r["plausibility"] == 0.1 and r["masked_ms_per_token"] > 0  # the third arm
+        want = r["masked_ms_per_token"] / r["plain_ms_per_token"]
+        assert r["masked_ratio"] == pytest.approx(want, 0.02)
     assert "| 2 |" in (tmp_path / "re_control.md").read_text()
     monkeypatch.setattr(sys, "argv", [*argv, "--probe", "topic"])
     with pytest.raises(SystemExit, match="no 'topic' value network"):
