@@ -82,6 +82,9 @@ def guidance_label(r: dict) -> str:
     beta = r.get("re_control_plausibility")
     mask = "" if beta is None else f" β={beta:g}"
     if r["method"] == "re-control":
+        alpha = r.get("re_control_step_size")
+        if alpha is not None:
+            return f"RE-Control α={alpha:g}{mask}"
         return "RE-Control (value network's n, α" + (")" if beta is None else f"){mask}")
     if r["method"] == "dglm+re-control":
         alpha = r.get("re_control_step_size")

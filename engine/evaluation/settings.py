@@ -161,8 +161,8 @@ def re_control_settings(
     plausibilities: tuple[float, ...] = (),
 ) -> list[Setting]:
     """RE-Control alone and DGLM + RE-Control (the control acting both ways, DGLM at the bundle's
-    default scale) for one probe target; the latter again at each of `step_sizes`, and both again
-    at each plausibility β of `plausibilities` (with every step size)."""
+    default scale) for one probe target; the latter again at each of `step_sizes`, and both
+    again at each plausibility β of `plausibilities`, at the default and every step size."""
     both = (Control(probe, target, default_scale, method="both"),)
     alone = (Control(probe, target, method="re-control"),)
     name = f"dglm+re-control {probe}={target}:{default_scale:g}"
@@ -174,20 +174,16 @@ def re_control_settings(
             default_scale, None if a is None else float(a), None if b is None else float(b),
         )  # fmt: skip
 
+    def by_itself(a: float | None, b: float) -> Setting:
+        suffix = ("" if a is None else f" α={a:g}") + f" β={b:g}"
+        return Setting(
+            f"re-control {probe}={target}{suffix}", "re-control", group, alone, None, probe,
+            target, None, None if a is None else float(a), float(b),
+        )  # fmt: skip
+
     extra = [combined(a, None) for a in step_sizes]
     for b in plausibilities:
-        extra.append(
-            Setting(
-                f"re-control {probe}={target} β={b:g}",
-                "re-control",
-                group,
-                alone,
-                None,
-                probe,
-                target,
-                re_control_plausibility=float(b),
-            )  # fmt: skip
-        )
+        extra += [by_itself(a, b) for a in (None, *step_sizes)]
         extra += [combined(a, b) for a in (None, *step_sizes)]
     return [
         Setting(

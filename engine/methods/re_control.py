@@ -310,17 +310,21 @@ class PlausibleEdit:
             raise ValueError("no row of the hook has plausibility > 0: decode without the mask")
         self.hook, self.logits_fn = hook, logits_fn
         self.index = hook.masked
+        self.every_row = hook.masked.tolist() == list(range(hook.rows))  # host-side, once
         self.log_beta = hook.plausibility[hook.masked].log()[:, None]  # (M, 1)
 
     def __call__(
         self, logits: torch.Tensor, tokens: torch.Tensor, finished: torch.Tensor
     ) -> torch.Tensor:
-        base = torch.log_softmax(self.hook.unedited_logits(self.logits_fn), dim=-1)
-        floor = base.max(dim=-1, keepdim=True).values + self.log_beta
-        rows = logits[self.index]
-        masked = rows.masked_fill(base < floor, float("-inf"))
-        empty = torch.isneginf(masked).all(dim=-1, keepdim=True)  # no host read
-        return logits.index_copy(0, self.index, torch.where(empty, rows, masked))
+        # p_u ≥ β · max p_u ⇔ logit_u ≥ max logit_u + log β: no softmax needed
+        base = self.hook.unedited_logits(self.logits_fn)  # (M, V) fp32
+        keep = base >= base.amax(dim=-1, keepdim=True) + self.log_beta
+        every = self.every_row and logits.shape[0] == keep.shape[0]
+        rows = logits if every else logits[self.index]
+        masked = rows.masked_fill(~keep, float("-inf"))
+        empty = torch.isneginf(masked.amax(dim=-1, keepdim=True))  # no host read
+        masked = torch.where(empty, rows, masked)
+        return masked if every else logits.index_copy(0, self.index, masked)
 
 
 def row_edits(

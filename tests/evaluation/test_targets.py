@@ -91,8 +91,15 @@ def test_re_control_targets_need_plain_decoding_only():
         row("decoder", "decoder", "unguided", ref_perplexity=50.0, vader_negative=0.2),
         headline("n10", "negative", 0.5, vader=0.62, textblob=0.3, ref_ppl=26.0, dist_3=0.9),
         row("re", "re-control", "sentiment", "negative", ref_perplexity=80.0, vader_negative=0.55),
-        row("both", "dglm+re-control", "sentiment", "negative", 10.0, ref_perplexity=24.0,
-            vader_negative=0.65),  # fmt: skip
+        row(
+            "both",
+            "dglm+re-control",
+            "sentiment",
+            "negative",
+            10.0,
+            ref_perplexity=24.0,
+            vader_negative=0.65,
+        ),  # fmt: skip
     ]
     t = by_target(target_checks(rows, {}))
     gain = t["sentiment negative: RE-Control VADER negative ≥ plain decoding + 25%"]

@@ -189,7 +189,8 @@ def test_eval_runs_re_control_beside_dglm(engine, tiny_reference_lm):
     rows = {r["setting"]: r for r in report["rows"]}
     assert {"re-control sentiment=positive", "dglm+re-control sentiment=negative:10",
             "re-control sentiment=positive β=0.9", "dglm+re-control sentiment=positive:10 β=0.9",
-            "dglm+re-control sentiment=positive:10 α=2 β=0.9"} <= set(rows)  # fmt: skip
+            "dglm+re-control sentiment=positive:10 α=2 β=0.9",
+            "re-control sentiment=negative α=2 β=0.9"} <= set(rows)  # fmt: skip
     assert rows["re-control sentiment=positive β=0.9"]["re_control_plausibility"] == 0.9
     text = {s["setting"]: [] for s in samples}
     for s in samples:
@@ -201,6 +202,7 @@ def test_eval_runs_re_control_beside_dglm(engine, tiny_reference_lm):
     md = render_markdown(report)
     assert "RE-Control (value network's n, α)" in md and "s=10 + RE-Control" in md
     assert "RE-Control (value network's n, α) β=0.9" in md and "s=10 + RE-Control α=2 β=0.9" in md
+    assert "| RE-Control α=2 β=0.9 |" in md
     masked = [s["continuation"] for s in samples if s["setting"].endswith("positive β=0.9")]
     assert masked != text["re-control sentiment=positive"]
 
@@ -242,6 +244,8 @@ def test_overhead_benchmark_measures_both_arms(value_bundle, tmp_path, monkeypat
         # (the ms are rounded to 3 decimals, the ratio from the unrounded values)
         assert r["ratio"] == pytest.approx(r["edit_ms_per_token"] / r["plain_ms_per_token"], 0.02)
         assert r["plausibility"] == 0.1 and r["masked_ms_per_token"] > 0  # the third arm
+        ratio = r["masked_ratio"]  # (rounded: at exactly 1.3 either verdict is honest)
+        assert r["masked_met"] is (ratio <= 1.3) or abs(ratio - 1.3) < 2e-3
         want = r["masked_ms_per_token"] / r["plain_ms_per_token"]
         assert r["masked_ratio"] == pytest.approx(want, 0.02)
     assert "| 2 |" in (tmp_path / "re_control.md").read_text()
