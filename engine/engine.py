@@ -27,7 +27,7 @@ from dglm.engine.methods.base import Method, MethodBatch
 from dglm.engine.methods.dglm import DGLM
 from dglm.engine.methods.re_control import ReControl, ValueNetwork
 from dglm.engine.models.base import Decoder, HiddenHook
-from dglm.engine.models.quant import resolve_quantize
+from dglm.engine.models.quant import quantize_label, resolve_quantize
 from dglm.engine.probes import Probe, ProbeSet, save_probes
 from dglm.engine.prompt.generator import PromptGenerator
 from dglm.export.runtime import OrtModels, RuntimeOptions, load_export
@@ -457,7 +457,7 @@ class Engine:
             },
             "guided_update": getattr(self.update_fn, "__name__", str(self.update_fn)),
             "fast_decode": self.decode_runner is not None,
-            "decoder_quantized": getattr(self.decoder, "quantized", "none"),
+            "decoder_quantized": quantize_label(self.decoder),
             "device": str(self.device),
             "dtype": str(self.dtype).replace("torch.", ""),
         }

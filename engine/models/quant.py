@@ -173,10 +173,22 @@ def quantize_decoder(decoder, mode: str = "int8", kernel: str | None = None):
     return decoder
 
 
+def quantize_label(decoder) -> str:
+    """The `quantize` mode a decoder runs in, as Engine.from_pretrained takes it: "none", "int8",
+    or "int8-bf16" (int8 weights whose kernel takes bf16 activations; `decoder.quantized` says
+    "int8" for both, the weights' format)."""
+    mode = getattr(decoder, "quantized", "none")
+    head = decoder.__dict__.get("_modules", {}).get("quant_head")
+    if mode == "int8" and getattr(head, "kernel", None) == "cpu-bf16":
+        return "int8-bf16"
+    return mode
+
+
 __all__ = [
     "INT8_KERNELS",
     "QUANTIZE_MODES",
     "best_int8_kernel",
+    "quantize_label",
     "Int8Linear",
     "fused_int8_available",
     "int8_weights",

@@ -44,3 +44,25 @@ def test_percentile_is_the_nearest_rank():
 def test_unknown_modes_are_refused(tiny_bundle, tmp_path):
     with pytest.raises(SystemExit):
         bench_serve.main(["--bundle", str(tiny_bundle), "--modes", "gpu", "--out", str(tmp_path)])
+
+
+def test_targets_judge_the_batching_rows_and_cite_the_engine_alone():
+    from benchmarks.bench_serve import targets
+
+    def row(mode, c, tok_s, p50, p99, lost=0):
+        return {"mode": mode, "concurrency": c, "tokens_per_s": tok_s, "latency_median_s": p50,
+                "latency_p99_s": p99, "lost": lost, "rejected_429": 0}  # fmt: skip
+
+    rows = [row("engine.generate", 1, 200.0, 0.2, 0.21), row("batching", 1, 90.0, 0.4, 0.42),
+            row("batching", 8, 300.0, 0.9, 0.96)]  # fmt: skip
+    got = targets(rows)
+    assert got[0] == ("concurrency 8 vs 1 (batching): 3.33x tokens/s (target ≥ 2: met); p99 "
+                      "latency 2.40x the single request's (target ≤ 2.5: met)")  # fmt: skip
+    assert got[1] == (
+        "for reference: p99 at concurrency 8 is 4.80x Engine.generate's lone "
+        "request (0.200 s, in process); the served lone request takes 2.00x that"
+    )
+    rows[2] = row("batching", 8, 170.0, 1.3, 1.35, lost=1)
+    got = targets(rows)
+    assert "1.89x tokens/s (target ≥ 2: missed)" in got[0] and "3.38x" in got[0]
+    assert got[-1].startswith("lost or duplicated responses: 1 (target 0: missed)")

@@ -154,6 +154,9 @@ def test_int8_bf16_mode_and_its_refusals(pair, gen):
     b = quantize_decoder(copy.deepcopy(fp32), "int8-bf16")
     kernels = {m.kernel for m in b.modules() if isinstance(m, Int8Linear)}
     assert kernels == {"cpu-bf16"} and b.quantized == "int8"
+    from dglm.engine.models.quant import quantize_label
+
+    assert [quantize_label(m) for m in (b, q, fp32)] == ["int8-bf16", "int8", "none"]
     ids = torch.randint(4, VOCAB, (2, 9), generator=gen)
     pos = torch.arange(9)[None].expand(2, -1)
     with torch.inference_mode():
