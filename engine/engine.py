@@ -129,7 +129,7 @@ class Engine:
     def re_control(self) -> ReControl:
         """RE-Control on its own (no soft prompt): every control of a request acts through its
         probe's value network; `engine.generate(prompts, params, method=engine.re_control)`."""
-        return ReControl(self.value_nets, self.probes.probes, self.decoder.logits)
+        return ReControl(self.value_nets, self.probes.probes, getattr(self.decoder, "logits", None))
 
     # ---------------------------------------------------------------- loading and saving
     @classmethod

@@ -117,8 +117,10 @@ class DGLM(Method):
             soft_prompt = e.prompt_gen(z.to(e.dtype), renoise_a2.to(e.dtype))  # (R, P, H)
         timings["prompt_generator"] = elapsed(e.device, t)
         processors = self.prompt_guidance(batch)
+        # (the ONNX Runtime decoder has no LM head of its own here; it refuses RE-Control anyway)
+        head = getattr(e.decoder, "logits", None)
         hook, masks = value_conditioning(
-            e.value_nets, e.probes.probes, batch, False, e.device, e.decoder.logits
+            e.value_nets, e.probes.probes, batch, False, e.device, head
         )
         processors = (*processors, *masks)  # the mask acts on the guided scores
         return Conditioning(

@@ -424,6 +424,11 @@ def value_conditioning(
     hook = value_hook(nets, probes, batch, every_control, device)
     if hook is None or hook.masked is None:
         return hook, ()
+    if logits_fn is None:
+        raise ValueError(
+            "re_control_plausibility > 0 needs the decoder's LM head, which this backend does "
+            "not expose: pass re_control_plausibility=0"
+        )
     return hook, (PlausibleEdit(hook, logits_fn),)
 
 
@@ -455,11 +460,6 @@ class ReControl(Method):
         hook, processors = value_conditioning(
             self.nets, self.probes, batch, True, torch.device(device), self.logits_fn
         )
-        if processors and self.logits_fn is None:
-            raise ValueError(
-                "re_control_plausibility > 0 needs the decoder's LM head: build ReControl with "
-                "logits_fn (Engine.re_control does)"
-            )
         return Conditioning(hidden_hook=hook, processors=processors)
 
 
