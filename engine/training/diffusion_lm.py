@@ -19,7 +19,9 @@ The loss (the paper's end-to-end objective, as its code computes it), per batch 
 Gradients reach E through x0 (inputs and targets) and the rounding term. Held out (EMA weights,
 fixed noise): the loss and its parts, the rounding error of x0 (share of positions whose nearest
 embedding is not w: are the embeddings decodable?) and the token error of the rounded prediction
-f(z_t, t) at t = 0.25, 0.5 and 0.75 (how much the denoiser recovers).
+f(z_t, t) at t = 0.25, 0.5 and 0.75 (how much the denoiser recovers), over every position and over
+the words alone (`eval_x0_word_err_t*`: PAD, BOS and EOS fill most of a short sentence's row and
+are easy, so the first hides how well words are recovered).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from dglm.engine.methods.diffusion_lm.model import (
     DiffusionLMNetwork,
     LatentClassifier,
 )
-from dglm.engine.methods.diffusion_lm.vocab import BOS, EOS, PAD, UNK, Vocab, words
+from dglm.engine.methods.diffusion_lm.vocab import BOS, EOS, FIRST_WORD, PAD, UNK, Vocab, words
 from dglm.engine.training.data import PAIRS_FILE, SOURCES, documents, read_pairs, split_of
 from dglm.engine.training.loop import Progress, Run, TrainConfig
 from dglm.kernels.nearest_embedding import nearest_embedding
@@ -173,13 +175,16 @@ def evaluate_diffusion_lm(
     out = loss_fn(net, ids, gen)
     table = net.table().float()
     logs = {f"eval_{k}": float(out[k]) for k in ("loss", "mse", "nll", "prior")}
+    word = ids >= FIRST_WORD  # the sentence's words (PAD, BOS, EOS are most of a short row)
     round_ids, _ = nearest_embedding(out["x0"], table)
     logs["eval_round_err"] = float((round_ids != ids).float().mean())
     for t in EVAL_TIMES:
         t_idx = torch.full((ids.shape[0],), max(1, round(t * loss_fn.T)), dtype=torch.long)
         o = loss_fn(net, ids, gen, t_idx)
         pred_ids, _ = nearest_embedding(o["pred"], table)
-        logs[f"eval_x0_err_t{t}"] = float((pred_ids != ids).float().mean())
+        wrong = pred_ids != ids
+        logs[f"eval_x0_err_t{t}"] = float(wrong.float().mean())
+        logs[f"eval_x0_word_err_t{t}"] = float(wrong[word].float().mean())
     return logs
 
 

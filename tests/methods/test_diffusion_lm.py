@@ -83,7 +83,8 @@ def engine(bundle):
 def test_training_loss_falls_and_is_logged(bundle):
     rows = [json.loads(x) for x in (bundle.parent / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(20, 201, 20))
-    for key in ("eval_loss", "eval_mse", "eval_nll", "eval_round_err", "eval_x0_err_t0.5"):
+    for key in ("eval_loss", "eval_mse", "eval_nll", "eval_round_err", "eval_x0_err_t0.5",
+                "eval_x0_word_err_t0.5"):  # fmt: skip
         assert key in rows[-1]
     assert rows[-1]["eval_loss"] < 0.7 * rows[0]["eval_loss"]
     assert rows[-1]["eval_round_err"] == 0.0  # the learned embeddings are decodable
@@ -441,3 +442,55 @@ def test_cpu_wide_sc_preset_has_both_settings():
     base, sc = DIFFUSION_LM_PRESETS["cpu-wide"], DIFFUSION_LM_PRESETS["cpu-wide-sc"]
     assert sc.self_condition and sc.embedding_norm == pytest.approx(sc.emb_dim**0.5)
     assert replace(sc, self_condition=False, embedding_norm=0.0) == base
+
+
+def test_eval_word_error_counts_the_words_only():
+    """The held-out token error over every position and over the words alone: a prediction that
+    gets every PAD/BOS/EOS right and every word wrong is 100% wrong on words and only the words'
+    share wrong overall."""
+    from dglm.engine.methods.diffusion_lm.model import DIFFUSION_LM_PRESETS, DiffusionLMNetwork
+    from dglm.engine.methods.diffusion_lm.vocab import BOS, EOS, PAD
+    from dglm.engine.training.diffusion_lm import evaluate_diffusion_lm
+
+    torch.manual_seed(0)
+    net = DiffusionLMNetwork(DIFFUSION_LM_PRESETS["tiny"])
+    L = net.config.seq_len
+    ids = torch.tensor([[BOS, 5, 6, 7, EOS] + [PAD] * (L - 5), [BOS, 9, EOS] + [PAD] * (L - 3)])
+
+    class Fake:
+        T = 100
+
+        def __call__(self, net, ids, gen, t_idx=None):
+            table = net.table().detach()
+            wrong = torch.where(ids >= 4, torch.full_like(ids, PAD), ids)  # every word → PAD
+            z = torch.zeros(())
+            return {"loss": z, "mse": z, "nll": z, "prior": z, "x0": table[ids],
+                    "pred": table[wrong]}  # fmt: skip
+
+    logs = evaluate_diffusion_lm(net, Fake(), ids)
+    assert logs["eval_round_err"] == 0.0
+    assert logs["eval_x0_word_err_t0.5"] == 1.0
+    assert logs["eval_x0_err_t0.5"] == pytest.approx(4 / (2 * L))
+
+
+def test_rounding_never_picks_unk_at_a_free_position():
+    """UNK (every out-of-vocabulary word) is never a free position's output, even where x sits on
+    UNK's own embedding; a fixed UNK (context with an unknown word) is kept; the rest is nearest."""
+    from dglm.engine.methods.diffusion_lm.sampling import Layout, Rounder
+    from dglm.engine.methods.diffusion_lm.vocab import UNK
+
+    torch.manual_seed(0)
+    table = torch.randn(12, 4)
+    r = Rounder(table)
+    x = table[[UNK, 7, UNK]][None].clone()  # (1, 3, d): on UNK, on word 7, on UNK
+    free = Layout(torch.zeros(1, 3, dtype=torch.bool), torch.zeros(1, 3, dtype=torch.long),
+                  torch.zeros(1, 3, dtype=torch.bool))  # fmt: skip
+    ids, snapped = r(x, free)
+    dist = torch.cdist(table[UNK][None], table)[0]
+    dist[UNK] = float("inf")
+    assert ids[0, 0] == ids[0, 2] == int(dist.argmin()) != UNK
+    assert ids[0, 1] == 7 and torch.equal(snapped[0, 1], table[7])
+    fixed = Layout(torch.tensor([[True, False, False]]), torch.tensor([[UNK, 0, 0]]),
+                   torch.zeros(1, 3, dtype=torch.bool))  # fmt: skip
+    ids, snapped = r(x, fixed)
+    assert ids[0, 0] == UNK and torch.equal(snapped[0, 0], table[UNK]) and ids[0, 2] != UNK

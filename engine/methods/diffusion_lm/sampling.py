@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from dglm.engine.diffusion.schedule import Schedule, multistep_coefficients
-from dglm.engine.methods.diffusion_lm.vocab import FIRST_WORD
+from dglm.engine.methods.diffusion_lm.vocab import FIRST_WORD, UNK
 from dglm.kernels.nearest_embedding import half_sq_norms, nearest_embedding
 
 SAMPLERS = ("ddpm", "ddim")  # the shared schedule's samplers this model uses
@@ -57,18 +57,25 @@ class Layout:
 
 
 class Rounder:
-    """Nearest-embedding rounding of a table: over all tokens, or over words only (ids ≥ 4),
-    chosen per position; fixed positions keep their own token. Precomputes ½‖E‖² once."""
+    """Nearest-embedding rounding of a table: over every token but UNK, or over words only
+    (ids ≥ 4), chosen per position; fixed positions keep their own token (UNK included).
+    Precomputes ½‖E‖² once.
+
+    UNK is never a free position's output: it stands for every word outside the vocabulary, so
+    its embedding is trained toward their mean and sits where an uncertain x̂0 lands; with
+    clamping, a position snapped to it stays a hole in the text (it renders as nothing)."""
 
     def __init__(self, table: torch.Tensor) -> None:
         self.table = table.detach().float()  # (V, d)
         self.half = half_sq_norms(self.table)
+        self.any_half = self.half.clone()
+        self.any_half[UNK] = float("inf")  # x·E − ½‖E‖² = −inf: never the nearest
         self.words = self.table[FIRST_WORD:]
         self.words_half = self.half[FIRST_WORD:]
 
     def __call__(self, x: torch.Tensor, layout: Layout) -> tuple[torch.Tensor, torch.Tensor]:
         """(ids (B, L), snapped (B, L, d)) of x (B, L, d) under `layout`."""
-        any_ids, any_x = nearest_embedding(x, self.table, self.half)
+        any_ids, any_x = nearest_embedding(x, self.table, self.any_half)
         word_ids, word_x = nearest_embedding(x, self.words, self.words_half)
         wo = layout.word_only
         ids = torch.where(wo, word_ids + FIRST_WORD, any_ids)
