@@ -331,12 +331,12 @@ def row_edits(
     nets: dict[str, ValueNetwork],
     probes: dict[str, Probe],
     controls_per_row: list[tuple[Control, ...]],
-    settings_per_row: list[tuple[int, float]] | list[tuple[int, float, float]],
+    settings_per_row: list[tuple[int, float, float]],
     device: torch.device,
 ) -> list[RowEdit]:
     """One RowEdit per value network some row's controls use: controls_per_row are the controls
-    that act through RE-Control on each row; settings_per_row each row's (steps, step_size[,
-    plausibility])."""
+    that act through RE-Control on each row; settings_per_row each row's (steps, step_size,
+    plausibility) from `edit_settings` (the plausibility goes to the hook, not the edit)."""
     R = len(controls_per_row)
     used = sorted({c.probe for cs in controls_per_row for c in cs})
     edits = []
@@ -385,16 +385,18 @@ def edit_settings(
     return steps, size, beta
 
 
-def value_hook(
+def value_conditioning(
     nets: dict[str, ValueNetwork],
     probes: dict[str, Probe],
     batch: MethodBatch,
     every_control: bool,
     device: torch.device,
-) -> ValueEdit | None:
-    """The hook for a batch: the controls that act on hidden states (`Control.hidden`; every
-    control with `every_control`) act through their value networks; None when no row has one.
-    See `value_conditioning` for the hook with its plausibility mask."""
+    logits_fn,
+) -> tuple[ValueEdit | None, tuple[PlausibleEdit, ...]]:
+    """The hook for a batch and, when a row asks for plausibility > 0, its `PlausibleEdit`
+    processor (logits_fn: the decoder's `logits`, the LM head) → (hook or None, processors). The
+    controls that act on hidden states (`Control.hidden`; every control with `every_control`) act
+    through their value networks; the hook is None when no row has one."""
     per_row, settings = [], []
     for i, _ in batch.rows:
         p = batch.params[i]
@@ -404,25 +406,13 @@ def value_hook(
         with_dglm = not every_control and any(c.latent for c in controls)
         settings.append(edit_settings(p, net, with_dglm))
     if not any(per_row):
-        return None
+        return None, ()
     edits = row_edits(nets, probes, per_row, settings, device)
     beta = [b if cs else 0.0 for cs, (_, _, b) in zip(per_row, settings, strict=True)]
     hook = ValueEdit(edits, len(per_row), torch.tensor(beta, device=device))
-    return hook if bool(hook.active.any()) else None
-
-
-def value_conditioning(
-    nets: dict[str, ValueNetwork],
-    probes: dict[str, Probe],
-    batch: MethodBatch,
-    every_control: bool,
-    device: torch.device,
-    logits_fn,
-) -> tuple[ValueEdit | None, tuple[PlausibleEdit, ...]]:
-    """`value_hook` and, when a row asks for plausibility > 0, its `PlausibleEdit` processor
-    (logits_fn: the decoder's `logits`, the LM head) → (hook or None, processors)."""
-    hook = value_hook(nets, probes, batch, every_control, device)
-    if hook is None or hook.masked is None:
+    if not bool(hook.active.any()):
+        return None, ()
+    if hook.masked is None:
         return hook, ()
     if logits_fn is None:
         raise ValueError(
@@ -481,5 +471,4 @@ __all__ = [
     "row_edits",
     "value_ascent",
     "value_conditioning",
-    "value_hook",
 ]
