@@ -485,6 +485,11 @@ def _add_diffusion_lm_parsers(tsub) -> None:
         help="override the preset's fixed word-embedding norm (0: the free table)",
     )  # fmt: skip
     tl.add_argument(
+        "--x0-head", default=None, choices=("regress", "interpolate"),
+        help="override the preset's x̂0 head: regress (the paper's MSE) or interpolate (word "
+        "scores trained by cross-entropy, x̂0 their mean embedding)",
+    )  # fmt: skip
+    tl.add_argument(
         "--dtype",
         default="auto",
         choices=("auto", "bfloat16", "float32"),
@@ -542,6 +547,8 @@ def cmd_train_diffusion_lm(args: argparse.Namespace) -> int:
         overrides["self_condition"] = args.self_condition == "on"
     if args.embedding_norm is not None:
         overrides["embedding_norm"] = args.embedding_norm
+    if args.x0_head is not None:
+        overrides["x0_head"] = args.x0_head
     config = replace(preset, **overrides)
     train, _ = encode_sentences(train_text, vocab, config.seq_len, args.max_unk)
     held, _ = encode_sentences(held_text, vocab, config.seq_len, args.max_unk)

@@ -16,6 +16,12 @@ The loss (the paper's end-to-end objective, as its code computes it), per batch 
     prior = ‖α_T·x0‖²                               the prior term (≈ 0 with the sqrt schedule)
     loss  = mean(mse) + mean(nll) + mean(prior)
 
+With the "interpolate" head (model module doc) the denoiser's word scores s(z_t, t) are trained by
+cross-entropy in place of the MSE, which is still logged for its x̂0:
+
+    ce    = −log softmax(s(z_t, t))[w]
+    loss  = mean(ce) + mean(nll) + mean(prior)
+
 Gradients reach E through x0 (inputs and targets) and the rounding term. Held out (EMA weights,
 fixed noise): the loss and its parts, the rounding error of x0 (share of positions whose nearest
 embedding is not w: are the embeddings decodable?) and the token error of the rounded prediction
@@ -146,21 +152,22 @@ class DiffusionLMLoss:
                 first = net(z, a2).float()
             use = (torch.rand(b, generator=gen) < 0.5).to(dev)[:, None, None]
             prev = torch.where(use, first, torch.zeros_like(first))
-        pred = net(z, a2, prev).float()  # (B, L, d)
+        pred, scores = net.denoise(z, a2, prev)
+        pred = pred.float()  # (B, L, d)
         target = torch.where((t_idx == 1).to(dev)[:, None, None], emb, x0)
         mse = (pred - target.float()).pow(2).mean(dim=(1, 2))  # (B,)
         nll = F.cross_entropy(net.logits(x0).flatten(0, 1), ids.flatten(), reduction="none")
         nll = nll.view(b, -1).mean(-1)  # (B,)
         prior = (self.alpha2[-1] * x0.float().pow(2)).mean(dim=(1, 2))
-        loss = (mse + nll + prior).mean()
-        return {
-            "loss": loss,
-            "mse": mse.mean(),
-            "nll": nll.mean(),
-            "prior": prior.mean(),
-            "x0": x0,
-            "pred": pred,
-        }
+        out = {"mse": mse.mean(), "nll": nll.mean(), "prior": prior.mean(), "x0": x0, "pred": pred}
+        if scores is None:  # "regress": the paper's objective
+            out["loss"] = (mse + nll + prior).mean()
+        else:  # "interpolate": cross-entropy of the word scores replaces the MSE
+            ce = F.cross_entropy(scores.flatten(0, 1), ids.flatten(), reduction="none")
+            ce = ce.view(b, -1).mean(-1)  # (B,)
+            out["ce"] = ce.mean()
+            out["loss"] = (ce + nll + prior).mean()
+        return out
 
 
 @torch.no_grad()
@@ -174,7 +181,7 @@ def evaluate_diffusion_lm(
     gen = torch.Generator().manual_seed(0)
     out = loss_fn(net, ids, gen)
     table = net.table().float()
-    logs = {f"eval_{k}": float(out[k]) for k in ("loss", "mse", "nll", "prior")}
+    logs = {f"eval_{k}": float(out[k]) for k in ("loss", "mse", "nll", "prior", "ce") if k in out}
     word = ids >= FIRST_WORD  # the sentence's words (PAD, BOS, EOS are most of a short row)
     round_ids, _ = nearest_embedding(out["x0"], table)
     logs["eval_round_err"] = float((round_ids != ids).float().mean())

@@ -33,6 +33,11 @@ Presets (model.DIFFUSION_LM_PRESETS):
   AMX here, so `--dtype auto` keeps fp32). The CLI default, 24,000 steps (~70 epochs), is
   ~2 hours; fluency after it is an estimate (the paper trains far longer, on 50k-100k
   sentences), to be checked by the first real run.
+- "cpu-wide" / "cpu-wide-sc": d = 32, a 4 × 256 transformer (~3.4M parameters); "-sc" adds
+  self-conditioning and word embeddings at norm √d.
+- "cpu-wide-ce": "cpu-wide-sc" with the score-interpolation head (model module doc: word scores
+  trained by cross-entropy, x̂0 their mean embedding); "cpu-short-ce": the same for sentences of
+  ≤ 14 words over 2,000 words (sources:amazon_reviews). What each run measured: README.
 - "reference": the paper's ROCStories shape (12 × 768, d = 128, 11k words, length 64).
 
 Sampling cost of the "cpu" shape, batch 1, one thread, same load (untrained weights: the cost

@@ -7,6 +7,17 @@ bidirectional transformer (engine.layers: learned positions, time scale/shift in
 Linear(dim → d). Rounding scores are −‖x − E_v‖² (up to a per-vector constant: 2x·E_v − ‖E_v‖²),
 the rule that also decodes and clamps (kernels.nearest_embedding), so the rounding loss trains
 exactly what sampling uses (the paper ties its LM head to E and scores x·E_v).
+
+Two readings of the last layer's output q (B, L, d), `DiffusionLMConfig.x0_head`:
+- "regress" (the paper): x̂0 = q, trained by ‖x̂0 − x0‖².
+- "interpolate" (score interpolation, Dieleman et al. 2022, "CDCD"): q scores every word by the
+  rounding rule, p(v | z_t) = softmax_v(2q·E_v − ‖E_v‖²), trained by cross-entropy on the true
+  words, and x̂0 = Σ_v p(v | z_t)·E_v, the mean embedding under the predicted distribution. A
+  regressed x̂0 under uncertainty is the average of the candidate embeddings, which lands near
+  the table's centroid (the nearest words there are "the" and "."); the cross-entropy gives every
+  position a sharp gradient toward its word and away from the others, and the same mean is formed
+  explicitly from a distribution the network is trained to calibrate. The sampler is unchanged:
+  it reads x̂0 either way.
 """
 
 from __future__ import annotations
@@ -19,6 +30,9 @@ from dglm.engine.config import FromDict, check_positive
 from dglm.engine.diffusion.schedule import SqrtSchedule
 from dglm.engine.layers import TimeMLP, Transformer
 from torch import nn
+
+
+X0_HEADS = ("regress", "interpolate")
 
 
 @dataclass(frozen=True)
@@ -39,6 +53,9 @@ class DiffusionLMConfig(FromDict):
     # denoising loss cannot be lowered by shrinking the embeddings together (the collapse a free
     # table drifts into: rounding errors grow as the MSE falls); 0: the learned table as is
     embedding_norm: float = 0.0
+    # how the last layer's output becomes x̂0: "regress" (x̂0 itself, MSE) or "interpolate" (word
+    # scores, cross-entropy; x̂0 = their softmax-weighted mean embedding): see the module doc
+    x0_head: str = "regress"
 
     def __post_init__(self) -> None:
         check_positive(
@@ -60,6 +77,10 @@ class DiffusionLMConfig(FromDict):
                 f"DiffusionLMConfig.dim={self.dim} must be even and divisible by head_dim={self.head_dim}"
             )
         SqrtSchedule(self.schedule_offset)  # validates the offset
+        if self.x0_head not in X0_HEADS:
+            raise ValueError(
+                f"DiffusionLMConfig.x0_head must be one of {X0_HEADS}, got {self.x0_head!r}"
+            )
         if not (self.embedding_norm >= 0 and math.isfinite(self.embedding_norm)):
             raise ValueError(
                 f"DiffusionLMConfig.embedding_norm must be a finite number ≥ 0, got "
@@ -94,6 +115,31 @@ DIFFUSION_LM_PRESETS: dict[str, DiffusionLMConfig] = {
         self_condition=True,
         embedding_norm=32**0.5,
     ),  # fmt: skip
+    # "cpu-wide-sc" with the score-interpolation head (cross-entropy training; module doc).
+    "cpu-wide-ce": DiffusionLMConfig(
+        vocab_size=5000,
+        seq_len=24,
+        emb_dim=32,
+        dim=256,
+        depth=4,
+        head_dim=32,
+        self_condition=True,
+        embedding_norm=32**0.5,
+        x0_head="interpolate",
+    ),  # fmt: skip
+    # "cpu-wide-ce" for short sentences (≤ 14 words) over a small vocabulary, e.g. the Amazon
+    # fine-food reviews alone (sources:amazon_reviews: 2,000 words cover 93% of their words).
+    "cpu-short-ce": DiffusionLMConfig(
+        vocab_size=2000,
+        seq_len=16,
+        emb_dim=32,
+        dim=256,
+        depth=4,
+        head_dim=32,
+        self_condition=True,
+        embedding_norm=32**0.5,
+        x0_head="interpolate",
+    ),  # fmt: skip
     # The paper's ROCStories shape: BERT-base-sized denoiser, d = 128, 11k words, length 64.
     "reference": DiffusionLMConfig(
         vocab_size=11_000, seq_len=64, emb_dim=128, dim=768, depth=12, head_dim=64
@@ -116,6 +162,9 @@ class DiffusionLMNetwork(nn.Module):
             nn.init.zeros_(self.proj_self.weight)
         self.transformer = Transformer(c.dim, c.depth, c.head_dim, c.dim, c.seq_len, dense=False)
         self.proj_out = nn.Linear(c.dim, c.emb_dim)
+        if c.x0_head == "interpolate":  # uniform word scores at init (cross-entropy log V)
+            nn.init.zeros_(self.proj_out.weight)
+            nn.init.zeros_(self.proj_out.bias)
 
     @property
     def schedule(self) -> SqrtSchedule:
@@ -126,12 +175,22 @@ class DiffusionLMNetwork(nn.Module):
     ) -> torch.Tensor:
         """x̂0 (B, L, d); `x0_prev` (B, L, d): the previous estimate, read by a self-conditioned
         network only (None = zeros: the first step)."""
+        return self.denoise(z, alpha2, x0_prev)[0]
+
+    def denoise(
+        self, z: torch.Tensor, alpha2: torch.Tensor, x0_prev: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(x̂0 (B, L, d), word scores (B, L, V) fp32 for the "interpolate" head, else None)."""
         t_emb = self.time(alpha2)  # (B, dim)
         dtype = self.proj_in.weight.dtype
         h = self.proj_in(z.to(dtype)) + t_emb[:, None, :]  # (B, L, dim)
         if self.proj_self is not None and x0_prev is not None:
             h = h + self.proj_self(x0_prev.to(dtype))
-        return self.proj_out(self.transformer(h, t_emb))  # (B, L, d)
+        q = self.proj_out(self.transformer(h, t_emb))  # (B, L, d)
+        if self.config.x0_head == "regress":
+            return q, None
+        scores = self.logits(q)  # (B, L, V) fp32
+        return scores.softmax(-1) @ self.table().float(), scores
 
     def table(self) -> torch.Tensor:
         """The word embeddings E (V, d) as the diffusion uses them: the learned table, or its
