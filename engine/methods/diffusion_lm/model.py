@@ -31,7 +31,6 @@ from dglm.engine.diffusion.schedule import SqrtSchedule
 from dglm.engine.layers import TimeMLP, Transformer
 from torch import nn
 
-
 X0_HEADS = ("regress", "interpolate")
 
 
