@@ -447,6 +447,16 @@ def test_cpu_wide_sc_preset_has_both_settings():
     assert replace(sc, self_condition=False, embedding_norm=0.0) == base
 
 
+def test_ce_presets_are_the_sc_preset_with_the_interpolate_head():
+    """ "cpu-wide-ce" is "cpu-wide-sc" with the score-interpolation head; "cpu-short-ce" the same
+    for ≤ 14 words over 2,000 words."""
+    sc = DIFFUSION_LM_PRESETS["cpu-wide-sc"]
+    ce, short = DIFFUSION_LM_PRESETS["cpu-wide-ce"], DIFFUSION_LM_PRESETS["cpu-short-ce"]
+    assert sc.x0_head == "regress"
+    assert ce == replace(sc, x0_head="interpolate")
+    assert short == replace(ce, vocab_size=2000, seq_len=16)
+
+
 def test_eval_word_error_counts_the_words_only():
     """The held-out token error over every position and over the words alone: a prediction that
     gets every PAD/BOS/EOS right and every word wrong is 100% wrong on words and only the words'
