@@ -17,7 +17,8 @@ Two readings of the last layer's output q (B, L, d), `DiffusionLMConfig.x0_head`
   the table's centroid (the nearest words there are "the" and "."); the cross-entropy gives every
   position a sharp gradient toward its word and away from the others, and the same mean is formed
   explicitly from a distribution the network is trained to calibrate. The sampler is unchanged:
-  it reads x̂0 either way.
+  it reads x̂0 either way. Measured on CPU (README, Diffusion-LM): at equal steps it halves the
+  held-out word error of "regress" at t = 0.25, but its samples are no more fluent.
 """
 
 from __future__ import annotations
