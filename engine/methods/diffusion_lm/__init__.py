@@ -31,8 +31,8 @@ Presets (model.DIFFUSION_LM_PRESETS):
   21,310 train / 1,030 held out of 51,468. Measured on one thread of this 2-core machine under
   a load of ~3: 0.31 s per step of batch 64 in fp32 (3.2 steps/s); bf16 autocast 0.50 s (no
   AMX here, so `--dtype auto` keeps fp32). The CLI default, 24,000 steps (~70 epochs), is
-  ~2 hours; fluency after it is an estimate (the paper trains far longer, on 50k-100k
-  sentences), to be checked by the first real run.
+  ~2 hours (the paper trains far longer, on 50k-100k sentences). No CPU run so far has reached
+  fluent text (README, Diffusion-LM: exact structure, word-salad content).
 - "cpu-wide" / "cpu-wide-sc": d = 32, a 4 × 256 transformer (~3.4M parameters); "-sc" adds
   self-conditioning and word embeddings at norm √d.
 - "cpu-wide-ce": "cpu-wide-sc" with the score-interpolation head (model module doc: word scores
