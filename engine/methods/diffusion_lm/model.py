@@ -24,7 +24,7 @@ Two readings of the last layer's output q (B, L, d), `DiffusionLMConfig.x0_head`
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from dglm.engine.config import FromDict, check_positive
@@ -91,6 +91,12 @@ class DiffusionLMConfig(FromDict):
         return asdict(self)
 
 
+_CPU_WIDE = DiffusionLMConfig(
+    vocab_size=5000, seq_len=24, emb_dim=32, dim=256, depth=4, head_dim=32
+)
+_CPU_WIDE_SC = replace(_CPU_WIDE, self_condition=True, embedding_norm=32**0.5)
+_CPU_WIDE_CE = replace(_CPU_WIDE_SC, x0_head="interpolate")
+
 DIFFUSION_LM_PRESETS: dict[str, DiffusionLMConfig] = {
     # For tests: trains in seconds.
     "tiny": DiffusionLMConfig(vocab_size=64, seq_len=12, emb_dim=8, dim=32, depth=2, head_dim=16),
@@ -101,45 +107,14 @@ DIFFUSION_LM_PRESETS: dict[str, DiffusionLMConfig] = {
     ),
     # One CPU core, wider: 4× the denoiser's width and 2× the embedding of "cpu" (~3.4M
     # parameters), for simple short sentences (sources:wordnet,amazon_reviews).
-    "cpu-wide": DiffusionLMConfig(
-        vocab_size=5000, seq_len=24, emb_dim=32, dim=256, depth=4, head_dim=32
-    ),
+    "cpu-wide": _CPU_WIDE,
     # "cpu-wide" with self-conditioning and word embeddings at norm √d (unit scale per coordinate).
-    "cpu-wide-sc": DiffusionLMConfig(
-        vocab_size=5000,
-        seq_len=24,
-        emb_dim=32,
-        dim=256,
-        depth=4,
-        head_dim=32,
-        self_condition=True,
-        embedding_norm=32**0.5,
-    ),  # fmt: skip
+    "cpu-wide-sc": _CPU_WIDE_SC,
     # "cpu-wide-sc" with the score-interpolation head (cross-entropy training; module doc).
-    "cpu-wide-ce": DiffusionLMConfig(
-        vocab_size=5000,
-        seq_len=24,
-        emb_dim=32,
-        dim=256,
-        depth=4,
-        head_dim=32,
-        self_condition=True,
-        embedding_norm=32**0.5,
-        x0_head="interpolate",
-    ),  # fmt: skip
+    "cpu-wide-ce": _CPU_WIDE_CE,
     # "cpu-wide-ce" for short sentences (≤ 14 words) over a small vocabulary, e.g. the Amazon
     # fine-food reviews alone (sources:amazon_reviews: 2,000 words cover 93% of their words).
-    "cpu-short-ce": DiffusionLMConfig(
-        vocab_size=2000,
-        seq_len=16,
-        emb_dim=32,
-        dim=256,
-        depth=4,
-        head_dim=32,
-        self_condition=True,
-        embedding_norm=32**0.5,
-        x0_head="interpolate",
-    ),  # fmt: skip
+    "cpu-short-ce": replace(_CPU_WIDE_CE, vocab_size=2000, seq_len=16),
     # The paper's ROCStories shape: BERT-base-sized denoiser, d = 128, 11k words, length 64.
     "reference": DiffusionLMConfig(
         vocab_size=11_000, seq_len=64, emb_dim=128, dim=768, depth=12, head_dim=64
@@ -189,8 +164,9 @@ class DiffusionLMNetwork(nn.Module):
         q = self.proj_out(self.transformer(h, t_emb))  # (B, L, d)
         if self.config.x0_head == "regress":
             return q, None
-        scores = self.logits(q)  # (B, L, V) fp32
-        return scores.softmax(-1) @ self.table().float(), scores
+        e = self.table().float()  # once per call: the scores and the mean both read it
+        scores = self.logits(q, e)  # (B, L, V) fp32
+        return scores.softmax(-1) @ e, scores
 
     def table(self) -> torch.Tensor:
         """The word embeddings E (V, d) as the diffusion uses them: the learned table, or its
@@ -205,9 +181,10 @@ class DiffusionLMNetwork(nn.Module):
         """E[ids] (..., d)."""
         return self.table()[ids] if self.config.embedding_norm > 0 else self.embed(ids)
 
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Rounding scores (..., V): −‖x − E_v‖² + ‖x‖² = 2x·E_v − ‖E_v‖², in fp32."""
-        e = self.table().float()
+    def logits(self, x: torch.Tensor, table: torch.Tensor | None = None) -> torch.Tensor:
+        """Rounding scores (..., V): −‖x − E_v‖² + ‖x‖² = 2x·E_v − ‖E_v‖², in fp32 (`table`: E
+        as `self.table()` gives it, when the caller already has it)."""
+        e = (self.table() if table is None else table).float()
         return 2 * x.float() @ e.T - e.pow(2).sum(-1)
 
 
