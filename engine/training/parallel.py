@@ -53,6 +53,10 @@ def _entry(rank: int, fn: Callable, world_size: int, port: int, args: tuple) -> 
     init(rank, world_size, port)
     try:
         fn(rank, world_size, *args)
+        # every rank done before any tears down: a rank destroying its gloo group while a peer
+        # still holds the connection aborted the peer now and then ("terminate called without
+        # an active exception", SIGABRT)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
