@@ -39,6 +39,30 @@ def add_parser(sub) -> None:
     ds.add_argument("--seed", type=int, default=0)
     ds.add_argument("--device", default="cpu")
     ds.set_defaults(func=cmd_data_sample)
+    dd = dsub.add_parser(
+        "distill",
+        help="sentences written by the decoder from the openings of training sentences: a "
+        "sequence-level distillation corpus for `dglm train diffusion-lm` (one per line)",
+    )
+    dd.add_argument(
+        "--out", required=True, help="text file (resumes when its .state.json is there)"
+    )
+    dd.add_argument("--sources", default="amazon_reviews", help="comma-separated offline sources")
+    dd.add_argument("--n", type=int, default=20000, help="training sentences to rewrite")
+    dd.add_argument("--decoder", default="smollm2")
+    dd.add_argument("--context", type=int, default=2, help="training sentences shown before each")
+    dd.add_argument("--opening-words", default="1-3", help="words of each sentence kept: lo-hi")
+    dd.add_argument("--temperature", type=float, default=0.7)
+    dd.add_argument("--top-p", type=float, default=0.9)
+    dd.add_argument("--max-new-tokens", type=int, default=24)
+    dd.add_argument("--batch-size", type=int, default=32)
+    dd.add_argument("--seed", type=int, default=0)
+    dd.add_argument(
+        "--part", default="0/1", help="I/K: rows I, I+K, … only (one process per core, own --out)"
+    )
+    dd.add_argument("--threads", type=int, default=1)
+    dd.add_argument("--device", default="cpu")
+    dd.set_defaults(func=cmd_data_distill)
     de = dsub.add_parser("embed", help="encode pairs into latents")
     de.add_argument("data")
     de.add_argument("--encoder", default="all-MiniLM-L6-v2")
@@ -116,6 +140,49 @@ def cmd_data_sample(args: argparse.Namespace) -> int:
     )
     bar.close()
     print(json.dumps({"out": str(out), "rows": sum(1 for _ in open(out, encoding="utf-8"))}))
+    return 0
+
+
+def _pair(text: str, sep: str, name: str) -> tuple[int, int]:
+    try:
+        a, b = (int(x) for x in text.split(sep))
+    except ValueError:
+        raise ValueError(f"{name} must be two integers joined by {sep!r}, got {text!r}") from None
+    return a, b
+
+
+def cmd_data_distill(args: argparse.Namespace) -> int:
+    import torch
+    from dglm.engine.training.recipes import distill_sentences
+
+    torch.set_num_threads(args.threads)
+    part = _pair(args.part, "/", "--part")
+    bar = progress_bar(None, "distill")
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(done - bar.n)
+
+    try:
+        report = distill_sentences(
+            args.sources.split(","),
+            args.n,
+            args.out,
+            args.decoder,
+            context=args.context,
+            opening_words=_pair(args.opening_words, "-", "--opening-words"),
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            part=part,
+            device=args.device,
+            progress=progress,
+        )
+    finally:
+        bar.close()
+    print(json.dumps(report))
     return 0
 
 

@@ -110,6 +110,19 @@ def add_parser(sub) -> None:
         metavar='"LEFT ___ RIGHT"',
         help='Diffusion-LM: fixed context around a gap, e.g. "the food ___ . we left early ."',
     )
+    g.add_argument(
+        "--candidates",
+        type=int,
+        default=None,
+        help="Diffusion-LM: each sample is the best of N sampled candidates (see --select)",
+    )
+    g.add_argument(
+        "--select",
+        choices=("lm", "mbr"),
+        default=None,
+        help="Diffusion-LM: lm = lowest perplexity under the decoder (SmolLM2); mbr = minimum "
+        "Bayes risk, the candidate most like the others",
+    )
     g.set_defaults(func=cmd_generate)
 
     i = sub.add_parser("info", help="describe a bundle")
@@ -129,8 +142,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     if is_diffusion_lm_bundle(args.bundle):  # a bundle of another method: its own engine
         outputs = _generate_diffusion_lm(args)
-    elif args.length is not None or args.infill is not None:
-        raise ValueError("--length and --infill need a Diffusion-LM bundle (--bundle)")
+    elif any(getattr(args, k) is not None for k in ("length", "infill", "candidates", "select")):
+        raise ValueError(
+            "--length, --infill, --candidates and --select need a Diffusion-LM bundle (--bundle)"
+        )
     else:
         outputs = _generate_engine(args)
     return _print_outputs(args, outputs)
@@ -153,7 +168,7 @@ def _generate_diffusion_lm(args: argparse.Namespace):
             ) from None
         controls = tuple(c for c in controls if c.probe != "length")
     own = {"length": length, "infill": args.infill, "sampler": args.sampler}
-    own["num_inference_steps"] = args.steps
+    own.update(num_inference_steps=args.steps, candidates=args.candidates, select=args.select)
     params = engine.default_params(
         controls=controls,
         num_samples=args.num_samples,

@@ -71,7 +71,11 @@ SOURCES_PREFIX = "sources:"
 def read_sentences(path: str | Path, split: str) -> list[str]:
     """The `split` ("train" | "eval") sentences of a pairs directory, a text file, or
     "sources:NAME,NAME" (the offline sources of training.data read directly, deduplicated, each
-    sentence split by `split_of`: whole sentences, where pairs cut long documents mid-sentence)."""
+    sentence split by `split_of`: whole sentences, where pairs cut long documents mid-sentence);
+    several of these joined by "+" are read in turn and concatenated (e.g. "sources:amazon_reviews
+    +distilled.txt")."""
+    if "+" in str(path):
+        return [s for item in str(path).split("+") if item for s in read_sentences(item, split)]
     if str(path).startswith(SOURCES_PREFIX):
         names = [n for n in str(path)[len(SOURCES_PREFIX) :].split(",") if n]
         unknown = [n for n in names if n not in SOURCES]

@@ -14,7 +14,9 @@ import hashlib
 import json
 import logging
 import os
+import random
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -496,6 +498,131 @@ def add_steering(
         bundle_io.save_lora(lora_state, dst / bundle_io.LORA_FILE)
     bundle_io.write_config(config, dst)
     return config
+
+
+DISTILL_STATE = ".state.json"  # beside the sentences file: rows done, bytes written, settings
+
+
+def distill_sentences(
+    sources: list[str],
+    n: int,
+    out: str | Path,
+    decoder: str = "smollm2",
+    context: int = 2,
+    opening_words: tuple[int, int] = (1, 3),
+    max_words: int = 30,
+    max_new_tokens: int = 24,
+    temperature: float = 0.7,
+    top_p: float = 0.9,
+    batch_size: int = 32,
+    seed: int = 0,
+    part: tuple[int, int] = (0, 1),
+    device: str = "cpu",
+    progress=None,
+) -> dict:
+    """A sequence-level distillation corpus for Diffusion-LM (Kim & Rush 2016's remedy for
+    non-autoregressive models): the decoder rewrites the training sentences of `sources`, and the
+    sentences it writes are written to `out`, one per line (`dglm train diffusion-lm --data out`).
+
+    Real text is many-moded (a review's next word could be any of hundreds), and a model that
+    predicts every position at once averages the modes into frequent function words; the
+    decoder's lower-temperature sentences are nearer one mode each. Per row (n rows, training-split
+    sentences of 4..`max_words` words, shuffled by `seed`): the sentence's first k words
+    (k uniform in `opening_words`), after `context` other training sentences of the same sources
+    as a prompt (so the decoder stays in their domain), are continued with nucleus sampling; the
+    first sentence of opening + continuation is kept when it ended (a sentence end followed, or
+    the decoder stopped). Held-out sentences never seed or prompt a row.
+
+    `part` = (i, k): only rows i, i + k, i + 2k, … (k processes on k cores, each with its own
+    `out`; read them together as `--data a.txt+b.txt`); a row's opening, prompt and seed depend on
+    its index only, so the parts together are the whole.
+
+    Resumable: `out` + ".state.json" records the rows done and the bytes written; a rerun with
+    the same settings truncates `out` to those bytes and goes on (a larger n continues). Returns
+    {"out", "rows", "kept", "seconds"}; `progress(done, n)`."""
+    from dglm.engine.methods.diffusion_lm.vocab import words
+    from dglm.engine.training.diffusion_lm import SOURCES_PREFIX, read_sentences, split_sentences
+
+    lo, hi = opening_words
+    if not 1 <= lo <= hi:
+        raise ValueError(f"opening_words must be (lo, hi) with 1 ≤ lo ≤ hi, got {opening_words}")
+    if context < 0:
+        raise ValueError(f"context must be ≥ 0, got {context}")
+    if n < 1:
+        raise ValueError(f"n must be ≥ 1, got {n}")
+    index, parts = part
+    if not 0 <= index < parts:
+        raise ValueError(f"part must be (i, k) with 0 ≤ i < k, got {part}")
+    out = Path(out)
+    state_path = out.with_name(out.name + DISTILL_STATE)
+    settings = {"sources": sorted(sources), "decoder": str(decoder), "context": context,
+                "opening_words": [lo, hi], "max_words": max_words,
+                "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p,
+                "seed": seed, "part": [index, parts]}  # fmt: skip
+    state = {"rows": 0, "kept": 0, "bytes": 0, "seconds": 0.0, "settings": settings}
+    if state_path.is_file():
+        old = json.loads(state_path.read_text(encoding="utf-8"))
+        if old["settings"] != settings:
+            raise ValueError(
+                f"{out} was distilled with other settings ({old['settings']}); "
+                "use another --out or delete it and its .state.json"
+            )
+        state = old
+    elif out.exists() and out.stat().st_size:
+        raise ValueError(f"{out} exists without its {DISTILL_STATE}: not resuming over it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    corpus = SOURCES_PREFIX + ",".join(sources)
+    train = [s for s in read_sentences(corpus, "train") if 4 <= len(words(s)) <= max_words]
+    if not train:
+        raise ValueError(f"no training sentences of 4..{max_words} words in {sources}")
+    rng = random.Random(seed)
+    rng.shuffle(train)
+    pool = train  # prompts: any training sentence
+    rows = list(range(index, min(n, len(train)), parts))  # this part's row indices
+    dec, tok = load_decoder(decoder, device=device)
+    t0 = time.perf_counter() - state["seconds"]
+    with open(out, "ab") as f:
+        f.truncate(state["bytes"])
+        f.seek(state["bytes"])
+        for start in range(state["rows"], len(rows), batch_size):
+            batch = rows[start : start + batch_size]
+            openings, prompts = [], []
+            for row in batch:
+                sentence = train[row]
+                r = random.Random(seed * 1_000_003 + row)
+                opening = " ".join(sentence.split()[: r.randint(lo, hi)])
+                shown = [p for p in r.sample(pool, min(len(pool), context + 1)) if p != sentence]
+                openings.append(opening)
+                prompts.append(" ".join(shown[:context] + [opening]))
+            ids = [tok.encode(p, add_special_tokens=False) for p in prompts]
+            params = [
+                DecodeParams(
+                    max_new_tokens=max_new_tokens,
+                    temperature=temperature,
+                    top_p=top_p,
+                    seed=seed * 1_000_003 + row,
+                    stop=("\n",),
+                )  # fmt: skip
+                for row in batch
+            ]
+            results, _ = generate(dec, tok, ids, params)
+            lines = []
+            for opening, res in zip(openings, results, strict=True):
+                said = split_sentences(opening + res.text)
+                ended = len(said) > 1 or (res.finish_reason == "stop" and bool(said))
+                if ended and len(words(said[0])) >= 4:
+                    lines.append(said[0].replace("\n", " ").strip() + "\n")
+            f.write("".join(lines).encode("utf-8"))
+            f.flush()
+            state.update(rows=start + len(batch), kept=state["kept"] + len(lines),
+                         bytes=f.tell(), seconds=time.perf_counter() - t0)  # fmt: skip
+            tmp = state_path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(state), encoding="utf-8")
+            os.replace(tmp, state_path)
+            if progress:
+                progress(state["rows"], len(rows))
+    return {"out": str(out), "rows": state["rows"], "kept": state["kept"],
+            "seconds": state["seconds"]}  # fmt: skip
 
 
 def sample_decoder_continuations(

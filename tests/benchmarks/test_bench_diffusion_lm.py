@@ -34,7 +34,7 @@ NEGATIVE = ["the movie was bad and dull .", "i hated the story and the food .",
             "a sad film with awful music ."]  # fmt: skip
 
 
-def test_bench_diffusion_lm_writes_every_section(tmp_path):
+def test_bench_diffusion_lm_writes_every_section(tmp_path, tiny_llama_dir):
     torch.manual_seed(0)
     texts = (POSITIVE + NEGATIVE) * 8
     vocab = build_vocab(texts, 64, 12)
@@ -57,10 +57,14 @@ def test_bench_diffusion_lm_writes_every_section(tmp_path):
     corpus.write_text("\n".join(f"{t} number {i} ." for i, t in enumerate(texts * 4)))
     out = tmp_path / "out"
     argv = ["--bundle", str(bundle), "--n", "4", "--quick", "--no-gemma", "--corpus",
-            str(corpus), "--out", str(out)]  # fmt: skip
+            str(corpus), "--out", str(out), "--scorer", str(tiny_llama_dir)]  # fmt: skip
     assert bench_diffusion_lm.main(argv) == 0
     report = json.loads((out / "diffusion_lm.json").read_text())
-    assert [(r["sampler"], r["steps"]) for r in report["speed"]] == list(bench_diffusion_lm.SPEED)
+    got = [(r["sampler"], r["steps"], r["candidates"], r["select"]) for r in report["speed"]]
+    assert got == list(bench_diffusion_lm.SPEED)
+    assert [q["setting"] for q in report["quality"]] == [
+        "ddim-20", "ddpm-200", f"ddim-20 best of {bench_diffusion_lm.BEST_OF} (lm)"
+    ]  # fmt: skip
     assert all(r["seconds_median"] > 0 for r in report["speed"])
     assert report["speed"][0]["controls"] == ["sentiment=positive"]
     for q in report["quality"]:
@@ -72,3 +76,4 @@ def test_bench_diffusion_lm_writes_every_section(tmp_path):
     assert (out / "diffusion_lm.md").read_text().startswith("# Diffusion-LM on CPU")
     tasks = {json.loads(x)["task"] for x in (out / "diffusion_lm_samples.jsonl").open()}
     assert {"unconditional", "length", "infill", "sentiment=positive"} <= tasks
+    assert any("best of" in t for t in report["targets"])

@@ -161,6 +161,45 @@ def test_same_seed_same_output_whatever_the_batch(engine):
     assert two[0].samples[1].token_ids == alone.token_ids
 
 
+def test_candidates_select_one_of_their_own_samples(engine, tiny_llama_dir):
+    from dglm.engine.methods.diffusion_lm.method import CANDIDATE_SEED_STRIDE, mbr_index
+
+    method = engine.method
+    one = DiffusionLMParams(seed=3, num_inference_steps=8, length=6)
+    # candidates = 1 is the plain sample (no scorer needed)
+    assert (
+        engine.generate([""], replace(one, candidates=1))[0].samples
+        == engine.generate([""], one)[0].samples
+    )
+    # candidate c of sample j is the plain sample of seed + j + c·stride
+    pool = [
+        engine.generate([""], replace(one, seed=3 + 1 + c * CANDIDATE_SEED_STRIDE))[0].samples[0]
+        for c in range(4)
+    ]
+    texts = [x.text for x in pool]
+    out = engine.generate([""], replace(one, num_samples=2, candidates=4, select="mbr"))[0]
+    assert out.samples[1].text == texts[mbr_index(texts)] and "select" in out.timings
+    # "lm": the lowest per-token NLL under the scorer, here a tiny Llama
+    monkey = method.scorer, method._scorer
+    method.scorer, method._scorer = str(tiny_llama_dir), None
+    try:
+        nll = method.lm_nll([""] * 4, texts)
+        got = engine.generate([""], replace(one, num_samples=2, candidates=4, select="lm"))[0]
+        assert got.samples[1].text == texts[min(range(4), key=nll.__getitem__)]
+        assert method.lm_nll(["", ""], ["", "   "]) == [float("inf")] * 2
+    finally:
+        method.scorer, method._scorer = monkey
+
+
+def test_mbr_picks_the_consensus():
+    from dglm.engine.methods.diffusion_lm.method import mbr_index, overlap
+
+    texts = ["the tea is good", "the tea is very good", "zebra quantum fog", "the tea was good"]
+    assert mbr_index(texts) in (0, 1, 3) and mbr_index(texts) != 2
+    assert overlap("a b c", "a b c") == 0.0 and overlap("a b c", "x y z") < 0
+    assert mbr_index(["same", "same"]) == 0  # ties: the first
+
+
 def test_generation_params_accepted(engine):
     out = engine.generate(
         [""], GenerationParams(seed=2, num_samples=2, num_inference_steps=8, sampler="ddim")
@@ -187,6 +226,9 @@ def test_generation_params_accepted(engine):
         ({"seed": -3}, "seed"),
         ({"controls": (Control("sentiment", "positive"),)}, "controls"),
         ({"clamp": "yes"}, "clamp"),
+        ({"candidates": 0}, "candidates"),
+        ({"candidates": 1.5}, "candidates"),
+        ({"select": "best"}, "select"),
     ],
 )
 def test_bad_values_refused_by_field(engine, kwargs, field):
@@ -284,6 +326,13 @@ def test_sentences_from_text_and_pairs(tmp_path):
         read_sentences(tmp_path, "eval")
     with pytest.raises(ValueError, match="sources"):
         read_sentences("sources:no_such_source", "train")
+    # several inputs joined by "+" are read in turn, each split as it would be alone
+    g = tmp_path / "t.txt"
+    g.write_text("\n".join(f"another line {i} ." for i in range(50)))
+    for split in ("train", "eval"):
+        assert read_sentences(f"{f}+{g}", split) == read_sentences(f, split) + read_sentences(
+            g, split
+        )
 
 
 def test_cli_trains_and_adds_a_classifier(tmp_path, capsys):
@@ -387,6 +436,15 @@ def test_cli_trains_and_adds_a_classifier(tmp_path, capsys):
     assert main([*same, "--control", "length=four"]) == 2
     assert main([*same, "--control", "length=4", "--length", "4"]) == 2
     assert "give the length once" in capsys.readouterr().err
+    # --candidates / --select reach the request: MBR over 3 candidates is one of their texts
+    assert main([*same, "--length", "4", "--candidates", "3", "--select", "mbr"]) == 0
+    picked = json.loads(capsys.readouterr().out)[0]["samples"][0]["text"]
+    api = eng.default_params(length=4, seed=0, num_inference_steps=4, candidates=3, select="mbr")
+    assert picked == eng.generate([""], api)[0].samples[0].text
+    assert main(["generate", "x", "--candidates", "3"]) == 2  # not a Diffusion-LM bundle
+    assert "--candidates" in capsys.readouterr().err
+    assert main([*same, "--length", "4", "--candidates", "0"]) == 2
+    assert "candidates" in capsys.readouterr().err
 
 
 def test_engine_from_pretrained_dispatches_on_the_bundle_method(bundle):

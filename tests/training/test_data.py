@@ -25,7 +25,7 @@ import torch
 from dglm.engine.cli.main import main
 from dglm.engine.training import data, recipes
 from dglm.engine.training.data import Document, make_pairs, split_of
-from dglm.engine.training.recipes import sample_decoder_continuations
+from dglm.engine.training.recipes import distill_sentences, sample_decoder_continuations
 from safetensors.torch import load_file
 
 
@@ -644,3 +644,77 @@ def test_decoder_samples_are_train_split_continuations_and_resume(
     out.unlink()
     with pytest.raises(RuntimeError, match="dglm data sample"):
         list(data.decoder_samples())
+
+
+# --- the decoder's sentences for Diffusion-LM (sequence-level distillation) ----------------------
+
+
+def test_distilled_sentences_come_from_training_openings_split_into_parts_and_resume(
+    tmp_path, monkeypatch, tiny_llama_dir
+):
+    from dglm.engine.decoding.sampling import DecodeResult
+    from dglm.engine.training import diffusion_lm as dlm_training
+
+    texts = [f"Review {i:03d} says the tea was fine. It was good!" for i in range(60)]
+    fake_sources(monkeypatch, {"a": texts}, Counter())
+    monkeypatch.setattr(dlm_training, "SOURCES", data.SOURCES)
+    seen = []
+
+    def fake_generate(dec, tok, rows, params):  # the decoder: ends a sentence for 2 rows in 3
+        out = []
+        for r, p in zip(rows, params, strict=True):
+            seen.append((tok.decode(r), p.seed, p.temperature))
+            ended = p.seed % 3 != 0
+            text = " tastes of warm honey. And" if ended else " tastes of"
+            out.append(DecodeResult([], text, "length"))
+        return out, None
+
+    monkeypatch.setattr(recipes, "generate", fake_generate)
+    args = {"decoder": str(tiny_llama_dir), "batch_size": 4, "temperature": 0.7}
+    whole = distill_sentences(["a"], 20, tmp_path / "all.txt", **args)
+    lines = (tmp_path / "all.txt").read_text().splitlines()
+    assert whole["rows"] == 20 and whole["kept"] == len(lines) == 13  # seeds ≢ 0 mod 3
+    assert all(x.endswith("tastes of warm honey.") for x in lines)
+    train = {s for t in texts for s in dlm_training.split_sentences(t)
+             if data.split_of(s) == "train"}  # fmt: skip
+    held = {s for t in texts for s in dlm_training.split_sentences(t)} - train
+    assert len(seen) == 20 and {t for _, _, t in seen} == {0.7}
+    for (prompt, _, _), line in zip([x for x in seen if x[1] % 3], lines, strict=True):
+        # two training sentences, then the opening words (1-3) of a third: the kept line's start
+        opening = line[: -len(" tastes of warm honey.")]
+        assert prompt.endswith(" " + opening) and 1 <= len(opening.split()) <= 3
+        shown = prompt[: -len(opening) - 1]
+        assert sum(shown.count(s) for s in train) >= 2 and not any(s in prompt for s in held)
+    # two parts cover the same rows, each row decided as in the whole run
+    a = distill_sentences(["a"], 20, tmp_path / "p0.txt", part=(0, 2), **args)
+    b = distill_sentences(["a"], 20, tmp_path / "p1.txt", part=(1, 2), **args)
+    assert a["rows"] == b["rows"] == 10
+    both = [(tmp_path / f"p{i}.txt").read_text().splitlines() for i in (0, 1)]
+    assert sorted(both[0] + both[1]) == sorted(lines)
+    # resume: a larger n continues after the rows done; a torn tail is cut back first
+    out = tmp_path / "grow.txt"
+    assert distill_sentences(["a"], 8, out, **args)["rows"] == 8
+    with open(out, "a", encoding="utf-8") as f:
+        f.write("a torn line from a crash")
+    assert distill_sentences(["a"], 20, out, **args)["rows"] == 20
+    assert out.read_text().splitlines() == lines
+    with pytest.raises(ValueError, match="other settings"):
+        distill_sentences(["a"], 20, out, **{**args, "temperature": 0.5})
+    (tmp_path / "stray.txt").write_text("not ours\n")
+    with pytest.raises(ValueError, match="without its"):
+        distill_sentences(["a"], 20, tmp_path / "stray.txt", **args)
+    with pytest.raises(ValueError, match="part"):
+        distill_sentences(["a"], 20, tmp_path / "x.txt", part=(2, 2), **args)
+    with pytest.raises(ValueError, match="opening_words"):
+        distill_sentences(["a"], 20, tmp_path / "x.txt", opening_words=(0, 2), **args)
+
+
+def test_cli_data_distill_names_bad_values(tmp_path, capsys):
+    base = ["data", "distill", "--out", str(tmp_path / "d.txt")]
+    assert main([*base, "--part", "2"]) == 2
+    assert "--part must be two integers joined by '/'" in capsys.readouterr().err
+    assert main([*base, "--part", "2/2"]) == 2
+    assert "part must be (i, k)" in capsys.readouterr().err
+    assert main([*base, "--opening-words", "3"]) == 2
+    assert "--opening-words" in capsys.readouterr().err
+    assert not (tmp_path / "d.txt").exists()

@@ -36,6 +36,8 @@ SAMPLING_KEYS = (
     "fluency",
     "guidance_steps",
     "guidance_step_size",
+    "candidates",
+    "select",
 )
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +40,10 @@ INFILL_MARK = "___"
 DEFAULT_INFILL_WORDS = 4  # the gap's words when an infill request gives no length
 MAX_STEPS = 10_000
 MAX_GUIDANCE_STEPS = 100
+MAX_CANDIDATES = 256
+SELECTS = ("lm", "mbr")  # how the best of a sample's candidates is chosen (DiffusionLMParams)
+CANDIDATE_SEED_STRIDE = 1 << 32  # candidate c of sample j draws from seed + j + c·stride
+DEFAULT_SCORER = "smollm2"  # the causal LM of select="lm": the engine's decoder
 
 
 @dataclass(frozen=True)
@@ -59,6 +65,12 @@ class DiffusionLMParams:
     fluency: float = 0.01  # λ of the fluency term λ·‖x − μ‖²/σ (paper: 1e-4 to 0.1)
     guidance_steps: int = 3  # Adagrad steps per denoising step
     guidance_step_size: float = 0.1  # Adagrad's step size
+    # each sample is the best of this many sampled candidates (1: no selection); Li et al. 2022
+    # pick among samples by minimum Bayes risk ("mbr": the candidate whose words overlap the other
+    # candidates' most); "lm": the candidate with the lowest per-token NLL under a causal LM (the
+    # engine's decoder, SmolLM2), given the prompt
+    candidates: int = 1
+    select: str = "lm"
 
     def __post_init__(self) -> None:
         if isinstance(self.controls, Control):
@@ -92,6 +104,9 @@ class DiffusionLMParams:
         finite_in("fluency", self.fluency, 0.0, 1e6)
         int_in("guidance_steps", self.guidance_steps, 0, MAX_GUIDANCE_STEPS)
         finite_in("guidance_step_size", self.guidance_step_size, 0.0, 100.0)
+        int_in("candidates", self.candidates, 1, MAX_CANDIDATES)
+        if self.select not in SELECTS:
+            raise ValueError(f"select must be one of {SELECTS}, got {self.select!r}")
 
     @classmethod
     def from_generation_params(cls, p: GenerationParams, **defaults) -> DiffusionLMParams:
@@ -166,6 +181,30 @@ def plan_row(vocab: Vocab, seq_len: int, prompt: str, p: DiffusionLMParams, seed
     return RowPlan(fixed, ids, word_only, surface, 1 + len(words(prompt)), seed)
 
 
+def _ngrams(ws: list[str], n: int) -> Counter:
+    return Counter(tuple(ws[k : k + n]) for k in range(len(ws) - n + 1))
+
+
+def overlap(a: str, b: str, max_n: int = 3) -> float:
+    """How much of `a`'s word n-grams (n = 1..max_n) `b` shares: the mean over n of
+    log((matches + 1) / (a's n-grams + 1)), ≤ 0 (a smoothed BLEU-style precision)."""
+    wa, wb = words(a), words(b)
+    total = 0.0
+    for n in range(1, max_n + 1):
+        na, nb = _ngrams(wa, n), _ngrams(wb, n)
+        total += math.log((sum((na & nb).values()) + 1) / (sum(na.values()) + 1))
+    return total / max_n
+
+
+def mbr_index(texts: list[str]) -> int:
+    """Minimum Bayes risk selection (Li et al. 2022): the index of the text with the highest
+    summed `overlap` with the others (the first on ties)."""
+    scores = [
+        sum(overlap(t, u) for k, u in enumerate(texts) if k != j) for j, t in enumerate(texts)
+    ]
+    return max(range(len(texts)), key=scores.__getitem__)
+
+
 class DiffusionLM(Method):
     """Diffusion-LM (Li et al. 2022) as a method: it has no decoder to condition, so it generates
     whole sequences itself (`generate`); `condition` refuses (use `DiffusionLMEngine`)."""
@@ -178,6 +217,7 @@ class DiffusionLM(Method):
         vocab: Vocab,
         classifiers: dict[str, LatentClassifier] | None = None,
         defaults: dict | None = None,
+        scorer: str = DEFAULT_SCORER,
     ) -> None:
         self.net, self.vocab = net.eval().requires_grad_(False), vocab
         self.classifiers = {
@@ -186,6 +226,8 @@ class DiffusionLM(Method):
         self.defaults = dict(defaults or {})
         self.rounder = Rounder(net.table())
         self.device = net.embed.weight.device
+        self.scorer = scorer  # the causal LM of select="lm" (a decoder name or path)
+        self._scorer = None  # (decoder, tokenizer), loaded on first use
 
     def to_params(self, p: GenerationParams | DiffusionLMParams) -> DiffusionLMParams:
         if isinstance(p, DiffusionLMParams):
@@ -244,31 +286,90 @@ class DiffusionLM(Method):
         ps = [self.to_params(p) for p in params]
         self.validate(ps)
         L = self.net.config.seq_len
-        plans, owners = [], []
+        plans, owners = [], []  # owners[r] = (request, sample) of row r
         for i, (pr, p) in enumerate(zip(prompts, ps, strict=True)):
             base = p.seed if p.seed is not None else int(torch.randint(0, 2**62, ()).item())
             for j in range(p.num_samples):
-                plans.append(plan_row(self.vocab, L, pr, p, base + j))
-                owners.append(i)
+                for c in range(p.candidates):
+                    seed = base + j + c * CANDIDATE_SEED_STRIDE
+                    plans.append(plan_row(self.vocab, L, pr, p, seed))
+                    owners.append((i, j))
         outs = [RequestOutput(prompt=pr, samples=[]) for pr in prompts]
         groups: dict[tuple, list[int]] = {}
-        for r, i in enumerate(owners):
+        for r, (i, _) in enumerate(owners):
             p = ps[i]
             groups.setdefault((p.sampler, p.num_inference_steps, p.clamp), []).append(r)
         samples: dict[int, Sample] = {}
         t0 = time.perf_counter()
         for (sampler, steps, clamp), rows in groups.items():
             ids = self._sample_rows(
-                [plans[r] for r in rows], [ps[owners[r]] for r in rows], sampler, steps, clamp
+                [plans[r] for r in rows], [ps[owners[r][0]] for r in rows], sampler, steps, clamp
             )
             for r, row_ids in zip(rows, ids.tolist(), strict=True):
                 samples[r] = self._sample(plans[r], row_ids)
         elapsed = time.perf_counter() - t0
-        for r, i in enumerate(owners):
+        candidates: dict[tuple[int, int], list[int]] = {}
+        for r, owner in enumerate(owners):
+            candidates.setdefault(owner, []).append(r)
+        t1 = time.perf_counter()
+        chosen = self._select(prompts, ps, candidates, samples)
+        selected = time.perf_counter() - t1
+        for (i, _), r in chosen.items():  # dicts keep insertion order: request, then sample
             outs[i].samples.append(samples[r])
-        for o in outs:
+        for i, o in enumerate(outs):
             o.timings = {"diffusion": elapsed}
+            if ps[i].candidates > 1:
+                o.timings["select"] = selected
         return outs
+
+    def _select(self, prompts, ps, candidates: dict, samples: dict) -> dict[tuple[int, int], int]:
+        """The row kept for each (request, sample): its only candidate, or the best by its
+        request's `select` (ties: the first candidate)."""
+        chosen, by_lm = {}, []
+        for owner, rows in candidates.items():
+            p = ps[owner[0]]
+            if len(rows) == 1:
+                chosen[owner] = rows[0]
+            elif p.select == "mbr":
+                texts = [samples[r].text for r in rows]
+                chosen[owner] = rows[mbr_index(texts)]
+            else:
+                by_lm.append(owner)
+        if by_lm:
+            rows = [r for o in by_lm for r in candidates[o]]
+            nll = self.lm_nll(
+                [prompts[o[0]] for o in by_lm for _ in candidates[o]],
+                [samples[r].text for r in rows],
+            )
+            k = 0
+            for o in by_lm:
+                n = len(candidates[o])
+                part = nll[k : k + n]
+                chosen[o] = candidates[o][min(range(n), key=part.__getitem__)]
+                k += n
+        return {o: chosen[o] for o in candidates}
+
+    def lm_nll(self, prompts: list[str], texts: list[str]) -> list[float]:
+        """Per-token NLL of each text after its prompt under the scorer LM (select="lm"); inf for
+        an empty text. The scorer (`self.scorer`, a decoder name or path) loads on first use."""
+        from dglm.engine.evaluation.perplexity import continuation_nll
+
+        if self._scorer is None:
+            from dglm.engine.models import load_decoder
+
+            self._scorer = load_decoder(self.scorer, device=self.device)
+        dec, tok = self._scorer
+        start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+        keep = [k for k, t in enumerate(texts) if t.strip()]
+        out = [math.inf] * len(texts)
+        if not keep:
+            return out
+        prefix = [[start] + tok.encode(prompts[k], add_special_tokens=False) for k in keep]
+        cont = [tok.encode(texts[k], add_special_tokens=False) for k in keep]
+        nll, counts = continuation_nll(dec, prefix, cont, 16)
+        for k, v, n in zip(keep, nll.tolist(), counts.tolist(), strict=True):
+            out[k] = v / n if n else math.inf
+        return out
 
     def _sample_rows(self, plans, ps, sampler: str, steps: int, clamp: bool) -> torch.Tensor:
         dev, L, d = self.device, self.net.config.seq_len, self.net.config.emb_dim
@@ -350,12 +451,15 @@ class DiffusionLMEngine:
         self.method = method
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, device: str = "cpu") -> DiffusionLMEngine:
+    def from_pretrained(
+        cls, path: str | Path, device: str = "cpu", scorer: str = DEFAULT_SCORER
+    ) -> DiffusionLMEngine:
+        """`scorer`: the causal LM that select="lm" ranks candidates by (loaded on first use)."""
         net, vocab, classifiers, sampling = load_bundle(path)
         net.to(device)
         for c in classifiers.values():
             c.to(device)
-        return cls(DiffusionLM(net, vocab, classifiers, sampling))
+        return cls(DiffusionLM(net, vocab, classifiers, sampling, scorer))
 
     @property
     def vocab(self) -> Vocab:
@@ -379,6 +483,7 @@ class DiffusionLMEngine:
 
 __all__ = [
     "DEFAULT_INFILL_WORDS",
+    "SELECTS",
     "INFILL_MARK",
     "SAMPLING_KEYS",
     "DiffusionLM",
