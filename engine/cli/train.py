@@ -469,7 +469,8 @@ def _add_diffusion_lm_parsers(tsub) -> None:
         batch=64,
         lr=1e-3,
         data_help="sources:NAME,NAME (offline sources, e.g. sources:rotten_tomatoes,headlines,"
-        "fortunes), a `dglm data pairs` directory, or a text file of one sentence per line",
+        "fortunes), a `dglm data pairs` directory, a text file of one sentence per line (e.g. "
+        "`dglm data distill`'s), or several of these joined by +",
     )
     tl.add_argument(
         "--vocab-size", type=int, default=None, help="words + 4 specials (default: the preset's)"
