@@ -459,6 +459,23 @@ def test_engine_from_pretrained_dispatches_on_the_bundle_method(bundle):
     )
 
 
+def test_a_shipped_bundle_is_found_by_its_name(bundle, tmp_path, monkeypatch):
+    import shutil
+
+    from dglm.engine.engine import Engine
+    from dglm.engine.methods.diffusion_lm import bundle as bundle_mod
+
+    shipped = tmp_path / "bundles"
+    shutil.copytree(bundle, shipped / "tiny-dlm")
+    monkeypatch.setattr(bundle_mod, "BUNDLES_DIR", shipped)
+    monkeypatch.chdir(tmp_path)  # no ./tiny-dlm here: the name resolves to the shipped copy
+    assert bundle_mod.is_diffusion_lm_bundle("tiny-dlm")
+    assert not bundle_mod.is_diffusion_lm_bundle("no-such-bundle")
+    p = DiffusionLMParams(seed=2, length=4, num_inference_steps=5)
+    by_name = Engine.from_pretrained("tiny-dlm").generate(["the"], p)[0].samples[0]
+    assert by_name == DiffusionLMEngine.from_pretrained(bundle).generate(["the"], p)[0].samples[0]
+
+
 def test_self_conditioning_and_embedding_norm_train_and_sample(tmp_path):
     """A self-conditioned denoiser with fixed-norm word embeddings (config.self_condition,
     config.embedding_norm): its estimate input starts at zero (the plain denoiser), training (half
