@@ -18,6 +18,15 @@ weights land in RUN/bundle):
     dglm train diffusion-lm sentences.txt --out runs/dlm --preset tiny  # one sentence per line
     dglm train diffusion-lm-classifier sentiment --bundle runs/dlm/bundle --out runs/dlm-sent
 
+Distilled data (sequence-level knowledge distillation, Kim & Rush 2016: a model that predicts
+every position at once averages the many modes of real text into function words; the decoder's
+own lower-temperature sentences are nearer one mode each):
+
+    dglm data distill --sources amazon_reviews --out runs/kd/part0.txt --part 0/2 &
+    dglm data distill --sources amazon_reviews --out runs/kd/part1.txt --part 1/2
+    dglm --threads 1 train diffusion-lm runs/kd/part0.txt+runs/kd/part1.txt --out runs/dlm-kd \
+        --preset cpu-short-ce
+
 DATA "sources:..." reads the offline sources directly (whole sentences; pairs cut long documents
 mid-sentence). The classifier command trains on the denoiser's frozen embedding space
 ("sentiment": Rotten Tomatoes fresh/rotten, "seed-sentiment": the package's 60-line seed set,
@@ -56,6 +65,13 @@ Generate:
     engine.generate("", DiffusionLMParams(infill="the food ___ . we left early .", length=10))
     engine.generate("", DiffusionLMParams(controls=(Control("sentiment", "positive"),)))
     engine.generate("", DiffusionLMParams(sampler="ddpm", num_inference_steps=200))  # reference
+    engine.generate("", DiffusionLMParams(length=10, candidates=16, select="lm"))  # best of 16
+
+Selection (`candidates` > 1): each sample is the best of that many sampled candidates (candidate
+c of sample j draws from seed + j + c·2³²). select="mbr" is the paper's minimum Bayes risk (the
+candidate sharing most word n-grams with the others); select="lm" ranks by per-token perplexity
+under a causal LM, the engine's decoder SmolLM2 by default (`DiffusionLMEngine.from_pretrained(...,
+scorer=...)`), loaded on first use. The benchmark's fluency judge (Gemma-3) is another model.
 
 CLI (a bundle whose config.json declares "method": "diffusion-lm" is dispatched to this engine;
 --control, --seed, -n, --steps and --sampler apply, the decoder's flags are ignored):
@@ -63,6 +79,7 @@ CLI (a bundle whose config.json declares "method": "diffusion-lm" is dispatched 
     dglm generate "" "the movie" --bundle runs/dlm/bundle --length 12 --seed 0
     dglm generate "" --bundle runs/dlm/bundle --infill "the food ___ . we left early ." --length 10
     dglm generate "" --bundle runs/dlm/bundle --control sentiment=positive --sampler ddpm --steps 200
+    dglm generate "" --bundle runs/dlm/bundle --length 10 --candidates 16 --select lm
 
 Outputs are the engine's `RequestOutput` / `Sample` (text after the prompt, word ids, "stop" when
 an EOS ended it); `GenerationParams` are accepted too (controls, num_samples, seed, sampler,
