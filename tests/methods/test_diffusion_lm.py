@@ -177,6 +177,7 @@ def test_candidates_select_one_of_their_own_samples(engine, tiny_llama_dir):
         for c in range(4)
     ]
     texts = [x.text for x in pool]
+    assert len(set(texts)) > 1  # the candidates differ (a stride torch's seeding drops would not)
     out = engine.generate([""], replace(one, num_samples=2, candidates=4, select="mbr"))[0]
     assert out.samples[1].text == texts[mbr_index(texts)] and "select" in out.timings
     # "lm": the lowest per-token NLL under the scorer, here a tiny Llama

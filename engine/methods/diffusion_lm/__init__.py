@@ -68,7 +68,7 @@ Generate:
     engine.generate("", DiffusionLMParams(length=10, candidates=16, select="lm"))  # best of 16
 
 Selection (`candidates` > 1): each sample is the best of that many sampled candidates (candidate
-c of sample j draws from seed + j + c·2³²). select="mbr" is the paper's minimum Bayes risk (the
+c of sample j draws from seed + j + c·2²⁰). select="mbr" is the paper's minimum Bayes risk (the
 candidate sharing most word n-grams with the others); select="lm" ranks by per-token perplexity
 under a causal LM, the engine's decoder SmolLM2 by default (`DiffusionLMEngine.from_pretrained(...,
 scorer=...)`), loaded on first use. The benchmark's fluency judge (Gemma-3) is another model.

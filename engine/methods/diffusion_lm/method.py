@@ -42,7 +42,10 @@ MAX_STEPS = 10_000
 MAX_GUIDANCE_STEPS = 100
 MAX_CANDIDATES = 256
 SELECTS = ("lm", "mbr")  # how the best of a sample's candidates is chosen (DiffusionLMParams)
-CANDIDATE_SEED_STRIDE = 1 << 32  # candidate c of sample j draws from seed + j + c·stride
+# candidate c of sample j draws from seed + j + c·stride: torch's CPU generator keeps only the low
+# 32 bits of a seed, so the stride must live there; with j < 1024 and c < 256, j + c·2²⁰ < 2²⁸
+# gives every (sample, candidate) of a request its own low bits
+CANDIDATE_SEED_STRIDE = 1 << 20
 DEFAULT_SCORER = "smollm2"  # the causal LM of select="lm": the engine's decoder
 
 
