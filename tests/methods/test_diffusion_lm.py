@@ -477,6 +477,18 @@ def test_a_shipped_bundle_is_found_by_its_name(bundle, tmp_path, monkeypatch):
     assert by_name == DiffusionLMEngine.from_pretrained(bundle).generate(["the"], p)[0].samples[0]
 
 
+def test_the_shipped_bundle_generates_controlled_text():
+    from dglm.engine.engine import Engine
+
+    eng = Engine.from_pretrained("diffusion-lm")
+    assert isinstance(eng, DiffusionLMEngine) and "sentiment" in eng.method.classifiers
+    p = eng.default_params(seed=0, num_inference_steps=10, infill="the tea ___ good .", length=9)
+    outs = eng.generate(["", ""], [p, replace(p, infill=None, length=6)])
+    infilled, sized = outs[0].samples[0].text, outs[1].samples[0].text
+    assert len(words(infilled)) == 9 and words(infilled)[:2] == ["the", "tea"]
+    assert words(infilled)[-2:] == ["good", "."] and len(words(sized)) == 6
+
+
 def test_self_conditioning_and_embedding_norm_train_and_sample(tmp_path):
     """A self-conditioned denoiser with fixed-norm word embeddings (config.self_condition,
     config.embedding_norm): its estimate input starts at zero (the plain denoiser), training (half
