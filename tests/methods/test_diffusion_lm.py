@@ -463,12 +463,13 @@ def test_engine_from_pretrained_dispatches_on_the_bundle_method(bundle):
 def test_a_shipped_bundle_is_found_by_its_name(bundle, tmp_path, monkeypatch):
     import shutil
 
+    from dglm.engine import bundle as shared_bundle
     from dglm.engine.engine import Engine
     from dglm.engine.methods.diffusion_lm import bundle as bundle_mod
 
     shipped = tmp_path / "bundles"
     shutil.copytree(bundle, shipped / "tiny-dlm")
-    monkeypatch.setattr(bundle_mod, "BUNDLES_DIR", shipped)
+    monkeypatch.setattr(shared_bundle, "BUNDLES_DIR", shipped)
     monkeypatch.chdir(tmp_path)  # no ./tiny-dlm here: the name resolves to the shipped copy
     assert bundle_mod.is_diffusion_lm_bundle("tiny-dlm")
     assert not bundle_mod.is_diffusion_lm_bundle("no-such-bundle")

@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 import torch
-from dglm.engine.bundle import BUNDLES_DIR, read_safetensors
+from dglm.engine.bundle import read_safetensors, resolve_bundle_dir
 from dglm.engine.methods.diffusion_lm.model import (
     DiffusionLMConfig,
     DiffusionLMNetwork,
@@ -41,21 +41,12 @@ SAMPLING_KEYS = (
 )
 
 
-def bundle_dir(path: str | Path) -> Path:
-    """`path`, or the shipped bundle of that name (engine/bundles/<name>) when `path` has no
-    config.json and one ships."""
-    path = Path(path)
-    if not (path / "config.json").is_file() and (BUNDLES_DIR / str(path) / "config.json").is_file():
-        return BUNDLES_DIR / str(path)
-    return path
-
-
 def is_diffusion_lm_bundle(path: str | Path) -> bool:
     """Whether `path` (a directory or a shipped bundle's name) holds a config.json declaring
     method "diffusion-lm"."""
     try:
-        data = json.loads((bundle_dir(path) / "config.json").read_text())
-    except (OSError, ValueError):
+        data = json.loads((resolve_bundle_dir(path) / "config.json").read_text())
+    except (OSError, ValueError):  # resolve_bundle_dir: ValueError when neither exists
         return False
     return isinstance(data, dict) and data.get("method") == METHOD
 
@@ -121,7 +112,7 @@ def load_bundle(
 ) -> tuple[DiffusionLMNetwork, Vocab, dict[str, LatentClassifier], dict]:
     """(denoiser, vocab, classifiers by name, sampling defaults), fp32 CPU, eval mode; ValueError
     naming the file on a bad bundle. `path`: a directory or a shipped bundle's name."""
-    path = bundle_dir(path)
+    path = resolve_bundle_dir(path)
     cfg_path = path / "config.json"
     try:
         data = json.loads(cfg_path.read_text())
