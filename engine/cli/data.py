@@ -60,7 +60,6 @@ def add_parser(sub) -> None:
     dd.add_argument(
         "--part", default="0/1", help="I/K: rows I, I+K, … only (one process per core, own --out)"
     )
-    dd.add_argument("--threads", type=int, default=1)
     dd.add_argument("--device", default="cpu")
     dd.set_defaults(func=cmd_data_distill)
     de = dsub.add_parser("embed", help="encode pairs into latents")
@@ -152,10 +151,8 @@ def _pair(text: str, sep: str, name: str) -> tuple[int, int]:
 
 
 def cmd_data_distill(args: argparse.Namespace) -> int:
-    import torch
     from dglm.engine.training.recipes import distill_sentences
 
-    torch.set_num_threads(args.threads)
     part = _pair(args.part, "/", "--part")
     bar = progress_bar(None, "distill")
 

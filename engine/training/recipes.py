@@ -522,7 +522,7 @@ def distill_sentences(
 ) -> dict:
     """A sequence-level distillation corpus for Diffusion-LM (Kim & Rush 2016's remedy for
     non-autoregressive models): the decoder rewrites the training sentences of `sources`, and the
-    sentences it writes are written to `out`, one per line (`dglm train diffusion-lm --data out`).
+    sentences it writes are written to `out`, one per line (`dglm train diffusion-lm out ...`).
 
     Real text is many-moded (a review's next word could be any of hundreds), and a model that
     predicts every position at once averages the modes into frequent function words; the
@@ -575,23 +575,20 @@ def distill_sentences(
     train = [s for s in read_sentences(corpus, "train") if 4 <= len(words(s)) <= max_words]
     if not train:
         raise ValueError(f"no training sentences of 4..{max_words} words in {sources}")
-    rng = random.Random(seed)
-    rng.shuffle(train)
-    pool = train  # prompts: any training sentence
+    random.Random(seed).shuffle(train)
     rows = list(range(index, min(n, len(train)), parts))  # this part's row indices
     dec, tok = load_decoder(decoder, device=device)
     t0 = time.perf_counter() - state["seconds"]
     with open(out, "ab") as f:
-        f.truncate(state["bytes"])
-        f.seek(state["bytes"])
+        f.truncate(state["bytes"])  # a torn tail goes; append mode writes after it
         for start in range(state["rows"], len(rows), batch_size):
             batch = rows[start : start + batch_size]
+            seeds = [seed * 1_000_003 + row for row in batch]  # a row's own, whatever its part
             openings, prompts = [], []
-            for row in batch:
-                sentence = train[row]
-                r = random.Random(seed * 1_000_003 + row)
+            for row, row_seed in zip(batch, seeds, strict=True):
+                sentence, r = train[row], random.Random(row_seed)
                 opening = " ".join(sentence.split()[: r.randint(lo, hi)])
-                shown = [p for p in r.sample(pool, min(len(pool), context + 1)) if p != sentence]
+                shown = [p for p in r.sample(train, min(len(train), context + 1)) if p != sentence]
                 openings.append(opening)
                 prompts.append(" ".join(shown[:context] + [opening]))
             ids = [tok.encode(p, add_special_tokens=False) for p in prompts]
@@ -600,10 +597,10 @@ def distill_sentences(
                     max_new_tokens=max_new_tokens,
                     temperature=temperature,
                     top_p=top_p,
-                    seed=seed * 1_000_003 + row,
+                    seed=row_seed,
                     stop=("\n",),
                 )  # fmt: skip
-                for row in batch
+                for row_seed in seeds
             ]
             results, _ = generate(dec, tok, ids, params)
             lines = []
@@ -616,9 +613,7 @@ def distill_sentences(
             f.flush()
             state.update(rows=start + len(batch), kept=state["kept"] + len(lines),
                          bytes=f.tell(), seconds=time.perf_counter() - t0)  # fmt: skip
-            tmp = state_path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(state), encoding="utf-8")
-            os.replace(tmp, state_path)
+            data_mod._write_atomic(state_path, json.dumps(state))
             if progress:
                 progress(state["rows"], len(rows))
     return {"out": str(out), "rows": state["rows"], "kept": state["kept"],

@@ -22,8 +22,8 @@ Distilled data (sequence-level knowledge distillation, Kim & Rush 2016: a model 
 every position at once averages the many modes of real text into function words; the decoder's
 own lower-temperature sentences are nearer one mode each):
 
-    dglm data distill --sources amazon_reviews --out runs/kd/part0.txt --part 0/2 &
-    dglm data distill --sources amazon_reviews --out runs/kd/part1.txt --part 1/2
+    dglm --threads 1 data distill --sources amazon_reviews --out runs/kd/part0.txt --part 0/2 &
+    dglm --threads 1 data distill --sources amazon_reviews --out runs/kd/part1.txt --part 1/2
     dglm --threads 1 train diffusion-lm runs/kd/part0.txt+runs/kd/part1.txt --out runs/dlm-kd \
         --preset cpu-short-ce
 
