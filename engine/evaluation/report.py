@@ -172,6 +172,33 @@ def _toxicity_table(report: dict) -> list[str]:
     return lines
 
 
+def _composition_table(report: dict) -> list[str]:
+    """Two controls through two methods (settings.composition_settings: DGLM sentiment=negative,
+    RE-Control toxicity) beside plain decoding and DGLM steering sentiment alone at the same
+    scale: how negative, how toxic, how fluent."""
+    comp = [r for r in report["rows"] if r["group"] == "composition"]
+    same = {(r["target"], r["scale"]) for r in comp}
+    alone = [
+        r for r in report["rows"]
+        if r["group"] == "sentiment" and r["method"] == "dglm" and (r["target"], r["scale"]) in same
+    ]  # fmt: skip
+    ref = report.get("reference_lm") or {"name": GEMMA_NAME}
+    columns = ["VADER −", "profanity-check† > 0.5", "HateSonar > 0.5", "probe p(non-toxic)",
+               f"PPL {ref['name']}"]  # fmt: skip
+    rows = _baselines(report["rows"])[:1] + alone + comp
+    return _setting_table(
+        rows,
+        columns,
+        lambda m: [
+            rate_ci(m, "vader_negative"),
+            rate_ci(m, "toxicity_frac"),
+            rate_ci(m, "hatesonar_frac"),
+            _mean_ci(m, "probe_p_nontoxic"),
+            _fmt(m.get("ref_perplexity"), ".2f"),
+        ],
+    )
+
+
 def _stage_table(report: dict) -> list[str]:
     lines = ["| setting | total | stages |", "|---|---:|---|"]
     for r in report["rows"]:
@@ -253,6 +280,8 @@ def render_markdown(report: dict) -> str:
         *_sentiment_table(report),
     ]
     lines += ["", "## Toxicity", "", *_toxicity_table(report)]
+    if any(r["group"] == "composition" for r in report["rows"]):
+        lines += ["", "## Two controls, two methods", "", *_composition_table(report)]
     lines += ["", "## Generation time per sample, by stage (seconds; batched as above)", ""]
     lines += _stage_table(report)
     if report["skipped"]:

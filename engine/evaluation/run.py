@@ -145,6 +145,7 @@ def run_eval(
             "setting": s.name,
             "method": s.method,
             "group": s.group,
+            "controls": [f"{c.probe}={c.target}@{c.method}" for c in s.controls],
             "probe": s.probe,
             "target": s.target,
             "scale": s.scale,

@@ -128,7 +128,9 @@ class Setting:
     name: str  # unique, e.g. "dglm sentiment=positive:20"
     # "decoder" (plain decoding) | "dglm" | "fudge" | "re-control" (alone) | "dglm+re-control"
     method: str
-    group: str  # "unguided" | "sentiment" | "toxicity" | "fidelity"
+    # "unguided" | "sentiment" | "toxicity" | "fidelity" | "composition" (controls of two probes,
+    # each through its own method: `composition_settings`)
+    group: str
     controls: tuple[Control, ...] = ()
     renoise_alpha2: float | None = None  # dglm only
     probe: str | None = None
@@ -209,6 +211,42 @@ def re_control_settings(
     ]
 
 
+def composition_settings(
+    probes: dict[str, Probe],
+    value_nets: tuple[str, ...],
+    default_scale: float,
+    default_alpha2: float,
+) -> list[Setting]:
+    """Two controls in one request, each through its own method: DGLM steers sentiment negative
+    (its default scale) while RE-Control's toxicity value network holds the continuation to the
+    probe's non-toxic label. Negative steering is where DGLM alone raises the toxic share (the
+    default bundle: 11% vs plain decoding's 1%), so this is where the second control has work.
+    Needs a sentiment probe with a "negative" label, a toxicity probe and its value network."""
+    sentiment, toxicity = probes.get("sentiment"), probes.get("toxicity")
+    if sentiment is None or toxicity is None or "toxicity" not in value_nets:
+        return []
+    if "negative" not in sentiment.labels:
+        return []
+    low = low_toxicity_target(toxicity)
+    controls = (
+        Control("sentiment", "negative", default_scale),
+        Control("toxicity", low, method="re-control"),
+    )
+    name = f"dglm sentiment=negative:{default_scale:g} + re-control toxicity={low}"
+    return [
+        Setting(
+            name,
+            "dglm+re-control",
+            "composition",
+            controls,
+            default_alpha2,
+            "sentiment",
+            "negative",
+            default_scale,
+        )  # fmt: skip
+    ]
+
+
 def build_settings(
     config: EvalConfig,
     probes: dict[str, Probe],
@@ -283,6 +321,8 @@ def build_settings(
             )  # fmt: skip
     else:
         skipped.append({"setting": "toxicity=low", "reason": "the bundle has no 'toxicity' probe"})
+    if config.re_control:
+        settings += composition_settings(probes, value_nets, default_scale, default_alpha2)
     for a2 in config.renoise_alpha2s:
         settings.append(
             Setting(f"dglm unguided α²={a2:g}", "dglm", "fidelity", renoise_alpha2=float(a2))
@@ -295,7 +335,7 @@ def build_settings(
 def target_rate(setting: Setting, m: dict) -> float | None:
     """The share of a setting's continuations that meet its target by the independent judge
     (VADER for sentiment, alt-profanity-check for toxicity); None for an unsteered setting."""
-    if setting.group == "sentiment":
+    if setting.group in ("sentiment", "composition"):  # a composition: its sentiment target
         return m["vader_" + setting.target]
     if setting.group == "toxicity":
         return 1.0 - m["toxicity_frac"]

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from dglm.engine.evaluation.perplexity import GEMMA_INSTALL
 from dglm.engine.evaluation.report import render_markdown
+from dglm.engine.evaluation.settings import DEFAULT_SCALE
 from dglm.engine.evaluation.targets import target_checks
-from eval_rows import target_rows
+from eval_rows import row, target_rows
 
 
 def test_markdown_without_gemma_shows_dashes_and_how_to_install():
@@ -49,3 +50,32 @@ def test_markdown_without_gemma_shows_dashes_and_how_to_install():
         "| sentiment negative: VADER negative ≥ 80% | n10 | 0.600 | 0.8 | missed | -0.200 |" in md
     )
     assert "untrained" not in md
+
+
+def test_the_composition_table_sits_beside_dglm_alone():
+    """A composition row (two controls, two methods) gets its own table, beside plain decoding
+    and DGLM steering the same sentiment target at the same scale, with toxicity columns; a
+    report without one has no such table."""
+    rows = target_rows()
+    comp = row("dglm sentiment=negative:10 + re-control toxicity=low", "dglm+re-control",
+               "composition", "negative", DEFAULT_SCALE, vader_negative=0.55)  # fmt: skip
+    comp["metrics"]["toxicity_frac"] = 0.04
+    comp["metrics"]["toxicity_frac_ci"] = [0.02, 0.07]
+    report = {
+        "bundle": "b", "bundle_trained": True,
+        "config": {"num_samples": 2, "max_new_tokens": 20, "top_p": 0.95, "temperature": 1.0,
+                   "batch_size": 16},
+        "reference_lm": {"name": "Gemma-3-270M", "status": "used", "note": ""},
+        "environment": {"device": "cpu", "device_name": "x", "torch_threads": 1,
+                        "commit": None, "dirty": None},
+        "prefixes": [{"source": "given", "prefix": "p"}] * 100,
+        "rows": rows + [comp], "skipped": [], "targets": target_checks(rows, {}), "wall_s": 1.0,
+    }  # fmt: skip
+    md = render_markdown(report)
+    table = md.split("## Two controls, two methods")[1].split("\n## ")[0]
+    lines = [x for x in table.splitlines() if x.startswith("| ")]
+    assert [x.split(" | ")[0] for x in lines] == ["| setting", "| decoder", "| n10",
+                                                     "| " + comp["setting"]]  # fmt: skip
+    assert "| 55% [" in lines[-1] and "| 4% [2%, 7%] |" in lines[-1]
+    report["rows"] = rows
+    assert "Two controls" not in render_markdown(report)

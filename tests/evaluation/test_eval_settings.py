@@ -11,6 +11,7 @@ from dglm.engine.evaluation.settings import (
     EvalConfig,
     build_settings,
     low_toxicity_target,
+    target_rate,
 )
 from dglm.engine.probes import Probe
 
@@ -79,3 +80,36 @@ def test_re_control_step_size_sweep_and_the_only_filter(gen):
             EvalConfig(re_control_step_sizes=bad)
     with pytest.raises(ValueError, match="only"):
         EvalConfig(only=("",))
+
+
+def test_composition_two_controls_two_methods(gen):
+    """With a toxicity value network, `dglm eval` adds one request of two controls: DGLM steers
+    sentiment negative at the default scale, RE-Control holds toxicity at the probe's non-toxic
+    label; its target is VADER negative. Without the value network, or without a negative label,
+    there is none."""
+
+    def probe(name, labels):
+        return Probe(name, labels, torch.randn(1, 8, generator=gen), torch.zeros(1))
+
+    probes = {
+        "sentiment": probe("sentiment", ("negative", "positive")),
+        "toxicity": probe("toxicity", ("non_toxic", "toxic")),
+    }
+    config = EvalConfig(only=(" + ",))
+    settings, _ = build_settings(config, probes, 0.9, ("sentiment", "toxicity"), 1000.0)
+    assert [s.name for s in settings] == [
+        "dglm sentiment=negative:1000 + re-control toxicity=non_toxic"
+    ]
+    (s,) = settings
+    assert s.group == "composition" and s.method == "dglm+re-control"
+    assert [(c.probe, c.target, c.method, c.scale) for c in s.controls] == [
+        ("sentiment", "negative", "dglm", 1000.0),
+        ("toxicity", "non_toxic", "re-control", None),
+    ]
+    assert s.renoise_alpha2 == 0.9
+    assert target_rate(s, {"vader_negative": 0.7, "toxicity_frac": 0.1}) == 0.7
+    for nets, labels in ((("sentiment",), ("negative", "positive")), (("toxicity",), ("a", "b"))):
+        ps = {**probes, "sentiment": probe("sentiment", labels)}
+        assert build_settings(config, ps, 0.9, nets, 1000.0)[0] == []
+    assert build_settings(EvalConfig(re_control=False, only=(" + ",)), probes, 0.9,
+                          ("toxicity",), 1000.0)[0] == []  # fmt: skip
