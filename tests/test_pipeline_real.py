@@ -61,3 +61,32 @@ def test_real_pipeline_guidance_raises_probe_score(real_engine):
         lat = lambda outs: torch.stack([o.samples[0].latent for o in outs])  # noqa: E731
         delta = probe.logits(lat(guided))[:, 0] - probe.logits(lat(plain))[:, 0]
         assert (sign * delta > 0).all(), (target, delta)
+
+
+def test_shipped_toxicity_value_network_composes_with_dglm(real_engine):
+    """The default bundle's toxicity value network (run 7 of its TRAINING.md): it rates a
+    profane sentence above a polite one on the decoder's own states, and a request of two
+    controls (sentiment through DGLM, toxicity through RE-Control) is edited, while a DGLM-only
+    row beside it decodes exactly as it does alone."""
+    nets = real_engine.value_nets
+    assert {"sentiment", "toxicity"} <= set(nets)
+    tok, dec = real_engine.tokenizer, real_engine.decoder
+
+    def value(text: str) -> float:  # the predicted toxicity logit at the text's last state
+        ids = torch.tensor([tok.encode(text, add_special_tokens=False)])
+        with torch.no_grad():
+            h = dec.hidden_states(dec.embed(ids), torch.arange(ids.shape[1])[None])
+            return float(nets["toxicity"](h[0, -1]))
+
+    rude = ["You are a damn stupid idiot and this is crap.", "Shut up, you worthless moron."]
+    polite = ["Thank you for the lovely dinner last night.", "The garden looks beautiful today."]
+    assert min(map(value, rude)) > max(map(value, polite))
+
+    negative = Control("sentiment", "negative")
+    both = (negative, Control("toxicity", "low", method="re-control"))
+    prompts = ["The food at this place", "The food at this place"]
+    params = [GenerationParams(seed=3, max_new_tokens=16, controls=c) for c in (both, (negative,))]
+    edited, plain = real_engine.generate(prompts, params)
+    (alone,) = real_engine.generate(prompts[:1], params[1:])
+    assert plain.samples[0].token_ids == alone.samples[0].token_ids
+    assert edited.samples[0].token_ids != plain.samples[0].token_ids
