@@ -185,7 +185,7 @@ def _composition_table(report: dict) -> list[str]:
     ref = report.get("reference_lm") or {"name": GEMMA_NAME}
     columns = ["VADER −", "profanity-check† > 0.5", "HateSonar > 0.5", "probe p(non-toxic)",
                f"PPL {ref['name']}"]  # fmt: skip
-    rows = _baselines(report["rows"])[:1] + alone + comp
+    rows = [r for r in report["rows"] if r["setting"] == "decoder"] + alone + comp
     return _setting_table(
         rows,
         columns,

@@ -243,7 +243,7 @@ def composition_settings(
             "sentiment",
             "negative",
             default_scale,
-        )  # fmt: skip
+        )
     ]
 
 
