@@ -155,14 +155,16 @@ def quality(engine, cell, n, lm, human, infill_src, attr, samples) -> dict:
         samples.extend({"task": task, "sampler": name, "text": x} for x in texts)
         return texts, secs
 
-    # unconditional: the model chooses the length
-    ps = [engine.default_params(**base, seed=i) for i in range(n)]
-    uncond, secs = run([""] * n, ps, "unconditional")
-    res["unconditional"] = {
-        "gemma": gemma_ppl(lm, uncond) if lm else None,
-        "dist_2": distinct_n(uncond, 2), "dist_3": distinct_n(uncond, 3),
-        "seconds_per_sample": secs / n,
-    }  # fmt: skip
+    # unconditional: the model chooses the length (not with a lattice, which needs a known one)
+    res["unconditional"] = None
+    if select != "lattice":
+        ps = [engine.default_params(**base, seed=i) for i in range(n)]
+        uncond, secs = run([""] * n, ps, "unconditional")
+        res["unconditional"] = {
+            "gemma": gemma_ppl(lm, uncond) if lm else None,
+            "dist_2": distinct_n(uncond, 2), "dist_3": distinct_n(uncond, 3),
+            "seconds_per_sample": secs / n,
+        }  # fmt: skip
     # length
     full = engine.method.net.config.seq_len - 2
     lengths = [w for w in LENGTHS if w <= full] or [max(1, full // 2), full]
@@ -184,8 +186,8 @@ def quality(engine, cell, n, lm, human, infill_src, attr, samples) -> dict:
     res["infill"] = {"context_kept": rate(kept, len(ps)),
                      "gemma": gemma_ppl(lm, filled) if lm else None,
                      "seconds_per_sample": secs / len(ps)}  # fmt: skip
-    # attribute
-    if attr:
+    # attribute (against the unconditional base rate, so not for a lattice either)
+    if attr and res["unconditional"] is not None:
         from dglm.engine.evaluation.judges import sentiment_rates
 
         name, labels = attr
@@ -250,8 +252,11 @@ def markdown(report: dict, env: dict) -> str:
     for q in report["quality"]:
         s = q.get("setting", f"{q['sampler']}-{q['steps']}")
         u = q["unconditional"]
-        lines.append(f"| {s} | unconditional | Dist-2 {u['dist_2']:.2f}, Dist-3 {u['dist_3']:.2f} "
-                     f"| {fmt_ppl(u['gemma'])} | {u['seconds_per_sample']:.3f} |")  # fmt: skip
+        if u:
+            lines.append(f"| {s} | unconditional | Dist-2 {u['dist_2']:.2f}, Dist-3 {u['dist_3']:.2f} "
+                         f"| {fmt_ppl(u['gemma'])} | {u['seconds_per_sample']:.3f} |")  # fmt: skip
+        else:
+            lines.append(f"| {s} | unconditional | n/a (a lattice needs a known length) | - | - |")
         lines.append(f"| {s} | length exact | {fmt_rate(q['length'])} | - | "
                      f"{q['length']['seconds_per_sample']:.3f} |")  # fmt: skip
         i = q["infill"]

@@ -118,10 +118,11 @@ def add_parser(sub) -> None:
     )
     g.add_argument(
         "--select",
-        choices=("lm", "mbr"),
+        choices=("lm", "mbr", "lattice"),
         default=None,
         help="Diffusion-LM: lm = lowest perplexity under the decoder (SmolLM2); mbr = minimum "
-        "Bayes risk, the candidate most like the others",
+        "Bayes risk, the candidate most like the others; lattice = the decoder's best path "
+        "through the candidates' words, position by position (needs --length or --infill)",
     )
     g.set_defaults(func=cmd_generate)
 

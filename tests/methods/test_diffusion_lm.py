@@ -192,6 +192,82 @@ def test_candidates_select_one_of_their_own_samples(engine, tiny_llama_dir):
         method.scorer, method._scorer = monkey
 
 
+def lattice_score(dec, prefix, words_, priors, tokens_of, weight):
+    """A path's lattice score the slow way: one forward of the whole token sequence."""
+    from dglm.engine.evaluation.perplexity import continuation_nll
+
+    ids, prev = [], None
+    for w in words_:
+        ids += tokens_of(prev, w)
+        prev = w
+    nll, _ = continuation_nll(dec, [prefix], [ids])
+    return -float(nll[0]) + weight * sum(priors)
+
+
+@pytest.mark.parametrize("weight", [0.0, 1.0])
+def test_lattice_beam_search_finds_the_best_path(tiny_llama_dir, weight):
+    import itertools
+
+    from dglm.engine.methods.diffusion_lm.lattice import Slot, beam_search
+    from dglm.engine.models import load_decoder
+
+    dec, tok = load_decoder(str(tiny_llama_dir))
+
+    def tokens_of(prev, w):  # multi-token words and a context-dependent space
+        return tok.encode(w if prev is None or w == "." else " " + w, add_special_tokens=False)
+
+    table = [["the"], ["food", "movie", "tea"], ["was", "is"], ["very", "a", "so"], ["good", "bad"], ["."]]  # fmt: skip
+    priors = [[0.0], [-0.1, -1.2, -2.3], [-0.7, -0.7], [-0.3, -1.6, -2.0], [-0.5, -0.9], [0.0]]
+    slots = [
+        Slot(tuple((w, 10 * k + i, pr) for i, (w, pr) in enumerate(zip(ws, ps, strict=True))))
+        for k, (ws, ps) in enumerate(zip(table, priors, strict=True))
+    ]
+    prefix = [tok.eos_token_id]
+    best = max(
+        itertools.product(*[range(len(ws)) for ws in table]),
+        key=lambda c: lattice_score(
+            dec, prefix, [table[k][i] for k, i in enumerate(c)],
+            [priors[k][i] for k, i in enumerate(c)], tokens_of, weight,
+        ),
+    )  # fmt: skip
+    path, score = beam_search(dec, prefix, slots, tokens_of, 64, weight)  # beam ≥ every path
+    assert path == [10 * k + i for k, i in enumerate(best)]
+    words_ = [table[k][i] for k, i in enumerate(best)]
+    want = lattice_score(dec, prefix, words_, [priors[k][i] for k, i in enumerate(best)],
+                         tokens_of, weight)  # fmt: skip
+    assert score == pytest.approx(want, abs=1e-3)
+    # beam 1 is greedy: its score is never above the exact search's
+    _, greedy = beam_search(dec, prefix, slots, tokens_of, 1, weight)
+    assert greedy <= score + 1e-6
+    with pytest.raises(ValueError, match="beam"):
+        beam_search(dec, prefix, slots, tokens_of, 0, weight)
+
+
+def test_lattice_select_keeps_the_layout_and_the_candidates_words(engine, tiny_llama_dir):
+    from dglm.engine.methods.diffusion_lm.method import CANDIDATE_SEED_STRIDE
+
+    method = engine.method
+    one = DiffusionLMParams(seed=5, num_inference_steps=8, infill=("the", "."), length=5)
+    pool = [
+        engine.generate([""], replace(one, seed=5 + c * CANDIDATE_SEED_STRIDE))[0].samples[0]
+        for c in range(6)
+    ]
+    monkey = method.scorer, method._scorer
+    method.scorer, method._scorer = str(tiny_llama_dir), None
+    try:
+        p = replace(one, candidates=6, select="lattice", lattice_beam=64)
+        out = engine.generate([""], p)[0].samples[0]
+        again = engine.generate([""], p)[0].samples[0]
+    finally:
+        method.scorer, method._scorer = monkey
+    assert out == again  # same seed, same output
+    ws = words(out.text)
+    assert len(ws) == 5 and ws[0] == "the" and ws[-1] == "."  # length and context kept
+    for q in range(1, 4):  # every gap word is one a candidate put at that position
+        assert out.token_ids[q] in {c.token_ids[q] for c in pool}
+    assert len(out.token_ids) == 5 and out.finish_reason == "stop"
+
+
 def test_mbr_picks_the_consensus():
     from dglm.engine.methods.diffusion_lm.method import mbr_index, overlap
 
@@ -230,6 +306,9 @@ def test_generation_params_accepted(engine):
         ({"candidates": 0}, "candidates"),
         ({"candidates": 1.5}, "candidates"),
         ({"select": "best"}, "select"),
+        ({"select": "lattice", "candidates": 4}, "select"),  # no known length
+        ({"length": 6, "lattice_beam": 0}, "lattice_beam"),
+        ({"length": 6, "lattice_weight": float("nan")}, "lattice_weight"),
     ],
 )
 def test_bad_values_refused_by_field(engine, kwargs, field):

@@ -38,6 +38,8 @@ SAMPLING_KEYS = (
     "guidance_step_size",
     "candidates",
     "select",
+    "lattice_beam",
+    "lattice_weight",
 )
 
 

@@ -13,6 +13,7 @@ import torch
 from dglm.engine.api import GenerationParams, RequestOutput, Sample, finite_in, int_in
 from dglm.engine.methods.base import Conditioning, Method, MethodBatch
 from dglm.engine.methods.diffusion_lm.bundle import SAMPLING_KEYS, load_bundle
+from dglm.engine.methods.diffusion_lm.lattice import beam_search, slots_from_candidates
 from dglm.engine.methods.diffusion_lm.model import DiffusionLMNetwork, LatentClassifier
 from dglm.engine.methods.diffusion_lm.sampling import (
     SAMPLERS,
@@ -41,7 +42,10 @@ DEFAULT_INFILL_WORDS = 4  # the gap's words when an infill request gives no leng
 MAX_STEPS = 10_000
 MAX_GUIDANCE_STEPS = 100
 MAX_CANDIDATES = 256
-SELECTS = ("lm", "mbr")  # how the best of a sample's candidates is chosen (DiffusionLMParams)
+# how a sample is made of its candidates (DiffusionLMParams): pick the best one ("lm", "mbr"), or
+# the best path through their word lattice ("lattice", lattice.py)
+SELECTS = ("lm", "mbr", "lattice")
+MAX_BEAM = 64
 # candidate c of sample j draws from seed + j + c·stride: torch's CPU generator keeps only the low
 # 32 bits of a seed, so the stride must live there; with j < 1024 and c < 256, j + c·2²⁰ < 2²⁸
 # gives every (sample, candidate) of a request its own low bits
@@ -71,9 +75,14 @@ class DiffusionLMParams:
     # each sample is the best of this many sampled candidates (1: no selection); Li et al. 2022
     # pick among samples by minimum Bayes risk ("mbr": the candidate whose words overlap the other
     # candidates' most); "lm": the candidate with the lowest per-token NLL under a causal LM (the
-    # engine's decoder, SmolLM2), given the prompt
+    # engine's decoder, SmolLM2), given the prompt; "lattice" (a known length only): the words of
+    # the candidates at each free position form a lattice, and a beam search under the same LM
+    # keeps the best path (lattice.py): Σ log p_LM + lattice_weight · Σ log(the word's share of the
+    # candidates at its position), with `lattice_beam` hypotheses
     candidates: int = 1
     select: str = "lm"
+    lattice_beam: int = 4
+    lattice_weight: float = 1.0
 
     def __post_init__(self) -> None:
         if isinstance(self.controls, Control):
@@ -110,6 +119,13 @@ class DiffusionLMParams:
         int_in("candidates", self.candidates, 1, MAX_CANDIDATES)
         if self.select not in SELECTS:
             raise ValueError(f"select must be one of {SELECTS}, got {self.select!r}")
+        if self.select == "lattice" and self.length is None and self.infill is None:
+            raise ValueError(
+                'select="lattice" needs a known length (length or infill): the candidates\' '
+                "words are aligned by position"
+            )
+        int_in("lattice_beam", self.lattice_beam, 1, MAX_BEAM)
+        finite_in("lattice_weight", self.lattice_weight, 0.0, 1e6)
 
     @classmethod
     def from_generation_params(cls, p: GenerationParams, **defaults) -> DiffusionLMParams:
@@ -303,39 +319,46 @@ class DiffusionLM(Method):
             p = ps[i]
             groups.setdefault((p.sampler, p.num_inference_steps, p.clamp), []).append(r)
         samples: dict[int, Sample] = {}
+        row_ids: dict[int, list[int]] = {}
         t0 = time.perf_counter()
         for (sampler, steps, clamp), rows in groups.items():
             ids = self._sample_rows(
                 [plans[r] for r in rows], [ps[owners[r][0]] for r in rows], sampler, steps, clamp
             )
-            for r, row_ids in zip(rows, ids.tolist(), strict=True):
-                samples[r] = self._sample(plans[r], row_ids)
+            for r, ids_r in zip(rows, ids.tolist(), strict=True):
+                samples[r], row_ids[r] = self._sample(plans[r], ids_r), ids_r
         elapsed = time.perf_counter() - t0
         candidates: dict[tuple[int, int], list[int]] = {}
         for r, owner in enumerate(owners):
             candidates.setdefault(owner, []).append(r)
         t1 = time.perf_counter()
-        chosen = self._select(prompts, ps, candidates, samples)
+        chosen = self._select(prompts, ps, candidates, samples, plans, row_ids)
         selected = time.perf_counter() - t1
-        for (i, _), r in chosen.items():  # dicts keep insertion order: request, then sample
-            outs[i].samples.append(samples[r])
+        for (i, _), sample in chosen.items():  # dicts keep insertion order: request, then sample
+            outs[i].samples.append(sample)
         for i, o in enumerate(outs):
             o.timings = {"diffusion": elapsed}
             if ps[i].candidates > 1:
                 o.timings["select"] = selected
         return outs
 
-    def _select(self, prompts, ps, candidates: dict, samples: dict) -> dict[tuple[int, int], int]:
-        """The row kept for each (request, sample): its only candidate, or the best by its
-        request's `select` (ties: the first candidate)."""
+    def _select(
+        self, prompts, ps, candidates: dict, samples: dict, plans: list, row_ids: dict
+    ) -> dict[tuple[int, int], Sample]:
+        """The sample of each (request, sample): its only candidate, the best by its request's
+        `select` (ties: the first candidate), or the best path through the candidates' lattice."""
         chosen, by_lm = {}, []
         for owner, rows in candidates.items():
             p = ps[owner[0]]
             if len(rows) == 1:
-                chosen[owner] = rows[0]
+                chosen[owner] = samples[rows[0]]
             elif p.select == "mbr":
                 texts = [samples[r].text for r in rows]
-                chosen[owner] = rows[mbr_index(texts)]
+                chosen[owner] = samples[rows[mbr_index(texts)]]
+            elif p.select == "lattice":
+                plan = plans[rows[0]]  # the candidates share the layout (only seeds differ)
+                ids = self.lattice_ids(prompts[owner[0]], plan, [row_ids[r] for r in rows], p)
+                chosen[owner] = self._sample(plan, ids)
             else:
                 by_lm.append(owner)
         if by_lm:
@@ -348,20 +371,64 @@ class DiffusionLM(Method):
             for o in by_lm:
                 n = len(candidates[o])
                 part = nll[k : k + n]
-                chosen[o] = candidates[o][min(range(n), key=part.__getitem__)]
+                chosen[o] = samples[candidates[o][min(range(n), key=part.__getitem__)]]
                 k += n
         return {o: chosen[o] for o in candidates}
+
+    def scorer_lm(self):
+        """(decoder, tokenizer) of the scorer LM (`self.scorer`), loaded on first use."""
+        if self._scorer is None:
+            from dglm.engine.models import load_decoder
+
+            self._scorer = load_decoder(self.scorer, device=self.device)
+        return self._scorer
+
+    def lattice_ids(
+        self, prompt: str, plan: RowPlan, rows: list[list[int]], p: DiffusionLMParams
+    ) -> list[int]:
+        """The row's ids with every free position taken from the best path through the
+        candidates' word lattice (`select="lattice"`, lattice.py); fixed positions unchanged."""
+        dec, tok = self.scorer_lm()
+        end = next(
+            (q for q in range(plan.first, len(plan.ids)) if plan.fixed[q] and plan.ids[q] == EOS),
+            len(plan.ids),
+        )
+        slots = slots_from_candidates(
+            plan.fixed, plan.surface, plan.ids, rows, self.vocab.tokens, plan.first, end
+        )
+        start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+        prompt_words = words(prompt)
+        prefix = [start] + tok.encode(prompt, add_special_tokens=False)
+        pieces: dict[tuple[str | None, str], list[int]] = {}
+
+        def tokens_of(prev: str | None, word: str) -> list[int]:
+            key = (prev, word)
+            if key not in pieces:
+                if prev is None:
+                    text = word
+                else:
+                    head = detokenize([prev])
+                    full = detokenize([prev, word])
+                    text = full[len(head) :] if full.startswith(head) else " " + word
+                pieces[key] = tok.encode(text, add_special_tokens=False)
+            return pieces[key]
+
+        first_prev = prompt_words[-1] if prompt_words else None
+        path, _ = beam_search(
+            dec, prefix, slots, lambda prev, w: tokens_of(prev or first_prev, w),
+            p.lattice_beam, p.lattice_weight,
+        )  # fmt: skip
+        ids = list(plan.ids)
+        for q, w in zip(range(plan.first, end), path, strict=True):
+            ids[q] = w
+        return ids
 
     def lm_nll(self, prompts: list[str], texts: list[str]) -> list[float]:
         """Per-token NLL of each text after its prompt under the scorer LM (select="lm"); inf for
         an empty text. The scorer (`self.scorer`, a decoder name or path) loads on first use."""
         from dglm.engine.evaluation.perplexity import continuation_nll
 
-        if self._scorer is None:
-            from dglm.engine.models import load_decoder
-
-            self._scorer = load_decoder(self.scorer, device=self.device)
-        dec, tok = self._scorer
+        dec, tok = self.scorer_lm()
         start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
         keep = [k for k, t in enumerate(texts) if t.strip()]
         out = [math.inf] * len(texts)
