@@ -8,12 +8,14 @@ deliver, judged independently.
 Speed (batch 1, one controlled sample of the model's full length: every free word, with the
 bundle's first attribute classifier when it has one, median of repeats): DDIM at 10 / 20 / 50
 steps and the reference path, DDPM at 200 steps (Li et al. 2022 sample with 200-2000), in the same
-process; and DDIM-20 with each sample the best of 16 candidates by the decoder's perplexity
-(`candidates`, `select="lm"`).
+process; DDIM-20 with each sample the best of 16 candidates by the decoder's perplexity
+(`candidates`, `select="lm"`); and DDIM-20 with each sample the decoder's best path through the
+word lattice of 32 candidates (`select="lattice"`, the bundle's or the default beam and weight).
 
-Quality, per sampler setting (DDIM-20, DDPM-200, DDIM-20 best of 16: the selection's scorer is
-SmolLM2, the engine's decoder, never the Gemma judge; n samples each, seeds 0..n-1, intervals at
-95%):
+Quality, per sampler setting (DDIM-20, DDPM-200, DDIM-20 best of 16, DDIM-20 lattice of 32: the
+selection's scorer is SmolLM2, the engine's decoder, never the Gemma judge; n samples each, seeds
+0..n-1, intervals at 95%; a lattice needs a known length, so its row has no unconditional or
+attribute task):
 - unconditional: fluency as the perplexity of whole sentences under Gemma-3-270M (the eval's
   independent judge; bootstrap interval over sentences) against held-out human sentences of the
   training corpus (the same judge, the same count), Dist-2/3;
@@ -51,10 +53,12 @@ from benchmarks.common import ROOT, environment, header, stamp, write_results
 SOURCES = "sources:rotten_tomatoes,headlines,fortunes"  # the shipped bundle's training corpus
 LENGTHS = (6, 10, 14, 18)
 BEST_OF = 16  # candidates per sample in the selection rows, ranked by the decoder ("lm")
+LATTICE_OF = 32  # candidates whose word lattice the decoder searches ("lattice")
 # (sampler, steps, candidates per sample, select)
 SPEED = (("ddim", 10, 1, None), ("ddim", 20, 1, None), ("ddim", 50, 1, None),
-         ("ddpm", 200, 1, None), ("ddim", 20, BEST_OF, "lm"))  # fmt: skip
-QUALITY = (("ddim", 20, 1, None), ("ddpm", 200, 1, None), ("ddim", 20, BEST_OF, "lm"))
+         ("ddpm", 200, 1, None), ("ddim", 20, BEST_OF, "lm"), ("ddim", 20, LATTICE_OF, "lattice"))  # fmt: skip
+QUALITY = (("ddim", 20, 1, None), ("ddpm", 200, 1, None), ("ddim", 20, BEST_OF, "lm"),
+           ("ddim", 20, LATTICE_OF, "lattice"))  # fmt: skip
 EVAL_DEFAULT = ROOT / "benchmarks" / "results" / "cpu" / "eval_default" / "results.json"
 
 
@@ -104,9 +108,14 @@ def human_sentences(
 
 
 def setting(sampler: str, steps: int, candidates: int = 1, select: str | None = None) -> str:
-    """A sampler setting as the results name it: "ddim-20", "ddim-20 best of 16 (lm)"."""
+    """A sampler setting as the results name it: "ddim-20", "ddim-20 best of 16 (lm)",
+    "ddim-20 lattice of 32"."""
     name = f"{sampler}-{steps}"
-    return name if candidates == 1 else f"{name} best of {candidates} ({select})"
+    if candidates == 1:
+        return name
+    if select == "lattice":
+        return f"{name} lattice of {candidates}"
+    return f"{name} best of {candidates} ({select})"
 
 
 def choice(candidates: int, select: str | None) -> dict:

@@ -40,6 +40,19 @@ def wilson_interval(k: int, n: int, z: float = Z95) -> tuple[float, float]:
     return max(0.0, center - half), min(1.0, center + half)
 
 
+def mcnemar_p(only_a: int, only_b: int) -> float:
+    """Two-sided exact McNemar p-value of a paired comparison of two success rates: `only_a`
+    pairs where only A succeeded, `only_b` where only B did (a binomial test of the discordant
+    pairs at 1/2; 1.0 when there are none)."""
+    if only_a < 0 or only_b < 0:
+        raise ValueError(f"need counts ≥ 0, got {only_a}, {only_b}")
+    n = only_a + only_b
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(only_a, only_b) + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
 def mean_interval(x, z: float = Z95) -> tuple[float, float, float]:
     """(mean, lower, upper): mean ± z·se of a 1-D sample (bounds nan for fewer than 2 values)."""
     m, se = mean_and_se(torch.as_tensor(x, dtype=torch.float64).flatten())

@@ -17,6 +17,7 @@ from dglm.engine.evaluation.generation import (
     released_decoder,
     warm_up,
 )
+from dglm.engine.evaluation.judges import vader_compound
 from dglm.engine.evaluation.perplexity import ReferenceLM, resolve_reference_lm
 from dglm.engine.evaluation.prefixes import heldout_prefixes
 from dglm.engine.evaluation.provenance import capture
@@ -58,6 +59,17 @@ def environment(engine) -> dict:
 def _log_metrics(name: str, metrics: dict) -> None:
     shown = {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)}
     logger.info("%s: %s", name, shown)
+
+
+def sample_scores(gens: Generations) -> dict[tuple[int, int], float]:
+    """{(prefix index, its sample number): VADER compound} of one setting's continuations: the
+    key pairs a sample with the same prefix and seed slot in every other setting."""
+    seen: dict[int, int] = {}
+    keys = []
+    for i in gens.prefix_index:
+        keys.append((i, seen.get(i, 0)))
+        seen[i] = seen.get(i, 0) + 1
+    return dict(zip(keys, vader_compound(gens.texts), strict=True))
 
 
 def run_eval(
@@ -112,6 +124,7 @@ def run_eval(
     done = 0
     runs: dict[tuple, tuple[Generations, dict, torch.Tensor | None]] = {}
     rows, samples = [], []
+    vader_by_sample: dict[str, dict[tuple[int, int], float]] = {}  # paired tests (targets)
     for s in settings:
         k = key(s)
         if k not in runs:
@@ -137,6 +150,7 @@ def run_eval(
                 samples.append(sample)
             _log_metrics(s.name, metrics)
         gens, metrics, _ = runs[k]
+        vader_by_sample[s.name] = sample_scores(gens)
         metrics = dict(metrics)
         rate = target_rate(s, metrics)
         if rate is not None:
@@ -171,7 +185,7 @@ def run_eval(
         "rows": rows,
         "skipped": skipped,
         "default_scale": default_scale,
-        "targets": target_checks(rows, fid, default_scale),
+        "targets": target_checks(rows, fid, default_scale, vader_by_sample),
         "environment": environment(engine),
         "wall_s": time.perf_counter() - t_start,
     }

@@ -6,7 +6,8 @@ from __future__ import annotations
 import math
 
 import torch
-from dglm.engine.evaluation.metrics import mean_and_se
+from dglm.engine.evaluation.judges import VADER_THRESHOLD
+from dglm.engine.evaluation.metrics import mcnemar_p, mean_and_se
 from dglm.engine.evaluation.perplexity import GEMMA_NAME
 from dglm.engine.evaluation.report import pct, rate_ci
 from dglm.engine.evaluation.settings import DEFAULT_SCALE
@@ -20,8 +21,27 @@ TARGET_PPL_RATIO_UNGUIDED = 1.3
 TARGET_PPL_RATIO_STEERED = 1.5
 TARGET_DIST3_DELTA = 0.05
 # RE-Control (issue 14): alone, ≥ 25 points over plain decoding at perplexity ≤ 1.5× plain; with
-# DGLM, above each alone at equal or better perplexity
+# DGLM, above each alone at equal or better perplexity, the difference significant in a paired
+# test on the same prefixes and seeds (when the samples' judgements are given)
 TARGET_RE_CONTROL_GAIN = 0.25
+PAIRED_ALPHA = 0.05
+
+# per setting name: {(prefix index, sample number): VADER compound} (run_eval's `vader_by_sample`)
+SampleScores = dict[str, dict[tuple[int, int], float]]
+
+
+def paired_counts(
+    a: dict[tuple[int, int], float], b: dict[tuple[int, int], float], target: str
+) -> tuple[int, int, int]:
+    """(pairs, A-only successes, B-only successes) over the samples both settings have: success
+    = VADER compound beyond ±VADER_THRESHOLD toward `target`, as the VADER rates count it."""
+    sign = 1.0 if target == "positive" else -1.0
+    keys = sorted(a.keys() & b.keys())
+    hit_a = [sign * a[k] > VADER_THRESHOLD for k in keys]
+    hit_b = [sign * b[k] > VADER_THRESHOLD for k in keys]
+    only_a = sum(x and not y for x, y in zip(hit_a, hit_b, strict=True))
+    only_b = sum(y and not x for x, y in zip(hit_a, hit_b, strict=True))
+    return len(keys), only_a, only_b
 
 
 def _check(
@@ -148,9 +168,17 @@ def _sentiment_checks(
 
 
 def _re_control_checks(
-    target: str, group: list[dict], dec: dict, steered: dict | None, ppl: tuple[str, str]
+    target: str,
+    group: list[dict],
+    dec: dict,
+    steered: dict | None,
+    ppl: tuple[str, str],
+    scores: SampleScores | None = None,
 ) -> list[dict]:
-    """RE-Control's targets for one sentiment target (none when its rows were not run)."""
+    """RE-Control's targets for one sentiment target (none when its rows were not run). With
+    `scores`, "above" also needs the paired difference to be significant (exact McNemar test on
+    the same prefixes and sample numbers, p < PAIRED_ALPHA); the margin is then 0.05 − p when the
+    difference is positive but not significant."""
     alone = next((r for r in group if r["method"] == "re-control"), None)
     both = next((r for r in group if r["method"] == "dglm+re-control"), None)
     checks: list[dict] = []
@@ -184,6 +212,21 @@ def _re_control_checks(
             diff = both["metrics"][key] - other["metrics"][key]
             p_both, p_other = both["metrics"][ppl[0]], other["metrics"][ppl[0]]
             met = diff > 0 and p_both <= p_other
+            margin = diff if p_both <= p_other else min(diff, p_other - p_both)
+            note = (
+                f"VADER {pct(both['metrics'][key])} vs {pct(other['metrics'][key])}; "
+                f"{ppl[1]} {p_both:.2f} vs {p_other:.2f}"
+            )
+            sa, sb = (scores or {}).get(both["setting"]), (scores or {}).get(other["setting"])
+            if sa and sb:
+                n, only_both, only_other = paired_counts(sa, sb, target)
+                p = mcnemar_p(only_both, only_other)
+                note += (
+                    f"; paired over {n}: {only_both} only with both, {only_other} only "
+                    f"{what.removesuffix(' alone')} alone, McNemar p = {p:.2g}"
+                )
+                if met and p >= PAIRED_ALPHA:
+                    met, margin = False, PAIRED_ALPHA - p
             checks.append(
                 _check(
                     f"sentiment {target}: DGLM + RE-Control above {what}, perplexity no worse",
@@ -191,9 +234,8 @@ def _re_control_checks(
                     diff,
                     0.0,
                     met,
-                    diff if p_both <= p_other else min(diff, p_other - p_both),
-                    f"VADER {pct(both['metrics'][key])} vs {pct(other['metrics'][key])}; "
-                    f"{ppl[1]} {p_both:.2f} vs {p_other:.2f}",
+                    margin,
+                    note,
                 )
             )
     return checks
@@ -223,6 +265,7 @@ def target_checks(
     rows: list[dict],
     fidelity_cos: dict[float, torch.Tensor | None],
     default_scale: float = DEFAULT_SCALE,
+    scores: SampleScores | None = None,
 ) -> list[dict]:
     """The issue's targets, each met, missed (with its margin: positive = met by that much) or not
     evaluated (met None), judged at the default guidance scale:
@@ -234,7 +277,8 @@ def target_checks(
       the best FUDGE row with the same probe and target, at a lower latency per sample; the notes
       give the unguided DGLM and plain-decoding base rates with 95% intervals;
     - RE-Control, when its rows ran: alone, VADER rate ≥ plain decoding's + 25 points at
-      perplexity ≤ 1.5× plain decoding's; with DGLM, above each alone at no worse perplexity;
+      perplexity ≤ 1.5× plain decoding's; with DGLM, above each alone at no worse perplexity
+      (and, with `scores`, significantly so in a paired exact McNemar test, p < 0.05);
     - proposal fidelity: the paired mean difference cos(α² = 0.95) − cos(α² = 0) over the same
       prefixes and seeds, met when it exceeds twice its standard error (margin = difference − 2·se).
     """
@@ -250,7 +294,7 @@ def target_checks(
             rc = [r for r in group if r["method"] in ("re-control", "dglm+re-control")]
             if rc:
                 rc_ppl = perplexity_key([dec, *rc, *([steered] if steered else [])])
-                checks += _re_control_checks(target, group, dec, steered, rc_ppl)
+                checks += _re_control_checks(target, group, dec, steered, rc_ppl, scores)
     if dec is not None and ref is not None:
         ppl = perplexity_key([dec, ref])
         checks.append(
@@ -273,7 +317,7 @@ def target_checks(
             ppl = perplexity_key([dec, ref] + ([steered] if steered else []))
             rc = [r for r in group if r["method"] in ("re-control", "dglm+re-control")]
             rc_ppl = perplexity_key([dec, *rc, *([steered] if steered else [])])
-            rc_checks = _re_control_checks(target, group, dec, steered, rc_ppl)
+            rc_checks = _re_control_checks(target, group, dec, steered, rc_ppl, scores)
             if steered is None:
                 steered = f"dglm sentiment={target}:{default_scale:g} (not run)"
             checks += _sentiment_checks(target, steered, dec, ref, fudges, ppl) + rc_checks

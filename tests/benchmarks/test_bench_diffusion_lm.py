@@ -63,14 +63,20 @@ def test_bench_diffusion_lm_writes_every_section(tmp_path, tiny_llama_dir):
     got = [(r["sampler"], r["steps"], r["candidates"], r["select"]) for r in report["speed"]]
     assert got == list(bench_diffusion_lm.SPEED)
     assert [q["setting"] for q in report["quality"]] == [
-        "ddim-20", "ddpm-200", f"ddim-20 best of {bench_diffusion_lm.BEST_OF} (lm)"
+        "ddim-20", "ddpm-200", f"ddim-20 best of {bench_diffusion_lm.BEST_OF} (lm)",
+        f"ddim-20 lattice of {bench_diffusion_lm.LATTICE_OF}",
     ]  # fmt: skip
     assert all(r["seconds_median"] > 0 for r in report["speed"])
     assert report["speed"][0]["controls"] == ["sentiment=positive"]
     for q in report["quality"]:
         assert q["length"]["n"] == 4 and 0 <= q["length"]["rate"] <= 1
         assert q["infill"]["context_kept"]["n"] >= 1
-        assert set(q["attribute"]) == {"unconditional", "positive", "negative"}
+        if q["select"] == "lattice":  # needs a known length: no unconditional or attribute task
+            assert q["unconditional"] is None and "attribute" not in q
+            assert q["infill"]["context_kept"]["rate"] == 1 and q["length"]["rate"] == 1
+        else:
+            assert set(q["attribute"]) == {"unconditional", "positive", "negative"}
+    assert "n/a (a lattice needs a known length)" in (out / "diffusion_lm.md").read_text()
     assert any("length exact" in t for t in report["targets"])
     assert report["bundle"] == "b"  # outside the working directory: the folder name only
     assert (out / "diffusion_lm.md").read_text().startswith("# Diffusion-LM on CPU")

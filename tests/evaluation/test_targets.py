@@ -112,3 +112,51 @@ def test_re_control_targets_need_plain_decoding_only():
         "met"
     ]
     assert not any("VADER negative ≥ 80%" in k for k in t)  # DGLM's own need unguided DGLM
+
+
+def test_mcnemar_p_is_the_exact_binomial_test_of_discordant_pairs():
+    from dglm.engine.evaluation.metrics import mcnemar_p
+
+    assert mcnemar_p(10, 0) == pytest.approx(2 / 2**10)
+    assert mcnemar_p(0, 10) == mcnemar_p(10, 0)  # two-sided, symmetric
+    assert mcnemar_p(5, 5) == 1.0 and mcnemar_p(0, 0) == 1.0
+    assert mcnemar_p(3, 1) == pytest.approx(2 * (1 + 4) / 16)  # P(X ≤ 1), X ~ Bin(4, 1/2)
+    with pytest.raises(ValueError):
+        mcnemar_p(-1, 2)
+
+
+def test_combined_control_must_beat_each_alone_in_a_paired_test_when_samples_are_given():
+    """The same rows as above (+3 points over DGLM alone): with per-sample judgements, a gain
+    made of 13 vs 10 discordant pairs is not significant (missed, p in the note); 13 vs 1 is."""
+    from dglm.engine.evaluation.targets import paired_counts
+    from eval_rows import headline, row
+
+    rows = [
+        row("decoder", "decoder", "unguided", ref_perplexity=50.0, vader_negative=0.2),
+        headline("n10", "negative", 0.5, vader=0.62, textblob=0.3, ref_ppl=26.0, dist_3=0.9),
+        row("re", "re-control", "sentiment", "negative", ref_perplexity=80.0, vader_negative=0.55),
+        row("both", "dglm+re-control", "sentiment", "negative", 10.0, ref_perplexity=24.0,
+            vader_negative=0.65),
+    ]  # fmt: skip
+    keys = [(i, j) for i in range(50) for j in range(2)]
+    base = {k: (-0.5 if n < 50 else 0.5) for n, k in enumerate(keys)}  # first 50 negative
+
+    def flipped(good: range, bad: range) -> dict:
+        out = dict(base)
+        for n in good:  # negative here, not in the base
+            out[keys[n]] = -0.9
+        for n in bad:  # not negative here, negative in the base
+            out[keys[n]] = 0.0  # within ±0.05: neutral
+        return out
+
+    name = "sentiment negative: DGLM + RE-Control above DGLM alone, perplexity no worse"
+    scores = {"n10": base, "re": base, "both": flipped(range(50, 63), range(10))}
+    assert paired_counts(scores["both"], base, "negative") == (100, 13, 10)
+    c = by_target(target_checks(rows, {}, scores=scores))[name]
+    assert c["met"] is False and c["margin"] < 0 and c["value"] == pytest.approx(0.03)
+    assert "paired over 100: 13 only with both, 10 only DGLM alone, McNemar p = 0.68" in c["note"]
+    scores["both"] = flipped(range(50, 63), range(1))
+    c = by_target(target_checks(rows, {}, scores=scores))[name]
+    assert c["met"] is True and "McNemar p = 0.0018" in c["note"]
+    # positive: the sign of the compound flips what counts
+    assert paired_counts({(0, 0): 0.3}, {(0, 0): -0.3}, "positive") == (1, 1, 0)

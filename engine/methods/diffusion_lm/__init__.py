@@ -71,7 +71,12 @@ Selection (`candidates` > 1): each sample is the best of that many sampled candi
 c of sample j draws from seed + j + c·2²⁰). select="mbr" is the paper's minimum Bayes risk (the
 candidate sharing most word n-grams with the others); select="lm" ranks by per-token perplexity
 under a causal LM, the engine's decoder SmolLM2 by default (`DiffusionLMEngine.from_pretrained(...,
-scorer=...)`), loaded on first use. The benchmark's fluency judge (Gemma-3) is another model.
+scorer=...)`), loaded on first use (int8 weights on CPU, as the engine decodes). The benchmark's
+fluency judge (Gemma-3) is another model. select="lattice" (a known length: `length` or `infill`)
+does not pick one candidate: the candidates' words at each free position form a lattice, and a
+beam search under the same LM (`lattice_beam` hypotheses, scored Σ log p_LM + `lattice_weight` ·
+Σ log of the word's share of the candidates at its position) keeps the best sentence through it
+(lattice.py). Every word still comes from a candidate at that position; fixed words stay.
 
 CLI (a bundle whose config.json declares "method": "diffusion-lm" is dispatched to this engine;
 --control, --seed, -n, --steps and --sampler apply, the decoder's flags are ignored):

@@ -376,11 +376,14 @@ class DiffusionLM(Method):
         return {o: chosen[o] for o in candidates}
 
     def scorer_lm(self):
-        """(decoder, tokenizer) of the scorer LM (`self.scorer`), loaded on first use."""
+        """(decoder, tokenizer) of the scorer LM (`self.scorer`), loaded on first use with the
+        engine's default weights: int8 on CPU (where the kernel is built), as the decoder runs."""
         if self._scorer is None:
             from dglm.engine.models import load_decoder
+            from dglm.engine.models.quant import resolve_quantize
 
-            self._scorer = load_decoder(self.scorer, device=self.device)
+            q = resolve_quantize("auto", self.device, torch.float32)
+            self._scorer = load_decoder(self.scorer, device=self.device, quantize=q)
         return self._scorer
 
     def lattice_ids(
