@@ -10,9 +10,9 @@ bundle's first attribute classifier when it has one, median of repeats): DDIM at
 steps and the reference path, DDPM at 200 steps (Li et al. 2022 sample with 200-2000), in the same
 process; DDIM-20 with each sample the best of 16 candidates by the decoder's perplexity
 (`candidates`, `select="lm"`); and DDIM-20 with each sample the decoder's best path through the
-word lattice of 32 candidates (`select="lattice"`, the bundle's or the default beam and weight).
+word lattice of 64 candidates (`select="lattice"`, the bundle's or the default beam and weight).
 
-Quality, per sampler setting (DDIM-20, DDPM-200, DDIM-20 best of 16, DDIM-20 lattice of 32: the
+Quality, per sampler setting (DDIM-20, DDPM-200, DDIM-20 best of 16, DDIM-20 lattice of 64: the
 selection's scorer is SmolLM2, the engine's decoder, never the Gemma judge; n samples each, seeds
 0..n-1, intervals at 95%; a lattice needs a known length, so its row has no unconditional or
 attribute task):
@@ -53,7 +53,7 @@ from benchmarks.common import ROOT, environment, header, stamp, write_results
 SOURCES = "sources:rotten_tomatoes,headlines,fortunes"  # the shipped bundle's training corpus
 LENGTHS = (6, 10, 14, 18)
 BEST_OF = 16  # candidates per sample in the selection rows, ranked by the decoder ("lm")
-LATTICE_OF = 32  # candidates whose word lattice the decoder searches ("lattice")
+LATTICE_OF = 64  # candidates whose word lattice the decoder searches ("lattice")
 # (sampler, steps, candidates per sample, select)
 SPEED = (("ddim", 10, 1, None), ("ddim", 20, 1, None), ("ddim", 50, 1, None),
          ("ddpm", 200, 1, None), ("ddim", 20, BEST_OF, "lm"), ("ddim", 20, LATTICE_OF, "lattice"))  # fmt: skip
