@@ -243,6 +243,33 @@ def test_lattice_beam_search_finds_the_best_path(tiny_llama_dir, weight):
         beam_search(dec, prefix, slots, tokens_of, 0, weight)
 
 
+def test_lattice_pruning_by_the_first_token_bound_changes_nothing(tiny_llama_dir, monkeypatch):
+    """Only the expansions whose first-token bound could still enter the beam are run through
+    the decoder; with the smallest first batch (forcing the doubling) the result is the same as
+    running every expansion."""
+    from dglm.engine.methods.diffusion_lm import lattice
+    from dglm.engine.models import load_decoder
+
+    dec, tok = load_decoder(str(tiny_llama_dir))
+
+    def tokens_of(prev, w):
+        return tok.encode(w if prev is None else " " + w, add_special_tokens=False)
+
+    vocab_ = ["the", "food", "movie", "tea", "was", "is", "very", "good", "bad", "story", "fun"]
+    g = torch.Generator().manual_seed(0)
+    slots = [
+        lattice.Slot(tuple((w, i, -float(torch.rand((), generator=g))) for i, w in enumerate(vocab_)))
+        for _ in range(4)
+    ]  # fmt: skip
+    for beam in (1, 2, 3):
+        monkeypatch.setattr(lattice, "PRUNE_FACTOR", 10_000)  # every expansion, every step
+        want = lattice.beam_search(dec, [tok.eos_token_id], slots, tokens_of, beam, 0.5)
+        monkeypatch.setattr(lattice, "PRUNE_FACTOR", 1)
+        monkeypatch.setattr(lattice, "PRUNE_MIN", 1)
+        got = lattice.beam_search(dec, [tok.eos_token_id], slots, tokens_of, beam, 0.5)
+        assert got[0] == want[0] and got[1] == pytest.approx(want[1], abs=1e-9)
+
+
 def test_lattice_select_keeps_the_layout_and_the_candidates_words(engine, tiny_llama_dir):
     from dglm.engine.methods.diffusion_lm.method import CANDIDATE_SEED_STRIDE
 

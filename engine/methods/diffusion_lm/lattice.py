@@ -14,9 +14,12 @@ denoiser's samples at its position (no word a candidate did not propose), fixed 
 fixed, and the length is exact. With one candidate or beam 1 … the search is greedy.
 
 The LM runs incrementally: each hypothesis keeps its keys and values in the decoder's static
-cache (`KVCache`); a step gathers the parents' rows, appends every expansion's new tokens (a
-word is 1-3 subword tokens; shorter ones are padded and masked out with `key_mask`) and scores
-them, so a step costs one forward of `beam × words` rows of a few tokens.
+cache (`KVCache`); a step gathers the parents' rows, appends the expansions' new tokens (a word
+is 1-3 subword tokens; shorter ones are padded and masked out with `key_mask`) and scores them.
+The parents' next-token distribution scores every expansion's first token for free, and that
+score bounds the whole word's from above (later tokens add log-probabilities ≤ 0), so only the
+best-bounded `PRUNE_FACTOR × beam` expansions go through the decoder, more only while one left
+out could still enter the beam: the search returns what scoring every expansion would.
 """
 
 from __future__ import annotations
@@ -29,6 +32,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+# expansions run through the decoder per step, at first: this many × the beam (at least 16); the
+# rest only when their bound (the score up to their first token) could still make the beam
+PRUNE_FACTOR = 4
+PRUNE_MIN = 16
 # (previous word or None at the text's start, word) → the word's subword ids in that context
 TokensOf = Callable[[str | None, str], list[int]]
 
@@ -90,46 +97,67 @@ def beam_search(
     for slot in slots:
         exp = [(b, o) for b in range(len(paths)) for o in slot.options]  # (parent, option)
         toks = [tokens_of(last_word[b], o[0]) or [0] for b, o in exp]
-        lens = torch.tensor([len(t) for t in toks], device=dev)
-        t_new = int(lens.max())
-        parent = torch.tensor([b for b, _ in exp], device=dev)
-        e = len(exp)
-        new_ids = torch.zeros(e, t_new, dtype=torch.long, device=dev)
-        for j, t in enumerate(toks):
-            new_ids[j, : len(t)] = torch.tensor(t, device=dev)
-        valid = torch.arange(t_new, device=dev)[None] < lens[:, None]  # (E, T)
-        # the first new token from each parent's last state
-        lp0 = F.log_softmax(decoder.logits(last_h[:, None])[:, 0].float(), -1)  # (B, V)
-        lm = lp0[parent, new_ids[:, 0]].double()  # (E,)
-        # the new tokens through the decoder, after their parents' cached keys and values
-        s = cache.length
-        grown = decoder.new_cache(e, s + t_new)
-        grown.k[:, :, :, :s] = cache.k[:, parent, :, :s]
-        grown.v[:, :, :, :s] = cache.v[:, parent, :, :s]
-        grown.length = s
-        mask = torch.cat([mask[parent], valid], 1)
-        positions = npos[parent][:, None] + torch.arange(t_new, device=dev)[None]
-        h = decoder.hidden_states(decoder.embed(new_ids), positions, grown, key_mask=mask)
-        if t_new > 1:  # later tokens of multi-token words: predicted from the word's own states
-            later = valid[:, 1:]  # (E, T-1): only where a real token follows
-            lp = F.log_softmax(decoder.logits(h[:, :-1][later][None])[0].float(), -1)  # (M, V)
-            nxt = lp.gather(-1, new_ids[:, 1:][later][:, None])[:, 0]  # (M,)
-            row = torch.arange(e, device=dev)[:, None].expand_as(later)[later]
-            lm = lm + torch.zeros(e, dtype=torch.float64, device=dev).index_add_(
-                0, row, nxt.double()
-            )
+        parent_all = torch.tensor([b for b, _ in exp])
+        first = torch.tensor([t[0] for t in toks])
         prior = torch.tensor([o[2] for _, o in exp], dtype=torch.float64)
-        total = score[parent.cpu()] + lm.cpu() + weight * prior
+        # the first new token from each parent's last state: an upper bound of every expansion's
+        # score (later tokens only add log-probabilities ≤ 0), exact for one-token words
+        lp0 = F.log_softmax(decoder.logits(last_h[:, None])[:, 0].float(), -1).double().cpu()
+        bound = score[parent_all] + lp0[parent_all, first] + weight * prior  # (E,)
+        order = torch.argsort(bound, descending=True, stable=True)
+        m = min(len(exp), max(PRUNE_FACTOR * beam, PRUNE_MIN))
+        while True:  # run the best-bounded m; more only if one left out could still make the beam
+            step = _expand(decoder, cache, mask, npos, order[:m], parent_all, toks, bound)
+            total = step[0]
+            kth = torch.sort(total, descending=True).values[min(beam, len(total)) - 1]
+            if m == len(exp) or kth >= bound[order[m]]:
+                break
+            m = min(len(exp), 2 * m)
+        total, grown, h, lens, kmask, knpos, rows = step
         keep = torch.argsort(total, descending=True, stable=True)[:beam]
         kd = keep.to(dev)
-        cache = decoder.new_cache(len(keep), s + t_new)
+        cache = decoder.new_cache(len(keep), grown.length)
         cache.k.copy_(grown.k[:, kd])
         cache.v.copy_(grown.v[:, kd])
-        cache.length = s + t_new
-        mask = mask[kd]
+        cache.length = grown.length
+        mask, npos = kmask[kd], knpos[kd]
         last_h = h[kd, lens[kd] - 1]
-        npos = npos[parent][kd] + lens[kd]
         score = total[keep]
-        paths = [paths[exp[k][0]] + [exp[k][1][1]] for k in keep.tolist()]
-        last_word = [exp[k][1][0] for k in keep.tolist()]
+        picked = [int(rows[k]) for k in keep.tolist()]
+        paths = [paths[exp[j][0]] + [exp[j][1][1]] for j in picked]
+        last_word = [exp[j][1][0] for j in picked]
     return paths[0], float(score[0])
+
+
+def _expand(decoder, cache, mask, npos, rows, parent_all, toks, bound):
+    """Score the expansions `rows` (indices into `toks`) exactly: their new tokens through the
+    decoder after their parents' cached keys and values. → (total (R,) fp64 on CPU, the grown
+    cache, hidden states (R, T, H), token counts (R,), key mask, next positions, rows)."""
+    dev = decoder.device
+    parent = parent_all[rows].to(dev)
+    sub = [toks[j] for j in rows.tolist()]
+    lens = torch.tensor([len(t) for t in sub], device=dev)
+    t_new = int(lens.max())
+    e = len(sub)
+    new_ids = torch.zeros(e, t_new, dtype=torch.long, device=dev)
+    for j, t in enumerate(sub):
+        new_ids[j, : len(t)] = torch.tensor(t, device=dev)
+    valid = torch.arange(t_new, device=dev)[None] < lens[:, None]  # (R, T)
+    s = cache.length
+    grown = decoder.new_cache(e, s + t_new)
+    grown.k[:, :, :, :s] = cache.k[:, parent, :, :s]
+    grown.v[:, :, :, :s] = cache.v[:, parent, :, :s]
+    grown.length = s
+    kmask = torch.cat([mask[parent], valid], 1)
+    positions = npos[parent][:, None] + torch.arange(t_new, device=dev)[None]
+    h = decoder.hidden_states(decoder.embed(new_ids), positions, grown, key_mask=kmask)
+    total = bound[rows].clone()
+    if t_new > 1:  # later tokens of multi-token words: predicted from the word's own states
+        later = valid[:, 1:]  # (R, T-1): only where a real token follows
+        lp = F.log_softmax(decoder.logits(h[:, :-1][later][None])[0].float(), -1)  # (M, V)
+        nxt = lp.gather(-1, new_ids[:, 1:][later][:, None])[:, 0]  # (M,)
+        row = torch.arange(e, device=dev)[:, None].expand_as(later)[later]
+        total += (
+            torch.zeros(e, dtype=torch.float64, device=dev).index_add_(0, row, nxt.double()).cpu()
+        )
+    return total, grown, h, lens, kmask, npos[parent] + lens, rows
