@@ -270,6 +270,27 @@ def test_lattice_pruning_by_the_first_token_bound_changes_nothing(tiny_llama_dir
         assert got[0] == want[0] and got[1] == pytest.approx(want[1], abs=1e-9)
 
 
+def test_lattice_paths_never_repeat_a_word_pair_unless_forced(tiny_llama_dir):
+    from dglm.engine.methods.diffusion_lm.lattice import Slot, beam_search
+    from dglm.engine.models import load_decoder
+
+    dec, tok = load_decoder(str(tiny_llama_dir))
+
+    def tokens_of(prev, w):
+        return tok.encode(w if prev is None else " " + w, add_special_tokens=False)
+
+    a, dot, b = ("a", 0, 0.0), (".", 1, 0.0), ("b", 2, -50.0)  # the prior wants "a" (weight 100)
+    slots = [Slot((a,)), Slot((dot,)), Slot((a, b)), Slot((dot,)), Slot((a, b))]
+    path, _ = beam_search(dec, [tok.eos_token_id], slots, tokens_of, 1, 100.0)
+    assert path == [0, 1, 0, 1, 2]  # greedy: "a . a ." then "b", a second ". a" is refused
+    path, _ = beam_search(dec, [tok.eos_token_id], slots, tokens_of, 4, 100.0)
+    pairs = list(zip([None, *path], path))
+    assert path.count(2) == 1 and len(set(pairs)) == len(pairs)  # one "b", no pair twice
+    # a slot whose every option repeats a pair still takes one (fixed words may have to)
+    path, _ = beam_search(dec, [tok.eos_token_id], slots[:4] + [Slot((a,))], tokens_of, 1, 100.0)
+    assert path == [0, 1, 0, 1, 0]
+
+
 def test_lattice_select_keeps_the_layout_and_the_candidates_words(engine, tiny_llama_dir):
     from dglm.engine.methods.diffusion_lm.method import CANDIDATE_SEED_STRIDE
 

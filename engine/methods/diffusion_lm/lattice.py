@@ -11,7 +11,9 @@ the path with the highest
 over the whole sentence (the prompt, the left context, the gap and the right context, so a gap
 word that does not lead into the right context loses). Every word still comes from the
 denoiser's samples at its position (no word a candidate did not propose), fixed words stay
-fixed, and the length is exact. With one candidate or beam 1 … the search is greedy.
+fixed, and the length is exact. No path repeats a pair of adjacent words (the LM's likeliest
+route through a loose lattice is a loop, "i, a. a. a. a."), unless a slot leaves no other choice.
+With beam 1 the search is greedy.
 
 The LM runs incrementally: each hypothesis keeps its keys and values in the decoder's static
 cache (`KVCache`); a step gathers the parents' rows, appends the expansions' new tokens (a word
@@ -94,8 +96,13 @@ def beam_search(
     score = torch.zeros(1, dtype=torch.float64)
     paths: list[list[int]] = [[]]
     last_word: list[str | None] = [None]
+    bigrams: list[set[tuple[str | None, str]]] = [set()]  # each hypothesis' word pairs so far
     for slot in slots:
         exp = [(b, o) for b in range(len(paths)) for o in slot.options]  # (parent, option)
+        # no repeated word pair (an LM's likeliest paths through a loose lattice are loops:
+        # "i, a. a. a."), unless every expansion would repeat one (a fixed word may have to)
+        fresh = [(b, o) for b, o in exp if (last_word[b], o[0]) not in bigrams[b]]
+        exp = fresh or exp
         toks = [tokens_of(last_word[b], o[0]) or [0] for b, o in exp]
         parent_all = torch.tensor([b for b, _ in exp])
         first = torch.tensor([t[0] for t in toks])
@@ -125,6 +132,7 @@ def beam_search(
         score = total[keep]
         picked = [int(rows[k]) for k in keep.tolist()]
         paths = [paths[exp[j][0]] + [exp[j][1][1]] for j in picked]
+        bigrams = [bigrams[exp[j][0]] | {(last_word[exp[j][0]], exp[j][1][0])} for j in picked]
         last_word = [exp[j][1][0] for j in picked]
     return paths[0], float(score[0])
 
