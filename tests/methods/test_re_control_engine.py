@@ -199,6 +199,8 @@ def test_eval_runs_re_control_beside_dglm(engine, tiny_reference_lm):
     targets = {c["target"] for c in report["targets"]}
     assert "sentiment positive: RE-Control VADER positive ≥ plain decoding + 25%" in targets
     assert any("DGLM + RE-Control above DGLM alone" in t for t in targets)
+    above = [c for c in report["targets"] if "DGLM + RE-Control above" in c["target"]]
+    assert above and all("paired over 2:" in c["note"] for c in above)  # run_eval's per-sample
     md = render_markdown(report)
     assert "RE-Control (value network's n, α)" in md and "s=10 + RE-Control" in md
     assert "RE-Control (value network's n, α) β=0.9" in md and "s=10 + RE-Control α=2 β=0.9" in md

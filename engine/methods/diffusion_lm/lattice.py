@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from dglm.engine.models.base import KVCache
 
 # expansions run through the decoder per step, at first: this many × the beam (at least 16); the
 # rest only when their bound (the score up to their first token) could still make the beam
@@ -114,19 +115,17 @@ def beam_search(
         order = torch.argsort(bound, descending=True, stable=True)
         m = min(len(exp), max(PRUNE_FACTOR * beam, PRUNE_MIN))
         while True:  # run the best-bounded m; more only if one left out could still make the beam
-            step = _expand(decoder, cache, mask, npos, order[:m], parent_all, toks, bound)
+            rows = order[:m]
+            step = _expand(decoder, cache, mask, npos, rows, parent_all, toks, bound)
             total = step[0]
             kth = torch.sort(total, descending=True).values[min(beam, len(total)) - 1]
             if m == len(exp) or kth >= bound[order[m]]:
                 break
             m = min(len(exp), 2 * m)
-        total, grown, h, lens, kmask, knpos, rows = step
+        total, grown, h, lens, kmask, knpos = step
         keep = torch.argsort(total, descending=True, stable=True)[:beam]
         kd = keep.to(dev)
-        cache = decoder.new_cache(len(keep), grown.length)
-        cache.k.copy_(grown.k[:, kd])
-        cache.v.copy_(grown.v[:, kd])
-        cache.length = grown.length
+        cache = KVCache(grown.k[:, kd], grown.v[:, kd], grown.length)  # indexing copies the rows
         mask, npos = kmask[kd], knpos[kd]
         last_h = h[kd, lens[kd] - 1]
         score = total[keep]
@@ -140,7 +139,7 @@ def beam_search(
 def _expand(decoder, cache, mask, npos, rows, parent_all, toks, bound):
     """Score the expansions `rows` (indices into `toks`) exactly: their new tokens through the
     decoder after their parents' cached keys and values. → (total (R,) fp64 on CPU, the grown
-    cache, hidden states (R, T, H), token counts (R,), key mask, next positions, rows)."""
+    cache, hidden states (R, T, H), token counts (R,), key mask, next positions)."""
     dev = decoder.device
     parent = parent_all[rows].to(dev)
     sub = [toks[j] for j in rows.tolist()]
@@ -168,4 +167,4 @@ def _expand(decoder, cache, mask, npos, rows, parent_all, toks, bound):
         total += (
             torch.zeros(e, dtype=torch.float64, device=dev).index_add_(0, row, nxt.double()).cpu()
         )
-    return total, grown, h, lens, kmask, npos[parent] + lens, rows
+    return total, grown, h, lens, kmask, npos[parent] + lens
