@@ -19,7 +19,7 @@ attribute task):
 - unconditional: fluency as the perplexity of whole sentences under Gemma-3-270M (the eval's
   independent judge; bootstrap interval over sentences) against held-out human sentences of the
   training corpus (the same judge, the same count), Dist-2/3;
-- length: `length` cycled over 6/10/14/18 words (those the model fits): exact when the sample
+- length: `length` cycled over 6/10/14/18/24/30 words (those the model fits): exact when the sample
   has that many words;
 - infill: held-out human sentences of ≥ 8 words keep their first 2 and last 3 words fixed, the
   middle is generated at the original length: context kept (every fixed word in place) and the
@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import statistics
 import time
@@ -51,7 +52,7 @@ from dglm.engine.training.diffusion_lm import read_sentences
 from benchmarks.common import ROOT, environment, header, stamp, write_results
 
 SOURCES = "sources:rotten_tomatoes,headlines,fortunes"  # the shipped bundle's training corpus
-LENGTHS = (6, 10, 14, 18)
+LENGTHS = (6, 10, 14, 18, 24, 30)
 BEST_OF = 16  # candidates per sample in the selection rows, ranked by the decoder ("lm")
 LATTICE_OF = 64  # candidates whose word lattice the decoder searches ("lattice")
 # (sampler, steps, candidates per sample, select)
@@ -79,7 +80,8 @@ def rate(k: int, n: int) -> dict:
 
 def gemma_ppl(lm, sentences: list[str], boot: int = 200, seed: int = 0) -> dict:
     """Token-weighted perplexity of whole sentences under the judge, with a bootstrap interval
-    over sentences."""
+    over sentences; "_nll" / "_tokens" (per sentence, dropped from the written results) let
+    `ppl_ratio` compare two sets."""
     from dglm.engine.evaluation.perplexity import reference_nll
 
     kept = [s.strip() for s in sentences if s.strip()]
@@ -96,7 +98,34 @@ def gemma_ppl(lm, sentences: list[str], boot: int = 200, seed: int = 0) -> dict:
     n = len(kept)
     draws = sorted(ppl([rng.randrange(n) for _ in range(n)]) for _ in range(boot))
     return {"ppl": ppl(range(n)), "ci": [draws[int(0.025 * boot)], draws[int(0.975 * boot) - 1]],
-            "n": n}  # fmt: skip
+            "n": n, "_nll": nll, "_tokens": counts}  # fmt: skip
+
+
+def ppl_ratio(a: dict, b: dict, boot: int = 1000, seed: int = 0) -> dict:
+    """a's perplexity over b's (two `gemma_ppl` results) with a bootstrap interval that resamples
+    both sets' sentences independently (the uncertainty of both, not only a's)."""
+
+    def ppl(g, idx):
+        return math.exp(sum(g["_nll"][i] for i in idx) / max(sum(g["_tokens"][i] for i in idx), 1))
+
+    rng = random.Random(seed)
+    na, nb = len(a["_nll"]), len(b["_nll"])
+    draws = sorted(
+        ppl(a, [rng.randrange(na) for _ in range(na)])
+        / ppl(b, [rng.randrange(nb) for _ in range(nb)])
+        for _ in range(boot)
+    )
+    lo, hi = draws[int(0.025 * boot)], draws[int(0.975 * boot) - 1]
+    return {"ratio": ppl(a, range(na)) / ppl(b, range(nb)), "ci": [lo, hi]}
+
+
+def public(x):
+    """The report without the per-sentence working values ("_" keys)."""
+    if isinstance(x, dict):
+        return {k: public(v) for k, v in x.items() if not k.startswith("_")}
+    if isinstance(x, list):
+        return [public(v) for v in x]
+    return x
 
 
 def human_sentences(
@@ -149,7 +178,7 @@ def texts_of(outs) -> list[str]:
     return [s.text.strip() for o in outs for s in o.samples]
 
 
-def quality(engine, cell, n, lm, human, infill_src, attr, samples) -> dict:
+def quality(engine, cell, n, lm, human_g, infill_src, attr, samples) -> dict:
     sampler, steps, cands, select = cell
     base = {"sampler": sampler, "num_inference_steps": steps, **choice(cands, select)}
     name = setting(*cell)
@@ -192,8 +221,9 @@ def quality(engine, cell, n, lm, human, infill_src, attr, samples) -> dict:
         words(t)[:2] == words(a) and words(t)[-3:] == words(b)
         for t, a, b in zip(filled, lefts, rights, strict=True)
     )
-    res["infill"] = {"context_kept": rate(kept, len(ps)),
-                     "gemma": gemma_ppl(lm, filled) if lm else None,
+    g = gemma_ppl(lm, filled) if lm else None
+    res["infill"] = {"context_kept": rate(kept, len(ps)), "gemma": g,
+                     "ratio": ppl_ratio(g, human_g) if g and human_g.get("_nll") else None,
                      "seconds_per_sample": secs / len(ps)}  # fmt: skip
     # attribute (against the unconditional base rate, so not for a lattice either)
     if attr and res["unconditional"] is not None:
@@ -269,8 +299,10 @@ def markdown(report: dict, env: dict) -> str:
         lines.append(f"| {s} | length exact | {fmt_rate(q['length'])} | - | "
                      f"{q['length']['seconds_per_sample']:.3f} |")  # fmt: skip
         i = q["infill"]
+        r = i.get("ratio")
+        vs = f" = {r['ratio']:.2f}× [{r['ci'][0]:.2f}, {r['ci'][1]:.2f}] human" if r else ""
         lines.append(f"| {s} | infill, context kept | {fmt_rate(i['context_kept'])} | "
-                     f"{fmt_ppl(i['gemma'])} | {i['seconds_per_sample']:.3f} |")  # fmt: skip
+                     f"{fmt_ppl(i['gemma'])}{vs} | {i['seconds_per_sample']:.3f} |")  # fmt: skip
         for label in ("positive", "negative"):
             a = q.get("attribute", {}).get(label)
             if a:
@@ -299,7 +331,7 @@ def targets(report: dict) -> list[str]:
         best = (
             max(under, key=lambda r: r["steps"]) if under else min(fast, key=lambda r: r["steps"])
         )
-        line = (f"controlled {best['words']}-word sample at batch 1: "
+        line = (f"controlled {best['words']}-word ({best['words'] + 2}-position) sample at batch 1: "
                 f"{best['seconds_median']:.3f} s with DDIM-{best['steps']} (target < 1 s: "
                 f"{'met' if best['seconds_median'] < 1 else 'missed'})")  # fmt: skip
         if ref:
@@ -319,7 +351,9 @@ def targets(report: dict) -> list[str]:
         line = f"{s}: infill context kept {100 * k:.0f}% (target 100%: {'met' if k == 1 else 'missed'})"
         if g:
             ratio = g["ppl"] / h
-            line += (f"; whole-sentence Gemma PPL {ratio:.2f}× the human sentences' "
+            ci = (q["infill"].get("ratio") or {}).get("ci")
+            span = f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""
+            line += (f"; whole-sentence Gemma PPL {ratio:.2f}×{span} the human sentences' "
                      f"(target ≤ 2×: {'met' if ratio <= 2 else 'missed'})")  # fmt: skip
         else:
             line += "; fluency not judged (--no-gemma)"
@@ -363,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
         "human": gemma_ppl(lm, human) if lm else {"ppl": float("nan"), "ci": [0, 0], "n": 0},
     }  # fmt: skip
     report["quality"] = [
-        quality(engine, cell, n, lm, human, infill_src, attr, samples) for cell in QUALITY
+        quality(engine, cell, n, lm, report["human"], infill_src, attr, samples) for cell in QUALITY
     ]
     report["dglm_fudge"] = dglm_fudge_rows()
     report["load_avg"] = f"{load0} → {load_average()}"
@@ -371,6 +405,7 @@ def main(argv: list[str] | None = None) -> int:
     report["wall_s"] = time.perf_counter() - t0
     report["environment"] = env
     report["rows"] = stamp([{"bench": "diffusion_lm"}], env, torch.device("cpu"))
+    report = public(report)
     args.out.mkdir(parents=True, exist_ok=True)
     write_results(args.out, "diffusion_lm", report, markdown(report, env))
     with open(args.out / "diffusion_lm_samples.jsonl", "w", encoding="utf-8") as f:

@@ -83,3 +83,35 @@ def test_bench_diffusion_lm_writes_every_section(tmp_path, tiny_llama_dir):
     tasks = {json.loads(x)["task"] for x in (out / "diffusion_lm_samples.jsonl").open()}
     assert {"unconditional", "length", "infill", "sentiment=positive"} <= tasks
     assert any("best of" in t for t in report["targets"])
+
+
+def test_ppl_ratio_resamples_both_sets_and_results_drop_working_values():
+    """The infill/human perplexity ratio: the point value is the ratio of the two token-weighted
+    perplexities; its interval resamples both sets (so it is wider than one that resamples only
+    the first against a fixed second); the written report keeps no per-sentence "_" values."""
+    import math
+
+    from benchmarks.bench_diffusion_lm import ppl_ratio, public
+
+    a = {"_nll": [2.0, 4.0, 3.0, 5.0] * 8, "_tokens": [1, 2, 1, 2] * 8}
+    b = {"_nll": [1.0, 2.0, 1.5, 3.0] * 8, "_tokens": [1, 1, 1, 2] * 8}
+    r = ppl_ratio(a, b)
+    want = math.exp(sum(a["_nll"]) / sum(a["_tokens"])) / math.exp(
+        sum(b["_nll"]) / sum(b["_tokens"])
+    )
+    assert r["ratio"] == pytest.approx(want)
+    assert r["ci"][0] < r["ratio"] < r["ci"][1]
+    fixed_b = {
+        "_nll": [sum(b["_nll"])],
+        "_tokens": [sum(b["_tokens"])],
+    }  # one "sentence": no spread
+    one_sided = ppl_ratio(a, fixed_b)
+    assert one_sided["ratio"] == pytest.approx(want)
+    assert r["ci"][1] - r["ci"][0] > one_sided["ci"][1] - one_sided["ci"][0]
+    same = ppl_ratio(a, a)
+    assert same["ratio"] == pytest.approx(1.0) and same["ci"][0] < 1 < same["ci"][1]
+    report = {
+        "human": {"ppl": 3.0, "_nll": [1.0]},
+        "quality": [{"infill": {"gemma": {"_tokens": [1], "n": 1}}}],
+    }
+    assert public(report) == {"human": {"ppl": 3.0}, "quality": [{"infill": {"gemma": {"n": 1}}}]}

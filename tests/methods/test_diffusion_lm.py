@@ -665,12 +665,13 @@ def test_cpu_wide_sc_preset_has_both_settings():
 
 def test_ce_presets_are_the_sc_preset_with_the_interpolate_head():
     """ "cpu-wide-ce" is "cpu-wide-sc" with the score-interpolation head; "cpu-short-ce" the same
-    for ≤ 14 words over 2,000 words."""
+    for ≤ 14 words over 2,000 words, "cpu-long-ce" for ≤ 30 (32 positions)."""
     sc = DIFFUSION_LM_PRESETS["cpu-wide-sc"]
     ce, short = DIFFUSION_LM_PRESETS["cpu-wide-ce"], DIFFUSION_LM_PRESETS["cpu-short-ce"]
     assert sc.x0_head == "regress"
     assert ce == replace(sc, x0_head="interpolate")
     assert short == replace(ce, vocab_size=2000, seq_len=16)
+    assert DIFFUSION_LM_PRESETS["cpu-long-ce"] == replace(short, seq_len=32)
 
 
 def test_eval_word_error_counts_the_words_only():

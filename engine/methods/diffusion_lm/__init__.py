@@ -46,7 +46,8 @@ Presets (model.DIFFUSION_LM_PRESETS):
   self-conditioning and word embeddings at norm √d.
 - "cpu-wide-ce": "cpu-wide-sc" with the score-interpolation head (model module doc: word scores
   trained by cross-entropy, x̂0 their mean embedding); "cpu-short-ce": the same for sentences of
-  ≤ 14 words over 2,000 words (sources:amazon_reviews). What each run measured: README.
+  ≤ 14 words over 2,000 words (sources:amazon_reviews); "cpu-long-ce": the same at 32 positions
+  (≤ 30 words). What each run measured: README.
 - "reference": the paper's ROCStories shape (12 × 768, d = 128, 11k words, length 64).
 
 Sampling cost of the "cpu" shape, batch 1, one thread, same load (untrained weights: the cost

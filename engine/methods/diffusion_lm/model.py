@@ -115,6 +115,8 @@ DIFFUSION_LM_PRESETS: dict[str, DiffusionLMConfig] = {
     # "cpu-wide-ce" for short sentences (≤ 14 words) over a small vocabulary, e.g. the Amazon
     # fine-food reviews alone (sources:amazon_reviews: 2,000 words cover 93% of their words).
     "cpu-short-ce": replace(_CPU_WIDE_CE, vocab_size=2000, seq_len=16),
+    # "cpu-short-ce" at 32 positions (≤ 30 words): the shape of the "32-token sample" speed target.
+    "cpu-long-ce": replace(_CPU_WIDE_CE, vocab_size=2000, seq_len=32),
     # The paper's ROCStories shape: BERT-base-sized denoiser, d = 128, 11k words, length 64.
     "reference": DiffusionLMConfig(
         vocab_size=11_000, seq_len=64, emb_dim=128, dim=768, depth=12, head_dim=64
