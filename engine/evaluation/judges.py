@@ -13,6 +13,7 @@ Every judge package is an optional dependency (the `eval` extra), imported on fi
 
 from __future__ import annotations
 
+import functools
 import importlib
 
 import numpy as np
@@ -44,12 +45,19 @@ _VADER = None
 
 
 def vader_compound(texts: list[str]) -> list[float]:
-    """VADER compound polarity in [−1, 1] per text."""
+    """VADER compound polarity in [−1, 1] per text. Scores are memoised per text (VADER is a pure
+    function of it): an eval scores each setting's texts for its rates and again for the paired
+    test, and the second pass is a lookup."""
     global _VADER
     if _VADER is None:
         vader = optional_import("vaderSentiment.vaderSentiment", "the sentiment metric")
         _VADER = vader.SentimentIntensityAnalyzer()
-    return [_VADER.polarity_scores(t)["compound"] for t in texts]
+    return [_vader_one(t) for t in texts]
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _vader_one(text: str) -> float:
+    return _VADER.polarity_scores(text)["compound"]
 
 
 def textblob_polarity(texts: list[str]) -> list[float]:

@@ -33,6 +33,20 @@ def test_sentiment_rates_vader_thresholds():
     assert math.isnan(sentiment_rates([])["positive"])
 
 
+def test_vader_compound_is_memoised_per_text_with_the_analyzer_values():
+    """A second scoring of the same texts (an eval's paired test after its rates) is a lookup,
+    and returns what the analyzer gives."""
+    from dglm.engine.evaluation import judges
+
+    texts = ["I love this wonderful movie", "This is terrible and awful", "memo check 7f3a"]
+    first = judges.vader_compound(texts)
+    hits = judges._vader_one.cache_info().hits
+    assert judges.vader_compound(texts[::-1]) == first[::-1]
+    assert judges._vader_one.cache_info().hits == hits + 3
+    assert first == [judges._VADER.polarity_scores(t)["compound"] for t in texts]
+    assert first[0] == pytest.approx(0.8616, abs=1e-4)
+
+
 def test_toxicity_mean_and_fraction():
     from profanity_check import predict_prob
 
