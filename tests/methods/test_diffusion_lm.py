@@ -617,6 +617,24 @@ def test_the_shipped_bundle_generates_controlled_text():
     assert words(infilled)[-2:] == ["good", "."] and len(words(sized)) == 6
 
 
+def test_the_long_shipped_bundle_writes_up_to_30_words():
+    """`--bundle diffusion-lm-long`: 32 positions ("cpu-long-ce"), a sentiment classifier, and a
+    30-word request (the full length) and a guided infill honoured exactly."""
+    from dglm.engine.engine import Engine
+
+    eng = Engine.from_pretrained("diffusion-lm-long")
+    assert eng.method.net.config == DIFFUSION_LM_PRESETS["cpu-long-ce"]
+    assert "sentiment" in eng.method.classifiers
+    p = eng.default_params(seed=0, num_inference_steps=10, length=30)
+    q = replace(
+        p, length=20, infill="the tea ___ good .", controls=(Control("sentiment", "positive"),)
+    )
+    full, filled = (o.samples[0].text for o in eng.generate(["", ""], [p, q]))
+    assert len(words(full)) == 30
+    assert len(words(filled)) == 20 and words(filled)[:2] == ["the", "tea"]
+    assert words(filled)[-2:] == ["good", "."]
+
+
 def test_self_conditioning_and_embedding_norm_train_and_sample(tmp_path):
     """A self-conditioned denoiser with fixed-norm word embeddings (config.self_condition,
     config.embedding_norm): its estimate input starts at zero (the plain denoiser), training (half
