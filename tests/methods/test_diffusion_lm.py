@@ -617,6 +617,20 @@ def test_the_shipped_bundle_generates_controlled_text():
     assert words(infilled)[-2:] == ["good", "."] and len(words(sized)) == 6
 
 
+def test_dglm_info_describes_a_diffusion_lm_bundle(capsys):
+    """`dglm info` on a Diffusion-LM bundle (it raised AttributeError before the engine had
+    `info`): the method, the denoiser's shape and size, the longest request, the classifiers."""
+    from dglm.engine.cli.main import main
+
+    for name, most in (("diffusion-lm", 14), ("diffusion-lm-long", 30)):
+        assert main(["info", "--bundle", name]) == 0
+        info = json.loads(capsys.readouterr().out)
+        assert info["method"] == "diffusion-lm" and info["max_words"] == most
+        assert info["model"]["seq_len"] == most + 2 and info["model"]["parameters"] > 1e6
+        assert info["classifiers"]["sentiment"]["labels"] == ["negative", "positive"]
+        assert info["sampling"]["sampler"] == "ddim" and info["vocab_size"] == 2000
+
+
 def test_the_long_shipped_bundle_writes_up_to_30_words():
     """`--bundle diffusion-lm-long`: 32 positions ("cpu-long-ce"), a sentiment classifier, and a
     30-word request (the full length) and a guided infill honoured exactly."""

@@ -6,7 +6,7 @@ import logging
 import math
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -543,6 +543,30 @@ class DiffusionLMEngine:
     def default_params(self, **overrides) -> DiffusionLMParams:
         """The bundle's sampling defaults (config.json "sampling"), with `overrides`."""
         return DiffusionLMParams(**{**self.method.defaults, **overrides})
+
+    def info(self) -> dict:
+        """What `dglm info` prints for a Diffusion-LM bundle: the denoiser's shape and size, the
+        longest request it takes, its classifiers and the bundle's sampling defaults."""
+        m = self.method
+        count = lambda mod: sum(p.numel() for p in mod.parameters())  # noqa: E731
+        return {
+            "method": "diffusion-lm",
+            "device": str(m.device),
+            "model": {**m.net.config.to_dict(), "parameters": count(m.net)},
+            "max_words": m.net.config.seq_len - 2,  # BOS and EOS take two positions
+            "vocab_size": len(m.vocab.tokens),
+            "classifiers": {
+                name: {
+                    "labels": list(c.config.labels),
+                    "dim": c.config.dim,
+                    "depth": c.config.depth,
+                    "parameters": count(c),
+                }
+                for name, c in m.classifiers.items()
+            },  # fmt: skip
+            "sampling": {k: v for k, v in asdict(self.default_params()).items() if k != "controls"},
+            "scorer": m.scorer,
+        }
 
     def generate(
         self,
