@@ -124,7 +124,6 @@ def run_eval(
     done = 0
     runs: dict[tuple, tuple[Generations, dict, torch.Tensor | None]] = {}
     rows, samples = [], []
-    per_sample: dict[tuple, dict[tuple[int, int], float]] = {}  # VADER per sample, per run
     vader_by_sample: dict[str, dict[tuple[int, int], float]] = {}  # paired tests (targets)
     for s in settings:
         k = key(s)
@@ -139,7 +138,6 @@ def run_eval(
             gens = generate_setting(engine, s, prefixes, config, tick, base)
             metrics, cos = score_setting(engine, gens, prefixes, reference_lm, base)
             runs[k] = (gens, metrics, cos)
-            per_sample[k] = sample_scores(gens)
             for r in range(len(gens.texts)):
                 sample = {
                     "setting": s.name,
@@ -152,7 +150,7 @@ def run_eval(
                 samples.append(sample)
             _log_metrics(s.name, metrics)
         gens, metrics, _ = runs[k]
-        vader_by_sample[s.name] = per_sample[k]  # settings sharing a run share its scores
+        vader_by_sample[s.name] = sample_scores(gens)  # a lookup: VADER is memoised per text
         metrics = dict(metrics)
         rate = target_rate(s, metrics)
         if rate is not None:

@@ -628,7 +628,7 @@ def test_dglm_info_describes_a_diffusion_lm_bundle(capsys):
         assert info["method"] == "diffusion-lm" and info["max_words"] == most
         assert info["model"]["seq_len"] == most + 2 and info["model"]["parameters"] > 1e6
         assert info["classifiers"]["sentiment"]["labels"] == ["negative", "positive"]
-        assert info["sampling"]["sampler"] == "ddim" and info["vocab_size"] == 2000
+        assert info["sampling"]["sampler"] == "ddim" and info["model"]["vocab_size"] == 2000
 
 
 def test_the_long_shipped_bundle_writes_up_to_30_words():

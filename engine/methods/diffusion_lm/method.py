@@ -554,7 +554,6 @@ class DiffusionLMEngine:
             "device": str(m.device),
             "model": {**m.net.config.to_dict(), "parameters": count(m.net)},
             "max_words": m.net.config.seq_len - 2,  # BOS and EOS take two positions
-            "vocab_size": len(m.vocab.tokens),
             "classifiers": {
                 name: {
                     "labels": list(c.config.labels),
@@ -563,7 +562,7 @@ class DiffusionLMEngine:
                     "parameters": count(c),
                 }
                 for name, c in m.classifiers.items()
-            },  # fmt: skip
+            },
             "sampling": {k: v for k, v in asdict(self.default_params()).items() if k != "controls"},
             "scorer": m.scorer,
         }
