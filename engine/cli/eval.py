@@ -57,6 +57,11 @@ def add_parser(sub) -> None:
         "the edit (0 = off), e.g. 0,0.1",
     )  # fmt: skip
     e.add_argument(
+        "--re-control-scales", type=_floats, default=None,
+        help="extra DGLM + RE-Control rows with DGLM at these guidance scales (each compared "
+        "with DGLM alone at the same scale when --scales holds it), e.g. 100,300",
+    )  # fmt: skip
+    e.add_argument(
         "--only", default=None,
         help="comma-separated substrings: run only the settings whose names contain one",
     )  # fmt: skip
@@ -101,6 +106,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "gemma": args.gemma,
         "re_control_step_sizes": args.re_control_step_sizes,
         "re_control_plausibilities": args.re_control_plausibilities,
+        "re_control_scales": args.re_control_scales,
         "only": tuple(args.only.split(",")) if args.only else None,
     }
     config = replace(config, **{k: v for k, v in overrides.items() if v is not None})

@@ -199,6 +199,36 @@ def _composition_table(report: dict) -> list[str]:
     )
 
 
+def _by_scale_table(report: dict) -> list[str]:
+    """DGLM + RE-Control beside DGLM alone at each guidance scale where both ran (the report's
+    `re_control_by_scale`, targets.combined_by_scale): rates, perplexities, the paired test."""
+    lines = [
+        "| target | s | n | DGLM alone | DGLM + RE-Control | difference | PPL alone | PPL both "
+        "| discordant (both / alone) | McNemar p |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for e in report["re_control_by_scale"]:
+        paired = ("—", "—")
+        if "mcnemar_p" in e:
+            paired = (f"{e['only_combined']} / {e['only_dglm']}", f"{e['mcnemar_p']:.2g}")
+        lines.append(
+            f"| {e['target']} | {e['scale']:g} | {e['n']} | {e['dglm_rate_ci']} | "
+            f"{e['combined_rate_ci']} | {e['difference'] * 100:+.1f} pts | "
+            f"{_fmt(e['dglm_perplexity'], '.2f')} | {_fmt(e['combined_perplexity'], '.2f')} | "
+            f"{paired[0]} | {paired[1]} |"
+        )
+    key = report["re_control_by_scale"][0]["perplexity_key"]
+    lines += [
+        "",
+        "VADER success toward the target; PPL: "
+        + ("the reference LM's" if key == "ref_perplexity" else "SmolLM2's")
+        + " perplexity; RE-Control at its value network's defaults for a control acting both "
+        "ways; the paired test counts the samples (same prefix, same sample number) only one of "
+        "the two settings turned to the target.",
+    ]
+    return lines
+
+
 def _stage_table(report: dict) -> list[str]:
     lines = ["| setting | total | stages |", "|---|---:|---|"]
     for r in report["rows"]:
@@ -282,6 +312,8 @@ def render_markdown(report: dict) -> str:
     lines += ["", "## Toxicity", "", *_toxicity_table(report)]
     if any(r["group"] == "composition" for r in report["rows"]):
         lines += ["", "## Two controls, two methods", "", *_composition_table(report)]
+    if report.get("re_control_by_scale"):
+        lines += ["", "## DGLM + RE-Control across guidance scales", "", *_by_scale_table(report)]
     lines += ["", "## Generation time per sample, by stage (seconds; batched as above)", ""]
     lines += _stage_table(report)
     if report["skipped"]:

@@ -23,7 +23,7 @@ from dglm.engine.evaluation.prefixes import heldout_prefixes
 from dglm.engine.evaluation.provenance import capture
 from dglm.engine.evaluation.scoring import score_setting
 from dglm.engine.evaluation.settings import EvalConfig, Setting, build_settings, target_rate
-from dglm.engine.evaluation.targets import target_checks
+from dglm.engine.evaluation.targets import combined_by_scale, target_checks
 
 logger = logging.getLogger(__name__)
 
@@ -186,6 +186,7 @@ def run_eval(
         "skipped": skipped,
         "default_scale": default_scale,
         "targets": target_checks(rows, fid, default_scale, vader_by_sample),
+        "re_control_by_scale": combined_by_scale(rows, vader_by_sample),
         "environment": environment(engine),
         "wall_s": time.perf_counter() - t_start,
     }

@@ -48,6 +48,10 @@ class EvalConfig:
     # extra rows at these plausibility masks β around the edit (RE-Control alone, and DGLM +
     # RE-Control at the default and every extra step size): see methods.re_control.PlausibleEdit
     re_control_plausibilities: tuple[float, ...] = ()
+    # extra DGLM + RE-Control rows with DGLM at these guidance scales (the value network's α and β
+    # for a combined control): the composition across guidance strengths, each compared in a paired
+    # test with DGLM alone at the same scale when `guidance_scales` holds it
+    re_control_scales: tuple[float, ...] = ()
     # run only the settings whose names contain one of these strings (empty: all)
     only: tuple[str, ...] = ()
 
@@ -71,13 +75,15 @@ class EvalConfig:
             "fudge_strengths",
             "re_control_step_sizes",
             "re_control_plausibilities",
+            "re_control_scales",
             "only",
         ):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         if any(not isinstance(p, str) or not p.strip() for p in self.prefixes):
             raise ValueError("prefixes must be non-empty strings")
-        if any(not (math.isfinite(s) and s > 0) for s in self.guidance_scales):
-            raise ValueError(f"guidance_scales must be finite and > 0, got {self.guidance_scales}")
+        for name in ("guidance_scales", "re_control_scales"):
+            if any(not (math.isfinite(s) and s > 0) for s in getattr(self, name)):
+                raise ValueError(f"{name} must be finite and > 0, got {getattr(self, name)}")
         if any(not 0.0 <= a <= 1.0 for a in self.renoise_alpha2s):
             raise ValueError(f"renoise_alpha2s must lie in [0, 1], got {self.renoise_alpha2s}")
         if any(not (math.isfinite(a) and 0 < a <= MAX_RE_CONTROL_STEP)
@@ -161,10 +167,12 @@ def re_control_settings(
     default_alpha2: float,
     step_sizes: tuple[float, ...] = (),
     plausibilities: tuple[float, ...] = (),
+    scales: tuple[float, ...] = (),
 ) -> list[Setting]:
     """RE-Control alone and DGLM + RE-Control (the control acting both ways, DGLM at the bundle's
     default scale) for one probe target; the latter again at each of `step_sizes`, and both
-    again at each plausibility β of `plausibilities`, at the default and every step size."""
+    again at each plausibility β of `plausibilities`, at the default and every step size; and
+    DGLM + RE-Control again with DGLM at each other guidance scale of `scales`."""
     both = (Control(probe, target, default_scale, method="both"),)
     alone = (Control(probe, target, method="re-control"),)
     name = f"dglm+re-control {probe}={target}:{default_scale:g}"
@@ -184,6 +192,15 @@ def re_control_settings(
         )  # fmt: skip
 
     extra = [combined(a, None) for a in step_sizes]
+    for s in dict.fromkeys(scales):
+        if s != default_scale:
+            extra.append(
+                Setting(
+                    f"dglm+re-control {probe}={target}:{s:g}", "dglm+re-control", group,
+                    (Control(probe, target, s, method="both"),), default_alpha2, probe, target,
+                    float(s),
+                )  # fmt: skip
+            )
     for b in plausibilities:
         extra += [by_itself(a, b) for a in (None, *step_sizes)]
         extra += [combined(a, b) for a in (None, *step_sizes)]
@@ -285,6 +302,7 @@ def build_settings(
                 settings += re_control_settings(
                     "sentiment", target, "sentiment", default_scale, default_alpha2,
                     config.re_control_step_sizes, config.re_control_plausibilities,
+                    config.re_control_scales,
                 )  # fmt: skip
             for lam in config.fudge_strengths:
                 settings.append(

@@ -173,14 +173,16 @@ def _re_control_checks(
     dec: dict,
     steered: dict | None,
     ppl: tuple[str, str],
+    default_scale: float,
     scores: SampleScores | None = None,
 ) -> list[dict]:
-    """RE-Control's targets for one sentiment target (none when its rows were not run). With
+    """RE-Control's targets for one sentiment target (none when its rows were not run), the
+    combined control's at DGLM's default scale and the value network's α and β. With
     `scores`, "above" also needs the paired difference to be significant (exact McNemar test on
     the same prefixes and sample numbers, p < PAIRED_ALPHA); the margin is then 0.05 − p when the
     difference is positive but not significant."""
     alone = next((r for r in group if r["method"] == "re-control"), None)
-    both = next((r for r in group if r["method"] == "dglm+re-control"), None)
+    both = next((r for r in group if _default_combined(r, default_scale)), None)
     checks: list[dict] = []
     key = "vader_" + target
     if alone is not None:
@@ -241,6 +243,60 @@ def _re_control_checks(
     return checks
 
 
+def _default_combined(r: dict, scale: float | None) -> bool:
+    """Whether row r is DGLM + RE-Control at its defaults (the value network's α and β), with DGLM
+    at guidance scale `scale` (None: any)."""
+    if r["method"] != "dglm+re-control" or r["group"] == "composition":
+        return False
+    if r.get("re_control_step_size") is not None or r.get("re_control_plausibility") is not None:
+        return False
+    return scale is None or r["scale"] == scale
+
+
+def combined_by_scale(rows: list[dict], scores: SampleScores | None = None) -> list[dict]:
+    """DGLM + RE-Control (defaults) beside DGLM alone at the same guidance scale, for every
+    sentiment target and scale where both ran: each one's VADER rate and reference perplexity,
+    their difference and, with `scores`, the paired discordant counts and the exact McNemar p.
+    Not a target: it shows where the second control adds to the first (below DGLM's own
+    ceiling) and where it does not."""
+    out = []
+    for target in ("positive", "negative"):
+        group = [r for r in rows if r["group"] == "sentiment" and r["target"] == target]
+        alone = {r["scale"]: r for r in group if r["method"] == "dglm"}
+        both = sorted(
+            (r for r in group if _default_combined(r, None) and r["scale"] in alone),
+            key=lambda r: r["scale"],
+        )
+        key = "vader_" + target
+        for r in both:
+            a = alone[r["scale"]]
+            ppl, _ = perplexity_key([a, r])
+            entry = {
+                "target": target,
+                "scale": r["scale"],
+                "dglm": a["setting"],
+                "combined": r["setting"],
+                "n": r["n"],
+                "dglm_rate": a["metrics"][key],
+                "combined_rate": r["metrics"][key],
+                "difference": r["metrics"][key] - a["metrics"][key],
+                "perplexity_key": ppl,
+                "dglm_perplexity": a["metrics"][ppl],
+                "combined_perplexity": r["metrics"][ppl],
+                "dglm_rate_ci": rate_ci(a["metrics"], key),
+                "combined_rate_ci": rate_ci(r["metrics"], key),
+            }
+            sa, sb = (scores or {}).get(r["setting"]), (scores or {}).get(a["setting"])
+            if sa and sb:
+                n, only_both, only_dglm = paired_counts(sa, sb, target)
+                entry.update(
+                    pairs=n, only_combined=only_both, only_dglm=only_dglm,
+                    mcnemar_p=mcnemar_p(only_both, only_dglm),
+                )  # fmt: skip
+            out.append(entry)
+    return out
+
+
 def _fidelity_check(fidelity_cos: dict[float, torch.Tensor | None]) -> list[dict]:
     cos_95, cos_0 = fidelity_cos.get(0.95), fidelity_cos.get(0.0)
     if cos_95 is None or cos_0 is None:
@@ -294,7 +350,9 @@ def target_checks(
             rc = [r for r in group if r["method"] in ("re-control", "dglm+re-control")]
             if rc:
                 rc_ppl = perplexity_key([dec, *rc, *([steered] if steered else [])])
-                checks += _re_control_checks(target, group, dec, steered, rc_ppl, scores)
+                checks += _re_control_checks(
+                    target, group, dec, steered, rc_ppl, default_scale, scores
+                )
     if dec is not None and ref is not None:
         ppl = perplexity_key([dec, ref])
         checks.append(
@@ -317,7 +375,9 @@ def target_checks(
             ppl = perplexity_key([dec, ref] + ([steered] if steered else []))
             rc = [r for r in group if r["method"] in ("re-control", "dglm+re-control")]
             rc_ppl = perplexity_key([dec, *rc, *([steered] if steered else [])])
-            rc_checks = _re_control_checks(target, group, dec, steered, rc_ppl, scores)
+            rc_checks = _re_control_checks(
+                target, group, dec, steered, rc_ppl, default_scale, scores
+            )
             if steered is None:
                 steered = f"dglm sentiment={target}:{default_scale:g} (not run)"
             checks += _sentiment_checks(target, steered, dec, ref, fudges, ppl) + rc_checks

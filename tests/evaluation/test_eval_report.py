@@ -79,3 +79,37 @@ def test_the_composition_table_sits_beside_dglm_alone():
     assert "| 55% [" in lines[-1] and "| 4% [2%, 7%] |" in lines[-1]
     report["rows"] = rows
     assert "Two controls" not in render_markdown(report)
+
+
+def test_the_by_scale_table_shows_the_paired_comparison():
+    """The report's "across guidance scales" table: one line per (target, scale) with both rates,
+    the difference in points, both perplexities and the paired test; absent without entries."""
+    rows = target_rows()
+    entry = {
+        "target": "negative", "scale": 300.0, "dglm": "n300", "combined": "b300", "n": 400,
+        "dglm_rate": 0.4, "combined_rate": 0.55, "difference": 0.15,
+        "perplexity_key": "ref_perplexity", "dglm_perplexity": 20.0, "combined_perplexity": 19.5,
+        "dglm_rate_ci": "40% [35%, 45%]", "combined_rate_ci": "55% [50%, 60%]",
+        "pairs": 400, "only_combined": 70, "only_dglm": 10, "mcnemar_p": 1.2e-12,
+    }  # fmt: skip
+    report = {
+        "bundle": "b", "bundle_trained": True,
+        "config": {"num_samples": 2, "max_new_tokens": 20, "top_p": 0.95, "temperature": 1.0,
+                   "batch_size": 16},
+        "reference_lm": {"name": "Gemma-3-270M", "status": "used", "note": ""},
+        "environment": {"device": "cpu", "device_name": "x", "torch_threads": 1,
+                        "commit": None, "dirty": None},
+        "prefixes": [{"source": "given", "prefix": "p"}] * 200,
+        "rows": rows, "skipped": [], "targets": target_checks(rows, {}), "wall_s": 1.0,
+        "re_control_by_scale": [entry],
+    }  # fmt: skip
+    md = render_markdown(report)
+    table = md.split("## DGLM + RE-Control across guidance scales")[1].split("\n## ")[0]
+    (line,) = [x for x in table.splitlines() if x.startswith("| negative")]
+    assert line == (
+        "| negative | 300 | 400 | 40% [35%, 45%] | 55% [50%, 60%] | +15.0 pts | 20.00 | 19.50 "
+        "| 70 / 10 | 1.2e-12 |"
+    )
+    assert "the reference LM's perplexity" in table
+    report["re_control_by_scale"] = []
+    assert "across guidance scales" not in render_markdown(report)

@@ -78,6 +78,20 @@ def test_re_control_step_size_sweep_and_the_only_filter(gen):
     for bad in ((0.0,), (float("nan"),), (1e9,)):
         with pytest.raises(ValueError, match="re_control_step_sizes"):
             EvalConfig(re_control_step_sizes=bad)
+    # --re-control-scales: combined rows with DGLM at other scales (the default's not repeated)
+    config = EvalConfig(re_control_scales=(300.0, 1000.0, 300.0), only=("+re-control",))
+    settings, _ = build_settings(config, probes, 0.95, ("sentiment",), 1000.0)
+    assert [(s.name, s.scale, s.controls[0].scale) for s in settings] == [
+        ("dglm+re-control sentiment=positive:1000", 1000.0, 1000.0),
+        ("dglm+re-control sentiment=positive:300", 300.0, 300.0),
+        ("dglm+re-control sentiment=negative:1000", 1000.0, 1000.0),
+        ("dglm+re-control sentiment=negative:300", 300.0, 300.0),
+    ]
+    assert {s.controls[0].method for s in settings} == {"both"}
+    assert all(s.re_control_step_size is None for s in settings)
+    for bad in ((0.0,), (float("inf"),)):
+        with pytest.raises(ValueError, match="re_control_scales"):
+            EvalConfig(re_control_scales=bad)
     with pytest.raises(ValueError, match="only"):
         EvalConfig(only=("",))
 

@@ -160,3 +160,42 @@ def test_combined_control_must_beat_each_alone_in_a_paired_test_when_samples_are
     assert c["met"] is True and "McNemar p = 0.0018" in c["note"]
     # positive: the sign of the compound flips what counts
     assert paired_counts({(0, 0): 0.3}, {(0, 0): -0.3}, "positive") == (1, 1, 0)
+
+
+def test_combined_rows_at_other_scales_are_compared_with_dglm_at_the_same_scale():
+    """Extra DGLM + RE-Control rows at other guidance scales do not stand in for the default one
+    in the targets (nor do the α / β sweep rows); `combined_by_scale` pairs each combined row
+    with DGLM alone at its own scale, with the paired test when the samples are given."""
+    from dglm.engine.evaluation.targets import combined_by_scale
+    from eval_rows import headline, row
+
+    both = dict(method="dglm+re-control", group="sentiment", target="negative")
+    rows = [
+        row("decoder", "decoder", "unguided", ref_perplexity=50.0, vader_negative=0.2),
+        headline("n10", "negative", 0.5, vader=0.62, textblob=0.3, ref_ppl=26.0, dist_3=0.9),
+        row("n3", "dglm", "sentiment", "negative", 3.0, ref_perplexity=20.0, vader_negative=0.4),
+        # listed first: the targets must not take it for the default-scale row
+        row("both3", scale=3.0, ref_perplexity=19.0, vader_negative=0.55, **both),
+        row("both10 α=64", scale=10.0, ref_perplexity=25.0, vader_negative=0.9, **both),
+        row("both10", scale=10.0, ref_perplexity=24.0, vader_negative=0.60, **both),
+    ]
+    rows[4]["re_control_step_size"] = 64.0
+    name = "sentiment negative: DGLM + RE-Control above DGLM alone, perplexity no worse"
+    c = by_target(target_checks(rows, {}))[name]
+    assert c["setting"] == "both10" and c["met"] is False and c["value"] == pytest.approx(-0.02)
+
+    keys = [(i, 0) for i in range(200)]
+    alone = {k: (-0.5 if i < 80 else 0.5) for i, k in enumerate(keys)}  # 40% negative
+    comb = {k: (-0.5 if i < 110 else 0.5) for i, k in enumerate(keys)}  # 55%: 30 more
+    scores = {"n3": alone, "both3": comb}
+    by = combined_by_scale(rows, scores)
+    assert [(e["target"], e["scale"], e["combined"], e["dglm"]) for e in by] == [
+        ("negative", 3.0, "both3", "n3"),
+        ("negative", 10.0, "both10", "n10"),
+    ]
+    e = by[0]
+    assert e["difference"] == pytest.approx(0.15) and e["perplexity_key"] == "ref_perplexity"
+    assert (e["dglm_perplexity"], e["combined_perplexity"]) == (20.0, 19.0)
+    assert (e["pairs"], e["only_combined"], e["only_dglm"]) == (200, 30, 0)
+    assert e["mcnemar_p"] == pytest.approx(2 / 2**30)
+    assert "mcnemar_p" not in by[1]  # no samples for that pair
