@@ -194,11 +194,11 @@ def re_control_settings(
     extra = [combined(a, None) for a in step_sizes]
     for s in dict.fromkeys(scales):
         if s != default_scale:
+            both_s = (Control(probe, target, s, method="both"),)
             extra.append(
                 Setting(
-                    f"dglm+re-control {probe}={target}:{s:g}", "dglm+re-control", group,
-                    (Control(probe, target, s, method="both"),), default_alpha2, probe, target,
-                    float(s),
+                    f"dglm+re-control {probe}={target}:{s:g}", "dglm+re-control", group, both_s,
+                    default_alpha2, probe, target, float(s),
                 )  # fmt: skip
             )
     for b in plausibilities:
