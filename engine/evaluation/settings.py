@@ -194,13 +194,10 @@ def re_control_settings(
     extra = [combined(a, None) for a in step_sizes]
     for s in dict.fromkeys(scales):
         if s != default_scale:
+            name_s = f"dglm+re-control {probe}={target}:{s:g}"
             both_s = (Control(probe, target, s, method="both"),)
-            extra.append(
-                Setting(
-                    f"dglm+re-control {probe}={target}:{s:g}", "dglm+re-control", group, both_s,
-                    default_alpha2, probe, target, float(s),
-                )  # fmt: skip
-            )
+            extra.append(Setting(name_s, "dglm+re-control", group, both_s, default_alpha2,
+                                 probe, target, float(s)))  # fmt: skip
     for b in plausibilities:
         extra += [by_itself(a, b) for a in (None, *step_sizes)]
         extra += [combined(a, b) for a in (None, *step_sizes)]
