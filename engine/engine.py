@@ -401,9 +401,8 @@ class Engine:
             runner = self.decode_runner
             slots = max(map(len, prefix_ids)) + max(p.max_new_tokens for p in params)
             slots += 0 if soft_prompt is None else soft_prompt.shape[1]
-            hooked = hidden_hook is not None
             rows = len(prefix_ids) + companion_count(processors)  # + prompt guidance's stream
-            if runner is not None and not runner.can_run(rows, slots, hooked):
+            if runner is not None and not runner.can_run(rows, slots, hidden_hook):
                 runner = None  # past its buffers, or a hook it cannot run: an eager loop
         return decode(
             self.decoder, self.tokenizer, prefix_ids, params, soft_prompt, runner=runner,

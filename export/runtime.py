@@ -484,7 +484,7 @@ class OrtDecoder:
             self._buffers[batch] = (k, v, slot)
         return self._buffers[batch]
 
-    def can_run(self, batch_size: int, slots: int, hooked: bool = False) -> bool:
+    def can_run(self, batch_size: int, slots: int, hooked: object = False) -> bool:
         return not hooked and batch_size <= self.max_batch and slots <= self.max_context
 
     def start(self, batch: PaddedBatch, hidden_hook: HiddenHook | None = None) -> torch.Tensor:

@@ -56,7 +56,7 @@ class StepBackend(Protocol):
     max_batch: int
     split_batches: bool
 
-    def can_run(self, batch_size: int, slots: int, hooked: bool = False) -> bool: ...
+    def can_run(self, batch_size: int, slots: int, hooked: object = False) -> bool: ...
 
     def start(self, batch: PaddedBatch, hidden_hook: HiddenHook | None = None) -> torch.Tensor: ...
 
@@ -102,7 +102,7 @@ class ReferenceStep:
         self.decoder, self.cache = decoder, cache
         self.max_batch, self.split_batches = cache.batch_size, False
 
-    def can_run(self, batch_size: int, slots: int, hooked: bool = False) -> bool:
+    def can_run(self, batch_size: int, slots: int, hooked: object = False) -> bool:
         return batch_size <= self.cache.batch_size and slots <= self.cache.max_len
 
     def start(self, batch: PaddedBatch, hidden_hook: HiddenHook | None = None) -> torch.Tensor:
@@ -238,7 +238,7 @@ def generate(
                 decoder, tokenizer, prefix_ids, params, soft_prompt, runner,
                 processors=processors, hidden_hook=hidden_hook, on_tokens=on_tokens,
             )  # fmt: skip
-        if hidden_hook is not None and not runner.can_run(1, 1, True):
+        if hidden_hook is not None and not runner.can_run(1, 1, hidden_hook):
             raise ValueError(
                 "this runner cannot run a hidden-state hook (CUDA graphs, compiled steps and the "
                 "ONNX graphs were recorded without one): pass no runner, or an eager or traced one"
@@ -271,7 +271,7 @@ def generate(
         extend = getattr(hidden_hook, "with_companions", None)
         if extend is not None:  # a hook that edits rows: the companions as the rows they follow
             hidden_hook = extend(comp.companion_rows)
-        if not runner.can_run(B + G, total, hidden_hook is not None):
+        if not runner.can_run(B + G, total, hidden_hook):
             raise ValueError(
                 f"the runner cannot take {B} rows + {G} companion rows × {total} KV slots: "
                 "pass no runner, or one with a larger batch bucket"

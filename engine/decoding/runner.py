@@ -25,17 +25,21 @@ Sampling stays outside the step (`decoding.generate` samples from `logits` witho
 As a step backend of the loop (`can_run`, `start`, `step`): a hidden-state hook (`start(...,
 hidden_hook)`) runs op by op (step_impl "eager") or after a trace of the step's body up to the
 final norm (step_impl "trace": the body is traced once per bucket at the first hooked step; the
-hook and the LM head then run op by op), or after the fused step (step_impl "fused"); CUDA
-graphs and compiled steps were recorded without one, so `can_run` says no and the loop takes an
-eager runner instead.
+hook and the LM head then run op by op), or after the fused step (step_impl "fused"). With CUDA
+graphs, a hook that has a static form (`capturable`: RE-Control's `ValueEdit`) is recorded in
+the step: one more graph per (batch bucket, KV bucket, the hook's `static_key()`), captured at
+the first step that needs it, its per-row settings copied into the static form's buffers at
+`start` and its side outputs handed back after each replay (`publish`); a hook without one, or a
+compiled step, cannot run (`can_run` says no and the loop takes an eager runner instead).
 """
 
 from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from dglm.engine.decoding.buckets import round_up
@@ -48,6 +52,17 @@ from torch import nn
 logger = logging.getLogger(__name__)
 
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
+
+
+def capturable(hook: object) -> bool:
+    """Whether a hidden-state hook has a static form a CUDA graph can record: `static_key()` (what
+    the recorded graph depends on beyond per-row values) and `static_copy(rows)` → an object
+    with `load(hook)`, `publish()`, called as a hook on the step's rows."""
+    return callable(getattr(hook, "static_key", None)) and callable(
+        getattr(hook, "static_copy", None)
+    )
+
+
 # How a runner without graphs runs the step:
 # - "eager": op by op from Python.
 # - "trace": a TorchScript trace of the step per (batch bucket, KV bucket), made at its first use
@@ -282,9 +297,13 @@ class DecodeRunner:
             else:
                 logger.info("fused decode step unavailable (%s): traced step instead", why)
         self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph | _EagerStep] = {}
+        # CUDA graphs with a hook's static form: (batch bucket, KV bucket, the hook's static key)
+        self._hooked_graphs: dict[tuple[int, int, Hashable], torch.cuda.CUDAGraph] = {}
+        self._static_hooks: dict[Hashable, Any] = {}  # static_key → the hook's static form
         self._pool = torch.cuda.graph_pool_handle() if self.graphs else None
         self.batch = self.rows = self.slot = self.slots = 0  # current batch, set by begin()
         self.hidden_hook: HiddenHook | None = None  # of the current batch, set by start()
+        self._static: tuple[Hashable, Any] | None = None  # (key, static form) of that hook
         self.split_batches = False  # a batch above the largest bucket is refused (step backend)
 
     # ------------------------------------------------------------------ buckets
@@ -305,8 +324,11 @@ class DecodeRunner:
         return round_up(self.config.seq_buckets, slots, "DecodeRunnerConfig.max_len")
 
     # ------------------------------------------------------------------ the step
-    def _step(self, b: int, s: int, decode: Callable | None = None) -> None:
-        """One decode step on rows [0, b) and slots [0, s) of the buffers (what a graph records)."""
+    def _step(
+        self, b: int, s: int, decode: Callable | None = None, static_hook: Any = None
+    ) -> None:
+        """One decode step on rows [0, b) and slots [0, s) of the buffers (what a graph records;
+        `static_hook`: a hook's static form, recorded with the step)."""
         args = (
             self.decoder,
             self.tokens[:b],
@@ -318,7 +340,9 @@ class DecodeRunner:
         )
         if decode is not None:  # a traced step (hooked or not: see _EagerStep._decode)
             logits = decode(*args)
-        elif self.hidden_hook is not None:  # op by op (see can_run)
+        elif static_hook is not None:  # CUDA graphs: the hook's static form, in the graph
+            logits = decode_logits(*args, hidden_hook=static_hook)
+        elif self.hidden_hook is not None and not self.graphs:  # op by op (see can_run)
             logits = decode_logits(*args, hidden_hook=self.hidden_hook)
         else:
             logits = self._decode(*args)
@@ -327,21 +351,26 @@ class DecodeRunner:
         self.write_pos.add_(1)
 
     @torch.no_grad()
-    def _capture(self, b: int, s: int) -> torch.cuda.CUDAGraph | _EagerStep:
+    def _capture(
+        self, b: int, s: int, static: tuple[Hashable, Any] | None = None
+    ) -> torch.cuda.CUDAGraph | _EagerStep:
         if not self.graphs:
             self._graphs[b, s] = _EagerStep(self, b, s)
             return self._graphs[b, s]
+        hook = None if static is None else static[1]
         saved = self.positions.clone(), self.write_pos.clone()
+        # the warm-up steps rewrite the current slot's K/V and logits, which the recorded step
+        # rewrites again before anything reads them (a hook's capture comes mid-batch)
         try:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):  # warm-up: cuBLAS handles, SDPA kernel choice
                 for _ in range(2):
-                    self._step(b, s)
+                    self._step(b, s, static_hook=hook)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self._pool):
-                self._step(b, s)
+                self._step(b, s, static_hook=hook)
             torch.cuda.synchronize()
         except torch.OutOfMemoryError as e:
             raise RuntimeError(
@@ -352,6 +381,11 @@ class DecodeRunner:
         finally:  # the warm-up steps advanced them; the recorded graph did not run
             self.positions.copy_(saved[0])
             self.write_pos.copy_(saved[1])
+        if static is not None:
+            logger.info("captured decode step with its hidden-state hook: batch bucket %d, %d KV "
+                        "slots", b, s)  # fmt: skip
+            self._hooked_graphs[b, s, static[0]] = graph
+            return graph
         logger.info("captured decode step: batch bucket %d, %d KV slots", b, s)
         self._graphs[b, s] = graph
         return graph
@@ -382,25 +416,35 @@ class DecodeRunner:
         return self.fused is not None and rows <= FUSED_MAX_BATCH
 
     # ------------------------------------------------------------------ step backend
-    def can_run(self, batch_size: int, slots: int, hooked: bool = False) -> bool:
+    def can_run(self, batch_size: int, slots: int, hooked: object = False) -> bool:
         """Whether this runner can take a batch of `batch_size` rows × `slots` KV slots, with a
-        hidden-state hook when `hooked` (op by op, or a trace of the step's body with the hook
-        and the LM head after it; not in CUDA graphs or compiled steps)."""
-        hookable = not self.graphs and self.config.step_impl in ("eager", "trace", "fused")
+        hidden-state hook when `hooked` (the hook, or True for any hook): op by op, or a trace of
+        the step's body with the hook and the LM head after it; in CUDA graphs only a
+        `capturable` hook (a hook given as True is not known to be); never in compiled steps."""
+        if self.graphs:
+            hookable = capturable(hooked)
+        else:
+            hookable = self.config.step_impl in ("eager", "trace", "fused")
         return batch_size <= self.max_batch and slots <= self.max_len and (hookable or not hooked)
 
     @torch.inference_mode()
     def start(self, batch: PaddedBatch, hidden_hook: HiddenHook | None = None) -> torch.Tensor:
         """Begin `batch` and prefill it (pads, prefix, soft prompt in one causal pass) → fp32
         logits (B, V) of its last position; `hidden_hook` acts at every step of this batch."""
-        if hidden_hook is not None and not self.can_run(1, 1, True):
+        if hidden_hook is not None and not self.can_run(1, 1, hidden_hook):
             raise ValueError(
-                "a hidden-state hook runs op by op, traced or fused only: use a DecodeRunner "
-                "with DecodeRunnerConfig(enforce_eager=True, step_impl='eager', 'trace' or "
-                "'fused')"
+                "a hidden-state hook runs op by op, traced, fused, or in CUDA graphs when it has "
+                "a static form (static_key, static_copy): use a DecodeRunner with "
+                "DecodeRunnerConfig(enforce_eager=True, step_impl='eager', 'trace' or 'fused')"
             )
         self.begin(batch.batch_size, batch.slots, batch.key_mask if batch.padded else None)
         self.hidden_hook = hidden_hook
+        if self.graphs and hidden_hook is not None:  # the graphs replay its static form
+            key = hidden_hook.static_key()
+            if key not in self._static_hooks:
+                self._static_hooks[key] = hidden_hook.static_copy(self.max_batch)
+            self._static_hooks[key].load(hidden_hook)
+            self._static = (key, self._static_hooks[key])
         if getattr(batch, "follow", None) is not None:
             return self._prefill_following(batch)
         return self.prefill(batch.embeds(self.decoder), batch.positions)
@@ -451,6 +495,7 @@ class DecodeRunner:
         self.positions[: self.rows] = 0
         self.slot = 0
         self.hidden_hook = None
+        self._static = None
 
     @torch.inference_mode()
     def prefill(self, inputs_embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -479,14 +524,21 @@ class DecodeRunner:
         B = self.batch
         self.tokens[:B].copy_(tokens)
         key = (self.rows, self.seq_bucket(self.slot + 1))
-        graph = self._graphs[key] if key in self._graphs else self._capture(*key)
-        graph.replay()
+        if self._static is not None:  # CUDA graphs with the hook's static form
+            hooked = (*key, self._static[0])
+            graph = self._hooked_graphs.get(hooked) or self._capture(*key, self._static)
+            graph.replay()
+            self._static[1].publish()
+        else:
+            graph = self._graphs[key] if key in self._graphs else self._capture(*key)
+            graph.replay()
         self.slot += 1
         return self.logits[:B]
 
 
 __all__ = [
     "DEFAULT_BATCH_SIZES",
+    "capturable",
     "DecodeRunner",
     "DecodeRunnerConfig",
     "STEP_IMPLS",

@@ -25,7 +25,9 @@ say. It costs one more LM-head product per masked row.
 
 `ValueEdit` is the `HiddenHook` the decode loop runs; `ReControl` is the method on its own (plain
 decoding of the prefix by a frozen decoder, edited), and DGLM adds the same hook for controls with
-`method="re-control"` or `"both"` (see methods.dglm).
+`method="re-control"` or `"both"` (see methods.dglm). `StaticValueEdit` is the hook's static form
+(fixed-row buffers refilled per batch, no host sync, no batch-dependent shape), which the decode
+runner records in its CUDA graphs (decoding.runner).
 
 Reference-code defects fixed here (see the design notes): one MLP depth for training and
 inference (the network's config travels with its weights); the terminal state of a rollout is its
@@ -284,17 +286,111 @@ class ValueEdit:
         if self.masked is not None:
             self._seen["unedited"] = own[self.masked, -1]
             self._seen.pop("unedited_logits", None)  # this step's come with the LM head, if at all
-        _, T, H = own.shape
-        h = own.reshape(R * T, H)
-        edited = h.float()
-        for e, n in zip(self.edits, self.max_steps, strict=True):
-            if n == 0:
-                continue
-            per_pos = (t.repeat_interleave(T, 0) for t in (e.coef, e.steps, e.step_size))
-            edited = value_ascent(edited, e.net, *per_pos, n)  # row r's settings at its T positions
-        keep = self.active.repeat_interleave(T)[:, None]
-        out = torch.where(keep, edited.to(hidden.dtype), h).reshape(R, T, H)
+        out = _edit_rows(own, self.edits, self.max_steps, self.active)
         return out if hidden.shape[0] == R else torch.cat((out, hidden[R:]))
+
+    # ---- the capturable form (decoding.runner captures it in CUDA graphs)
+    def static_key(self) -> tuple:
+        """What a graph recording this hook's static form depends on beyond its per-row values:
+        the value networks, their step counts (the unrolled loop's length) and whether the
+        plausibility mask needs the unedited logits."""
+        return (
+            tuple(id(e.net) for e in self.edits),
+            tuple(self.max_steps),
+            self.masked is not None,
+        )
+
+    def static_copy(self, capacity: int) -> StaticValueEdit:
+        """This hook's static form over buffers of `capacity` rows (empty until `load`)."""
+        return StaticValueEdit(self, capacity)
+
+
+def _edit_rows(
+    own: torch.Tensor, edits: list[RowEdit], max_steps: list[int], active: torch.Tensor
+) -> torch.Tensor:
+    """Rows (R, T, H) after every edit (row r's settings at its T positions); rows not `active`
+    come back bit-identical."""
+    R, T, H = own.shape
+    h = own.reshape(R * T, H)
+    edited = h.float()
+    for e, n in zip(edits, max_steps, strict=True):
+        if n == 0:
+            continue
+        per_pos = (t.repeat_interleave(T, 0) for t in (e.coef, e.steps, e.step_size))
+        edited = value_ascent(edited, e.net, *per_pos, n)
+    keep = active.repeat_interleave(T)[:, None]
+    return torch.where(keep, edited.to(own.dtype), h).reshape(R, T, H)
+
+
+class StaticValueEdit:
+    """A `ValueEdit`'s static form: its per-row tensors in buffers of `capacity` rows, refilled
+    for each batch by `load` — what the decode runner records in a CUDA graph (one per batch
+    bucket, KV bucket and `ValueEdit.static_key`) and replays for every batch whose hook has that
+    key. A call on b ≤ capacity rows edits them with the buffers' first b rows; rows the loaded
+    hook lacks (the bucket's padding) have no steps and pass through unchanged. No host sync and
+    no shape that depends on the batch: with the plausibility mask, the unedited states of all b
+    rows go through the same LM-head call as the edited ones (`head_extra`), their logits are
+    copied into a buffer, and `publish`, after each step, hands the loaded hook its masked rows'
+    (what `PlausibleEdit` reads)."""
+
+    def __init__(self, like: ValueEdit, capacity: int) -> None:
+        device = like.active.device
+        self.capacity, self.key = capacity, like.static_key()
+        self.max_steps = list(like.max_steps)
+        self.edits = [
+            RowEdit(
+                e.net,
+                torch.zeros(capacity, e.coef.shape[1], device=device),
+                torch.zeros(capacity, dtype=torch.long, device=device),
+                torch.zeros(capacity, 1, device=device),
+            )
+            for e in like.edits
+        ]
+        self.active = torch.zeros(capacity, dtype=torch.bool, device=device)
+        self.masked = like.masked is not None
+        self.extra: torch.Tensor | None = None  # (capacity, V) unedited logits, at the first call
+        self._unedited: torch.Tensor | None = None
+        self.source: ValueEdit | None = None
+
+    def load(self, hook: ValueEdit) -> None:
+        """Copy `hook`'s per-row settings into the buffers (rows past it: inactive)."""
+        if hook.static_key() != self.key:
+            raise ValueError("this static edit was built for another set of value networks")
+        R = hook.rows
+        if R > self.capacity:
+            raise ValueError(f"the hook has {R} rows, the static edit holds {self.capacity}")
+        for mine, theirs in zip(self.edits, hook.edits, strict=True):
+            for buf, t in ((mine.coef, theirs.coef), (mine.steps, theirs.steps),
+                           (mine.step_size, theirs.step_size)):  # fmt: skip
+                buf[:R].copy_(t)
+                buf[R:].zero_()
+        self.active[:R].copy_(hook.active)
+        self.active[R:] = False
+        self.source = hook
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        b = hidden.shape[0]
+        if b > self.capacity:
+            raise ValueError(f"the static edit holds {self.capacity} rows, the step has {b}")
+        if self.masked:
+            self._unedited = hidden[:, -1]
+        edits = [RowEdit(e.net, e.coef[:b], e.steps[:b], e.step_size[:b]) for e in self.edits]
+        return _edit_rows(hidden, edits, self.max_steps, self.active[:b])
+
+    def head_extra(self) -> torch.Tensor | None:
+        """Every row's unedited last state (b, H) when the mask is on (see the class)."""
+        return self._unedited if self.masked else None
+
+    def see_head_extra(self, logits: torch.Tensor) -> None:
+        if self.extra is None:
+            self.extra = torch.zeros(self.capacity, logits.shape[-1], device=logits.device)
+        self.extra[: logits.shape[0]].copy_(logits)
+
+    def publish(self) -> None:
+        """After a step: the loaded hook's masked rows' unedited logits, for `PlausibleEdit`."""
+        hook = self.source
+        if hook is not None and hook.masked is not None and self.extra is not None:
+            hook._seen["unedited_logits"] = self.extra[hook.masked]
 
 
 class PlausibleEdit:
@@ -462,6 +558,7 @@ __all__ = [
     "VALUE_NET_PRESETS",
     "ReControl",
     "RowEdit",
+    "StaticValueEdit",
     "ValueEdit",
     "ValueNetConfig",
     "ValueNetwork",
