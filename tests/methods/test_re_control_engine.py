@@ -254,3 +254,24 @@ def test_overhead_benchmark_measures_both_arms(value_bundle, tmp_path, monkeypat
     monkeypatch.setattr(sys, "argv", [*argv, "--probe", "topic"])
     with pytest.raises(SystemExit, match="no 'topic' value network"):
         bench_re_control.main()
+
+
+@pytest.mark.gpu
+def test_re_control_rides_the_cuda_graphs_on_gpu(value_bundle):
+    """On CUDA the engine's persistent runner records the edit in its graphs (no eager fallback):
+    RE-Control alone, both ways with DGLM (prompt guidance's companion rows too) and with the
+    plausibility mask give the greedy tokens of the engine without the runner."""
+    graphs = Engine.from_pretrained(value_bundle, device="cuda", fast_decode=True)
+    eager = Engine.from_pretrained(value_bundle, device="cuda", fast_decode=False)
+    assert graphs.decode_runner is not None and graphs.decode_runner.graphs
+    cases = [
+        ([(Control("sentiment", "positive"),)] * 2, graphs.re_control, {}),
+        ([(Control("sentiment", "negative", method="both"),), ()], None, {}),
+        ([(Control("sentiment", "positive", method="re-control"),)] * 2, None,
+         {"re_control_plausibility": 0.2}),
+    ]  # fmt: skip
+    for controls, method, kw in cases:
+        want = tokens(eager, controls, eager.re_control if method else None, temperature=0.0, **kw)
+        got = tokens(graphs, controls, method, temperature=0.0, **kw)
+        assert got == want
+    assert graphs.decode_runner._hooked_graphs  # recorded, not bypassed
