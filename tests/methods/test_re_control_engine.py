@@ -267,6 +267,8 @@ def test_re_control_rides_the_cuda_graphs_on_gpu(value_bundle):
     cases = [
         ([(Control("sentiment", "positive"),)] * 2, graphs.re_control, {}),
         ([(Control("sentiment", "negative", method="both"),), ()], None, {}),
+        ([(Control("sentiment", "negative", method="both"),), ()], None,
+         {"prompt_guidance": 2.0}),  # with prompt guidance's companion rows
         ([(Control("sentiment", "positive", method="re-control"),)] * 2, None,
          {"re_control_plausibility": 0.2}),
     ]  # fmt: skip
