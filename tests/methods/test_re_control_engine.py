@@ -276,4 +276,5 @@ def test_re_control_rides_the_cuda_graphs_on_gpu(value_bundle):
         want = tokens(eager, controls, eager.re_control if method else None, temperature=0.0, **kw)
         got = tokens(graphs, controls, method, temperature=0.0, **kw)
         assert got == want
-    assert graphs.decode_runner._hooked_graphs  # recorded, not bypassed
+    recorded = graphs.decode_runner._hooked_graphs.values()  # recorded, not bypassed
+    assert recorded and all(isinstance(g, torch.cuda.CUDAGraph) for g in recorded)

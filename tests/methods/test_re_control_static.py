@@ -241,6 +241,7 @@ def test_cuda_graphs_record_the_edit(tiny_dir, gen, beta):
                                     processors=procs)[0])  # fmt: skip
         assert [x.token_ids for x in results[0]] == [x.token_ids for x in results[1]]
     assert len(runner._hooked_graphs) == 1
+    assert all(isinstance(g, torch.cuda.CUDAGraph) for g in runner._hooked_graphs.values())
     # no host sync in a replayed hooked step (the first step of a key captures: run it first)
     hook, procs = value_hook(decoder, net, beta)
     runner.start(_batch(decoder, rows), hook)
