@@ -47,7 +47,7 @@ class StepBackend(Protocol):
     """What the loop needs from a decoder backend.
 
     can_run: whether it takes a batch of that many rows × KV slots (with a hidden-state hook when
-    `hooked`); max_batch: its most rows per batch; split_batches: whether the loop runs a larger
+    `hooked`: the hook itself, or True for any hook); max_batch: its most rows per batch; split_batches: whether the loop runs a larger
     batch in chunks of max_batch (else `start` refuses it, naming the setting to raise); start:
     prefill a PaddedBatch → fp32 logits (B, V) of its last position; step: feed tokens (B,) long
     at the next slot → fp32 logits (B, V), valid until the next step. Neither syncs with the host.
@@ -240,8 +240,9 @@ def generate(
             )  # fmt: skip
         if hidden_hook is not None and not runner.can_run(1, 1, hidden_hook):
             raise ValueError(
-                "this runner cannot run a hidden-state hook (CUDA graphs, compiled steps and the "
-                "ONNX graphs were recorded without one): pass no runner, or an eager or traced one"
+                "this runner cannot run this hidden-state hook (compiled steps and the ONNX "
+                "graphs were recorded without one; CUDA graphs record only a hook with a static "
+                "form): pass no runner, or an eager or traced one"
             )
     t_start = time.perf_counter()
     if runner is None and static:
