@@ -207,13 +207,16 @@ def _by_scale_table(report: dict) -> list[str]:
         "| discordant (both / alone) | McNemar p |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    metrics = {r["setting"]: r["metrics"] for r in report["rows"]}
     for e in report["re_control_by_scale"]:
+        key = "vader_" + e["target"]
+        alone, both = rate_ci(metrics[e["dglm"]], key), rate_ci(metrics[e["combined"]], key)
         paired = ("—", "—")
         if "mcnemar_p" in e:
             paired = (f"{e['only_combined']} / {e['only_dglm']}", f"{e['mcnemar_p']:.2g}")
         lines.append(
-            f"| {e['target']} | {e['scale']:g} | {e['n']} | {e['dglm_rate_ci']} | "
-            f"{e['combined_rate_ci']} | {e['difference'] * 100:+.1f} pts | "
+            f"| {e['target']} | {e['scale']:g} | {e['n']} | {alone} | {both} | "
+            f"{e['difference'] * 100:+.1f} pts | "
             f"{_fmt(e['dglm_perplexity'], '.2f')} | {_fmt(e['combined_perplexity'], '.2f')} | "
             f"{paired[0]} | {paired[1]} |"
         )

@@ -246,7 +246,7 @@ def _re_control_checks(
 def _default_combined(r: dict, scale: float | None) -> bool:
     """Whether row r is DGLM + RE-Control at its defaults (the value network's α and β), with DGLM
     at guidance scale `scale` (None: any)."""
-    if r["method"] != "dglm+re-control" or r["group"] == "composition":
+    if r["method"] != "dglm+re-control":
         return False
     if r.get("re_control_step_size") is not None or r.get("re_control_plausibility") is not None:
         return False
@@ -283,8 +283,6 @@ def combined_by_scale(rows: list[dict], scores: SampleScores | None = None) -> l
                 "perplexity_key": ppl,
                 "dglm_perplexity": a["metrics"][ppl],
                 "combined_perplexity": r["metrics"][ppl],
-                "dglm_rate_ci": rate_ci(a["metrics"], key),
-                "combined_rate_ci": rate_ci(r["metrics"], key),
             }
             sa, sb = (scores or {}).get(r["setting"]), (scores or {}).get(a["setting"])
             if sa and sb:

@@ -87,10 +87,16 @@ def test_the_by_scale_table_shows_the_paired_comparison():
         "target": "negative", "scale": 300.0, "dglm": "n300", "combined": "b300", "n": 400,
         "dglm_rate": 0.4, "combined_rate": 0.55, "difference": 0.15,
         "perplexity_key": "ref_perplexity", "dglm_perplexity": 20.0, "combined_perplexity": 19.5,
-        "dglm_rate_ci": "40% [35%, 45%]", "combined_rate_ci": "55% [50%, 60%]",
         "pairs": 400, "only_combined": 70, "only_dglm": 10, "mcnemar_p": 1.2e-12,
     }  # fmt: skip
-    report = report_of(rows, re_control_by_scale=[entry])
+    # the two rows it pairs (their rates and intervals come from the rows' metrics)
+    pair = [
+        row("n300", "dglm", "sentiment", "negative", 300.0, vader_negative=0.4),
+        row("b300", "dglm+re-control", "sentiment", "negative", 300.0, vader_negative=0.55),
+    ]
+    pair[0]["metrics"]["vader_negative_ci"] = [0.35, 0.45]
+    pair[1]["metrics"]["vader_negative_ci"] = [0.50, 0.60]
+    report = report_of(rows + pair, re_control_by_scale=[entry])
     md = render_markdown(report)
     table = md.split("## DGLM + RE-Control across guidance scales")[1].split("\n## ")[0]
     (line,) = [x for x in table.splitlines() if x.startswith("| negative")]
