@@ -7,13 +7,15 @@ from dataclasses import dataclass, field, replace
 
 import torch
 from dglm.engine.decoding.guidance import check_prompt_guidance
-from dglm.engine.diffusion.sampler import SamplerConfig
+from dglm.engine.diffusion.sampler import GUIDANCE_MODES, MAX_INFERENCE_STEPS, SamplerConfig
+from dglm.engine.diffusion.schedule import SAMPLERS
 from dglm.engine.probes import Control
 
 # the smallest positive temperature: logits / T must stay finite in fp32 (T = 1e-40 is subnormal
 # and turns every score into ±inf); below it sampling is argmax anyway, so ask for 0 (greedy)
 MIN_TEMPERATURE = 1e-4
 MAX_TEMPERATURE = 100.0
+MAX_CFG_SCALE = 100.0  # |w| of classifier-free guidance, a request's or a bundle's
 # RE-Control's decode-time edit (dglm.engine.methods.re_control)
 MAX_RE_CONTROL_STEPS = 1000
 MAX_RE_CONTROL_STEP = 1e4
@@ -52,6 +54,8 @@ class GenerationParams:
         object.__setattr__(self, "controls", tuple(self.controls))
         if isinstance(self.stop, str):  # one stop string, not its characters
             object.__setattr__(self, "stop", (self.stop,))
+        if not isinstance(self.stop, list | tuple):
+            raise ValueError(f"stop must be a string or a list of strings, got {self.stop!r}")
         object.__setattr__(self, "stop", tuple(self.stop))
         for c in self.controls:  # each Control checked its own scale
             if not isinstance(c, Control):
@@ -69,8 +73,21 @@ class GenerationParams:
                 raise ValueError(f"stop[{i}] must be a non-empty string, got {s!r}")
             if not is_utf8(s):
                 raise ValueError(f"stop[{i}] is not valid UTF-8 text, got {s!r}")
+        if not isinstance(self.ignore_eos, bool):
+            raise ValueError(f"ignore_eos must be True or False, got {self.ignore_eos!r}")
+        if self.num_inference_steps is not None:  # the sampler's own range: SamplerConfig
+            int_in("num_inference_steps", self.num_inference_steps, 1, MAX_INFERENCE_STEPS)
+        if self.sampler is not None and (
+            not isinstance(self.sampler, str) or self.sampler not in SAMPLERS
+        ):
+            raise ValueError(f"sampler must be one of {SAMPLERS} or None, got {self.sampler!r}")
+        mode = self.guidance_mode
+        if mode is not None and (not isinstance(mode, str) or mode not in GUIDANCE_MODES):
+            raise ValueError(f"guidance_mode must be one of {GUIDANCE_MODES} or None, got {mode!r}")
+        if self.renoise_alpha2 is not None:
+            finite_in("renoise_alpha2", self.renoise_alpha2, 0.0, 1.0)
         if self.cfg_scale is not None:
-            finite_in("cfg_scale", self.cfg_scale, -100.0, 100.0)
+            finite_in("cfg_scale", self.cfg_scale, -MAX_CFG_SCALE, MAX_CFG_SCALE)
         if self.prompt_guidance is not None:
             check_prompt_guidance(self.prompt_guidance)
         if self.re_control_steps is not None:
@@ -83,12 +100,36 @@ class GenerationParams:
                 raise ValueError(f"re_control_plausibility must be a number in [0, 1), got {b!r}")
 
     def sampler_config(self, base: SamplerConfig) -> SamplerConfig:
+        """The bundle's sampler `base` with this request's overrides; ValueError naming the
+        setting the sampler refuses (e.g. more steps than the distilled student runs)."""
         overrides = {
             k: getattr(self, k)
             for k in ("num_inference_steps", "sampler", "guidance_mode", "renoise_alpha2")
             if getattr(self, k) is not None
         }
-        return replace(base, **overrides) if overrides else base
+        try:
+            return replace(base, **overrides) if overrides else base
+        except ValueError as e:
+            if self.sampler is not None:
+                raise
+            raise ValueError(f"{e} (sampler {base.sampler!r} is the bundle's default)") from None
+
+
+def check_prompts(prompts: object) -> None:
+    """ValueError naming the prompt unless `prompts` is a non-empty list of non-blank UTF-8
+    strings: the request checks that need no model (run them before loading one)."""
+    if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)):
+        raise ValueError(f"prompts must be a list of strings, got {type(prompts).__name__}")
+    if not prompts:
+        raise ValueError("prompts is empty: pass at least one prompt")
+    for i, prompt in enumerate(prompts):
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError(f"prompts[{i}] is empty ({prompt!r}): every prompt needs some text")
+        if not is_utf8(prompt):
+            raise ValueError(
+                f"prompts[{i}] is not valid UTF-8 text (an unpaired surrogate, e.g. from "
+                f"invalid bytes on a command line): {prompt!r}"
+            )
 
 
 def int_in(name: str, value: object, lo: int, hi: int) -> None:

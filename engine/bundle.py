@@ -21,8 +21,10 @@ import json
 import logging
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
+from typing import TypeVar
 
 import torch
+from dglm.engine.api import MAX_CFG_SCALE, finite_in
 from dglm.engine.decoding.guidance import DEFAULT_PLAUSIBILITY, check_prompt_guidance
 from dglm.engine.diffusion.sampler import SamplerConfig
 from dglm.engine.diffusion.score_network import ScoreNetConfig
@@ -46,6 +48,39 @@ STUDENT_FILE = "student.safetensors"
 LORA_FILE = "decoder_lora.safetensors"
 VALUE_NETS_FILE = "value_networks.safetensors"  # RE-Control: "<probe>.<param>" per network
 BUNDLES_DIR = Path(__file__).resolve().parent / "bundles"
+T = TypeVar("T")
+
+
+# the fields holding a config of their own (a JSON object in config.json); those that may be null
+NESTED: dict[str, type] = {
+    "score_network": ScoreNetConfig,
+    "prompt_generator": PromptGeneratorConfig,
+    "sampler": SamplerConfig,
+    "student": ScoreNetConfig,
+    "decoder_lora": LoraConfig,
+}
+OPTIONAL = ("student", "decoder_lora")
+
+
+def nested_config(name: str, cls: type[T], value: object) -> T:
+    """`value` as a `cls`: itself, or built from its dict form; ValueError naming the field
+    `name` (e.g. "sampler: var_lambda must be ...") for a bad or unknown key."""
+    if isinstance(value, cls):
+        return value
+    if not isinstance(value, dict):
+        raise ValueError(f"{name} must be a JSON object of {cls.__name__} fields, got {value!r}")
+    names = {f.name for f in fields(cls)}
+    if unknown := sorted(set(value) - names):
+        raise ValueError(f"{name}: unknown keys {unknown} (known: {sorted(names)})")
+    required = {
+        f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING
+    }
+    if missing := sorted(required - set(value)):
+        raise ValueError(f"{name}: missing keys {missing}")
+    try:
+        return cls(**value)
+    except ValueError as e:
+        raise ValueError(f"{name}: {e}") from None
 
 
 @dataclass(frozen=True)
@@ -76,18 +111,37 @@ class BundleConfig:
     value_networks: tuple[ValueNetConfig, ...] = ()
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "student_cfg_range", tuple(self.student_cfg_range))
+        """Every field checked by type and range (config.json is edited by hand), naming it."""
+        for name in ("encoder", "decoder"):
+            ref = getattr(self, name)
+            if not isinstance(ref, str) or not ref.strip():
+                raise ValueError(f"{name} must be a model name or a path, got {ref!r}")
+        for name, cls in NESTED.items():
+            if getattr(self, name) is not None or name not in OPTIONAL:
+                object.__setattr__(self, name, nested_config(name, cls, getattr(self, name)))
+        nets = self.value_networks
+        if isinstance(nets, str | dict) or not isinstance(nets, list | tuple):
+            raise ValueError(f"value_networks must be a list of value networks, got {nets!r}")
         nets = tuple(
-            ValueNetConfig.from_dict(v) if isinstance(v, dict) else v for v in self.value_networks
+            nested_config(f"value_networks[{i}]", ValueNetConfig, v) for i, v in enumerate(nets)
         )
         object.__setattr__(self, "value_networks", nets)
         probes = [v.probe for v in nets]
         if len(set(probes)) != len(probes):
             raise ValueError(f"value_networks: one network per probe, got probes {probes}")
+        finite_in("cfg_scale", self.cfg_scale, -MAX_CFG_SCALE, MAX_CFG_SCALE)
+        if not isinstance(self.trained, bool):
+            raise ValueError(f"trained must be true or false, got {self.trained!r}")
+        if not isinstance(self.notes, str):
+            raise ValueError(f"notes must be a string, got {self.notes!r}")
+        pair = self.student_cfg_range
+        if isinstance(pair, str) or not isinstance(pair, list | tuple) or len(pair) != 2:
+            raise ValueError(f"student_cfg_range must be [lo, hi], got {pair!r}")
+        for x in pair:
+            finite_in("student_cfg_range", x, -MAX_CFG_SCALE, MAX_CFG_SCALE)
+        object.__setattr__(self, "student_cfg_range", tuple(pair))
         check_control_scale(self.control_scale, "control_scale", positive=True)
         check_prompt_guidance(self.prompt_guidance, self.prompt_plausibility)
-        if isinstance(self.decoder_lora, dict):
-            object.__setattr__(self, "decoder_lora", LoraConfig(**self.decoder_lora))
         lo, hi = self.student_cfg_range
         if not lo <= hi:
             raise ValueError(f"student_cfg_range must be (lo, hi) with lo ≤ hi, got {(lo, hi)}")
@@ -103,6 +157,11 @@ class BundleConfig:
             raise ValueError(
                 "the default sampler is 'consistency' but the bundle has no student; "
                 "run `dglm train distill` and `dglm bundle add-student`"
+            )
+        if self.sampler.sampler == "consistency" and not lo <= self.cfg_scale <= hi:
+            raise ValueError(
+                f"cfg_scale {self.cfg_scale} is outside student_cfg_range [{lo}, {hi}], the "
+                "guidance weights the default sampler's student was distilled for"
             )
         if self.score_network.latent_dim != self.prompt_generator.latent_dim:
             raise ValueError(
@@ -121,7 +180,7 @@ class BundleConfig:
         if data.pop("format", None) != FORMAT:
             raise ValueError(f"not a {FORMAT} config.json")
         version = data.pop("version", None)
-        if version != VERSION:
+        if type(version) is not int or version != VERSION:
             raise ValueError(
                 f"bundle format version {version} is not supported (expected {VERSION})"
             )
@@ -133,19 +192,7 @@ class BundleConfig:
             raise ValueError(f"missing keys {missing}")
         if unknown := sorted(set(data) - names):
             raise ValueError(f"unknown keys {unknown}")
-        return cls(
-            encoder=data.pop("encoder"),
-            decoder=data.pop("decoder"),
-            score_network=ScoreNetConfig.from_dict(data.pop("score_network")),
-            prompt_generator=PromptGeneratorConfig.from_dict(data.pop("prompt_generator")),
-            sampler=SamplerConfig(**data.pop("sampler", {})),
-            student=(
-                ScoreNetConfig.from_dict(data.pop("student"))
-                if data.get("student") is not None
-                else data.pop("student", None)
-            ),
-            **data,
-        )
+        return cls(**data)  # nested configs from their dicts in __post_init__
 
 
 def resolve_bundle_dir(name_or_path: str | Path) -> Path:

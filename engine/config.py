@@ -10,7 +10,7 @@ C = TypeVar("C", bound="FromDict")
 
 def check_positive(owner: str, **values: int) -> None:
     for name, value in values.items():
-        if not isinstance(value, int) or value <= 0:
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ValueError(f"{owner}.{name} must be a positive integer, got {value!r}")
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 from dglm.engine import bundle as bundle_io
-from dglm.engine.api import GenerationParams, RequestOutput, Sample, is_utf8
+from dglm.engine.api import GenerationParams, RequestOutput, Sample, check_prompts
 from dglm.engine.bundle import BundleConfig
 from dglm.engine.decoding.loop import TokenStream, companion_count
 from dglm.engine.decoding.loop import generate as decode
@@ -286,10 +286,7 @@ class Engine:
         method: Method | None = None,
     ) -> list[list[int]]:
         """All user-input checks, before any model work; returns the prefix token ids."""
-        if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)):
-            raise ValueError(f"prompts must be a list of strings, got {type(prompts).__name__}")
-        if not prompts:
-            raise ValueError("prompts is empty: pass at least one prompt")
+        check_prompts(prompts)
         if not isinstance(params, (list, tuple)):
             raise ValueError(
                 f"params must be a list of GenerationParams, got {type(params).__name__}"
@@ -299,15 +296,6 @@ class Engine:
         prefix_ids = []
         p_len = self.config.prompt_generator.prompt_len
         for i, (prompt, p) in enumerate(zip(prompts, params, strict=True)):
-            if not isinstance(prompt, str) or not prompt.strip():
-                raise ValueError(
-                    f"prompts[{i}] is empty ({prompt!r}): every prompt needs some text"
-                )
-            if not is_utf8(prompt):
-                raise ValueError(
-                    f"prompts[{i}] is not valid UTF-8 text (an unpaired surrogate, e.g. from "
-                    f"invalid bytes on a command line): {prompt!r}"
-                )
             if not isinstance(p, GenerationParams):  # a dict is refused too: no silent defaults
                 raise ValueError(
                     f"params[{i}] must be a GenerationParams, got {type(p).__name__} {p!r} "

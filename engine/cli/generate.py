@@ -180,9 +180,13 @@ def _generate_diffusion_lm(args: argparse.Namespace):
 
 
 def _generate_engine(args: argparse.Namespace):
-    from dglm.engine.api import GenerationParams
+    from dglm.engine import bundle as bundle_io
+    from dglm.engine.api import GenerationParams, check_prompts
     from dglm.engine.engine import Engine
 
+    # the checks that need no model first: a bad prompt or setting fails in a second, not after
+    # loading the encoder and decoder
+    check_prompts(list(args.prompt))
     params = GenerationParams(
         controls=_controls(args.control),
         stop=tuple(args.stop),
@@ -190,6 +194,9 @@ def _generate_engine(args: argparse.Namespace):
         guidance_mode=args.guidance,
         **flags(args, *SAMPLING_FLAGS),
     )
+    if args.backend == "torch":  # the sampler's step range, against the bundle's default sampler
+        config = bundle_io.read_config(bundle_io.resolve_bundle_dir(args.bundle))
+        params.sampler_config(config.sampler)
     engine = Engine.from_pretrained(
         args.bundle,
         device=args.device,

@@ -32,12 +32,28 @@ from dglm.kernels.guided_update import GuidedUpdate, GuidedUpdateInputs
 # (z (B,d), alpha2 (B,)) → (v_cond (B,d), v_uncond (B,d) | None)
 ModelFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
 GUIDANCE_MODES = ("fast", "exact")
+MAX_INFERENCE_STEPS = 10_000
+# num_inference_steps each sampler takes, [lo, hi]: the distilled student was trained and is
+# evaluated for 1, 2 and 4 steps (`dglm train distill`); more steps would run it off its training
+# grid at many times the cost, so they are refused, not run.
+STEP_RANGES: dict[str, tuple[int, int]] = {
+    "ddpm": (1, MAX_INFERENCE_STEPS),
+    "ddim": (1, MAX_INFERENCE_STEPS),
+    "dpmpp-2m": (1, MAX_INFERENCE_STEPS),
+    "consistency": (1, 4),
+}
+assert set(STEP_RANGES) == set(SAMPLERS)
+
+
+def is_number(value: object) -> bool:
+    """A real int or float (not a bool, not a string), finite."""
+    return not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
 
 
 @dataclass(frozen=True)
 class SamplerConfig:
     sampler: str = "ddpm"  # "ddpm" | "ddim" | "dpmpp-2m" | "consistency" (the distilled student)
-    num_inference_steps: int = 50  # score-network evaluations (×2 rows with CFG)
+    num_inference_steps: int = 50  # score-network evaluations (×2 rows with CFG); STEP_RANGES
     var_lambda: float = 0.2  # DDPM log-variance interpolation: 0 posterior, 1 upper bound
     schedule_scale: float = 1.0  # log-SNR shift of the sampling schedule
     guidance_mode: str = "fast"  # probe guidance: "fast" (analytic, fused) | "exact" (autograd)
@@ -46,28 +62,44 @@ class SamplerConfig:
     renoise_alpha2: float = 0.95  # noise level of the latent handed to the prompt generator
 
     def __post_init__(self) -> None:
-        if self.sampler not in SAMPLERS:
+        if not isinstance(self.sampler, str) or self.sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
-        if (
-            not isinstance(self.num_inference_steps, int)
-            or not 1 <= self.num_inference_steps <= 10_000
-        ):
+        check_steps(self.sampler, self.num_inference_steps)
+        if not is_number(self.var_lambda) or not 0.0 <= self.var_lambda <= 1.0:
+            raise ValueError(f"var_lambda must be a number in [0, 1], got {self.var_lambda!r}")
+        if not is_number(self.schedule_scale) or self.schedule_scale <= 0:
             raise ValueError(
-                f"num_inference_steps must be an integer in [1, 10000], got {self.num_inference_steps!r}"
+                f"schedule_scale must be a positive number, got {self.schedule_scale!r}"
             )
-        if not 0.0 <= self.var_lambda <= 1.0:
-            raise ValueError(f"var_lambda must be in [0, 1], got {self.var_lambda!r}")
-        if self.guidance_mode not in GUIDANCE_MODES:
+        if not isinstance(self.guidance_mode, str) or self.guidance_mode not in GUIDANCE_MODES:
             raise ValueError(
                 f"guidance_mode must be one of {GUIDANCE_MODES}, got {self.guidance_mode!r}"
             )
-        if not isinstance(self.mc_samples, int) or self.mc_samples < 1:
-            raise ValueError(f"mc_samples must be a positive integer, got {self.mc_samples!r}")
-        if not (
-            isinstance(self.renoise_alpha2, (int, float)) and 0.0 <= self.renoise_alpha2 <= 1.0
-        ):
-            raise ValueError(f"renoise_alpha2 must be in [0, 1], got {self.renoise_alpha2!r}")
-        NoiseSchedule(self.schedule_scale)  # validates the scale
+        m = self.mc_samples
+        if isinstance(m, bool) or not isinstance(m, int) or not 1 <= m <= 65_536:
+            raise ValueError(f"mc_samples must be an integer in [1, 65536], got {m!r}")
+        if not isinstance(self.rescale, bool):
+            raise ValueError(f"rescale must be true or false, got {self.rescale!r}")
+        if not is_number(self.renoise_alpha2) or not 0.0 <= self.renoise_alpha2 <= 1.0:
+            raise ValueError(
+                f"renoise_alpha2 must be a number in [0, 1], got {self.renoise_alpha2!r}"
+            )
+
+
+def check_steps(sampler: str, steps: object) -> None:
+    """ValueError naming num_inference_steps unless it is an integer in the sampler's
+    STEP_RANGES, with the samplers that take that many steps."""
+    lo, hi = STEP_RANGES[sampler]
+    if not isinstance(steps, bool) and isinstance(steps, int) and lo <= steps <= hi:
+        return
+    if isinstance(steps, bool) or not isinstance(steps, int):
+        raise ValueError(f"num_inference_steps must be an integer, got {steps!r}")
+    others = [s for s, (a, b) in STEP_RANGES.items() if a <= steps <= b]
+    fix = f", or one of the samplers that run {steps} steps, {others}" if others else ""
+    raise ValueError(
+        f"num_inference_steps={steps} is outside [{lo}, {hi}], the range of sampler {sampler!r}: "
+        f"pass num_inference_steps in [{lo}, {hi}]{fix}"
+    )
 
 
 SAMPLER_PRESETS: dict[str, SamplerConfig] = {

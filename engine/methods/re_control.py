@@ -84,6 +84,8 @@ class ValueNetConfig:
     plausibility_with_dglm: float | None = None
 
     def __post_init__(self) -> None:
+        if not isinstance(self.probe, str) or not self.probe:
+            raise ValueError(f"value network probe must be a probe's name, got {self.probe!r}")
         for name in ("input_dim", "outputs", "hidden_dim", "depth"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:

@@ -27,13 +27,24 @@ class LoraConfig:
     targets: tuple[str, ...] = ("wqkv", "wo", "w13", "w2", "fc", "proj")
 
     def __post_init__(self) -> None:
+        if isinstance(self.targets, str) or not isinstance(self.targets, list | tuple):
+            raise ValueError(f"LoraConfig.targets must be a list of names, got {self.targets!r}")
         object.__setattr__(self, "targets", tuple(self.targets))
-        if not isinstance(self.rank, int) or self.rank < 1:
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
             raise ValueError(f"LoraConfig.rank must be a positive integer, got {self.rank!r}")
-        if not (self.alpha > 0 and math.isfinite(self.alpha)):
-            raise ValueError(f"LoraConfig.alpha must be positive, got {self.alpha!r}")
+        a = self.alpha
+        if (
+            isinstance(a, bool)
+            or not isinstance(a, int | float)
+            or not (a > 0 and math.isfinite(a))
+        ):
+            raise ValueError(f"LoraConfig.alpha must be a positive number, got {a!r}")
         if not self.targets:
             raise ValueError("LoraConfig.targets is empty: name at least one linear layer")
+        if not all(isinstance(t, str) and t for t in self.targets):
+            raise ValueError(
+                f"LoraConfig.targets must be non-empty layer names, got {list(self.targets)!r}"
+            )
 
     @property
     def scale(self) -> float:
