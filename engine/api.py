@@ -110,9 +110,14 @@ class GenerationParams:
         try:
             return replace(base, **overrides) if overrides else base
         except ValueError as e:
-            if self.sampler is not None:
+            inherited = [
+                f"{k}={getattr(base, k)!r}"
+                for k in ("sampler", "num_inference_steps")
+                if getattr(self, k) is None
+            ]
+            if not inherited:
                 raise
-            raise ValueError(f"{e} (sampler {base.sampler!r} is the bundle's default)") from None
+            raise ValueError(f"{e} ({' and '.join(inherited)}: the bundle's default)") from None
 
 
 def check_prompts(prompts: object) -> None:

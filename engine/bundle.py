@@ -127,8 +127,12 @@ class BundleConfig:
         )
         object.__setattr__(self, "value_networks", nets)
         probes = [v.probe for v in nets]
-        if len(set(probes)) != len(probes):
-            raise ValueError(f"value_networks: one network per probe, got probes {probes}")
+        for i, probe in enumerate(probes):
+            if (first := probes.index(probe)) < i:
+                raise ValueError(
+                    f"value_networks[{i}]: probe {probe!r} already has a network "
+                    f"(value_networks[{first}]): one network per probe"
+                )
         finite_in("cfg_scale", self.cfg_scale, -MAX_CFG_SCALE, MAX_CFG_SCALE)
         if not isinstance(self.trained, bool):
             raise ValueError(f"trained must be true or false, got {self.trained!r}")
@@ -177,8 +181,8 @@ class BundleConfig:
         if not isinstance(data, dict):
             raise ValueError(f"a bundle config is a JSON object, got {type(data).__name__}")
         data = dict(data)
-        if data.pop("format", None) != FORMAT:
-            raise ValueError(f"not a {FORMAT} config.json")
+        if (fmt := data.pop("format", None)) != FORMAT:
+            raise ValueError(f"format must be {FORMAT!r}, got {fmt!r}: not a {FORMAT} config.json")
         version = data.pop("version", None)
         if type(version) is not int or version != VERSION:
             raise ValueError(

@@ -133,6 +133,26 @@ def test_bad_input_raises_before_model_work(tiny_engine, prompts, params, field)
         (dict(stop=("ok", "\udcff")), r"stop\[1\] is not valid UTF-8"),
         (dict(prompt_guidance=-1.0), "prompt_guidance"),
         (dict(prompt_guidance=float("nan")), "prompt_guidance"),
+        # booleans are booleans: "no" is a non-empty string, which Python reads as true
+        (dict(ignore_eos="no"), "ignore_eos"),
+        (dict(ignore_eos=1), "ignore_eos"),
+        (dict(ignore_eos=None), "ignore_eos"),
+        # integers are integers: not a bool, not a float
+        (dict(num_samples=True), "num_samples"),
+        (dict(max_new_tokens=4.0), "max_new_tokens"),
+        (dict(top_k=1.5), "top_k"),
+        (dict(seed=True), "seed"),
+        (dict(seed=3.0), "seed"),
+        (dict(re_control_steps=False), "re_control_steps"),
+        (dict(num_inference_steps=True), "num_inference_steps"),
+        (dict(num_inference_steps=4.0), "num_inference_steps"),
+        (dict(num_inference_steps=0), "num_inference_steps"),
+        (dict(num_inference_steps=10_001), "num_inference_steps"),
+        (dict(sampler="euler"), "sampler"),
+        (dict(guidance_mode="slow"), "guidance_mode"),
+        (dict(renoise_alpha2=1.5), "renoise_alpha2"),
+        (dict(renoise_alpha2="0.9"), "renoise_alpha2"),
+        (dict(stop=5), "stop"),
     ],
 )
 def test_bad_params(kwargs, field):
@@ -150,6 +170,11 @@ def test_stop_and_temperature_edges():
 def test_bad_sampler_override(tiny_engine):
     with pytest.raises(ValueError, match="num_inference_steps"):
         tiny_engine.generate(["x"], GenerationParams(num_inference_steps=0))
+
+
+def test_good_params_keep_their_types():
+    p = GenerationParams(ignore_eos=True, num_inference_steps=4, sampler="ddim", seed=0)
+    assert p.ignore_eos is True and p.num_inference_steps == 4 and p.seed == 0
 
 
 def test_wrong_dimension_probe_rejected(tiny_engine):

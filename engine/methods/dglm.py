@@ -61,7 +61,8 @@ class DGLM(Method):
                     f"prompt_guidance={guided} runs a second decoder stream in PyTorch, which the "
                     "ONNX backend does not have: pass prompt_guidance=1 or use backend='torch'"
                 )
-            cfg = p.sampler_config(e.config.sampler)
+            self.check_student(p.sampler or e.config.sampler.sampler)
+            cfg = p.sampler_config(e.config.sampler)  # the sampler's step range
             self.check_sampler(cfg, p)
             exact = cfg.guidance_mode == "exact"
             if p.controls and exact and not isinstance(e.score_net, torch.nn.Module):
@@ -70,17 +71,20 @@ class DGLM(Method):
                     "ONNX backend cannot; use guidance_mode='fast' or backend='torch'"
                 )
 
-    def check_sampler(self, cfg: SamplerConfig, p: GenerationParams) -> None:
-        """The consistency sampler needs the engine's student, within its distilled cfg range."""
-        if cfg.sampler != "consistency":
-            return
-        e = self.engine
-        if e.student is None:
+    def check_student(self, sampler: str) -> None:
+        """The consistency sampler needs the engine's student."""
+        if sampler == "consistency" and self.engine.student is None:
             raise ValueError(
                 "sampler='consistency' needs a distilled student and this bundle has none: use "
                 "'ddpm', 'ddim' or 'dpmpp-2m', or add one (`dglm train distill`, "
                 "`dglm bundle add-student`)"
             )
+
+    def check_sampler(self, cfg: SamplerConfig, p: GenerationParams) -> None:
+        """The consistency sampler runs within the cfg range its student was distilled for."""
+        if cfg.sampler != "consistency":
+            return
+        e = self.engine
         lo, hi = e.config.student_cfg_range
         w = p.cfg_scale if p.cfg_scale is not None else e.config.cfg_scale
         if not lo - 1e-6 <= w <= hi + 1e-6:

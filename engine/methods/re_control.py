@@ -92,9 +92,8 @@ class ValueNetConfig:
                 raise ValueError(f"value network {name} must be a positive integer, got {v!r}")
         check_edit(self.steps, self.step_size, f"value network {self.probe!r}")
         if self.step_size_with_dglm is not None:
-            check_edit(
-                self.steps, self.step_size_with_dglm, f"value network {self.probe!r} (with DGLM)"
-            )
+            where = f"value network {self.probe!r}"
+            check_edit(self.steps, self.step_size_with_dglm, where, "step_size_with_dglm")
         check_plausibility(self.plausibility, f"value network {self.probe!r} plausibility")
         if self.plausibility_with_dglm is not None:
             check_plausibility(
@@ -120,15 +119,18 @@ class ValueNetConfig:
         return cls(probe, input_dim, outputs, width or input_dim, depth)
 
 
-def check_edit(steps: object, step_size: object, where: str = "re_control") -> None:
-    """ValueError naming the field unless 0 ≤ steps ≤ MAX_STEPS (integer) and step_size is a
-    finite number in [0, MAX_STEP_SIZE]."""
+def check_edit(
+    steps: object, step_size: object, where: str = "re_control", size_name: str = "step_size"
+) -> None:
+    """ValueError naming the field unless 0 ≤ steps ≤ MAX_STEPS (integer) and step_size (named
+    `size_name`) is a finite number in [0, MAX_STEP_SIZE]."""
     if isinstance(steps, bool) or not isinstance(steps, int) or not 0 <= steps <= MAX_STEPS:
         raise ValueError(f"{where} steps must be an integer in [0, {MAX_STEPS}], got {steps!r}")
     bad = isinstance(step_size, bool) or not isinstance(step_size, int | float)
     if bad or not math.isfinite(step_size) or not 0 <= step_size <= MAX_STEP_SIZE:
         raise ValueError(
-            f"{where} step_size must be a finite number in [0, {MAX_STEP_SIZE:g}], got {step_size!r}"
+            f"{where} {size_name} must be a finite number in [0, {MAX_STEP_SIZE:g}], "
+            f"got {step_size!r}"
         )
 
 

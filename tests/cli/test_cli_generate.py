@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
 import torch
 from dglm.engine import bundle as bundle_io
 from dglm.engine.cli.main import main
+from dglm.engine.engine import Engine
 
 
 def test_generate_prints_text_and_timings(tiny_bundle, capsys):
@@ -103,3 +105,49 @@ def test_an_unavailable_device_is_a_usage_error(tiny_bundle, capsys, command):
     err = capsys.readouterr().err
     assert f"argument --device: device 'cuda:{missing}' is not available" in err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        ([""], r"prompts\[0\] is empty"),  # the shipped default bundle
+        (["ok", "  "], r"prompts\[1\] is empty"),
+        (["ok", "\udcff"], r"prompts\[1\] is not valid UTF-8"),
+        (["x", "--temperature", "1e-40"], "temperature must be 0 or"),
+        (["x", "--stop", ""], r"stop\[0\] must be a non-empty string"),
+        (["x", "--control", "sentiment=positive:big"], "control scale must be a number"),
+        (["x", "--steps", "0"], r"num_inference_steps must be an integer in \[1, 10000\]"),
+        # the default bundle's sampler is its distilled student: 1-4 steps
+        (["x", "--steps", "100"], r"outside \[1, 4\].*sampler='consistency': the bundle's default"),
+        (["x", "--sampler", "consistency", "--steps", "5"], r"outside \[1, 4\]"),
+    ],
+)
+def test_request_checks_run_before_any_model_loads(monkeypatch, capsys, args, match):
+    """`dglm generate ""` used to load the encoder and decoder (~17 s) before refusing the
+    prompt: every check that needs no model runs first."""
+    loads = []
+
+    def from_pretrained(*a, **kw):
+        loads.append(a)
+        raise RuntimeError("a model was loaded")
+
+    monkeypatch.setattr(Engine, "from_pretrained", from_pretrained)
+    rc = main(["generate", *args, "--bundle", "default"])
+    err = capsys.readouterr().err
+    assert loads == []
+    assert rc == 2 and err.startswith("dglm: error: ") and err.count("\n") == 1
+    assert re.search(match, err), err
+
+
+def test_a_good_request_still_loads_the_bundle(monkeypatch, capsys):
+    """The early checks pass a valid request on to the engine (guards the test above)."""
+    loads = []
+
+    def from_pretrained(*a, **kw):
+        loads.append(a)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(Engine, "from_pretrained", from_pretrained)
+    assert main(["generate", "x", "--steps", "2"]) == 1
+    assert loads == [("default",)]
+    assert "stop here" in capsys.readouterr().err

@@ -1,6 +1,13 @@
 import pytest
 import torch
-from dglm.engine.diffusion.sampler import Guidance, SamplerConfig, draw_noise, sample
+from dglm.engine.diffusion.sampler import (
+    STEP_RANGES,
+    Guidance,
+    SamplerConfig,
+    draw_noise,
+    sample,
+)
+from dglm.engine.diffusion.schedule import SAMPLERS
 from dglm.engine.diffusion.score_network import SCORE_NET_PRESETS, ScoreNetwork
 from dglm.kernels.guided_update import guided_update_ref
 
@@ -109,3 +116,32 @@ def test_cfg_scale_one_equals_no_uncond():
 def test_sampler_config_validation(kwargs):
     with pytest.raises(ValueError):
         SamplerConfig(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(sampler="consistency", num_inference_steps=100), r"outside \[1, 4\].*'consistency'"),
+        (dict(sampler="consistency", num_inference_steps=5), r"'ddpm', 'ddim', 'dpmpp-2m'"),
+        (dict(sampler="ddpm", num_inference_steps=10_001), r"outside \[1, 10000\]"),
+        (dict(num_inference_steps=True), "num_inference_steps must be an integer"),
+        (dict(num_inference_steps=8.0), "num_inference_steps must be an integer"),
+        (dict(var_lambda="0.2"), "var_lambda"),
+        (dict(schedule_scale="1"), "schedule_scale"),
+        (dict(mc_samples=True), "mc_samples"),
+        (dict(rescale="yes"), "rescale"),
+        (dict(renoise_alpha2=True), "renoise_alpha2"),
+    ],
+)
+def test_sampler_config_names_the_setting_and_the_samplers_range(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SamplerConfig(**kwargs)
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_every_sampler_takes_its_whole_step_range(sampler):
+    lo, hi = STEP_RANGES[sampler]
+    for steps in (lo, hi):
+        assert (
+            SamplerConfig(sampler=sampler, num_inference_steps=steps).num_inference_steps == steps
+        )

@@ -268,6 +268,30 @@ def test_student_bundle_defaults_to_the_student_and_keeps_the_teacher(student_bu
     )
 
 
+def test_the_student_refuses_more_steps_than_it_was_distilled_for(student_bundle, tmp_path):
+    """num_inference_steps past the student's 1-4 is refused naming the range, not run on the
+    student (it used to run all of them) nor handed silently to another sampler."""
+    engine = Engine.from_pretrained(student_bundle)
+    calls = []
+    for net in (engine.score_net, engine.student):
+        net.register_forward_hook(lambda *a: calls.append(1))
+    with pytest.raises(
+        ValueError, match=r"outside \[1, 4\].*sampler='consistency': the bundle's default"
+    ):
+        engine.generate(["x"], GenerationParams(num_inference_steps=100, max_new_tokens=1))
+    with pytest.raises(ValueError, match=r"outside \[1, 4\], the range of sampler 'consistency'"):
+        engine.generate(["x"], GenerationParams(sampler="consistency", num_inference_steps=5))
+    assert calls == []
+    # the teacher's samplers take the many steps
+    engine.generate(
+        ["x"], GenerationParams(sampler="ddim", num_inference_steps=6, max_new_tokens=1)
+    )
+    assert len(calls) == 6
+    # nor can a bundle writer make it the default
+    with pytest.raises(ValueError, match=r"num_inference_steps=8 is outside \[1, 4\]"):
+        add_student(student_bundle, student_bundle.parent / "run", tmp_path / "b", default_steps=8)
+
+
 def test_probe_guidance_steers_the_student_without_retraining(student_bundle):
     """The probe was never seen by the distillation: it still steers the 1/2/4-step student."""
     engine = Engine.from_pretrained(student_bundle)
@@ -289,7 +313,9 @@ def test_probe_guidance_steers_the_student_without_retraining(student_bundle):
         assert (p_pos > p_plain).all(), (steps, mode, p_pos, p_plain)
 
 
-def test_add_student_refuses_a_cfg_range_missing_the_bundle_default(tmp_path, student_bundle):
+def test_add_student_refuses_a_cfg_range_missing_the_bundle_default(
+    tmp_path, student_bundle, tiny_bundle
+):
     config = bundle_io.read_config(student_bundle)
     assert config.cfg_scale == 1.0
     run = student_bundle.parent / "run"
@@ -300,9 +326,14 @@ def test_add_student_refuses_a_cfg_range_missing_the_bundle_default(tmp_path, st
     torch.save(ckpt, bad / "checkpoint.pt")
     with pytest.raises(ValueError, match="outside the student's range"):
         add_student(student_bundle, bad, tmp_path / "b")
-    # --keep-default: allowed, the bundle keeps its sampler
-    cfg = add_student(student_bundle, bad, tmp_path / "b2", default_steps=None)
-    assert cfg.student_cfg_range == (2.0, 3.0)
+    # --keep-default: allowed where the bundle keeps a teacher sampler as its default
+    cfg = add_student(tiny_bundle, bad, tmp_path / "b2", default_steps=None)
+    assert cfg.student_cfg_range == (2.0, 3.0) and cfg.sampler.sampler != "consistency"
+    # not where its default is the student: every request at the default cfg_scale would fail
+    with pytest.raises(
+        ValueError, match=r"cfg_scale 1.0 is outside student_cfg_range \[2.0, 3.0\]"
+    ):
+        add_student(student_bundle, bad, tmp_path / "b3", default_steps=None)
 
 
 def test_diffusion_continues_from_a_bundle_and_replaces_its_score_network(tmp_path, student_bundle):
