@@ -255,7 +255,7 @@ def test_step_size_with_dglm_is_the_default_of_combined_controls():
     assert edit_settings(p, net) == (7, 16.0, 0.0)
     assert edit_settings(p, net, with_dglm=True) == (7, 4.0, 0.0)
     assert edit_settings(GenerationParams(re_control_step_size=2.0), net, True) == (7, 2.0, 0.0)
-    with pytest.raises(ValueError, match="with DGLM"):
+    with pytest.raises(ValueError, match="step_size_with_dglm must be"):
         ValueNetConfig("p", 8, 1, step_size_with_dglm=float("nan"))
 
 
