@@ -21,6 +21,13 @@ def add_parser(sub) -> None:
     )
     e.add_argument("--bundle", default="default", help="bundle directory or shipped name")
     e.add_argument(
+        "--split",
+        choices=("dev", "test"),
+        default="dev",
+        help="held-out prefix split: dev (every choice is made here; default) or test (run once "
+        "per shipped bundle at its defaults, what the README quotes; refuses every sweep flag)",
+    )
+    e.add_argument(
         "--quick",
         action="store_true",
         help="the small preset (< 20 min on CPU; one torch thread unless `dglm --threads N`)",
@@ -91,7 +98,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from dglm.engine.evaluation.run import run_eval
     from dglm.engine.evaluation.settings import PRESETS
 
-    config = PRESETS["quick" if args.quick else "full"]
+    if args.split == "test":
+        sweeps = {
+            "--quick": args.quick, "--scales": args.scales, "--renoise": args.renoise,
+            "--fudge-strengths": args.fudge_strengths, "--seed": args.seed,
+            "--re-control-step-sizes": args.re_control_step_sizes,
+            "--re-control-plausibilities": args.re_control_plausibilities,
+            "--re-control-scales": args.re_control_scales,
+            "--prompt-guidance": args.prompt_guidance,
+        }  # fmt: skip
+        given = [flag for flag, v in sweeps.items() if v not in (None, False)]
+        if given:
+            raise ValueError(
+                f"--split test runs the bundle's defaults only; "
+                f"{', '.join(given)} choose settings: tune them with --split dev"
+            )
+    config = PRESETS["test" if args.split == "test" else "quick" if args.quick else "full"]
     overrides = {
         "num_prefixes": args.prefixes,
         "num_samples": args.samples,
@@ -116,7 +138,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         torch.set_num_threads(1)
     bundle_dir = bundle_io.resolve_bundle_dir(args.bundle)
     out = args.out or Path("benchmarks/results") / torch.device(args.device).type / (
-        f"eval_{bundle_dir.name}" + ("_quick" if args.quick else "")
+        f"eval_{bundle_dir.name}" + ("_quick" if args.quick else "") + f"_{args.split}"
     )
     # --quantize auto (default): what Engine.from_pretrained gives users (int8 decoder on CPU)
     engine = Engine.from_pretrained(

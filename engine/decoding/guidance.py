@@ -21,9 +21,8 @@ costs far less than a second pass of the decoder.
 
 from __future__ import annotations
 
-import math
-
 import torch
+from dglm.engine.decoding.sampling import implausible
 
 DEFAULT_PLAUSIBILITY = 0.1  # α: the mask keeps tokens with p_c ≥ α · max p_c
 MAX_PROMPT_GUIDANCE = 20.0  # g beyond this only sharpens toward the mask's argmax
@@ -51,8 +50,7 @@ def guided_scores(
     lu = torch.log_softmax(uncond, dim=-1)
     scores = lu + scale * (lc - lu)
     if plausibility > 0:
-        floor = lc.max(dim=-1, keepdim=True).values + math.log(plausibility)
-        scores = scores.masked_fill(lc < floor, float("-inf"))
+        scores = scores.masked_fill(implausible(lc, plausibility), float("-inf"))
     # a token the conditional stream rules out (−inf, e.g. EOS under ignore_eos) stays out
     return scores.masked_fill(torch.isneginf(lc), float("-inf"))
 

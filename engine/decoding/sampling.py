@@ -12,6 +12,7 @@ per token (FUDGE) is one.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -65,6 +66,29 @@ class LogitsProcessor(Protocol):
 
 
 # ------------------------------------------------------------------------------ pure functions
+def implausible(logits: torch.Tensor, plausibility: float) -> torch.Tensor:
+    """(B, V) bool: the tokens whose probability is below `plausibility` × the row's top one
+    (min-p truncation; contrastive decoding's plausibility constraint). logits (B, V) fp32; the
+    comparison needs no softmax, log p differs from the logit by a per-row constant."""
+    floor = logits.max(dim=-1, keepdim=True).values + math.log(plausibility)
+    return logits < floor
+
+
+class MinP:
+    """A `LogitsProcessor` keeping, in every row, the tokens with p ≥ plausibility · max p: plain
+    decoding with the same truncation as prompt guidance's plausibility mask."""
+
+    def __init__(self, plausibility: float) -> None:
+        if not 0 < plausibility < 1:
+            raise ValueError(f"plausibility must be in (0, 1), got {plausibility!r}")
+        self.plausibility = plausibility
+
+    def __call__(
+        self, logits: torch.Tensor, tokens: torch.Tensor, finished: torch.Tensor
+    ) -> torch.Tensor:
+        return logits.masked_fill_(implausible(logits, self.plausibility), float("-inf"))
+
+
 def filter_logits(scores: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor):
     """Top-k, then top-p (nucleus) filtering of temperature-scaled logits, as HF's warpers.
 

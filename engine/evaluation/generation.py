@@ -11,6 +11,7 @@ from dglm.engine.api import GenerationParams
 from dglm.engine.bundle import resolve_reference
 from dglm.engine.decoding.loop import DecodeParams
 from dglm.engine.decoding.loop import generate as decode
+from dglm.engine.decoding.sampling import MinP
 from dglm.engine.evaluation.settings import EvalConfig, Setting
 from dglm.engine.methods.base import MethodBatch
 from dglm.engine.methods.fudge import FudgeParams, fudge_generate
@@ -98,6 +99,8 @@ def generate_setting(
                     for j in range(S)
                 ]
                 hook, masks = None, ()
+                if setting.min_p:  # plain decoding with DGLM's truncation
+                    masks = (MinP(setting.min_p),)
                 if setting.method == "re-control":  # the edit on the same plain decoding
                     hook, masks = re_control_hook(
                         engine, setting, prefixes, chunk, ids, S, base_decoder.logits

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -28,8 +29,19 @@ VADER_THRESHOLD = 0.05  # |compound| above this is polar (Hutto & Gilbert, 2014)
 # adjectives ("long" −0.05, "old" 0.1, "new" 0.14), so a bare sign would count those
 TEXTBLOB_THRESHOLD = 0.1
 TOXIC_THRESHOLD = 0.5
+NEURAL_THRESHOLD = 0.5  # a neural judge's p(positive) above this is positive, below 1 − it negative
 PROFANITY_NOTE = "the toxicity probe's weak labels come from alt-profanity-check"
 EVAL_INSTALL = "pip install 'dglm-engine[eval]'"
+
+
+class SentimentJudge(Protocol):
+    """A neural sentiment judge independent of the bundle's models (see neural_judge)."""
+
+    name: str
+
+    def p_positive(self, texts: list[str]) -> list[float]:
+        """p(positive) in [0, 1] per text."""
+        ...
 
 
 def optional_import(module: str, what: str, package: str | None = None):

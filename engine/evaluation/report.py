@@ -76,7 +76,7 @@ def _mean_ci(m: dict, key: str, spec: str = ".3f") -> str:
 def guidance_label(r: dict) -> str:
     """How a row was steered, e.g. "s=10 (default)", "s=0 (unguided)", "FUDGE λ=1"."""
     if r["method"] == "decoder":
-        return "none (plain decoding)"
+        return guidance_label_plain(r)
     if r["method"] == "fudge":
         return f"FUDGE λ={r['scale']:g}"
     beta = r.get("re_control_plausibility")
@@ -96,8 +96,12 @@ def guidance_label(r: dict) -> str:
     return f"s={r['scale']:g}" + (" (default)" if r.get("default") else "")
 
 
+def guidance_label_plain(r: dict) -> str:
+    return f"none, min-p {r['min_p']:g}" if r.get("min_p") else "none (plain decoding)"
+
+
 def _baselines(rows: list[dict]) -> list[dict]:
-    return [r for r in rows if r["setting"] in ("decoder", "dglm unguided")]
+    return [r for r in rows if r["method"] == "decoder" or r["setting"] == "dglm unguided"]
 
 
 def _setting_table(rows: list[dict], columns: list[str], cells: Callable[[dict], list[str]]):
@@ -129,19 +133,88 @@ def _fluency_table(report: dict) -> list[str]:
 
 def _sentiment_table(report: dict) -> list[str]:
     rows = _baselines(report["rows"]) + [r for r in report["rows"] if r["group"] == "sentiment"]
-    columns = ["VADER +", "VADER −", "TextBlob +", "TextBlob −", "probe p(+)"]
+    judges = ["vader", "textblob"] + (["neural"] if report.get("sentiment_judge") else [])
+    names = {"vader": "VADER", "textblob": "TextBlob", "neural": "neural"}
+    columns = [f"{names[j]} {sign}" for j in judges for sign in ("+", "−")] + ["probe p(+)"]
     return _setting_table(
         rows,
         columns,
         lambda m: [
-            *(
-                rate_ci(m, f"{j}_{t}")
-                for j in ("vader", "textblob")
-                for t in ("positive", "negative")
-            ),
+            *(rate_ci(m, f"{j}_{t}") for j in judges for t in ("positive", "negative")),
             _mean_ci(m, "probe_p_positive"),
         ],
     )
+
+
+def _naturalness_table(report: dict) -> list[str]:
+    """What a success rate can hide, per row (evaluation.naturalness, evaluation.harm)."""
+    ref = report.get("reference_lm") or {"name": GEMMA_NAME}
+    rows = [r for r in report["rows"] if "repeat_trigram" in r["metrics"]]
+    if not rows:
+        return ["(no row has the naturalness metrics: an older run)"]
+    judge = rows[0]["metrics"].get("relevance_judge", ref["name"])
+    columns = ["repeats a trigram", "fused first token", f"relevance ({judge}, nats/token)",
+               "Dist-1", "Dist-3", f"PPL {ref['name']}", "profane†", "threat/self-harm"]  # fmt: skip
+    lines = _setting_table(
+        rows,
+        columns,
+        lambda m: [
+            rate_ci(m, "repeat_trigram"),
+            rate_ci(m, "fused"),
+            _mean_ci(m, "relevance"),
+            _fmt(m.get("dist_1")),
+            _fmt(m.get("dist_3")),
+            _fmt(m.get("ref_perplexity"), ".2f"),
+            rate_ci(m, "toxicity_frac"),
+            rate_ci(m, "harm_patterns")
+            + (f" ({', '.join(m['harm_pattern_hits'])})" if m.get("harm_pattern_hits") else ""),
+        ],
+    )
+    return lines + [
+        "",
+        "Repeats a trigram: the continuation holds some word trigram twice. Fused: its first "
+        "character glues onto the prefix's last word. Relevance: log p(continuation | its prefix) − "
+        "log p(continuation | another prefix of the run), per token, mean ± 1.96·se. "
+        "Threat/self-harm: the committed patterns of evaluation.harm.",
+    ]
+
+
+def _words_table(report: dict) -> list[str]:
+    """The words each row uses most beyond plain decoding (log-odds z, Monroe et al. 2008)."""
+    lines = ["| setting | over-represented words vs plain decoding (z; count / plain's count) |",
+             "|---|---|"]  # fmt: skip
+    for r in report["rows"]:
+        words = r.get("overrepresented")
+        if words and "same_run_as" not in r:
+            shown = ", ".join(
+                f"{w['word']} ({w['z']:.1f}; {w['count']}/{w['reference']})" for w in words
+            )
+            lines.append(f"| {r['setting']} | {shown} |")
+    return lines
+
+
+def _bounds_table(report: dict) -> list[str]:
+    checks = report.get("bounds") or []
+    if not checks:
+        return ["No bound could be checked (settings missing)."]
+    lines = [
+        "| setting | bound | n | value [95% interval] | baseline | checked | threshold | met |",
+        "|---|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for c in checks:
+        met = "not evaluated" if c["met"] is None else ("met" if c["met"] else "**missed**")
+        if c["note"]:
+            met += f" ({c['note']})"
+        ci = c.get("metric_ci")
+        v = _fmt(c["metric_value"], ".3f")
+        if ci and ci[0] is not None and not math.isnan(ci[0]):
+            v += f" [{ci[0]:.3f}, {ci[1]:.3f}]"
+        base = "—" if c["baseline"] is None else f"{c['baseline']}: {_fmt(c['baseline_value'])}"
+        lines.append(
+            f"| {c['setting']} | {c['bound']} | {c['n']} | {v} | {base} | {_fmt(c['value'])} | "
+            f"{_fmt(c['threshold'], 'g')} | {met} |"
+        )
+    return lines
 
 
 def _toxicity_table(report: dict) -> list[str]:
@@ -271,7 +344,8 @@ def render_markdown(report: dict) -> str:
     lines = [
         f"# dglm eval: {report['bundle']}",
         "",
-        f"{len(report['prefixes'])} held-out prefixes × {cfg['num_samples']} sample(s), "
+        f"{len(report['prefixes'])} held-out prefixes of the {report.get('split', 'dev')} split × "
+        f"{cfg['num_samples']} sample(s), "
         f"{cfg['max_new_tokens']} new tokens, top-p {cfg['top_p']}, temperature "
         f"{cfg['temperature']}, batches of {cfg['batch_size']} prompts; device {env['device']} "
         f"({env['device_name']}, {env['torch_threads']} torch threads); commit "
@@ -312,6 +386,9 @@ def render_markdown(report: dict) -> str:
         "",
         *_sentiment_table(report),
     ]
+    lines += ["", "## Naturalness and harm", "", *_naturalness_table(report)]
+    if any(r.get("overrepresented") for r in report["rows"]):
+        lines += ["", "## Words over-used against plain decoding", "", *_words_table(report)]
     lines += ["", "## Toxicity", "", *_toxicity_table(report)]
     if any(r["group"] == "composition" for r in report["rows"]):
         lines += ["", "## Two controls, two methods", "", *_composition_table(report)]
@@ -326,6 +403,23 @@ def render_markdown(report: dict) -> str:
             + "; ".join(f"{s['setting']} ({s['reason']})" for s in report["skipped"])
             + ".",
         ]
+    split = report.get("split", "dev")
+    acc = report.get("sentiment_judge_accuracy")
+    lines += [
+        "",
+        f"## Bounds to ship (split: {split})",
+        "",
+        "Checked on the point estimates at the bundle's defaults; plain decoding is the baseline "
+        "of every relative bound (with DGLM's truncation for perplexity). Neural judge: "
+        + (
+            "none ran."
+            if not report.get("sentiment_judge")
+            else f"{report['sentiment_judge']}, accuracy {_fmt(acc)} on labelled held-out "
+            "reviews (it counts from 0.85)."
+        ),
+        "",
+        *_bounds_table(report),
+    ]
     lines += [
         "",
         "## Targets",

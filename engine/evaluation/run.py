@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import asdict, replace
 
 import torch
+from dglm.engine.evaluation.bounds import bound_checks
 from dglm.engine.evaluation.generation import (
     Generations,
     batches,
@@ -17,12 +18,19 @@ from dglm.engine.evaluation.generation import (
     released_decoder,
     warm_up,
 )
-from dglm.engine.evaluation.judges import vader_compound
+from dglm.engine.evaluation.judges import SentimentJudge, vader_compound
+from dglm.engine.evaluation.naturalness import overrepresented_words
 from dglm.engine.evaluation.perplexity import ReferenceLM, resolve_reference_lm
 from dglm.engine.evaluation.prefixes import heldout_prefixes
 from dglm.engine.evaluation.provenance import capture
 from dglm.engine.evaluation.scoring import score_setting
-from dglm.engine.evaluation.settings import EvalConfig, Setting, build_settings, target_rate
+from dglm.engine.evaluation.settings import (
+    EvalConfig,
+    Setting,
+    build_settings,
+    check_test_config,
+    target_rate,
+)
 from dglm.engine.evaluation.targets import combined_by_scale, target_checks
 
 logger = logging.getLogger(__name__)
@@ -78,12 +86,17 @@ def run_eval(
     progress: Callable[[str, int, int], None] | None = None,
     bundle: str = "",
     reference_lm: ReferenceLM | None = None,
+    sentiment_judge: SentimentJudge | None = None,
+    judge_accuracy: float | None = None,
 ) -> tuple[dict, list[dict]]:
     """Generate and score every setting → (report, samples); see write_report.
 
     progress(setting name, batches done, batches in all) is called after every batch.
     reference_lm: the fluency judge (default: Gemma-3-270M when config.gemma and installed).
+    sentiment_judge: a neural sentiment judge (its rates in every row) or None; judge_accuracy:
+    its measured accuracy on labelled held-out reviews (its bound counts only above the bar).
     """
+    check_test_config(config)
     t_start = time.perf_counter()
     reference_lm, reference_entry = resolve_reference_lm(config, engine.device, reference_lm)
     if config.prefixes:
@@ -95,6 +108,7 @@ def run_eval(
             config.sources,
             config.min_prefix_tokens,
             config.max_prefix_tokens,
+            split=config.split,
         )
     prefixes = [p for _, p in sources_prefixes]
     base = released_decoder(engine)
@@ -104,16 +118,18 @@ def run_eval(
         config = replace(
             config, guidance_scales=tuple(sorted({*config.guidance_scales, default_scale}))
         )
+    plausibility = engine.config.prompt_plausibility if engine.config.prompt_guidance != 1 else 0
     settings, skipped = build_settings(
-        config, engine.probes.probes, default_a2, tuple(engine.value_nets), default_scale
-    )
+        config, engine.probes.probes, default_a2, tuple(engine.value_nets), default_scale,
+        plausibility,
+    )  # fmt: skip
     logger.info("evaluating %d settings on %d prefixes", len(settings), len(prefixes))
 
     # settings with identical generation parameters share one run (e.g. α² = the bundle's)
     def key(s: Setting) -> tuple:
         return (
             s.method, s.controls, s.renoise_alpha2, s.probe, s.target, s.scale,
-            s.re_control_step_size, s.re_control_plausibility,
+            s.re_control_step_size, s.re_control_plausibility, s.min_p,
         )  # fmt: skip
 
     warm_up(engine, prefixes[0])
@@ -136,7 +152,9 @@ def run_eval(
                     progress(name, done, total)
 
             gens = generate_setting(engine, s, prefixes, config, tick, base)
-            metrics, cos = score_setting(engine, gens, prefixes, reference_lm, base)
+            metrics, cos = score_setting(
+                engine, gens, prefixes, reference_lm, base, sentiment_judge
+            )
             runs[k] = (gens, metrics, cos)
             for r in range(len(gens.texts)):
                 sample = {
@@ -166,6 +184,7 @@ def run_eval(
             "renoise_alpha2": s.renoise_alpha2,
             "re_control_step_size": s.re_control_step_size,
             "re_control_plausibility": s.re_control_plausibility,
+            "min_p": s.min_p,
             "default": s.method == "dglm" and s.scale == default_scale,
             "n": len(gens.texts),
             "metrics": metrics,
@@ -175,16 +194,24 @@ def run_eval(
             row["same_run_as"] = first[k]
         rows.append(row)
 
+    plain = next((runs[key(s)][0].texts for s in settings if s.name == "decoder"), None)
+    for s, row in zip(settings, rows, strict=True):  # the words each row over-uses vs plain
+        if plain is not None and s.name != "decoder":
+            row["overrepresented"] = overrepresented_words(runs[key(s)][0].texts, plain)
     fid = {s.renoise_alpha2: runs[key(s)][2] for s in settings if s.group == "fidelity"}
     report = {
         "bundle": bundle,
         "bundle_trained": bool(engine.config.trained),
         "config": asdict(config),
         "reference_lm": reference_entry,
+        "split": config.split,
+        "sentiment_judge": None if sentiment_judge is None else sentiment_judge.name,
+        "sentiment_judge_accuracy": judge_accuracy,
         "prefixes": [{"source": src, "prefix": p} for src, p in sources_prefixes],
         "rows": rows,
         "skipped": skipped,
         "default_scale": default_scale,
+        "bounds": bound_checks(rows, default_scale, judge_accuracy),
         "targets": target_checks(rows, fid, default_scale, vader_by_sample),
         "re_control_by_scale": combined_by_scale(rows, vader_by_sample),
         "environment": environment(engine),

@@ -1,13 +1,26 @@
 """Scoring of one setting's continuations: fluency (perplexity under the released decoder and a
-reference LM), diversity (Dist-n), the independent judges, the probes' view and proposal fidelity."""
+reference LM), diversity (Dist-n), naturalness (repetition, boundary fusion, relevance to the
+prefix), harm, the independent judges, the probes' view and proposal fidelity."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from dglm.engine.evaluation.generation import Generations
-from dglm.engine.evaluation.judges import judge_texts, probe_probability
-from dglm.engine.evaluation.metrics import distinct_n, mean_and_se, put_mean
+from dglm.engine.evaluation.harm import harm_hits
+from dglm.engine.evaluation.judges import (
+    NEURAL_THRESHOLD,
+    SentimentJudge,
+    judge_texts,
+    probe_probability,
+)
+from dglm.engine.evaluation.metrics import distinct_n, mean_and_se, put_mean, put_rate
+from dglm.engine.evaluation.naturalness import (
+    fused_boundary,
+    relevance,
+    repeats_trigram,
+    shuffled_prefix_index,
+)
 from dglm.engine.evaluation.perplexity import (
     ReferenceLM,
     continuation_nll,
@@ -23,21 +36,34 @@ def score_setting(
     prefixes: list[str],
     reference_lm: ReferenceLM | None = None,
     base_decoder=None,
+    sentiment_judge: SentimentJudge | None = None,
 ) -> tuple[dict, torch.Tensor | None]:
     """(metrics, per-sample fidelity cosines or None).
 
     "perplexity" is under `base_decoder` (the released decoder; default: the engine's), the
-    reference LM's ("ref_perplexity") nan when reference_lm is None.
+    reference LM's ("ref_perplexity") nan when reference_lm is None. "relevance" (PMI of each
+    continuation with its own prefix against another prefix, `naturalness.relevance`) is judged
+    by the reference LM, else by the released decoder ("relevance_judge" says which).
+    sentiment_judge: a neural judge's rates ("neural_positive", "neural_negative") when given.
     """
-    prefix_ids = [engine.tokenizer.encode(prefixes[i]) for i in gens.prefix_index]
+    own = [prefixes[i] for i in gens.prefix_index]
+    other = [prefixes[i] for i in shuffled_prefix_index(gens.prefix_index, len(prefixes))]
     judge = engine.decoder if base_decoder is None else base_decoder
+    prefix_ids = [engine.tokenizer.encode(p) for p in own]
     nll, counts = continuation_nll(judge, prefix_ids, gens.token_ids)
     ref_ppl, ref_tokens = float("nan"), 0
     if reference_lm is not None:
-        ref_nll, ref_counts = reference_nll(
-            reference_lm, [prefixes[i] for i in gens.prefix_index], gens.texts
-        )
+        ref_nll, ref_counts = reference_nll(reference_lm, own, gens.texts)
         ref_ppl, ref_tokens = perplexity(ref_nll, ref_counts), int(ref_counts.sum())
+        other_nll, _ = reference_nll(reference_lm, other, gens.texts)
+        rel = relevance(ref_nll.tolist(), other_nll.tolist(), ref_counts.tolist())
+        rel_judge = reference_lm.name
+    else:
+        other_ids = [engine.tokenizer.encode(p) for p in other]
+        other_nll, _ = continuation_nll(judge, other_ids, gens.token_ids)
+        rel = relevance(nll.tolist(), other_nll.tolist(), counts.tolist())
+        rel_judge = "SmolLM2 (released)"
+    hits = [harm_hits(t) for t in gens.texts]
     m = {
         "perplexity": perplexity(nll, counts),
         "ref_perplexity": ref_ppl,
@@ -49,7 +75,17 @@ def score_setting(
         "dist_2": distinct_n(gens.texts, 2),
         "dist_3": distinct_n(gens.texts, 3),
         **judge_texts(gens.texts),
+        "relevance_judge": rel_judge,
+        "harm_pattern_hits": sorted({h for row in hits for h in row}),
     }
+    put_rate(m, "repeat_trigram", [repeats_trigram(t) for t in gens.texts])
+    put_rate(m, "fused", [fused_boundary(p, t) for p, t in zip(own, gens.texts, strict=True)])
+    put_mean(m, "relevance", rel)
+    put_rate(m, "harm_patterns", [bool(h) for h in hits])
+    if sentiment_judge is not None:
+        p = sentiment_judge.p_positive(gens.texts)
+        put_rate(m, "neural_positive", [x > NEURAL_THRESHOLD for x in p])
+        put_rate(m, "neural_negative", [x < 1 - NEURAL_THRESHOLD for x in p])
     emb = engine.encoder.embed(gens.texts).float().cpu()
     probes = engine.probes.probes
     if "sentiment" in probes and "positive" in probes["sentiment"].labels:

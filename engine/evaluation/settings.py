@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from dglm.engine.api import MAX_RE_CONTROL_STEP
 from dglm.engine.bundle import BundleConfig
-from dglm.engine.evaluation.prefixes import DEFAULT_SOURCES
+from dglm.engine.evaluation.prefixes import DEFAULT_SOURCES, PREFIX_SPLITS
 from dglm.engine.probes import Control, Probe
 
 RENOISE_SWEEP = (1.0, 0.95, 0.9, 0.5, 0.0)  # the reference's Table 2 sweep of alpha²
@@ -20,8 +20,25 @@ DEFAULT_SCALE = BundleConfig.control_scale
 _LOW_TOXICITY_LABELS = ("non_toxic", "non-toxic", "nontoxic", "clean", "safe", "low", "neutral")
 
 
+# the fields that choose settings: a test run takes them from the "test" preset (the bundle's
+# defaults), never from the command line, so nothing can be tuned on test
+SWEEP_FIELDS = (
+    "guidance_scales",
+    "renoise_alpha2s",
+    "fudge_strengths",
+    "re_control_step_sizes",
+    "re_control_plausibilities",
+    "re_control_scales",
+    "seed",
+    "prefixes",
+)
+
+
 @dataclass(frozen=True)
 class EvalConfig:
+    # "dev" (every choice is made here) or "test" (run once per shipped bundle, what the README
+    # quotes): disjoint held-out prefix splits, see evaluation.prefixes
+    split: str = "dev"
     num_prefixes: int = 64  # held-out prefixes
     num_samples: int = 2  # continuations per prefix and setting
     max_new_tokens: int = 20  # the reference's length for guided tasks
@@ -56,6 +73,8 @@ class EvalConfig:
     only: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        if self.split not in PREFIX_SPLITS:
+            raise ValueError(f"split must be one of {PREFIX_SPLITS}, got {self.split!r}")
         for name in ("num_prefixes", "num_samples", "max_new_tokens", "fudge_top_k", "batch_size"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -109,8 +128,8 @@ class EvalConfig:
 
 
 PRESETS = {
-    # 100 prefixes × 2 samples: 200 continuations per cell
-    "full": EvalConfig(num_prefixes=100, num_samples=2, gemma=True),
+    # dev: 200 prefixes × 2 samples, 400 continuations per cell
+    "full": EvalConfig(num_prefixes=200, num_samples=2, gemma=True),
     # < 20 minutes on CPU for MiniLM + SmolLM2-135M at one torch thread. From the 16-prefix run
     # (245 s; ≈ 0.62 s per DGLM or plain continuation, 2.2-3.0 s per FUDGE one at top-k 20, batches
     # of 16) and Gemma scoring (≈ 0.25 s per continuation): 17 runs (plain, unguided, 4 scales × 3
@@ -126,7 +145,33 @@ PRESETS = {
         fudge_strengths=(1.0,),
         gemma=True,
     ),
+    # the run the README quotes: test prefixes, n = 400 per cell, the bundle's defaults only
+    # (run_eval adds its control_scale), plain decoding with and without DGLM's truncation; no
+    # sweep, no FUDGE row until a λ is chosen on dev
+    "test": EvalConfig(
+        split="test",
+        num_prefixes=200,
+        num_samples=2,
+        guidance_scales=(),
+        renoise_alpha2s=(),
+        fudge_strengths=(),
+        gemma=True,
+    ),
 }
+
+
+def check_test_config(config: EvalConfig) -> None:
+    """ValueError unless a test-split config chooses its settings exactly as the "test" preset
+    does (every field of SWEEP_FIELDS), so nothing can be tuned on test."""
+    if config.split != "test":
+        return
+    preset = PRESETS["test"]
+    changed = [f for f in SWEEP_FIELDS if getattr(config, f) != getattr(preset, f)]
+    if changed:
+        raise ValueError(
+            f"split 'test' runs the bundle's defaults only; {', '.join(changed)} choose settings "
+            "and are for the dev split (`dglm eval --split dev`)"
+        )
 
 
 @dataclass(frozen=True)
@@ -144,6 +189,8 @@ class Setting:
     scale: float | None = None  # DGLM guidance scale, or FUDGE λ
     re_control_step_size: float | None = None  # dglm+re-control: α (None: the value network's)
     re_control_plausibility: float | None = None  # β of the edit's mask (None: the network's)
+    # plain decoding only: keep tokens with p ≥ min_p · max p (DGLM's plausibility mask)
+    min_p: float | None = None
 
 
 def low_toxicity_target(probe: Probe) -> str:
@@ -267,13 +314,19 @@ def build_settings(
     default_alpha2: float,
     value_nets: tuple[str, ...] = (),
     default_scale: float = DEFAULT_SCALE,
+    plausibility: float = 0.0,
 ):
     """(settings to run, skipped [{setting, reason}]); value_nets: the probes with a RE-Control
-    value network."""
+    value network; plausibility: the bundle's prompt-guidance mask α (> 0 adds plain decoding
+    with the same truncation, "decoder min-p α")."""
     settings = [
         Setting("decoder", "decoder", "unguided"),
         Setting("dglm unguided", "dglm", "unguided", renoise_alpha2=default_alpha2),
     ]
+    if plausibility:  # plain decoding with the truncation DGLM's prompt guidance decodes with
+        settings.insert(
+            1, Setting(f"decoder min-p {plausibility:g}", "decoder", "unguided", min_p=plausibility)
+        )
     skipped = []
     if "sentiment" in probes:
         for target in ("positive", "negative"):

@@ -30,3 +30,18 @@ def test_eval_cli(tiny_bundle, tmp_path, capsys):
     assert "comma-separated numbers, got 'a,b'" in capsys.readouterr().err
     assert main(["eval", "--bundle", str(tiny_bundle), "--samples", "0"]) == 2
     assert "num_samples must be an integer ≥ 1" in capsys.readouterr().err
+
+
+def test_eval_cli_test_split_refuses_sweep_flags(tiny_bundle, capsys, monkeypatch):
+    import dglm.engine.engine as engine_mod
+
+    def no_load(*a, **k):
+        raise AssertionError("a refused request must not load a model")
+
+    monkeypatch.setattr(engine_mod.Engine, "from_pretrained", no_load)
+    for flags in (["--scales", "10"], ["--quick"], ["--seed", "3"], ["--prompt-guidance", "3"],
+                  ["--re-control-step-sizes", "8"], ["--fudge-strengths", "1"]):  # fmt: skip
+        rc = main(["eval", "--bundle", str(tiny_bundle), "--split", "test", *flags])
+        assert rc == 2, flags
+        err = capsys.readouterr().err
+        assert "--split test runs the bundle's defaults only" in err and flags[0] in err

@@ -13,7 +13,7 @@ from dglm.engine.decoding.guidance import PromptGuidance, check_prompt_guidance,
 from dglm.engine.decoding.loop import generate
 from dglm.engine.decoding.padding import left_pad, stack
 from dglm.engine.decoding.runner import DecodeRunner, DecodeRunnerConfig
-from dglm.engine.decoding.sampling import DecodeParams, eos_ids
+from dglm.engine.decoding.sampling import DecodeParams, MinP, eos_ids
 from dglm.engine.models import load_decoder
 
 
@@ -46,6 +46,22 @@ def full_logits(decoder, ids: list[int], soft: torch.Tensor | None) -> torch.Ten
     with torch.no_grad():
         x = decoder.embed(torch.tensor([ids]))
         return decoder(x, torch.arange(x.shape[1])[None])[0, -1]
+
+
+@pytest.mark.parametrize("alpha", [0.01, 0.1, 0.5])
+def test_min_p_is_the_plausibility_mask_of_plain_decoding(gen, alpha):
+    """MinP keeps exactly the tokens with p ≥ α · max p (checked on probabilities), the set prompt
+    guidance keeps at g = 1 (where its scores are the conditional log-probabilities)."""
+    logits = torch.randn(9, 341, generator=gen) * 3
+    kept = MinP(alpha)(logits.clone(), torch.zeros(9, 0, dtype=torch.long), torch.zeros(9).bool())
+    p = torch.softmax(logits.double(), -1)
+    want = p >= alpha * p.max(-1, keepdim=True).values
+    assert torch.equal(torch.isfinite(kept), want)
+    assert torch.equal(kept[want], logits[want])  # kept logits are untouched
+    guided = guided_scores(logits, torch.randn(9, 341, generator=gen), torch.ones(9, 1), alpha)
+    assert torch.equal(torch.isfinite(guided), want)
+    with pytest.raises(ValueError, match="plausibility must be in"):
+        MinP(0.0)
 
 
 @pytest.mark.parametrize("backend", ["static", "reference", "bucketed-trace"])

@@ -3,6 +3,8 @@ intervals, targets, and the three output files."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import json
 
 from decoder_fixtures import one_thread  # noqa: F401 (autouse fixture)
@@ -12,8 +14,13 @@ from dglm.engine.evaluation.run import run_eval
 from dglm.engine.evaluation.settings import EvalConfig
 
 
-def test_eval_end_to_end_quick_on_tiny_bundle(tiny_engine, tiny_reference_lm, tmp_path):
+def test_eval_end_to_end_quick_on_tiny_bundle(
+    tiny_engine, tiny_reference_lm, tmp_path, monkeypatch
+):
     lm = tiny_reference_lm
+    # the bundle as if it shipped prompt guidance (g = 2, mask 0.1): plain decoding then gets a
+    # row with the same truncation
+    monkeypatch.setattr(tiny_engine, "config", replace(tiny_engine.config, prompt_guidance=2.0))
     config = EvalConfig(
         prefixes=("The movie was", "I think the food"),
         num_samples=2,
@@ -31,6 +38,7 @@ def test_eval_end_to_end_quick_on_tiny_bundle(tiny_engine, tiny_reference_lm, tm
     names = [r["setting"] for r in report["rows"]]
     assert names == [
         "decoder",
+        "decoder min-p 0.1",  # plain decoding with the truncation of the bundle's prompt guidance
         "dglm unguided",
         "dglm sentiment=positive:10",
         "fudge sentiment=positive λ=1",
@@ -40,8 +48,8 @@ def test_eval_end_to_end_quick_on_tiny_bundle(tiny_engine, tiny_reference_lm, tm
         "dglm unguided α²=0",
     ]
     # α² = 0.95 is the bundle's default: the unguided run is reused, not repeated
-    assert report["rows"][6]["same_run_as"] == "dglm unguided"
-    assert calls[-1][1] == calls[-1][2] == 7 * 2  # 7 distinct runs × 2 batches
+    assert report["rows"][7]["same_run_as"] == "dglm unguided"
+    assert calls[-1][1] == calls[-1][2] == 8 * 2  # 8 distinct runs × 2 batches
     assert report["skipped"] == [
         {"setting": "toxicity=low", "reason": "the bundle has no 'toxicity' probe"}
     ]
@@ -58,6 +66,15 @@ def test_eval_end_to_end_quick_on_tiny_bundle(tiny_engine, tiny_reference_lm, tm
         lo, hi = m["hatesonar_mean_ci"]
         assert lo <= m["hatesonar_mean"] <= hi
         assert ("fidelity" in m) == (r["method"] == "dglm")
+        for key in ("repeat_trigram", "fused", "harm_patterns"):
+            lo, hi = m[key + "_ci"]
+            assert 0 <= lo <= m[key] <= hi <= 1
+        assert m["relevance_ci"][0] <= m["relevance"] <= m["relevance_ci"][1]
+        assert ("overrepresented" in r) == (r["setting"] != "decoder")
+    assert "same_run_as" not in report["rows"][1]  # a run of its own (8 runs counted above)
+    steered = {c["setting"] for c in report["bounds"]}
+    assert steered == {"dglm unguided", "dglm sentiment=positive:10", "dglm sentiment=negative:10"}
+    assert report["split"] == "dev" and "## Bounds to ship (split: dev)" in render_markdown(report)
     assert {c["target"].split(":")[0] for c in report["targets"]} == {
         "unguided DGLM",
         "sentiment positive",
@@ -65,7 +82,7 @@ def test_eval_end_to_end_quick_on_tiny_bundle(tiny_engine, tiny_reference_lm, tm
         "fidelity",
     }
     assert all(c["met"] is not None for c in report["targets"])  # scale 10 is the default
-    assert len(samples) == 7 * 4
+    assert len(samples) == 8 * 4
     paths = write_report(report, samples, tmp_path / "out")
     loaded = json.loads(paths["json"].read_text())
     assert loaded["rows"][0]["setting"] == "decoder"
@@ -95,8 +112,9 @@ def _check_markdown_columns(md: str, report: dict) -> None:
     tox_header = md.index("| setting | guidance | n | profanity-check†")
     note = md.index(f"† {PROFANITY_NOTE}")
     assert 0 < note - tox_header < 2000  # right under the toxicity table
-    assert md.count("| decoder | none (plain decoding) | 4 |") == 3  # fluency, sentiment, toxicity
-    assert md.count("| dglm unguided | s=0 (unguided) | 4 |") == 3
+    # fluency, naturalness, sentiment, toxicity
+    assert md.count("| decoder | none (plain decoding) | 4 |") == 4
+    assert md.count("| dglm unguided | s=0 (unguided) | 4 |") == 4
     assert (
         "| decoder | " in md.split("by stage")[1]
         and "| dglm unguided | " in md.split("by stage")[1]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from dglm.engine.evaluation.settings import (
@@ -42,10 +44,14 @@ def test_settings_cover_every_probe_and_skip_missing_ones(gen):
 
 
 def test_presets_judge_with_gemma_and_hold_the_default_scale():
-    # the presets judge with Gemma and hold ≥ 200 continuations per cell (full)
-    assert PRESETS["full"].gemma and PRESETS["quick"].gemma
-    assert PRESETS["full"].num_prefixes * PRESETS["full"].num_samples >= 200
-    for preset in PRESETS.values():
+    # the presets judge with Gemma; full (dev) and test hold ≥ 400 continuations per cell; the
+    # quick preset is dev; the dev sweeps hold the default scale, test runs only the bundle's own
+    assert all(p.gemma for p in PRESETS.values())
+    for name in ("full", "test"):
+        assert PRESETS[name].num_prefixes * PRESETS[name].num_samples >= 400
+    assert PRESETS["quick"].split == PRESETS["full"].split == "dev"
+    assert PRESETS["test"].split == "test" and PRESETS["test"].guidance_scales == ()
+    for preset in (PRESETS["full"], PRESETS["quick"]):
         assert DEFAULT_SCALE in preset.guidance_scales and len(preset.guidance_scales) >= 3
 
 
@@ -127,3 +133,32 @@ def test_composition_two_controls_two_methods(gen):
         assert build_settings(config, ps, 0.9, nets, 1000.0)[0] == []
     assert build_settings(EvalConfig(re_control=False, only=(" + ",)), probes, 0.9,
                           ("toxicity",), 1000.0)[0] == []  # fmt: skip
+
+
+def test_test_split_refuses_every_sweep():
+    from dglm.engine.evaluation.settings import PRESETS, SWEEP_FIELDS, check_test_config
+
+    test = PRESETS["test"]
+    check_test_config(test)  # the preset itself is fine
+    check_test_config(replace(test, num_prefixes=10, split="test"))  # n is not a setting
+    changed = {
+        "guidance_scales": (10.0,), "renoise_alpha2s": (0.95,), "fudge_strengths": (1.0,),
+        "re_control_step_sizes": (8.0,), "re_control_plausibilities": (0.1,),
+        "re_control_scales": (100.0,), "seed": 1, "prefixes": ("a prefix",),
+    }  # fmt: skip
+    assert set(changed) == set(SWEEP_FIELDS)
+    for field, value in changed.items():
+        with pytest.raises(ValueError, match=field):
+            check_test_config(replace(test, **{field: value}))
+    check_test_config(replace(PRESETS["full"], guidance_scales=(10.0,)))  # dev: anything goes
+    with pytest.raises(ValueError, match="split must be one of"):
+        EvalConfig(split="train")
+
+
+def test_plain_decoding_with_the_same_truncation_is_a_row():
+    probes = {}
+    settings, _ = build_settings(EvalConfig(), probes, 0.95, plausibility=0.1)
+    plain = [s for s in settings if s.method == "decoder"]
+    assert [(s.name, s.min_p) for s in plain] == [("decoder", None), ("decoder min-p 0.1", 0.1)]
+    settings, _ = build_settings(EvalConfig(), probes, 0.95)  # prompt guidance off: no such row
+    assert [s.name for s in settings if s.method == "decoder"] == ["decoder"]
