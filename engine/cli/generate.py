@@ -183,6 +183,7 @@ def _generate_engine(args: argparse.Namespace):
     from dglm.engine import bundle as bundle_io
     from dglm.engine.api import GenerationParams, check_prompts
     from dglm.engine.engine import Engine
+    from dglm.engine.methods.dglm import resolve_sampler
 
     # the checks that need no model first: a bad prompt or setting fails in a second, not after
     # loading the encoder and decoder
@@ -194,9 +195,8 @@ def _generate_engine(args: argparse.Namespace):
         guidance_mode=args.guidance,
         **flags(args, *SAMPLING_FLAGS),
     )
-    if args.backend == "torch":  # the sampler's step range, against the bundle's default sampler
-        config = bundle_io.read_config(bundle_io.resolve_bundle_dir(args.bundle))
-        params.sampler_config(config.sampler)
+    if args.backend == "torch":  # the request's sampler on the bundle: config.json suffices
+        resolve_sampler(bundle_io.read_config(bundle_io.resolve_bundle_dir(args.bundle)), params)
     engine = Engine.from_pretrained(
         args.bundle,
         device=args.device,

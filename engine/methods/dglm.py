@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from dglm.engine.api import GenerationParams
+from dglm.engine.bundle import BundleConfig
 from dglm.engine.decoding.guidance import PromptGuidance
 from dglm.engine.diffusion.sampler import Guidance, SamplerConfig, draw_noise, sample
 from dglm.engine.diffusion.schedule import MULTISTEP_SAMPLERS
@@ -27,6 +28,29 @@ def elapsed(device: torch.device, start: float) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter() - start
+
+
+def resolve_sampler(config: BundleConfig, p: GenerationParams) -> SamplerConfig:
+    """A request's sampler on a bundle: `p`'s overrides of the bundle's default, checked against
+    what the bundle has (a student for "consistency", run within the cfg range it was distilled
+    for, and within the sampler's step range). Needs no model: `dglm generate` runs it before
+    loading one."""
+    if (p.sampler or config.sampler.sampler) == "consistency" and config.student is None:
+        raise ValueError(
+            "sampler='consistency' needs a distilled student and this bundle has none: use "
+            "'ddpm', 'ddim' or 'dpmpp-2m', or add one (`dglm train distill`, "
+            "`dglm bundle add-student`)"
+        )
+    cfg = p.sampler_config(config.sampler)  # the sampler's step range
+    if cfg.sampler == "consistency":
+        lo, hi = config.student_cfg_range
+        w = p.cfg_scale if p.cfg_scale is not None else config.cfg_scale
+        if not lo - 1e-6 <= w <= hi + 1e-6:
+            raise ValueError(
+                f"cfg_scale={w} is outside the range [{lo}, {hi}] the student was distilled for: "
+                "pass a cfg_scale in that range or use sampler='dpmpp-2m'"
+            )
+    return cfg
 
 
 class DGLM(Method):
@@ -61,37 +85,13 @@ class DGLM(Method):
                     f"prompt_guidance={guided} runs a second decoder stream in PyTorch, which the "
                     "ONNX backend does not have: pass prompt_guidance=1 or use backend='torch'"
                 )
-            self.check_student(p.sampler or e.config.sampler.sampler)
-            cfg = p.sampler_config(e.config.sampler)  # the sampler's step range
-            self.check_sampler(cfg, p)
+            cfg = resolve_sampler(e.config, p)
             exact = cfg.guidance_mode == "exact"
             if p.controls and exact and not isinstance(e.score_net, torch.nn.Module):
                 raise ValueError(
                     "guidance_mode='exact' differentiates through the score network, which the "
                     "ONNX backend cannot; use guidance_mode='fast' or backend='torch'"
                 )
-
-    def check_student(self, sampler: str) -> None:
-        """The consistency sampler needs the engine's student."""
-        if sampler == "consistency" and self.engine.student is None:
-            raise ValueError(
-                "sampler='consistency' needs a distilled student and this bundle has none: use "
-                "'ddpm', 'ddim' or 'dpmpp-2m', or add one (`dglm train distill`, "
-                "`dglm bundle add-student`)"
-            )
-
-    def check_sampler(self, cfg: SamplerConfig, p: GenerationParams) -> None:
-        """The consistency sampler runs within the cfg range its student was distilled for."""
-        if cfg.sampler != "consistency":
-            return
-        e = self.engine
-        lo, hi = e.config.student_cfg_range
-        w = p.cfg_scale if p.cfg_scale is not None else e.config.cfg_scale
-        if not lo - 1e-6 <= w <= hi + 1e-6:
-            raise ValueError(
-                f"cfg_scale={w} is outside the range [{lo}, {hi}] the student was distilled for: "
-                "pass a cfg_scale in that range or use sampler='dpmpp-2m'"
-            )
 
     def condition(self, batch: MethodBatch) -> Conditioning:
         e, rows, params = self.engine, batch.rows, batch.params
@@ -223,4 +223,4 @@ class DGLM(Method):
         return x0, noise[n + 1]
 
 
-__all__ = ["DGLM", "elapsed"]
+__all__ = ["DGLM", "elapsed", "resolve_sampler"]

@@ -151,3 +151,11 @@ def test_a_good_request_still_loads_the_bundle(monkeypatch, capsys):
     assert main(["generate", "x", "--steps", "2"]) == 1
     assert loads == [("default",)]
     assert "stop here" in capsys.readouterr().err
+
+
+def test_a_student_sampler_on_a_bundle_without_one_is_refused_before_loading(
+    tiny_bundle, monkeypatch, capsys
+):
+    monkeypatch.setattr(Engine, "from_pretrained", lambda *a, **kw: pytest.fail("loaded"))
+    rc = main(["generate", "x", "--bundle", str(tiny_bundle), "--sampler", "consistency"])
+    assert rc == 2 and "needs a distilled student" in capsys.readouterr().err
