@@ -23,7 +23,7 @@ from dglm.engine.evaluation.naturalness import overrepresented_words
 from dglm.engine.evaluation.perplexity import ReferenceLM, resolve_reference_lm
 from dglm.engine.evaluation.prefixes import heldout_prefixes
 from dglm.engine.evaluation.provenance import capture
-from dglm.engine.evaluation.scoring import score_setting
+from dglm.engine.evaluation.scoring import neural_rates, score_setting
 from dglm.engine.evaluation.settings import (
     EvalConfig,
     Setting,
@@ -218,3 +218,19 @@ def run_eval(
         "wall_s": time.perf_counter() - t_start,
     }
     return report, samples
+
+
+def add_sentiment_judge(
+    report: dict, samples: list[dict], judge: SentimentJudge, accuracy: float | None
+) -> dict:
+    """A finished run's report with a neural sentiment judge's rates added to every row (from its
+    samples, as `run_eval` would have scored them) and the bounds checked again; the report is
+    updated in place and returned."""
+    texts: dict[str, list[str]] = {}
+    for s in samples:
+        texts.setdefault(s["setting"], []).append(s["continuation"])
+    for row in report["rows"]:
+        row["metrics"].update(neural_rates(judge, texts[row.get("same_run_as", row["setting"])]))
+    report["sentiment_judge"], report["sentiment_judge_accuracy"] = judge.name, accuracy
+    report["bounds"] = bound_checks(report["rows"], report["default_scale"], accuracy)
+    return report

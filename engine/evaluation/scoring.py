@@ -30,6 +30,16 @@ from dglm.engine.evaluation.perplexity import (
 from dglm.engine.evaluation.settings import low_toxicity_target
 
 
+def neural_rates(judge: SentimentJudge, texts: list[str]) -> dict:
+    """A neural judge's positive and negative shares ("neural_positive", "neural_negative") with
+    their 95% intervals: p(positive) above NEURAL_THRESHOLD, below 1 − NEURAL_THRESHOLD."""
+    p = judge.p_positive(texts)
+    m: dict = {}
+    put_rate(m, "neural_positive", [x > NEURAL_THRESHOLD for x in p])
+    put_rate(m, "neural_negative", [x < 1 - NEURAL_THRESHOLD for x in p])
+    return m
+
+
 def score_setting(
     engine,
     gens: Generations,
@@ -83,9 +93,7 @@ def score_setting(
     put_mean(m, "relevance", rel)
     put_rate(m, "harm_patterns", [bool(h) for h in hits])
     if sentiment_judge is not None:
-        p = sentiment_judge.p_positive(gens.texts)
-        put_rate(m, "neural_positive", [x > NEURAL_THRESHOLD for x in p])
-        put_rate(m, "neural_negative", [x < 1 - NEURAL_THRESHOLD for x in p])
+        m.update(neural_rates(sentiment_judge, gens.texts))
     emb = engine.encoder.embed(gens.texts).float().cpu()
     probes = engine.probes.probes
     if "sentiment" in probes and "positive" in probes["sentiment"].labels:

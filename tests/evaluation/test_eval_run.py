@@ -10,7 +10,7 @@ import json
 from decoder_fixtures import one_thread  # noqa: F401 (autouse fixture)
 from dglm.engine.evaluation.judges import PROFANITY_NOTE
 from dglm.engine.evaluation.report import render_markdown, write_report
-from dglm.engine.evaluation.run import run_eval
+from dglm.engine.evaluation.run import add_sentiment_judge, run_eval
 from dglm.engine.evaluation.settings import EvalConfig
 
 
@@ -124,3 +124,32 @@ def _check_markdown_columns(md: str, report: dict) -> None:
     assert f"| {m['vader_positive']:.0%} [{lo:.0%}, {hi:.0%}] |" in md  # Wilson interval
     assert "| fudge sentiment=positive λ=1 | FUDGE λ=1 | 4 |" in md
     assert "| target | setting | value | threshold | met | margin | note |" in md
+
+
+class _WordJudge:
+    """A stub neural judge: positive iff the text says "good"."""
+
+    name = "word judge"
+
+    def p_positive(self, texts):
+        return [0.9 if "good" in t else 0.1 for t in texts]
+
+
+def test_a_neural_judge_added_to_a_finished_run_rescores_every_row():
+    def row(name, **extra):
+        return {"setting": name, "method": "dglm", "group": "sentiment", "target": "positive",
+                "scale": 10.0, "n": 4, "metrics": {"vader_positive": 1.0}, **extra}  # fmt: skip
+
+    report = {
+        "rows": [row("a"), row("b", same_run_as="a"), row("c")],
+        "default_scale": 10.0,
+    }
+    samples = [{"setting": "a", "continuation": t} for t in ("good", "good", "bad", "good")]
+    samples += [{"setting": "c", "continuation": t} for t in ("bad", "bad", "bad", "good")]
+    out = add_sentiment_judge(report, samples, _WordJudge(), 0.9)
+    m = {r["setting"]: r["metrics"] for r in out["rows"]}
+    assert m["a"]["neural_positive"] == m["b"]["neural_positive"] == 0.75
+    assert m["c"]["neural_positive"] == 0.25 and m["c"]["neural_negative"] == 0.75
+    assert out["sentiment_judge"] == "word judge" and out["sentiment_judge_accuracy"] == 0.9
+    neural = [c for c in out["bounds"] if c["bound"].startswith("neural")]
+    assert [(c["setting"], c["met"]) for c in neural] == [("a", False), ("b", False), ("c", False)]
