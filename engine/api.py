@@ -19,6 +19,7 @@ MAX_CFG_SCALE = 100.0  # |w| of classifier-free guidance, a request's or a bundl
 # RE-Control's decode-time edit (dglm.engine.methods.re_control)
 MAX_RE_CONTROL_STEPS = 1000
 MAX_RE_CONTROL_STEP = 1e4
+MAX_NO_REPEAT_NGRAM = 64
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,9 @@ class GenerationParams:
     temperature: float = 1.0  # 0 = greedy, else in [MIN_TEMPERATURE, MAX_TEMPERATURE]
     top_p: float = 0.95
     top_k: int = 0  # 0 = off
+    # no token may repeat an n-gram of the continuation (HF's no_repeat_ngram_size); 0 = off,
+    # None: the bundle's default
+    no_repeat_ngram_size: int | None = None
     stop: tuple[str, ...] = ()  # stop strings (cut from the text); one string: one stop string
     ignore_eos: bool = False  # never end at EOS: exactly max_new_tokens (benchmarks)
     cfg_scale: float | None = None  # classifier-free guidance weight; None: the bundle's
@@ -68,6 +72,8 @@ class GenerationParams:
             finite_in("temperature", self.temperature, MIN_TEMPERATURE, MAX_TEMPERATURE, "0 or ")
         finite_in("top_p", self.top_p, 1e-6, 1.0)
         int_in("top_k", self.top_k, 0, 1 << 30)
+        if self.no_repeat_ngram_size is not None:
+            int_in("no_repeat_ngram_size", self.no_repeat_ngram_size, 0, MAX_NO_REPEAT_NGRAM)
         for i, s in enumerate(self.stop):
             if not isinstance(s, str) or not s:
                 raise ValueError(f"stop[{i}] must be a non-empty string, got {s!r}")

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import torch
-from dglm.engine.api import MAX_CFG_SCALE, finite_in
+from dglm.engine.api import MAX_CFG_SCALE, MAX_NO_REPEAT_NGRAM, finite_in, int_in
 from dglm.engine.decoding.guidance import DEFAULT_PLAUSIBILITY, check_prompt_guidance
 from dglm.engine.diffusion.sampler import SamplerConfig
 from dglm.engine.diffusion.score_network import ScoreNetConfig
@@ -107,6 +107,9 @@ class BundleConfig:
     # plausibility floor α of its token mask; 1.0: off (bundles from before it existed)
     prompt_guidance: float = 1.0
     prompt_plausibility: float = DEFAULT_PLAUSIBILITY
+    # a request's no_repeat_ngram_size when it gives none (decoding.sampling.NoRepeatNGram: no
+    # token may repeat an n-gram of the continuation); 0: off (bundles from before it existed)
+    no_repeat_ngram_size: int = 0
     # RE-Control's value networks (value_networks.safetensors), one per probe they predict
     value_networks: tuple[ValueNetConfig, ...] = ()
 
@@ -146,6 +149,7 @@ class BundleConfig:
         object.__setattr__(self, "student_cfg_range", tuple(pair))
         check_control_scale(self.control_scale, "control_scale", positive=True)
         check_prompt_guidance(self.prompt_guidance, self.prompt_plausibility)
+        int_in("no_repeat_ngram_size", self.no_repeat_ngram_size, 0, MAX_NO_REPEAT_NGRAM)
         lo, hi = self.student_cfg_range
         if not lo <= hi:
             raise ValueError(f"student_cfg_range must be (lo, hi) with lo ≤ hi, got {(lo, hi)}")

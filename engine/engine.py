@@ -19,7 +19,12 @@ from dglm.engine.bundle import BundleConfig
 from dglm.engine.decoding.loop import TokenStream, companion_count
 from dglm.engine.decoding.loop import generate as decode
 from dglm.engine.decoding.runner import DecodeRunner, DecodeRunnerConfig
-from dglm.engine.decoding.sampling import DecodeParams, DecodeResult, LogitsProcessor
+from dglm.engine.decoding.sampling import (
+    DecodeParams,
+    DecodeResult,
+    LogitsProcessor,
+    NoRepeatNGram,
+)
 from dglm.engine.diffusion.captured import CapturedSampler
 from dglm.engine.diffusion.score_network import ScoreNetwork
 from dglm.engine.encode.encoder import SentenceEncoder
@@ -350,9 +355,10 @@ class Engine:
         timings.update(cond.timings)
 
         decode_params = [method.decode_params(params[i], seeds[r]) for r, (i, _) in enumerate(rows)]
+        processors = (*cond.processors, *self.repetition_processors(params, rows))
         # the method's hooks go along only when set: benchmarks swap in their own
         # `_decode(prefix_ids, params, soft_prompt)` (HF generate on the same soft prompts)
-        hooks = {"processors": cond.processors} if cond.processors else {}
+        hooks = {"processors": processors} if processors else {}
         if cond.hidden_hook is not None:
             hooks["hidden_hook"] = cond.hidden_hook
         if on_tokens is not None:
@@ -371,6 +377,22 @@ class Engine:
                 Sample(res.text, list(res.token_ids), res.finish_reason, latent)
             )
         return outputs
+
+    def repetition_processors(
+        self, params: list[GenerationParams], rows: list[tuple[int, int]]
+    ) -> tuple[NoRepeatNGram, ...]:
+        """One NoRepeatNGram per n-gram size the rows ask for (a request's no_repeat_ngram_size,
+        else the bundle's), each over its rows; none when every row has it off (0)."""
+        default = self.config.no_repeat_ngram_size
+        by_size: dict[int, list[int]] = {}
+        for r, (i, _) in enumerate(rows):
+            size = params[i].no_repeat_ngram_size
+            size = default if size is None else size
+            if size:
+                by_size.setdefault(size, []).append(r)
+        return tuple(
+            NoRepeatNGram(n, None if len(rs) == len(rows) else rs) for n, rs in by_size.items()
+        )
 
     def _decode(
         self,

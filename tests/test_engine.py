@@ -141,6 +141,8 @@ def test_bad_input_raises_before_model_work(tiny_engine, prompts, params, field)
         (dict(num_samples=True), "num_samples"),
         (dict(max_new_tokens=4.0), "max_new_tokens"),
         (dict(top_k=1.5), "top_k"),
+        (dict(no_repeat_ngram_size=-1), "no_repeat_ngram_size"),
+        (dict(no_repeat_ngram_size=True), "no_repeat_ngram_size"),
         (dict(seed=True), "seed"),
         (dict(seed=3.0), "seed"),
         (dict(re_control_steps=False), "re_control_steps"),
@@ -338,3 +340,43 @@ def test_prompt_guidance_per_request_and_bundle_default(tiny_bundle, tmp_path):
     (bundle / "config.json").write_text(json.dumps({**cfg, "prompt_plausibility": 1.5}))
     with pytest.raises(ValueError, match="prompt_plausibility"):
         Engine.from_pretrained(bundle)
+
+
+def test_no_repeat_ngram_size_per_request_and_bundle_default(tiny_bundle, tmp_path):
+    """no_repeat_ngram_size: off by default (tokens as before); per request or as the bundle's
+    default, no sample repeats a token n-gram of its continuation; 0 turns a default off."""
+    bundle = tmp_path / "b"
+    shutil.copytree(tiny_bundle, bundle)
+    engine = Engine.from_pretrained(bundle)
+    assert engine.config.no_repeat_ngram_size == 0
+    prompts = ["The movie was", "Prices are rising while"]
+
+    def tokens(eng, **kw):
+        params = [
+            GenerationParams(seed=s, max_new_tokens=24, ignore_eos=True, temperature=0, **kw)
+            for s in (4, 5)
+        ]
+        return [o.samples[0].token_ids for o in eng.generate(prompts, params)]
+
+    def repeats(ids, n):
+        grams = [tuple(ids[i : i + n]) for i in range(len(ids) - n + 1)]
+        return len(grams) != len(set(grams))
+
+    plain = tokens(engine)
+    assert tokens(engine, no_repeat_ngram_size=0) == plain
+    assert any(repeats(ids, 2) for ids in plain)  # the tiny bundle loops greedily
+    banned = tokens(engine, no_repeat_ngram_size=2)
+    assert not any(repeats(ids, 2) for ids in banned) and banned != plain
+    cfg = json.loads((bundle / "config.json").read_text())
+    (bundle / "config.json").write_text(json.dumps({**cfg, "no_repeat_ngram_size": 2}))
+    by_default = Engine.from_pretrained(bundle)
+    assert tokens(by_default) == banned
+    assert tokens(by_default, no_repeat_ngram_size=0) == plain
+    # rows of one batch with different sizes each get their own
+    mixed = by_default.generate(
+        prompts,
+        [GenerationParams(seed=4, max_new_tokens=24, ignore_eos=True, temperature=0),
+         GenerationParams(seed=5, max_new_tokens=24, ignore_eos=True, temperature=0,
+                          no_repeat_ngram_size=0)],
+    )  # fmt: skip
+    assert [o.samples[0].token_ids for o in mixed] == [banned[0], plain[1]]

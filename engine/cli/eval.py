@@ -72,6 +72,10 @@ def add_parser(sub) -> None:
         "--only", default=None,
         help="comma-separated substrings: run only the settings whose names contain one",
     )  # fmt: skip
+    e.add_argument(
+        "--no-repeat-ngram-size", type=int, default=None,
+        help="every method's n-gram ban (plain decoding's too; 0 = off; default: the bundle's)",
+    )  # fmt: skip
     e.add_argument("--sources", default=None, help="comma-separated held-out sources")
     e.add_argument("--seed", type=int, default=None)
     e.add_argument(
@@ -106,8 +110,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
             "--re-control-plausibilities": args.re_control_plausibilities,
             "--re-control-scales": args.re_control_scales,
             "--prompt-guidance": args.prompt_guidance,
+            "--no-repeat-ngram-size": args.no_repeat_ngram_size,
         }  # fmt: skip
-        given = [flag for flag, v in sweeps.items() if v not in (None, False)]
+        given = [flag for flag, v in sweeps.items() if v is not None and v is not False]
         if given:
             raise ValueError(
                 f"--split test runs the bundle's defaults only; "
@@ -130,6 +135,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "re_control_plausibilities": args.re_control_plausibilities,
         "re_control_scales": args.re_control_scales,
         "only": tuple(args.only.split(",")) if args.only else None,
+        "no_repeat_ngram_size": args.no_repeat_ngram_size,
     }
     config = replace(config, **{k: v for k, v in overrides.items() if v is not None})
     if getattr(args, "threads", None) is None and args.quick and args.device == "cpu":

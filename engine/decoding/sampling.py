@@ -89,6 +89,42 @@ class MinP:
         return logits.masked_fill_(implausible(logits, self.plausibility), float("-inf"))
 
 
+def repeated_ngram_ban(tokens: torch.Tensor, size: int, vocab_size: int) -> torch.Tensor:
+    """(B, V) bool: the tokens that would complete a `size`-gram already in each row's
+    `tokens` (B, t) — the row's last size − 1 tokens followed, earlier, by that token (HF's
+    no_repeat_ngram_size, over the generated tokens only). No host sync."""
+    B, t = tokens.shape
+    banned = torch.zeros(B, vocab_size, dtype=torch.bool, device=tokens.device)
+    if t < size:  # no complete n-gram yet
+        return banned
+    grams = tokens.unfold(1, size, 1)  # (B, W, size), W = t − size + 1
+    last = tokens[:, t - size + 1 :]  # (B, size − 1): the n-gram the next token would end
+    match = (grams[:, :, :-1] == last[:, None, :]).all(-1)  # (B, W)
+    hits = torch.zeros(B, vocab_size, device=tokens.device)
+    hits.scatter_reduce_(1, grams[:, :, -1], match.float(), reduce="amax")
+    return hits > 0
+
+
+class NoRepeatNGram:
+    """A `LogitsProcessor` banning, in `rows` (None: all), every token that would repeat an
+    n-gram of the row's continuation (`repeated_ngram_ban`)."""
+
+    def __init__(self, size: int, rows: list[int] | None = None) -> None:
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"no_repeat_ngram_size must be an integer ≥ 1, got {size!r}")
+        self.size, self.rows = size, rows
+
+    def __call__(
+        self, logits: torch.Tensor, tokens: torch.Tensor, finished: torch.Tensor
+    ) -> torch.Tensor:
+        banned = repeated_ngram_ban(tokens, self.size, logits.shape[-1])
+        if self.rows is not None:
+            keep = torch.zeros(logits.shape[0], 1, dtype=torch.bool, device=logits.device)
+            keep[self.rows] = True
+            banned &= keep
+        return logits.masked_fill_(banned, float("-inf"))
+
+
 def filter_logits(scores: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor):
     """Top-k, then top-p (nucleus) filtering of temperature-scaled logits, as HF's warpers.
 

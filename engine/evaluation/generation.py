@@ -11,7 +11,7 @@ from dglm.engine.api import GenerationParams
 from dglm.engine.bundle import resolve_reference
 from dglm.engine.decoding.loop import DecodeParams
 from dglm.engine.decoding.loop import generate as decode
-from dglm.engine.decoding.sampling import MinP
+from dglm.engine.decoding.sampling import MinP, NoRepeatNGram
 from dglm.engine.evaluation.settings import EvalConfig, Setting
 from dglm.engine.methods.base import MethodBatch
 from dglm.engine.methods.fudge import FudgeParams, fudge_generate
@@ -52,6 +52,8 @@ def generate_setting(
     the engine's decoder)."""
     base_decoder = engine.decoder if base_decoder is None else base_decoder
     S = config.num_samples
+    no_repeat = config.no_repeat_ngram_size
+    no_repeat = engine.config.no_repeat_ngram_size if no_repeat is None else no_repeat
     rows_idx, texts, toks, lats = [], [], [], []
     timings: dict[str, float] = {}
 
@@ -72,6 +74,7 @@ def generate_setting(
                     renoise_alpha2=setting.renoise_alpha2,
                     re_control_step_size=setting.re_control_step_size,
                     re_control_plausibility=setting.re_control_plausibility,
+                    no_repeat_ngram_size=config.no_repeat_ngram_size,
                 )
                 for i in chunk
             ]
@@ -105,6 +108,8 @@ def generate_setting(
                     hook, masks = re_control_hook(
                         engine, setting, prefixes, chunk, ids, S, base_decoder.logits
                     )
+                if no_repeat:  # the n-gram ban the engine gives every method's rows
+                    masks = (*masks, NoRepeatNGram(no_repeat))
                 results, t = decode(
                     base_decoder, engine.tokenizer, ids, params, hidden_hook=hook, processors=masks
                 )

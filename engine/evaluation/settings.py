@@ -31,6 +31,7 @@ SWEEP_FIELDS = (
     "re_control_scales",
     "seed",
     "prefixes",
+    "no_repeat_ngram_size",
 )
 
 
@@ -53,6 +54,8 @@ class EvalConfig:
     fudge_strengths: tuple[float, ...] = (1.0, 3.0)  # FUDGE λ on log p(target | text)
     temperature: float = 1.0
     top_p: float = 0.95  # nucleus sampling for every method
+    # every method's (plain decoding's too) n-gram ban; None: the bundle's no_repeat_ngram_size
+    no_repeat_ngram_size: int | None = None
     batch_size: int = 16  # prompts per generation call (every method alike)
     seed: int = 0
     gemma: bool = False  # also judge fluency under Gemma-3-270M (the presets do; needs the extra)
@@ -121,6 +124,9 @@ class EvalConfig:
             raise ValueError(f"only must hold non-empty strings, got {self.only}")
         if any(not (math.isfinite(s) and s >= 0) for s in self.fudge_strengths):
             raise ValueError(f"fudge_strengths must be finite and ≥ 0, got {self.fudge_strengths}")
+        n = self.no_repeat_ngram_size
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
+            raise ValueError(f"no_repeat_ngram_size must be an integer ≥ 0 or None, got {n!r}")
         if not 0 < self.top_p <= 1 or not self.temperature >= 0:
             raise ValueError(
                 f"need 0 < top_p ≤ 1 and temperature ≥ 0, got {self.top_p}, {self.temperature}"

@@ -40,7 +40,8 @@ def test_eval_cli_test_split_refuses_sweep_flags(tiny_bundle, capsys, monkeypatc
 
     monkeypatch.setattr(engine_mod.Engine, "from_pretrained", no_load)
     for flags in (["--scales", "10"], ["--quick"], ["--seed", "3"], ["--prompt-guidance", "3"],
-                  ["--re-control-step-sizes", "8"], ["--fudge-strengths", "1"]):  # fmt: skip
+                  ["--re-control-step-sizes", "8"], ["--fudge-strengths", "1"],
+                  ["--no-repeat-ngram-size", "0"]):  # fmt: skip
         rc = main(["eval", "--bundle", str(tiny_bundle), "--split", "test", *flags])
         assert rc == 2, flags
         err = capsys.readouterr().err
