@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import logging
 import random
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -53,6 +56,13 @@ class Engine:
     persistent DecodeRunner with `fast_decode`) or "onnx" (`dglm export onnx` graphs on ONNX
     Runtime, `dglm.export.runtime`; the same Engine, its networks and decoder swapped for the
     graphs). Methods (`dglm.engine.methods`): DGLM by default, any `Method` per call.
+
+    Threads: one call at a time. `generate`, `validate` and `add_probe` hold the engine's lock for
+    the whole call (its decode runner's KV buffers and step state, the captured samplers' static
+    buffers, the tokenizers and the probe set are shared by every call), so calls from several
+    threads run one after another, each returning what it returns alone. A call made from inside
+    another on the same thread (an `on_tokens` hook or a method calling back into the engine) is
+    refused with RuntimeError: it would decode on the buffers the outer call is using.
     """
 
     def __init__(
@@ -127,6 +137,8 @@ class Engine:
         self.dglm = DGLM(self)  # the default method
         # RE-Control's value networks by probe (`dglm train value`); from_pretrained loads them
         self.value_nets: dict[str, ValueNetwork] = {}
+        self._lock = threading.Lock()  # held by the call in progress (see the class docstring)
+        self._holder: int | None = None  # that call's thread (threading.get_ident())
         if not config.trained:
             logger.warning("bundle networks are untrained (random): outputs are not meaningful")
 
@@ -279,9 +291,28 @@ class Engine:
             )
 
     def add_probe(self, probe: Probe) -> None:
-        self.probes.add(probe)
-        if self.captured is not None:
-            self._capture_samplers()
+        with self._exclusive("add_probe"):
+            self.probes.add(probe)
+            if self.captured is not None:
+                self._capture_samplers()
+
+    @contextmanager
+    def _exclusive(self, entry: str) -> Iterator[None]:
+        """Hold the engine for one public call: another thread's call waits for it to end; a call
+        from inside it on the same thread is refused (RuntimeError)."""
+        if self._holder == threading.get_ident():  # only this thread sets its own ident
+            raise RuntimeError(
+                f"Engine.{entry} was called from inside another Engine call on the same thread "
+                "(an on_tokens hook or a method calling back into the engine): the engine runs "
+                "one call at a time and the outer call holds its decode buffers; make the call "
+                "after the outer one returns, or from another thread (it waits its turn)"
+            )
+        with self._lock:
+            self._holder = threading.get_ident()
+            try:
+                yield
+            finally:
+                self._holder = None
 
     # ---------------------------------------------------------------- generation
     def validate(
@@ -291,6 +322,12 @@ class Engine:
         method: Method | None = None,
     ) -> list[list[int]]:
         """All user-input checks, before any model work; returns the prefix token ids."""
+        with self._exclusive("validate"):
+            return self._validate(prompts, params, method)
+
+    def _validate(
+        self, prompts: list[str], params: list[GenerationParams], method: Method | None
+    ) -> list[list[int]]:
         check_prompts(prompts)
         if not isinstance(params, (list, tuple)):
             raise ValueError(
@@ -329,7 +366,20 @@ class Engine:
         `method`: how the rows are conditioned (default: DGLM, `self.dglm`).
         on_tokens: a streaming hook (`decoding.loop.TokenStream`), called after the conditioning
         stages with every decoded token; its rows are (prompt i, sample j) in that order, the
-        order of the samples in the outputs."""
+        order of the samples in the outputs; it runs on the calling thread, inside the call, and
+        must not call the engine (see the class docstring: refused).
+        Thread-safe: calls from several threads run one at a time, in the order they get the
+        engine's lock; a call's timings count from when it runs, not from when it waited."""
+        with self._exclusive("generate"):
+            return self._generate(prompts, params, method, on_tokens)
+
+    def _generate(
+        self,
+        prompts: list[str],
+        params: GenerationParams | list[GenerationParams] | None,
+        method: Method | None,
+        on_tokens: TokenStream | None,
+    ) -> list[RequestOutput]:
         method = method or self.dglm
         if params is None:
             params = GenerationParams()
@@ -340,7 +390,7 @@ class Engine:
                 f"params must be a GenerationParams or a list of them, got {type(params).__name__}"
             )
         params = list(params)
-        prefix_ids = self.validate(prompts, params, method)
+        prefix_ids = self._validate(prompts, params, method)
 
         timings = dict.fromkeys(STAGES, 0.0)
         t0 = time.perf_counter()

@@ -1,11 +1,12 @@
 """Dynamic batching: the requests that arrive within a short window run as one `Engine.generate`
 batch, each with its own settings and seed.
 
-Thread-safety: the Engine is not thread-safe (its networks, decode runner, tokenizer and probe
-set are shared mutable state), and the server does not need it to be: one worker thread owns it
-and is the only caller of every Engine method (validation included). The asyncio side only
-queues `Job`s (`Batcher.submit`, thread-safe) and receives their events (`Job.deliver` hops back
-onto the event loop).
+Threads: the Engine runs one call at a time under its own lock (calls from other threads wait;
+see `Engine`), but the server does not lean on that: one worker thread is the only caller of
+every Engine method (validation included), which is where requests meet to be batched. The
+asyncio side only queues `Job`s (`Batcher.submit`, thread-safe) and receives their events
+(`Job.deliver` hops back onto the event loop). The streaming hook the worker passes to
+`Engine.generate` never calls the engine (a call from inside a call is refused).
 
 A request's result does not depend on its batch: its rows draw from generators seeded by its
 own seed (sample j: seed + j) in every stage. The floats are not bit-identical to a request run
