@@ -29,7 +29,7 @@ from dglm.engine.evaluation import neural_judge as nj
 from dglm.engine.evaluation.perplexity import load_gemma
 from dglm.engine.evaluation.provenance import load_average
 from dglm.engine.models.loading import cache_root
-from dglm.engine.training.data import SENTIMENT_LABELS, sentiment_set
+from dglm.engine.training.data import SENTIMENT_LABELS
 
 from benchmarks import common
 from benchmarks.common import ROOT
@@ -43,23 +43,8 @@ SPEED_TEXTS = 256  # continuation-like texts timed per thread count
 
 
 def labelled() -> list[dict]:
-    """Every labelled text once: {text, label (0/1), source, split (train/dev/test)}."""
-    rows, seen = [], set()
-    for source in SENTIMENT_LABELS:
-        texts, labels = sentiment_set([source])
-        for t, y in zip(texts, labels, strict=True):
-            if t in seen:
-                continue
-            seen.add(t)
-            rows.append(
-                {
-                    "text": t,
-                    "label": nj.label_value(y),
-                    "source": source,
-                    "split": nj.judge_split(t),
-                }
-            )
-    return rows
+    """Every labelled text once (`neural_judge.labelled_reviews`)."""
+    return nj.labelled_reviews()
 
 
 def cached_features(lm, name: str, rows: list[list[int]], label_ids, layers, batch_size=16):

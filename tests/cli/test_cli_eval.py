@@ -46,3 +46,35 @@ def test_eval_cli_test_split_refuses_sweep_flags(tiny_bundle, capsys, monkeypatc
         assert rc == 2, flags
         err = capsys.readouterr().err
         assert "--split test runs the bundle's defaults only" in err and flags[0] in err
+
+
+def test_eval_cli_rescore_adds_the_neural_judge_to_a_finished_run(
+    tiny_bundle, tmp_path, capsys, monkeypatch
+):
+    import dglm.engine.cli.eval as eval_cli
+    import dglm.engine.evaluation.perplexity as perplexity
+
+    out = tmp_path / "run"
+    args = ["eval", "--bundle", str(tiny_bundle), "--quick", "--out", str(out), "--prefixes", "2",
+            "--sources", "rotten_tomatoes", "--max-new-tokens", "3", "--scales", "10",
+            "--renoise", "0.95", "--fudge-strengths", "", "--no-gemma"]  # fmt: skip
+    assert main(args) == 0
+    before = json.loads((out / "results.json").read_text())
+    assert before["sentiment_judge"] is None
+    assert "neural_positive" not in before["rows"][0]["metrics"]
+
+    class Judge:
+        name = "stub judge"
+
+        def p_positive(self, texts):
+            return [0.9] * len(texts)
+
+    monkeypatch.setattr(perplexity, "load_gemma", lambda device: "lm")
+    monkeypatch.setattr(eval_cli, "neural_judge", lambda a, lm: (Judge(), 0.8))
+    capsys.readouterr()
+    assert main(["eval", "--rescore", str(out)]) == 0
+    after = json.loads((out / "results.json").read_text())
+    assert after["sentiment_judge"] == "stub judge" and after["sentiment_judge_accuracy"] == 0.8
+    assert all(r["metrics"]["neural_positive"] == 1.0 for r in after["rows"])
+    assert [r["setting"] for r in after["rows"]] == [r["setting"] for r in before["rows"]]
+    assert "accuracy 0.800" in (out / "results.md").read_text()
