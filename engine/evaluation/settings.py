@@ -22,17 +22,16 @@ _LOW_TOXICITY_LABELS = ("non_toxic", "non-toxic", "nontoxic", "clean", "safe", "
 
 # the fields that choose settings: a test run takes them from the "test" preset (the bundle's
 # defaults), never from the command line, so nothing can be tuned on test
-SWEEP_FIELDS = (
+SWEEPS = (  # those that hold a sequence
+    "prefixes",
     "guidance_scales",
     "renoise_alpha2s",
     "fudge_strengths",
     "re_control_step_sizes",
     "re_control_plausibilities",
     "re_control_scales",
-    "seed",
-    "prefixes",
-    "no_repeat_ngram_size",
 )
+SWEEP_FIELDS = (*SWEEPS, "seed", "no_repeat_ngram_size")
 
 
 @dataclass(frozen=True)
@@ -89,17 +88,7 @@ class EvalConfig:
                 f"need 1 ≤ min_prefix_tokens ≤ max_prefix_tokens, got {self.min_prefix_tokens}, "
                 f"{self.max_prefix_tokens}"
             )
-        for name in (
-            "sources",
-            "prefixes",
-            "guidance_scales",
-            "renoise_alpha2s",
-            "fudge_strengths",
-            "re_control_step_sizes",
-            "re_control_plausibilities",
-            "re_control_scales",
-            "only",
-        ):
+        for name in ("sources", "only", *SWEEPS):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         if any(not isinstance(p, str) or not p.strip() for p in self.prefixes):
             raise ValueError("prefixes must be non-empty strings")
