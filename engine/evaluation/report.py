@@ -424,8 +424,11 @@ def render_markdown(report: dict) -> str:
         "",
         "## Targets",
         "",
-        f"At the default guidance scale s = {default_scale:g}; margin > 0: met by that much, "
-        "< 0: missed by that much. Unguided DGLM and plain-decoding base rates are in the notes.",
+        f"Earlier issues' targets, kept for comparison with earlier reports; the bounds above "
+        "supersede them (these judge perplexity against plain decoding without DGLM's "
+        "truncation, and count no repetition or relevance). At the default guidance scale "
+        f"s = {default_scale:g}; margin > 0: met by that much, < 0: missed by that much. "
+        "Unguided DGLM and plain-decoding base rates are in the notes.",
         "",
         *_targets_table(report),
     ]
