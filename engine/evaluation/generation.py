@@ -52,6 +52,7 @@ def generate_setting(
     the engine's decoder)."""
     base_decoder = engine.decoder if base_decoder is None else base_decoder
     S = config.num_samples
+    # the n-gram ban of every row, resolved once: the config's, else the bundle's default
     no_repeat = config.no_repeat_ngram_size
     no_repeat = engine.config.no_repeat_ngram_size if no_repeat is None else no_repeat
     rows_idx, texts, toks, lats = [], [], [], []
@@ -74,7 +75,7 @@ def generate_setting(
                     renoise_alpha2=setting.renoise_alpha2,
                     re_control_step_size=setting.re_control_step_size,
                     re_control_plausibility=setting.re_control_plausibility,
-                    no_repeat_ngram_size=config.no_repeat_ngram_size,
+                    no_repeat_ngram_size=no_repeat,
                 )
                 for i in chunk
             ]
