@@ -92,13 +92,19 @@ def add_parser(sub) -> None:
         default=None,
         help="its default β when the control also acts through DGLM (method both)",
     )
-    _add_run_parser(
+    bt = _add_run_parser(
         bsub,
         "add-steering",
         "put a `dglm train steering` run's prompt generator and decoder adapters in a bundle",
         "--run",
         "steering",
         cmd_bundle_add_steering,
+    )
+    bt.add_argument(
+        "--snapshot",
+        default=None,
+        help="take this snapshot of the run (joint/snapshots/step-N.pt, `--keep-every`) instead "
+        "of its last checkpoint: a point of a learning curve",
     )
 
 
@@ -207,7 +213,7 @@ def cmd_bundle_add_value_network(args: argparse.Namespace) -> int:
 def cmd_bundle_add_steering(args: argparse.Namespace) -> int:
     from dglm.engine.training.recipes import add_steering
 
-    config = add_steering(args.bundle, args.run, args.out)
+    config = add_steering(args.bundle, args.run, args.out, args.snapshot)
     lora = config.decoder_lora
     print(
         json.dumps(

@@ -19,8 +19,8 @@ from dglm.engine.cli.common import (
 
 # the flags of every training command that TrainConfig takes under their own names
 TRAIN_FLAGS = (
-    "steps", "batch_size", "lr", "warmup", "ema_decay", "eval_every", "save_every", "seed",
-    "max_minutes",
+    "steps", "batch_size", "lr", "warmup", "ema_decay", "eval_every", "save_every", "keep_every",
+    "seed", "max_minutes",
 )  # fmt: skip
 
 
@@ -447,6 +447,10 @@ def _add_train_args(
     p.add_argument("--ema-decay", type=float, default=0.999)
     p.add_argument("--eval-every", type=int, default=500)
     p.add_argument("--save-every", type=int, default=500)
+    p.add_argument(
+        "--keep-every", type=int, default=0,
+        help="also keep the weights every N steps as <out>/snapshots/step-N.pt (0: none)",
+    )  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--max-minutes",

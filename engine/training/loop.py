@@ -47,6 +47,9 @@ class TrainConfig:
     cfg_dropout: float = 0.1  # diffusion: probability of replacing the prefix by the null context
     eval_every: int = 500  # steps between held-out evaluations
     save_every: int = 1000  # steps between checkpoints
+    # keep a snapshot of the weights (model + EMA, no optimizer) every this many steps as
+    # snapshots/step-<n>.pt, never overwritten: the points of a learning curve; 0: none
+    keep_every: int = 0
     seed: int = 0  # data order, noise and dropout draws
     # stop (with a checkpoint) once this many minutes of this invocation have passed; 0: no
     # limit. A time-boxed run (e.g. a few minutes of a lent GPU) then resumes where it stopped.
@@ -57,6 +60,12 @@ class TrainConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or v <= 0:
                 raise ValueError(f"TrainConfig.{name} must be a positive integer, got {v!r}")
+        if isinstance(self.keep_every, bool) or not isinstance(self.keep_every, int):
+            raise ValueError(
+                f"TrainConfig.keep_every must be an integer ≥ 0, got {self.keep_every!r}"
+            )
+        if self.keep_every < 0:
+            raise ValueError(f"TrainConfig.keep_every must be ≥ 0, got {self.keep_every!r}")
         if not (self.max_minutes >= 0 and math.isfinite(self.max_minutes)):
             raise ValueError(f"TrainConfig.max_minutes must be ≥ 0, got {self.max_minutes!r}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
@@ -214,6 +223,17 @@ class Run:
         torch.save(state, tmp)
         tmp.replace(self.out / "checkpoint.pt")
 
+    def snapshot(self) -> Path:
+        """The weights at this step (model, EMA, step, meta; no optimizer) as
+        snapshots/step-<n>.pt, for a learning curve."""
+        path = self.out / "snapshots" / f"step-{self.step:07d}.pt"
+        path.parent.mkdir(exist_ok=True)
+        state = {"model": self.model.state_dict(), "ema": self.ema.model.state_dict(),
+                 "step": self.step, "meta": self.meta}  # fmt: skip
+        torch.save(state, path.with_suffix(".tmp"))
+        path.with_suffix(".tmp").replace(path)
+        return path
+
     def log(self, row: dict) -> None:
         with open(self.out / "log.jsonl", "a") as f:
             f.write(json.dumps({"step": self.step, "time": time.time(), **row}) + "\n")
@@ -239,6 +259,8 @@ class Run:
             self.log(logs)
         if step % cfg.save_every == 0 or step == cfg.steps:
             self.save()
+        if cfg.keep_every and step % cfg.keep_every == 0:
+            self.snapshot()
         if step % 50 == 0:
             logger.info("%s step %d/%d: %s", self.kind, step, cfg.steps, logs)
         if progress:

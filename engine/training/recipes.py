@@ -469,14 +469,20 @@ def train_steering_run(
 
 
 def add_steering(
-    bundle: str | Path, run: str | Path, out: str | Path | None = None
+    bundle: str | Path,
+    run: str | Path,
+    out: str | Path | None = None,
+    snapshot: str | Path | None = None,
 ) -> BundleConfig:
     """Put the prompt generator and decoder adapters of a `dglm train steering` run (its joint
-    stage's last checkpoint, live weights) into a bundle, in place or as a copy at `out`."""
+    stage's last checkpoint, live weights; or one of its `snapshot` files, e.g.
+    joint/snapshots/step-0000500.pt, a point of a learning curve) into a bundle, in place or as a
+    copy at `out`."""
     src = bundle_io.resolve_bundle_dir(bundle)
-    path = Path(run) / "joint" / "checkpoint.pt"
+    path = Path(snapshot) if snapshot is not None else Path(run) / "joint" / "checkpoint.pt"
     if not path.exists():
-        raise ValueError(f"no joint/checkpoint.pt in {run}: run `dglm train steering` first")
+        what = snapshot if snapshot is not None else f"joint/checkpoint.pt in {run}"
+        raise ValueError(f"no {what}: run `dglm train steering` first")
     state = torch.load(path, map_location="cpu", weights_only=True)
     if state["meta"]["kind"] != "steering":
         raise ValueError(f"{path} is a {state['meta']['kind']} run, not steering")

@@ -1,6 +1,8 @@
 """Joint prompt-generator + adapter training: the cached-prefix loss, chamfer pre-training,
 the held-out diagnostic, LoRA merge, resume."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 from dglm.engine import bundle as bundle_io
@@ -40,7 +42,7 @@ from dglm.engine.training.steering import (
     steer_lm_loss,
     train_steering,
 )
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from training_fixtures import coded_task, log_rows, split_rows
 
 TINY_PG = PROMPT_GENERATOR_PRESETS["tiny"]
@@ -283,15 +285,28 @@ def test_train_steering_run_from_a_bundle_and_data_dir(tmp_path, tiny_bundle):
             {k: v.half() for k, v in lat.items()}, str(tmp_path / LATENTS.format(split=split))
         )
     small = TrainConfig(steps=2, batch_size=8, warmup=1, eval_every=2, save_every=2)
+    joint = replace(small, keep_every=1)  # a snapshot per step: the learning curve's points
     steer = SteerConfig(shuffle_rows=4, autocast_bf16=False, skip_frequent=0)
     logs = train_steering_run(
-        tmp_path, tiny_bundle, tmp_path / "run", small, small, LoraConfig(rank=2), steer
+        tmp_path, tiny_bundle, tmp_path / "run", small, joint, LoraConfig(rank=2), steer
     )
     # the last logged diagnostic of the joint stage, with its step
     assert logs["step"] == 2 and logs["eval_gap"] == logs["eval_shuffled"] - logs["eval_matched"]
     assert (tmp_path / "run" / "chamfer" / "checkpoint.pt").is_file()
     config = add_steering(tiny_bundle, tmp_path / "run", out=tmp_path / "bundle")
     assert config.decoder_lora == LoraConfig(rank=2)
+    snaps = sorted((tmp_path / "run" / "joint" / "snapshots").glob("step-*.pt"))
+    assert [p.name for p in snaps] == ["step-0000001.pt", "step-0000002.pt"]
+    assert not (tmp_path / "run" / "chamfer" / "snapshots").exists()  # keep_every 0 there
+    first = torch.load(snaps[0], weights_only=True)
+    assert first["step"] == 1 and "opt" not in first
+    # a snapshot goes into a bundle as the last checkpoint does; the step-1 weights differ
+    add_steering(tiny_bundle, tmp_path / "run", tmp_path / "at1", snapshot=snaps[0])
+    last = load_file(str(tmp_path / "bundle" / "prompt_generator.safetensors"))
+    at1 = load_file(str(tmp_path / "at1" / "prompt_generator.safetensors"))
+    assert last.keys() == at1.keys() and any(not torch.equal(last[k], at1[k]) for k in last)
+    with pytest.raises(ValueError, match="no .*step-9.pt"):
+        add_steering(tiny_bundle, tmp_path / "run", snapshot=tmp_path / "step-9.pt")
     # the bundle now has adapters: accumulating runs must keep their settings
     with pytest.raises(ValueError, match="same LoRA settings"):
         train_steering_run(

@@ -163,3 +163,9 @@ def test_assemble_bundle_from_runs(tmp_path, tiny_llama_dir, sentiment_probe):
     assert out[0].samples[0].token_ids
     with pytest.raises(ValueError, match="is a diffusion run"):
         assemble_bundle(tmp_path / "b2", tmp_path / "sn", tmp_path / "sn", [])
+
+
+def test_keep_every_must_be_a_count():
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="keep_every"):
+            TrainConfig(keep_every=bad)
