@@ -3,9 +3,8 @@ intervals, targets, and the three output files."""
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import json
+from dataclasses import replace
 
 from decoder_fixtures import one_thread  # noqa: F401 (autouse fixture)
 from dglm.engine.evaluation.judges import PROFANITY_NOTE
