@@ -114,7 +114,7 @@ def run(args) -> dict:
     engine = Engine.from_pretrained(args.bundle, device=args.device)
     base = engine.config.sampler
     # the student's row presets the bundle default (e.g. re-noising), only sampler/steps change
-    samplers = [s for s in SAMPLERS if not s[3] or engine.student is not None]
+    samplers = [s for s in SAMPLERS if not s[3] or engine.dglm.student is not None]
     skipped = [s[0] for s in SAMPLERS if s not in samplers]
     prefixes = [p for _, p in heldout_prefixes(engine.tokenizer, args.prefixes)]
     ecfg = EvalConfig(prefixes=tuple(prefixes), num_samples=args.samples, max_new_tokens=20,
@@ -131,11 +131,11 @@ def run(args) -> dict:
     bar = tqdm(jobs, desc="few-step", file=sys.stderr)
     for name, setting, cfg in bar:
         bar.set_postfix_str(f"{name} / {setting.name}")
-        engine.config = replace(engine.config, sampler=configs[name])
+        engine.dglm.config = replace(engine.dglm.config, sampler=configs[name])
         gens = generate_setting(engine, setting, prefixes, cfg)
         metrics, _ = score_setting(engine, gens, prefixes)
         results[name, setting.name] = (gens, metrics)
-    engine.config = replace(engine.config, sampler=base)
+    engine.dglm.config = replace(engine.dglm.config, sampler=base)
 
     ref_gens, _ = results[REFERENCE, "unguided"]
     ref_emb = engine.encoder.embed(ref_gens.texts).float().cpu()

@@ -202,8 +202,8 @@ def main(argv: list[str] | None = None) -> int:
                 rows_cfg,
                 time_interleaved(
                     {
-                        "torch": partial(te.score_net, z, ctx, a2, drop),
-                        "onnx": partial(oe.score_net, z, ctx, a2, drop),
+                        "torch": partial(te.dglm.score_net, z, ctx, a2, drop),
+                        "onnx": partial(oe.dglm.score_net, z, ctx, a2, drop),
                     },
                     repeats,
                     device,
@@ -215,15 +215,15 @@ def main(argv: list[str] | None = None) -> int:
                 b,
                 time_interleaved(
                     {
-                        "torch": partial(te.prompt_gen, zb, ab),
-                        "onnx": partial(oe.prompt_gen, zb, ab),
+                        "torch": partial(te.dglm.prompt_gen, zb, ab),
+                        "onnx": partial(oe.dglm.prompt_gen, zb, ab),
                     },
                     repeats,
                     device,
                 ),
             )
             prefix = [te.tokenizer.encode(s) for s in PROMPTS[:b]]
-            soft = te.prompt_gen(zb, ab)
+            soft = te.dglm.prompt_gen(zb, ab)
             params = [DecodeParams(max_new_tokens=32, temperature=0.0)]
             timings: dict[str, dict[str, list[float]]] = {"prefill": {}, "decode": {}}
             tokens = {}

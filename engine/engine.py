@@ -10,52 +10,48 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 from dglm.engine import bundle as bundle_io
 from dglm.engine.api import GenerationParams, RequestOutput, Sample, check_prompts
 from dglm.engine.bundle import BundleConfig
-from dglm.engine.decoding.loop import TokenStream, companion_count
-from dglm.engine.decoding.loop import generate as decode
-from dglm.engine.decoding.runner import DecodeRunner, DecodeRunnerConfig
-from dglm.engine.decoding.sampling import (
-    DecodeParams,
-    DecodeResult,
-    LogitsProcessor,
-    NoRepeatNGram,
-)
-from dglm.engine.diffusion.captured import CapturedSampler
+from dglm.engine.decoding.core import Core, DecodeCore, persistent_runner
+from dglm.engine.decoding.loop import TokenStream
+from dglm.engine.decoding.runner import DecodeRunner
+from dglm.engine.decoding.sampling import NoRepeatNGram
 from dglm.engine.diffusion.score_network import ScoreNetwork
 from dglm.engine.encode.encoder import SentenceEncoder
 from dglm.engine.methods.base import Method, MethodBatch
-from dglm.engine.methods.dglm import DGLM
+from dglm.engine.methods.dglm import DGLM, check_encoder
+from dglm.engine.methods.fudge import Fudge
+from dglm.engine.methods.plain import PlainDecoding
 from dglm.engine.methods.re_control import ReControl, ValueNetwork
-from dglm.engine.models.base import Decoder, HiddenHook
+from dglm.engine.models.base import Decoder
 from dglm.engine.models.quant import quantize_label, resolve_quantize
 from dglm.engine.probes import Probe, ProbeSet, save_probes
 from dglm.engine.prompt.generator import PromptGenerator
 from dglm.export.runtime import OrtModels, RuntimeOptions, load_export
 from dglm.kernels import llama_step
-from dglm.kernels.guided_update import select_guided_update
 
 logger = logging.getLogger(__name__)
 
 STAGES = ("encode", "diffusion", "prompt_generator", "prefill", "decode")
-FAST_DECODE_MAX_LEN = 256  # KV slots of the persistent decode runner (prefix + soft + new tokens)
-FAST_DECODE_BATCHES = (1, 2, 4, 8, 16, 32)  # its batch buckets (rows beyond: no runner)
 
 
 class Engine:
-    """The loaded bundle (or ONNX export) and the one decode loop behind `generate`.
+    """Routes requests to methods over one decode core: `Engine(core, methods)`.
 
-    Backends: "torch" (the bundle's networks and a compact torch decoder: eager steps, or a
-    persistent DecodeRunner with `fast_decode`) or "onnx" (`dglm export onnx` graphs on ONNX
-    Runtime, `dglm.export.runtime`; the same Engine, its networks and decoder swapped for the
-    graphs). Methods (`dglm.engine.methods`): DGLM by default, any `Method` per call.
+    core (`decoding.core.DecodeCore`): the decoder, its tokenizer and its step backend — "torch"
+    (a compact torch decoder: eager steps, or a persistent DecodeRunner with `fast_decode`) or
+    "onnx" (`dglm export onnx` graphs on ONNX Runtime, `dglm.export.runtime`). methods: peers
+    built from the bundle's parts, none holding the engine (`dglm.engine.methods`): DGLM (the
+    default), RE-Control, FUDGE, plain decoding; `generate(..., method=name or Method)`. The
+    engine checks each request, expands it into rows (sample j of request i) with their seeds
+    (the request's seed + j), hands the rows to the method and the method's conditioning to the
+    core, and assembles the outputs.
 
     Threads: one call at a time. `generate`, `validate` and `add_probe` hold the engine's lock for
     the whole call (its decode runner's KV buffers and step state, the captured samplers' static
@@ -67,86 +63,92 @@ class Engine:
 
     def __init__(
         self,
-        config: BundleConfig,
-        encoder: SentenceEncoder,
-        score_net: ScoreNetwork,
-        prompt_gen: PromptGenerator,
-        probes: list[Probe],
-        decoder: Decoder,  # or the ONNX backend's OrtDecoder
-        tokenizer,
-        device: torch.device,
-        dtype: torch.dtype,
-        guided_update: str = "auto",
-        cuda_graphs: bool = True,
-        student: ScoreNetwork | None = None,
-        fast_decode: bool = False,
-        onnx_models: OrtModels | None = None,
+        core: Core,
+        methods: Iterable[Method],
+        default: str = "dglm",
+        no_repeat_ngram_size: int = 0,
     ) -> None:
-        self.encoder = encoder
-        # the ONNX backend passes its graphs' stand-ins (no .eval() / .to(): the export fixed them)
-        self.onnx_models = onnx_models
-        self.backend = "torch" if onnx_models is None else "onnx"
-        if self.backend == "onnx" and config.prompt_guidance != 1.0:
-            # prompt guidance's unconditional stream is a PyTorch decoder pass: not exported yet
-            logger.warning(
-                "the bundle's prompt_guidance=%g is not available on ONNX Runtime: decoding "
-                "without it (requests that ask for it explicitly are refused)",
-                config.prompt_guidance,
-            )
-            config = replace(config, prompt_guidance=1.0)
-        self.config = config
-        torch_nets = onnx_models is None
-        self.score_net = score_net.eval().to(device, dtype) if torch_nets else score_net
-        self.prompt_gen = prompt_gen.eval().to(device, dtype) if torch_nets else prompt_gen
-        self.student = student
-        if student is not None and torch_nets:
-            self.student = student.eval().to(device, dtype)
-        if (student is None) != (config.student is None):
-            raise ValueError(
-                "the bundle config and the networks disagree about the distilled student: "
-                f"config.student is {'set' if config.student else 'None'}, student network "
-                f"{'given' if student is not None else 'missing'}"
-            )
-        self.decoder = decoder
-        self.tokenizer = tokenizer
-        # the bundle's decoder adapters (merged into `decoder` already), for save_pretrained
+        """default: the method of a request that names none; no_repeat_ngram_size: the n-gram ban
+        of a request that sets none (the bundle's; 0 = off), for every method."""
+        self.core = core
+        self.methods: dict[str, Method] = {m.name: m for m in methods}
+        if default not in self.methods:
+            raise ValueError(f"default method {default!r} is not among {sorted(self.methods)}")
+        self.default = default
+        self.no_repeat_ngram_size = no_repeat_ngram_size
+        # the bundle's decoder adapters (merged into the decoder already), for save_pretrained
         self.decoder_lora_state: dict[str, torch.Tensor] | None = None
         self.bundle_dir: Path | None = None  # where from_pretrained read the bundle
-        self.device, self.dtype = device, dtype
-        if encoder.dim != config.score_network.latent_dim:
-            raise ValueError(
-                f"encoder {config.encoder!r} is {encoder.dim}-d but the score network expects "
-                f"{config.score_network.latent_dim}-d latents"
-            )
-        if decoder.hidden_size != config.prompt_generator.decoder_dim:
-            raise ValueError(
-                f"decoder {config.decoder!r} has width {decoder.hidden_size} but the prompt generator "
-                f"emits {config.prompt_generator.decoder_dim}-d vectors"
-            )
-        self.probes = ProbeSet(probes, encoder.dim, config.control_scale)
-        self.guided_update = guided_update
-        self.update_fn = select_guided_update(device, guided_update)
-        # On CUDA the `fast` sampler step replays from CUDA graphs (one per batch bucket); the
-        # ONNX backend captures its own graphs instead.
-        self.cuda_graphs = cuda_graphs and torch_nets
-        self.captured = self.captured_student = None
-        self._capture_samplers()
-        self.decode_runner = None  # the persistent torch DecodeRunner (fast_decode)
-        if fast_decode and torch_nets:
-            self.decode_runner = self._decode_runner()
-        self.dglm = DGLM(self)  # the default method
-        # RE-Control's value networks by probe (`dglm train value`); from_pretrained loads them
-        self.value_nets: dict[str, ValueNetwork] = {}
         self._lock = threading.Lock()  # held by the call in progress (see the class docstring)
         self._holder: int | None = None  # that call's thread (threading.get_ident())
-        if not config.trained:
-            logger.warning("bundle networks are untrained (random): outputs are not meaningful")
+        self.onnx_models: OrtModels | None = None  # the ONNX backend's graphs (info)
+
+    def method(self, method: Method | str | None = None) -> Method:
+        """The method a request names: a registered one by name, the default for None, or a
+        `Method` object as given (one built apart, e.g. FUDGE at another top_k)."""
+        if method is None:
+            return self.methods[self.default]
+        if isinstance(method, str):
+            if method not in self.methods:
+                raise ValueError(
+                    f"method must be one of {sorted(self.methods)} or a Method, got {method!r}"
+                )
+            return self.methods[method]
+        if not isinstance(method, Method):
+            raise ValueError(f"method must be a method name or a Method, got {method!r}")
+        return method
+
+    # the core's parts
+    @property
+    def decoder(self) -> Decoder:
+        return self.core.decoder
+
+    @property
+    def tokenizer(self):
+        return self.core.tokenizer
+
+    @property
+    def backend(self) -> str:
+        return self.core.backend
+
+    @property
+    def decode_runner(self) -> DecodeRunner | None:
+        return self.core.runner
+
+    # the bundle's shared parts, as the DGLM method holds them (FUDGE and RE-Control share them)
+    @property
+    def dglm(self) -> DGLM:
+        return self.methods["dglm"]
 
     @property
     def re_control(self) -> ReControl:
         """RE-Control on its own (no soft prompt): every control of a request acts through its
-        probe's value network; `engine.generate(prompts, params, method=engine.re_control)`."""
-        return ReControl(self.value_nets, self.probes.probes, getattr(self.decoder, "logits", None))
+        probe's value network; `engine.generate(prompts, params, method="re-control")`."""
+        return self.methods["re-control"]
+
+    @property
+    def config(self) -> BundleConfig:
+        return self.dglm.config
+
+    @property
+    def probes(self) -> ProbeSet:
+        return self.dglm.probes
+
+    @property
+    def encoder(self) -> SentenceEncoder:
+        return self.dglm.encoder
+
+    @property
+    def value_nets(self) -> dict[str, ValueNetwork]:
+        return self.dglm.value_nets
+
+    @property
+    def device(self) -> torch.device:
+        return self.dglm.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.dglm.dtype
 
     # ---------------------------------------------------------------- loading and saving
     @classmethod
@@ -187,11 +189,13 @@ class Engine:
         if backend == "onnx":
             exp = load_export(path_or_name, device, onnx_options)
             m = exp.models
-            return cls(
-                exp.config, exp.encoder, m.score_net, m.prompt_gen, exp.probes, m.decoder,
-                exp.tokenizer, m.device, m.score_net.dtype, guided_update, student=m.student,
-                onnx_models=m,
+            core = DecodeCore(m.decoder, exp.tokenizer, backend="onnx")
+            engine = cls.from_parts(
+                exp.config, exp.encoder, m.score_net, m.prompt_gen, exp.probes, {}, core,
+                m.device, m.score_net.dtype, m.student, guided_update,
             )  # fmt: skip
+            engine.onnx_models = m
+            return engine
         if backend != "torch":
             raise ValueError(f"backend must be 'torch' or 'onnx', got {backend!r}")
         dtype = _as_dtype(dtype)
@@ -218,26 +222,56 @@ class Engine:
         logger.info("loaded bundle %s (%d probes)", bundle_dir, len(probes))
         if fast_decode is None:
             fast_decode = llama_step.unsupported_reason(decoder) is None
-        engine = cls(
-            config,
-            encoder,
-            score_net,
-            prompt_gen,
-            probes,
-            decoder,
-            tokenizer,
-            device,
-            dtype,
-            guided_update,
-            cuda_graphs,
-            student,
-            fast_decode,
-        )
-        engine.bundle_dir = bundle_dir
         nets = bundle_io.load_value_networks(config, bundle_dir)
-        engine.value_nets = {k: v.to(device) for k, v in nets.items()}
+        core = DecodeCore(decoder, tokenizer, persistent_runner(decoder) if fast_decode else None)
+        engine = cls.from_parts(
+            config, encoder, score_net, prompt_gen, probes,
+            {k: v.to(device) for k, v in nets.items()}, core, device, dtype, student,
+            guided_update, cuda_graphs,
+        )  # fmt: skip
+        engine.bundle_dir = bundle_dir
         if config.decoder_lora is not None:  # already merged; kept to write the bundle back
             engine.decoder_lora_state = bundle_io.read_safetensors(bundle_dir / bundle_io.LORA_FILE)
+        return engine
+
+    @classmethod
+    def from_parts(
+        cls,
+        config: BundleConfig,
+        encoder: SentenceEncoder,
+        score_net: ScoreNetwork,
+        prompt_gen: PromptGenerator,
+        probes: list[Probe],
+        value_nets: dict[str, ValueNetwork],
+        core: DecodeCore,
+        device: torch.device,
+        dtype: torch.dtype,
+        student: ScoreNetwork | None = None,
+        guided_update: str = "auto",
+        cuda_graphs: bool = True,
+    ) -> Engine:
+        """The engine of a bundle's loaded parts: DGLM (the default), RE-Control, FUDGE and plain
+        decoding over `core`, sharing one probe set and one encoder."""
+        check_encoder(config, encoder)
+        if core.decoder.hidden_size != config.prompt_generator.decoder_dim:
+            raise ValueError(
+                f"decoder {config.decoder!r} has width {core.decoder.hidden_size} but the prompt "
+                f"generator emits {config.prompt_generator.decoder_dim}-d vectors"
+            )
+        probe_set = ProbeSet(probes, encoder.dim, config.control_scale)
+        dglm = DGLM(
+            config, encoder, score_net, prompt_gen, probe_set, value_nets, device, dtype,
+            student, guided_update, cuda_graphs, core.backend,
+        )  # fmt: skip
+        methods = (
+            dglm,
+            ReControl(value_nets, probe_set),
+            Fudge(encoder, probe_set),
+            PlainDecoding(),
+        )
+        engine = cls(core, methods, "dglm", config.no_repeat_ngram_size)
+        if not config.trained:
+            logger.warning("bundle networks are untrained (random): outputs are not meaningful")
         return engine
 
     def save_pretrained(self, path: str | Path) -> None:
@@ -247,54 +281,26 @@ class Engine:
                 "an ONNX engine has no bundle to save; export from the bundle"
             )
         out = Path(path)
-        bundle_io.write_config(self.config, out)
-        bundle_io.save_state(self.score_net, out / bundle_io.SCORE_NET_FILE)
-        bundle_io.save_state(self.prompt_gen, out / bundle_io.PROMPT_GEN_FILE)
-        save_probes(out / bundle_io.PROBES_FILE, list(self.probes.probes.values()))
-        if self.value_nets:
-            bundle_io.save_value_networks(self.value_nets, out / bundle_io.VALUE_NETS_FILE)
-        if self.student is not None:
-            bundle_io.save_state(self.student, out / bundle_io.STUDENT_FILE)
-        if self.config.decoder_lora is not None:
+        d = self.dglm
+        bundle_io.write_config(d.config, out)
+        bundle_io.save_state(d.score_net, out / bundle_io.SCORE_NET_FILE)
+        bundle_io.save_state(d.prompt_gen, out / bundle_io.PROMPT_GEN_FILE)
+        save_probes(out / bundle_io.PROBES_FILE, list(d.probes.probes.values()))
+        if d.value_nets:
+            bundle_io.save_value_networks(d.value_nets, out / bundle_io.VALUE_NETS_FILE)
+        if d.student is not None:
+            bundle_io.save_state(d.student, out / bundle_io.STUDENT_FILE)
+        if d.config.decoder_lora is not None:
             if self.decoder_lora_state is None:
                 raise ValueError(
                     "config.decoder_lora is set but this engine holds no adapter weights to save"
                 )
             bundle_io.save_lora(self.decoder_lora_state, out / bundle_io.LORA_FILE)
 
-    def _decode_runner(self) -> DecodeRunner:
-        """A persistent DecodeRunner: CUDA graphs per (batch, KV) bucket on CUDA; on CPU the
-        fused C++ step for an int8 Llama-family decoder (the default), else the decoder's weights
-        go input-major and each bucket's step is a TorchScript trace (made at its first use,
-        ~3 s each for SmolLM2)."""
-        max_len = min(FAST_DECODE_MAX_LEN, self.decoder.max_context)
-        seq = tuple(s for s in (64, 128, 256, 512, 1024) if s < max_len) + (max_len,)
-        if self.device.type == "cuda":
-            config = DecodeRunnerConfig(max_len=max_len, seq_buckets=seq,
-                                        batch_sizes=FAST_DECODE_BATCHES)  # fmt: skip
-        else:
-            if self.decoder.quantized == "none":  # (an int8 decoder's matrices are its own)
-                self.decoder.use_input_major_weights()
-            config = DecodeRunnerConfig(max_len=max_len, seq_buckets=seq, enforce_eager=True,
-                                        step_impl="fused", batch_sizes=FAST_DECODE_BATCHES)  # fmt: skip
-        return DecodeRunner(self.decoder, config)
-
-    def _capture_samplers(self) -> None:
-        """On CUDA the `fast` sampler step replays from CUDA graphs (one per batch bucket)."""
-        if not (self.cuda_graphs and self.device.type == "cuda"):
-            return
-        k = self.probes.num_rows  # the static guidance buffers are sized by the probe rows
-        self.captured = CapturedSampler(self.score_net, k, guided_update=self.guided_update)
-        if self.student is not None:
-            self.captured_student = CapturedSampler(
-                self.student, k, guided_update=self.guided_update
-            )
-
     def add_probe(self, probe: Probe) -> None:
+        """Add (or replace) a probe of the bundle: every method sharing the probe set sees it."""
         with self._exclusive("add_probe"):
-            self.probes.add(probe)
-            if self.captured is not None:
-                self._capture_samplers()
+            self.dglm.add_probe(probe)
 
     @contextmanager
     def _exclusive(self, entry: str) -> Iterator[None]:
@@ -326,44 +332,46 @@ class Engine:
             return self._validate(prompts, params, method)
 
     def _validate(
-        self, prompts: list[str], params: list[GenerationParams], method: Method | None
+        self, prompts: list[str], params: list[GenerationParams], method: Method | str | None
     ) -> list[list[int]]:
         check_prompts(prompts)
+        method = self.method(method)
         if not isinstance(params, (list, tuple)):
             raise ValueError(
                 f"params must be a list of GenerationParams, got {type(params).__name__}"
             )
         if len(params) != len(prompts):
             raise ValueError(f"params has {len(params)} entries for {len(prompts)} prompts")
-        prefix_ids = []
-        p_len = self.config.prompt_generator.prompt_len
-        for i, (prompt, p) in enumerate(zip(prompts, params, strict=True)):
+        for i, p in enumerate(params):
             if not isinstance(p, GenerationParams):  # a dict is refused too: no silent defaults
                 raise ValueError(
                     f"params[{i}] must be a GenerationParams, got {type(p).__name__} {p!r} "
                     "(for a dict d: GenerationParams(**d))"
                 )
-            self.probes.validate(p.controls)
+        method.validate(params)
+        prefix_ids = []
+        context = self.core.max_context
+        for i, (prompt, p) in enumerate(zip(prompts, params, strict=True)):
             ids = self.tokenizer.encode(prompt)
-            total = len(ids) + p_len + p.max_new_tokens
-            if total > self.decoder.max_context:
+            if len(ids) + method.prompt_len + p.max_new_tokens > context:
                 raise ValueError(
-                    f"max_new_tokens={p.max_new_tokens} for prompts[{i}] ({len(ids)} tokens + {p_len} "
-                    f"soft-prompt vectors) exceeds the decoder's context of {self.decoder.max_context}"
+                    f"max_new_tokens={p.max_new_tokens} for prompts[{i}] ({len(ids)} tokens + "
+                    f"{method.prompt_len} soft-prompt vectors) exceeds the decoder's context of "
+                    f"{context}"
                 )
             prefix_ids.append(ids)
-        (method or self.dglm).validate(params)
         return prefix_ids
 
     def generate(
         self,
         prompts: list[str],
         params: GenerationParams | list[GenerationParams] | None = None,
-        method: Method | None = None,
+        method: Method | str | None = None,
         on_tokens: TokenStream | None = None,
     ) -> list[RequestOutput]:
         """One output per prompt, in input order; each holds `num_samples` samples.
-        `method`: how the rows are conditioned (default: DGLM, `self.dglm`).
+        `method`: how the rows are conditioned — a registered method's name ("dglm", the
+        default; "re-control", "fudge", "plain") or a `Method` object.
         on_tokens: a streaming hook (`decoding.loop.TokenStream`), called after the conditioning
         stages with every decoded token; its rows are (prompt i, sample j) in that order, the
         order of the samples in the outputs; it runs on the calling thread, inside the call, and
@@ -377,10 +385,10 @@ class Engine:
         self,
         prompts: list[str],
         params: GenerationParams | list[GenerationParams] | None,
-        method: Method | None,
+        method: Method | str | None,
         on_tokens: TokenStream | None,
     ) -> list[RequestOutput]:
-        method = method or self.dglm
+        method = self.method(method)
         if params is None:
             params = GenerationParams()
         if isinstance(params, GenerationParams):
@@ -394,27 +402,19 @@ class Engine:
 
         timings = dict.fromkeys(STAGES, 0.0)
         t0 = time.perf_counter()
-        # rows: one per sample; row → (request, sample index)
-        rows = [(i, j) for i, p in enumerate(params) for j in range(p.num_samples)]
-        seeds = []
-        for i, j in rows:
-            base = params[i].seed if params[i].seed is not None else random.getrandbits(62)
-            seeds.append(base + j)
-        batch = MethodBatch(list(prompts), params, prefix_ids, rows, seeds, self.tokenizer)
+        rows, seeds = expand_rows(params)
+        batch = MethodBatch(
+            list(prompts), params, prefix_ids, rows, seeds, self.tokenizer, self.core.lm_head()
+        )
         cond = method.condition(batch)
-        timings.update(cond.timings)
 
         decode_params = [method.decode_params(params[i], seeds[r]) for r, (i, _) in enumerate(rows)]
         processors = (*cond.processors, *self.repetition_processors(params, rows))
-        # the method's hooks go along only when set: benchmarks swap in their own
-        # `_decode(prefix_ids, params, soft_prompt)` (HF generate on the same soft prompts)
-        hooks = {"processors": processors} if processors else {}
-        if cond.hidden_hook is not None:
-            hooks["hidden_hook"] = cond.hidden_hook
-        if on_tokens is not None:
-            hooks["on_tokens"] = on_tokens
         row_ids = [prefix_ids[i] for i, _ in rows]
-        results, dec_t = self._decode(row_ids, decode_params, cond.soft_prompt, **hooks)
+        results, dec_t = self.core.decode(
+            row_ids, decode_params, cond.soft_prompt, processors, cond.hidden_hook, on_tokens
+        )
+        timings.update(cond.timings)  # (after decoding: a processor may time its own share)
         timings["prefill"] = dec_t.get("prefill_s", 0.0)
         timings["decode"] = dec_t.get("decode_s", 0.0)
         timings["total"] = time.perf_counter() - t0
@@ -432,42 +432,16 @@ class Engine:
         self, params: list[GenerationParams], rows: list[tuple[int, int]]
     ) -> tuple[NoRepeatNGram, ...]:
         """One NoRepeatNGram per n-gram size the rows ask for (a request's no_repeat_ngram_size,
-        else the bundle's), each over its rows; none when every row has it off (0)."""
-        default = self.config.no_repeat_ngram_size
+        else the engine's default), each over its rows; none when every row has it off (0)."""
         by_size: dict[int, list[int]] = {}
         for r, (i, _) in enumerate(rows):
             size = params[i].no_repeat_ngram_size
-            size = default if size is None else size
+            size = self.no_repeat_ngram_size if size is None else size
             if size:
                 by_size.setdefault(size, []).append(r)
         return tuple(
             NoRepeatNGram(n, None if len(rs) == len(rows) else rs) for n, rs in by_size.items()
         )
-
-    def _decode(
-        self,
-        prefix_ids: list[list[int]],
-        params: list[DecodeParams],
-        soft_prompt: torch.Tensor | None,
-        processors: tuple[LogitsProcessor, ...] = (),
-        hidden_hook: HiddenHook | None = None,
-        on_tokens: TokenStream | None = None,
-    ) -> tuple[list[DecodeResult], dict[str, float]]:
-        """The decoding stage: the one loop on this engine's backend → (results, timings).
-        The torch backend's persistent runner takes the batches it can (see its can_run)."""
-        if self.backend == "onnx":
-            runner = self.decoder
-        else:
-            runner = self.decode_runner
-            slots = max(map(len, prefix_ids)) + max(p.max_new_tokens for p in params)
-            slots += 0 if soft_prompt is None else soft_prompt.shape[1]
-            rows = len(prefix_ids) + companion_count(processors)  # + prompt guidance's stream
-            if runner is not None and not runner.can_run(rows, slots, hidden_hook):
-                runner = None  # past its buffers, or a hook it cannot run: an eager loop
-        return decode(
-            self.decoder, self.tokenizer, prefix_ids, params, soft_prompt, runner=runner,
-            processors=processors, hidden_hook=hidden_hook, on_tokens=on_tokens,
-        )  # fmt: skip
 
     def info(self) -> dict:
         def parameters(net) -> dict:
@@ -475,46 +449,47 @@ class Engine:
                 return {}
             return {"parameters": sum(p.numel() for p in net.parameters())}
 
+        d = self.dglm
         info = {
             "backend": self.backend,
-            "encoder": self.config.encoder,
-            "decoder": self.config.decoder,
-            "latent_dim": self.encoder.dim,
+            "encoder": d.config.encoder,
+            "decoder": d.config.decoder,
+            "latent_dim": d.encoder.dim,
             "decoder_width": self.decoder.hidden_size,
             "decoder_context": self.decoder.max_context,
             "score_network": {
-                **self.config.score_network.__dict__,
-                **parameters(self.score_net),
+                **d.config.score_network.__dict__,
+                **parameters(d.score_net),
             },
             "prompt_generator": {
-                **self.config.prompt_generator.__dict__,
-                **parameters(self.prompt_gen),
+                **d.config.prompt_generator.__dict__,
+                **parameters(d.prompt_gen),
             },
-            "sampler": self.config.sampler.__dict__,
+            "sampler": d.config.sampler.__dict__,
             "student": (
                 None
-                if self.student is None
+                if d.student is None
                 else {
-                    **self.config.student.__dict__,
-                    "cfg_range": list(self.config.student_cfg_range),
-                    **parameters(self.student),
+                    **d.config.student.__dict__,
+                    "cfg_range": list(d.config.student_cfg_range),
+                    **parameters(d.student),
                 }
             ),
-            "cfg_scale": self.config.cfg_scale,
-            "control_scale": self.config.control_scale,
+            "cfg_scale": d.config.cfg_scale,
+            "control_scale": d.config.control_scale,
             "decoder_lora": None
-            if self.config.decoder_lora is None
-            else self.config.decoder_lora.to_dict(),
-            "trained": self.config.trained,
+            if d.config.decoder_lora is None
+            else d.config.decoder_lora.to_dict(),
+            "trained": d.config.trained,
             "probes": {
                 name: {"labels": list(p.labels), "metrics": p.metrics}
-                for name, p in self.probes.probes.items()
+                for name, p in d.probes.probes.items()
             },
             "value_networks": {  # RE-Control, by probe
                 name: {**net.config.to_dict(), **parameters(net)}
-                for name, net in self.value_nets.items()
+                for name, net in d.value_nets.items()
             },
-            "guided_update": getattr(self.update_fn, "__name__", str(self.update_fn)),
+            "guided_update": getattr(d.update_fn, "__name__", str(d.update_fn)),
             "fast_decode": self.decode_runner is not None,
             "decoder_quantized": quantize_label(self.decoder),
             "device": str(self.device),
@@ -523,6 +498,17 @@ class Engine:
         if self.onnx_models is not None:
             info.update(self.onnx_models.info())
         return info
+
+
+def expand_rows(params: list[GenerationParams]) -> tuple[list[tuple[int, int]], list[int]]:
+    """Requests → rows (request i, sample j), in that order, and each row's seed: the request's
+    seed + j (a fresh random base when the request has no seed)."""
+    rows = [(i, j) for i, p in enumerate(params) for j in range(p.num_samples)]
+    seeds = []
+    for i, j in rows:
+        base = params[i].seed if params[i].seed is not None else random.getrandbits(62)
+        seeds.append(base + j)
+    return rows, seeds
 
 
 def resolve_device(device: str | torch.device) -> torch.device:

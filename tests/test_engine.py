@@ -257,7 +257,7 @@ def test_an_unavailable_device_is_refused(tiny_bundle):
 def test_cuda_graph_sampler_matches_eager_on_gpu(tiny_bundle):
     eager = Engine.from_pretrained(tiny_bundle, device="cuda", cuda_graphs=False)
     graphs = Engine.from_pretrained(tiny_bundle, device="cuda")
-    assert graphs.captured is not None
+    assert graphs.dglm.captured is not None
     p = [
         GenerationParams(
             seed=i, max_new_tokens=2, controls=(Control("sentiment", "positive", 10.0),)

@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import os
 import time
@@ -229,8 +228,8 @@ def engine_method(
         "prompt_guidance": engine.config.prompt_guidance,
         "student": getattr(engine, "student", None) is not None,  # a distilled few-step network
         "dtype": str(engine.dtype).removeprefix("torch."),
-        "guided_update": getattr(engine.update_fn, "__name__", str(engine.update_fn)),
-        "cuda_graphs": engine.captured is not None,
+        "guided_update": getattr(engine.dglm.update_fn, "__name__", str(engine.dglm.update_fn)),
+        "cuda_graphs": engine.dglm.captured is not None,
         "decoding": "Engine.generate"
         + (" (fast_decode: persistent runner)" if engine.decode_runner is not None else ""),
     }
@@ -256,13 +255,25 @@ def re_control_method(engine: Engine, control: Control, temperature: float, top_
 
 
 # ------------------------------------------------------------------ reference-style DGLM
-def hf_soft_prompt_decoder(hf, tokenizer, temperature: float, top_p: float) -> Callable:
-    """An `Engine._decode(prefix_ids, params, soft_prompt)` that decodes with eager HF `generate`
-    from inputs_embeds = [left pads ; prefix token embeddings ; soft prompt] (the layout of
-    `decoding.generate`), exactly params[0].max_new_tokens tokens per row."""
-    pad = _pad_id(tokenizer)
+class HFSoftPromptCore:
+    """A decode core (`decoding.core.Core`) that decodes with eager HF `generate` from
+    inputs_embeds = [left pads ; prefix token embeddings ; soft prompt] (the layout of
+    `decoding.generate`), exactly params[0].max_new_tokens tokens per row: the reference's
+    decoding under the engine's own DGLM stages."""
 
-    def hf_decode(prefix_ids: list[list[int]], params: list, soft_prompt: torch.Tensor):
+    def __init__(self, hf, tokenizer, temperature: float, top_p: float) -> None:
+        self.hf, self.tokenizer = hf, tokenizer
+        self.temperature, self.top_p = temperature, top_p
+        self.max_context = hf.config.max_position_embeddings
+
+    def lm_head(self) -> None:
+        return None
+
+    def decode(self, prefix_ids, params, soft_prompt, processors=(), hidden_hook=None,
+               on_tokens=None):  # fmt: skip
+        if processors or hidden_hook is not None or on_tokens is not None:
+            raise ValueError("the HF reference decodes plainly: no processors, hooks or streaming")
+        hf, pad = self.hf, _pad_id(self.tokenizer)
         ids, mask = _left_pad(prefix_ids, pad)  # (B, T)
         B, P = soft_prompt.shape[:2]
         emb = hf.get_input_embeddings()(ids.to(hf.device))  # (B, T, H)
@@ -270,14 +281,12 @@ def hf_soft_prompt_decoder(hf, tokenizer, temperature: float, top_p: float) -> C
         mask = torch.cat([mask, torch.ones(B, P, dtype=torch.long)], 1).to(hf.device)
         length = params[0].max_new_tokens
         toks, prefill, decode = hf_sample(
-            hf, pad, length, params[0].seed, temperature, top_p,
+            hf, pad, length, params[0].seed, self.temperature, self.top_p,
             inputs_embeds=x, attention_mask=mask,
         )  # fmt: skip
-        texts = tokenizer.batch_decode(toks, skip_special_tokens=True)
+        texts = self.tokenizer.batch_decode(toks, skip_special_tokens=True)
         results = [DecodeResult(t, s, "length") for t, s in zip(toks, texts, strict=True)]
         return results, {"prefill_s": prefill, "decode_s": decode}
-
-    return hf_decode
 
 
 def reference_method(
@@ -289,9 +298,9 @@ def reference_method(
     top_p: float,
 ) -> Method:
     """`engine` must be fp32 (the reference's precision); it is copied, not changed."""
-    tokenizer = engine.tokenizer
-    ref = copy.copy(engine)  # shares the networks; only its decoding stage differs
-    ref._decode = hf_soft_prompt_decoder(hf, tokenizer, temperature, top_p)
+    # the engine's methods (its networks) over another decode core
+    core = HFSoftPromptCore(hf, engine.tokenizer, temperature, top_p)
+    ref = Engine(core, engine.methods.values(), engine.default, engine.no_repeat_ngram_size)
     # the reference decodes plainly from the soft prompt: no prompt guidance
     overrides = {
         "sampler": "ddpm",

@@ -206,7 +206,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         bundle_dir, device=args.device, dtype=args.dtype, quantize=args.quantize
     )
     if args.prompt_guidance is not None:  # the bundle as if it shipped this default
-        engine.config = replace(engine.config, prompt_guidance=args.prompt_guidance)
+        engine.dglm.config = replace(engine.dglm.config, prompt_guidance=args.prompt_guidance)
     bar = progress_bar(None, "eval", unit="batch")
 
     def progress(name: str, done: int, total: int) -> None:

@@ -1,12 +1,15 @@
 """The `Method` interface: what a controllable-generation method hands the one decode loop.
 
-The engine owns everything methods share (validation, rows and seeds, the decoder backend, the
-loop, the outputs); a method turns a batch of rows into a `Conditioning`: soft-prompt vectors
-spliced after each prefix (DGLM), logits processors acting on each step's logits (FUDGE), a
-hidden-state hook between the decoder's blocks and its LM head (RE-Control), and the per-row
-latents it reports. A new method is one module with one `Method` subclass:
+A method is built from the bundle parts it needs (never from the Engine); the Engine
+(`Engine(core, methods)`) owns what methods share — request checks, rows and seeds, the decode
+core (`decoding.core`), the outputs — and routes each request to its method, which turns a batch
+of rows into a `Conditioning`: soft-prompt vectors spliced after each prefix (DGLM), logits
+processors acting on each step's logits (FUDGE), a hidden-state hook between the decoder's blocks
+and its LM head (RE-Control), and the per-row latents it reports. A new method is one module with
+one `Method` subclass, used by name once registered or passed as an object:
 
-    engine.generate(prompts, params, method=Fudge(engine.encoder, engine.probes))
+    engine.generate(prompts, params, method="fudge")
+    engine.generate(prompts, params, method=Fudge(engine.encoder, engine.probes, top_k=20))
 """
 
 from __future__ import annotations
@@ -34,6 +37,9 @@ class MethodBatch:
     rows: list[tuple[int, int]]  # per row: (request, sample index)
     seeds: list[int]  # per row: the request's seed + sample index
     tokenizer: object  # the decoder's tokenizer
+    # the decoder's LM head, final-norm hidden states (..., H) → logits (..., V) fp32, or None
+    # where the backend does not expose it (ONNX Runtime)
+    lm_head: object = None
 
 
 @dataclass
@@ -51,6 +57,7 @@ class Method(ABC):
     """A controllable-generation method on the shared engine and decode loop."""
 
     name: ClassVar[str]
+    prompt_len: int = 0  # soft-prompt vectors it splices after each prefix (KV slots it needs)
 
     def validate(self, params: list[GenerationParams]) -> None:
         """Method-specific input checks, before any model work (ValueError naming the field);

@@ -221,6 +221,10 @@ class Fudge(Method):
         FudgeParams(top_k=top_k, strength=strength)  # validates them
         self.encoder, self.probes, self.top_k, self.strength = encoder, probes, top_k, strength
 
+    def validate(self, params: list[GenerationParams]) -> None:
+        for p in params:
+            self.probes.validate(p.controls)
+
     def decode_params(self, p: GenerationParams, seed: int) -> DecodeParams:
         # the processor draws the token: the loop takes its argmax
         return DecodeParams(p.max_new_tokens, temperature=0.0, stop=p.stop, ignore_eos=p.ignore_eos)

@@ -50,7 +50,7 @@ from dglm.kernels import value_edit
 from torch import nn
 
 if TYPE_CHECKING:
-    from dglm.engine.probes import Control, Probe
+    from dglm.engine.probes import Control, Probe, ProbeSet
 
 # decode-time defaults (a bundle's value network may carry its own)
 DEFAULT_STEPS = 30  # n: gradient steps per decoding step (the reference's released configs)
@@ -529,15 +529,14 @@ class ReControl(Method):
 
     name = "re-control"
 
-    def __init__(
-        self, nets: dict[str, ValueNetwork], probes: dict[str, Probe], logits_fn=None
-    ) -> None:
-        """logits_fn: the decoder's LM head (`Decoder.logits`), needed only by requests with
-        plausibility > 0."""
-        self.nets, self.probes, self.logits_fn = nets, probes, logits_fn
+    def __init__(self, nets: dict[str, ValueNetwork], probes: ProbeSet) -> None:
+        """nets: the value networks by probe; probes: the bundle's probes (their targets). The
+        decoder's LM head, which requests with plausibility > 0 need, comes with each batch."""
+        self.nets, self.probes = nets, probes
 
     def validate(self, params: list[GenerationParams]) -> None:
         for i, p in enumerate(params):
+            self.probes.validate(p.controls)
             for c in p.controls:
                 if c.probe not in self.nets:
                     raise ValueError(
@@ -548,7 +547,7 @@ class ReControl(Method):
     def condition(self, batch: MethodBatch) -> Conditioning:
         device = next(iter(self.nets.values())).layers[0].weight.device if self.nets else "cpu"
         hook, processors = value_conditioning(
-            self.nets, self.probes, batch, True, torch.device(device), self.logits_fn
+            self.nets, self.probes.probes, batch, True, torch.device(device), batch.lm_head
         )
         return Conditioning(hidden_hook=hook, processors=processors)
 

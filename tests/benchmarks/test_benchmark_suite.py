@@ -242,14 +242,14 @@ def test_hf_soft_prompt_decoding_matches_our_decoder(tiny_engine, tiny_llama_dir
     decoder's greedy tokens: same layout, masks and positions (T → 0 makes HF sampling greedy)."""
     from dglm.engine.decoding.loop import DecodeParams, generate
 
-    from benchmarks.suite.methods import hf_soft_prompt_decoder, load_hf
+    from benchmarks.suite.methods import HFSoftPromptCore, load_hf
 
     hf = load_hf(tiny_llama_dir, torch.device("cpu"), torch.float32)
     tok = tiny_engine.tokenizer
     prefix = [tok.encode(p) for p in ("The movie was great", "Prices")]  # padded rows
     assert len(prefix[0]) != len(prefix[1])
     soft = torch.randn(2, 3, tiny_engine.decoder.hidden_size, generator=gen)
-    decode = hf_soft_prompt_decoder(hf, tok, temperature=1e-4, top_p=1.0)
+    decode = HFSoftPromptCore(hf, tok, temperature=1e-4, top_p=1.0).decode
     theirs, t = decode(prefix, [DecodeParams(max_new_tokens=12, seed=0)] * 2, soft)
     ours, _ = generate(tiny_engine.decoder, tok, prefix, [DecodeParams(12, 0.0)], soft)
     assert t["prefill_s"] > 0 and t["decode_s"] > 0
@@ -372,7 +372,7 @@ def test_reference_dglm_decodes_without_prompt_guidance(tiny_engine, tiny_bundle
     from benchmarks.suite.methods import describe, engine_method, load_hf, reference_method
 
     engine = Engine.from_pretrained(tiny_bundle)
-    engine.config = replace(engine.config, prompt_guidance=2.0)
+    engine.dglm.config = replace(engine.dglm.config, prompt_guidance=2.0)
     hf = load_hf(tiny_llama_dir, torch.device("cpu"), torch.float32)
     ref = reference_method(engine, hf, (), steps=2, temperature=1.0, top_p=0.9)
     ours = engine_method("engine", engine, (), temperature=1.0, top_p=0.9)

@@ -236,7 +236,7 @@ def test_student_bundle_defaults_to_the_student_and_keeps_the_teacher(student_bu
     info = engine.info()
     assert info["student"]["guidance_embedding"] is True and info["student"]["parameters"] > 0
     calls = []
-    for name, net in (("teacher", engine.score_net), ("student", engine.student)):
+    for name, net in (("teacher", engine.dglm.score_net), ("student", engine.dglm.student)):
         net.register_forward_hook(lambda *a, name=name: calls.append(name))
     params = [
         GenerationParams(seed=1, max_new_tokens=2),  # the bundle's default: student, 2 steps
@@ -264,7 +264,7 @@ def test_student_bundle_defaults_to_the_student_and_keeps_the_teacher(student_bu
     again = Engine.from_pretrained(student_bundle.parent / "resaved")
     torch.testing.assert_close(
         again.student.state_dict()["guidance_mlp.fc2.weight"],
-        engine.student.state_dict()["guidance_mlp.fc2.weight"],
+        engine.dglm.student.state_dict()["guidance_mlp.fc2.weight"],
     )
 
 
@@ -273,7 +273,7 @@ def test_the_student_refuses_more_steps_than_it_was_distilled_for(student_bundle
     student (it used to run all of them) nor handed silently to another sampler."""
     engine = Engine.from_pretrained(student_bundle)
     calls = []
-    for net in (engine.score_net, engine.student):
+    for net in (engine.dglm.score_net, engine.dglm.student):
         net.register_forward_hook(lambda *a: calls.append(1))
     with pytest.raises(
         ValueError, match=r"outside \[1, 4\].*sampler='consistency': the bundle's default"
@@ -362,7 +362,7 @@ def test_diffusion_continues_from_a_bundle_and_replaces_its_score_network(tmp_pa
     assert config.student is None and not (out / bundle_io.STUDENT_FILE).exists()
     assert (config.sampler.sampler, config.sampler.num_inference_steps) == ("dpmpp-2m", 20)
     engine = Engine.from_pretrained(out)
-    shipped = engine.score_net.state_dict()
+    shipped = engine.dglm.score_net.state_dict()
     assert all(torch.allclose(shipped[k].float(), trained[k].half().float()) for k in trained)
     bad = ["bundle", "add-score-network", str(student_bundle), "--run",
            str(student_bundle.parent / "run"), "--out", str(tmp_path / "b2")]  # fmt: skip
