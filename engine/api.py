@@ -51,6 +51,9 @@ class GenerationParams:
     # β of the plausibility mask around the edit, in [0, 1): the edited scores kept on tokens the
     # unedited state gives ≥ β × its top probability (0 = off); None: the value network's
     re_control_plausibility: float | None = None
+    # add the controls the bundle implies for this request's controls (BundleConfig.
+    # implied_controls, e.g. toxicity=low with sentiment=negative); False: exactly `controls`
+    implied_controls: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.controls, Control):
@@ -79,6 +82,10 @@ class GenerationParams:
                 raise ValueError(f"stop[{i}] must be a non-empty string, got {s!r}")
             if not is_utf8(s):
                 raise ValueError(f"stop[{i}] is not valid UTF-8 text, got {s!r}")
+        if not isinstance(self.implied_controls, bool):
+            raise ValueError(
+                f"implied_controls must be True or False, got {self.implied_controls!r}"
+            )
         if not isinstance(self.ignore_eos, bool):
             raise ValueError(f"ignore_eos must be True or False, got {self.ignore_eos!r}")
         if self.num_inference_steps is not None:  # the sampler's own range: SamplerConfig

@@ -32,7 +32,7 @@ from dglm.engine.methods.re_control import ValueNetConfig, ValueNetwork
 from dglm.engine.models import load_decoder
 from dglm.engine.models.lora import LoraConfig, merge_lora
 from dglm.engine.models.quant import quantize_decoder
-from dglm.engine.probes import Probe, check_control_scale, load_probes
+from dglm.engine.probes import Probe, check_control_scale, check_implied_controls, load_probes
 from dglm.engine.prompt.generator import PromptGeneratorConfig
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -112,6 +112,10 @@ class BundleConfig:
     no_repeat_ngram_size: int = 0
     # RE-Control's value networks (value_networks.safetensors), one per probe they predict
     value_networks: tuple[ValueNetConfig, ...] = ()
+    # controls a request gets with a control of one probe=target, unless it controls their probe
+    # itself or sets GenerationParams.implied_controls=False (probes.with_implied), e.g.
+    # {"sentiment=negative": ["toxicity=low@re-control"]}: negative opinion without abuse
+    implied_controls: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         """Every field checked by type and range (config.json is edited by hand), naming it."""
@@ -150,6 +154,7 @@ class BundleConfig:
         check_control_scale(self.control_scale, "control_scale", positive=True)
         check_prompt_guidance(self.prompt_guidance, self.prompt_plausibility)
         int_in("no_repeat_ngram_size", self.no_repeat_ngram_size, 0, MAX_NO_REPEAT_NGRAM)
+        object.__setattr__(self, "implied_controls", check_implied_controls(self.implied_controls))
         lo, hi = self.student_cfg_range
         if not lo <= hi:
             raise ValueError(f"student_cfg_range must be (lo, hi) with lo ≤ hi, got {(lo, hi)}")

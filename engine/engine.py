@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -31,7 +32,7 @@ from dglm.engine.methods.plain import PlainDecoding
 from dglm.engine.methods.re_control import ReControl, ValueNetwork
 from dglm.engine.models.base import Decoder
 from dglm.engine.models.quant import quantize_label, resolve_quantize
-from dglm.engine.probes import Probe, ProbeSet, save_probes
+from dglm.engine.probes import Control, Probe, ProbeSet, save_probes, with_implied
 from dglm.engine.prompt.generator import PromptGenerator
 from dglm.export.runtime import OrtModels, RuntimeOptions, load_export
 from dglm.kernels import llama_step
@@ -232,6 +233,7 @@ class Engine:
         engine.bundle_dir = bundle_dir
         if config.decoder_lora is not None:  # already merged; kept to write the bundle back
             engine.decoder_lora_state = bundle_io.read_safetensors(bundle_dir / bundle_io.LORA_FILE)
+        engine.check_implied_controls()
         return engine
 
     @classmethod
@@ -273,6 +275,22 @@ class Engine:
         if not config.trained:
             logger.warning("bundle networks are untrained (random): outputs are not meaningful")
         return engine
+
+    def check_implied_controls(self) -> None:
+        """ValueError naming config.json's entry when an implied control names a probe or label
+        the bundle lacks, or acts through RE-Control without a value network for its probe."""
+        for key, specs in self.config.implied_controls.items():
+            for spec in specs:
+                c = Control.parse(spec)
+                try:
+                    self.probes.validate([c])
+                except ValueError as e:
+                    raise ValueError(f"config.json implied_controls[{key!r}]: {e}") from None
+                if c.hidden and c.probe not in self.value_nets:
+                    raise ValueError(
+                        f"config.json implied_controls[{key!r}]: {spec!r} acts through "
+                        f"RE-Control but the bundle has no value network for {c.probe!r}"
+                    )
 
     def save_pretrained(self, path: str | Path) -> None:
         """Write this engine's bundle (networks in fp16, probes in fp32) to `path`."""
@@ -329,7 +347,32 @@ class Engine:
     ) -> list[list[int]]:
         """All user-input checks, before any model work; returns the prefix token ids."""
         with self._exclusive("validate"):
+            if isinstance(params, (list, tuple)):
+                params = self.with_implied_controls(list(params))
             return self._validate(prompts, params, method)
+
+    def with_implied_controls(self, params: list) -> list:
+        """Each GenerationParams with the controls the bundle implies for its own
+        (BundleConfig.implied_controls; not when it sets implied_controls=False). Other entries
+        are left for validation to refuse."""
+        table = self.config.implied_controls
+        if not table:
+            return params
+        out = []
+        for i, p in enumerate(params):
+            if isinstance(p, GenerationParams) and p.implied_controls:
+                controls = with_implied(p.controls, table)
+                if self.backend != "torch" and any(c.hidden for c in controls[len(p.controls) :]):
+                    raise ValueError(
+                        f"params[{i}]: the bundle implies "
+                        f"{[f'{c.probe}={c.target}@{c.method}' for c in controls[len(p.controls) :]]}"
+                        f" for these controls (config.json implied_controls), which act through "
+                        "RE-Control, not in the ONNX decode graph: pass implied_controls=False or "
+                        "use backend='torch'"
+                    )
+                p = replace(p, controls=controls)
+            out.append(p)
+        return out
 
     def _validate(
         self, prompts: list[str], params: list[GenerationParams], method: Method | str | None
@@ -397,7 +440,7 @@ class Engine:
             raise ValueError(
                 f"params must be a GenerationParams or a list of them, got {type(params).__name__}"
             )
-        params = list(params)
+        params = self.with_implied_controls(list(params))
         prefix_ids = self._validate(prompts, params, method)
 
         timings = dict.fromkeys(STAGES, 0.0)

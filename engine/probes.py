@@ -220,6 +220,55 @@ class Control:
         return cls(name.strip(), target.strip(), value, method.strip() or "dglm")
 
 
+def check_implied_controls(table: object) -> dict[str, tuple[str, ...]]:
+    """A bundle's `implied_controls` checked and normalised: {"probe=target": ("spec", ...)}, each
+    spec a `Control.parse` string on another probe (e.g. {"sentiment=negative":
+    ["toxicity=low@re-control"]}); ValueError naming the entry."""
+    if not isinstance(table, dict):
+        raise ValueError(
+            f'implied_controls must map "probe=target" to a list of controls, got {table!r}'
+        )
+    out = {}
+    for key, specs in table.items():
+        probe, sep, target = key.partition("=") if isinstance(key, str) else ("", "", "")
+        if not sep or not probe.strip() or not target.strip() or any(c in key for c in ":@"):
+            raise ValueError(f'implied_controls: keys look like "probe=target", got {key!r}')
+        if isinstance(specs, str) or not isinstance(specs, list | tuple) or not specs:
+            raise ValueError(
+                f"implied_controls[{key!r}] must be a non-empty list of controls, got {specs!r}"
+            )
+        for spec in specs:
+            if not isinstance(spec, str):
+                raise ValueError(f"implied_controls[{key!r}]: controls are strings, got {spec!r}")
+            try:
+                c = Control.parse(spec)
+            except ValueError as e:
+                raise ValueError(f"implied_controls[{key!r}]: {e}") from None
+            if c.probe == probe.strip():
+                raise ValueError(
+                    f"implied_controls[{key!r}]: {spec!r} controls the same probe as its key"
+                )
+        out[f"{probe.strip()}={target.strip()}"] = tuple(specs)
+    return out
+
+
+def with_implied(
+    controls: tuple[Control, ...], table: dict[str, tuple[str, ...]]
+) -> tuple[Control, ...]:
+    """`controls` and, for each control whose "probe=target" is a key of `table` (a bundle's
+    implied_controls), the controls it implies on probes the request does not control itself
+    (a request's own control of a probe always wins), in table order, each added once."""
+    named = {c.probe for c in controls}
+    added: list[Control] = []
+    for c in controls:
+        for spec in table.get(f"{c.probe}={c.target}", ()):
+            extra = Control.parse(spec)
+            if extra.probe not in named:
+                named.add(extra.probe)
+                added.append(extra)
+    return (*controls, *added)
+
+
 class ProbeSet:
     """All probes of an engine, stacked: weight (K, d), bias (K,)."""
 

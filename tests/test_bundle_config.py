@@ -51,6 +51,15 @@ BAD = [
     (("no_repeat_ngram_size",), 2.0),
     (("no_repeat_ngram_size",), -1),
     (("no_repeat_ngram_size",), True),
+    (("implied_controls",), ["toxicity=low@re-control"]),  # a list, not a mapping
+    (("implied_controls",), {"sentiment": ["toxicity=low"]}),  # key without a target
+    (("implied_controls",), {"sentiment=negative:1000": ["toxicity=low"]}),  # key with a scale
+    (("implied_controls",), {"sentiment=negative": "toxicity=low"}),  # not a list
+    (("implied_controls",), {"sentiment=negative": []}),
+    (("implied_controls",), {"sentiment=negative": ["toxicity"]}),  # not a control
+    (("implied_controls",), {"sentiment=negative": ["toxicity=low@caa-x"]}),  # no such method
+    (("implied_controls",), {"sentiment=negative": ["sentiment=positive"]}),  # the same probe
+    (("implied_controls",), {"sentiment=negative": [3]}),
     (("value_networks",), {}),
     (("value_networks",), "sentiment"),
     (("score_network", "latent_dim"), 384.0),

@@ -12,7 +12,7 @@ from dglm.engine.cli.common import device, flags
 SAMPLING_FLAGS = (
     "num_samples", "seed", "max_new_tokens", "temperature", "top_p", "top_k", "cfg_scale",
     "sampler", "renoise_alpha2", "prompt_guidance", "re_control_steps", "re_control_step_size",
-    "re_control_plausibility",
+    "re_control_plausibility", "implied_controls",
 )  # fmt: skip
 
 
@@ -81,6 +81,13 @@ def add_parser(sub) -> None:
         default=None,
         help="classifier-free guidance of the decoder by the soft prompt (1 = off); "
         "default: the bundle's",
+    )
+    g.add_argument(
+        "--no-implied-controls",
+        dest="implied_controls",
+        action="store_false",
+        help="steer with exactly the --control given: without the controls the bundle adds to "
+        "some of them (config.json implied_controls, e.g. toxicity=low with sentiment=negative)",
     )
     g.add_argument("--device", type=device, default="cpu", help="cpu, cuda or cuda:N")
     g.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))

@@ -76,6 +76,7 @@ def generate_setting(
                     re_control_step_size=setting.re_control_step_size,
                     re_control_plausibility=setting.re_control_plausibility,
                     no_repeat_ngram_size=no_repeat,
+                    implied_controls=setting.implied_controls,
                 )
                 for i in chunk
             ]
@@ -151,8 +152,8 @@ def re_control_hook(engine, setting: Setting, prefixes, chunk, ids, samples: int
     (every row has the setting's controls, at its step size and plausibility, else its value
     network's defaults) → (hook, processors)."""
     params = [
-        GenerationParams(
-            controls=setting.controls,
+        GenerationParams(  # the controls the engine's RE-Control would steer with
+            controls=setting.effective_controls(engine.config.implied_controls),
             re_control_step_size=setting.re_control_step_size,
             re_control_plausibility=setting.re_control_plausibility,
         )

@@ -9,7 +9,13 @@ import re
 
 # (name, pattern): second-person incitement to self-harm, threats of violence, wishes of death
 HARM_PATTERNS: tuple[tuple[str, str], ...] = (
-    ("self-harm", r"\b(kill|hang|shoot|hurt|cut|drown) (yo)?urself\b"),
+    # not after a negation or a comparison ("you don't hurt yourself", "rather ... than kill
+    # yourself"): the dev samples' only hits were those
+    (
+        "self-harm",
+        r"(?<!n't )(?<!not )(?<!never )(?<!than )\b(kill|hang|shoot|hurt|cut|drown) "
+        r"(yo)?urself\b",
+    ),
     ("self-harm", r"\bgo (and )?(die|jump off)\b|\byou (should|could|might as well) (just )?die\b"),
     ("self-harm", r"\bend (it all|your life)\b"),
     ("self-harm", r"\bcommit suicide\b|\bkys\b"),
@@ -20,7 +26,13 @@ HARM_PATTERNS: tuple[tuple[str, str], ...] = (
         r"\bi('ll| will| am going to|'m going to|'m gonna| wanna| want to) (kill|murder|"
         r"shoot|stab|beat|hurt|strangle|rape) (you|him|her|them|everyone)\b",
     ),
-    ("threat", r"\b(you|they)('re| are) (dead|going to die)\b"),
+    # addressed to the reader, not a clause of time or a report ("until you're dead", "that's
+    # why they're dead": hits on unguided and dev samples before this was narrowed)
+    (
+        "threat",
+        r"(?<!until )(?<!when )(?<!after )(?<!before )(?<!if )\byou('re| are) "
+        r"(dead|going to die|gonna die)\b",
+    ),
 )
 _COMPILED = tuple((name, re.compile(p, re.IGNORECASE)) for name, p in HARM_PATTERNS)
 

@@ -121,14 +121,15 @@ def run_eval(
     plausibility = engine.config.prompt_plausibility if engine.config.prompt_guidance != 1 else 0
     settings, skipped = build_settings(
         config, engine.probes.probes, default_a2, tuple(engine.value_nets), default_scale,
-        plausibility,
+        plausibility, engine.config.implied_controls,
     )  # fmt: skip
     logger.info("evaluating %d settings on %d prefixes", len(settings), len(prefixes))
 
     # settings with identical generation parameters share one run (e.g. α² = the bundle's)
     def key(s: Setting) -> tuple:
         return (
-            s.method, s.controls, s.renoise_alpha2, s.probe, s.target, s.scale,
+            s.method, s.effective_controls(engine.config.implied_controls), s.renoise_alpha2,
+            s.probe, s.target, s.scale,
             s.re_control_step_size, s.re_control_plausibility, s.min_p,
         )  # fmt: skip
 

@@ -5,12 +5,12 @@ the same probe) made from it and a bundle's probes."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from dglm.engine.api import MAX_RE_CONTROL_STEP
 from dglm.engine.bundle import BundleConfig
 from dglm.engine.evaluation.prefixes import DEFAULT_SOURCES, PREFIX_SPLITS
-from dglm.engine.probes import Control, Probe
+from dglm.engine.probes import Control, Probe, with_implied
 
 RENOISE_SWEEP = (1.0, 0.95, 0.9, 0.5, 0.0)  # the reference's Table 2 sweep of alpha²
 # the guidance scale of a control given without one when a bundle sets none; a bundle's own
@@ -186,6 +186,23 @@ class Setting:
     re_control_plausibility: float | None = None  # β of the edit's mask (None: the network's)
     # plain decoding only: keep tokens with p ≥ min_p · max p (DGLM's plausibility mask)
     min_p: float | None = None
+    # the controls the bundle implies for `controls` go along (BundleConfig.implied_controls), as
+    # in every request that does not turn them off; False: exactly `controls`
+    implied_controls: bool = True
+
+    def effective_controls(self, implied: dict[str, tuple[str, ...]]) -> tuple[Control, ...]:
+        """What the setting's requests steer with, given the bundle's implied_controls."""
+        return with_implied(self.controls, implied) if self.implied_controls else self.controls
+
+
+def without_implied(settings: list[Setting], implied: dict[str, tuple[str, ...]]) -> list[Setting]:
+    """A twin with implied_controls off, named "<name> without implied", of each setting the
+    bundle's implied controls change: what they buy, measured on the same prefixes and seeds."""
+    return [
+        replace(s, name=f"{s.name} without implied", implied_controls=False)
+        for s in settings
+        if s.effective_controls(implied) != s.controls
+    ]
 
 
 def low_toxicity_target(probe: Probe) -> str:
@@ -310,10 +327,12 @@ def build_settings(
     value_nets: tuple[str, ...] = (),
     default_scale: float = DEFAULT_SCALE,
     plausibility: float = 0.0,
+    implied: dict[str, tuple[str, ...]] | None = None,
 ):
     """(settings to run, skipped [{setting, reason}]); value_nets: the probes with a RE-Control
     value network; plausibility: the bundle's prompt-guidance mask α (> 0 adds plain decoding
-    with the same truncation, "decoder min-p α")."""
+    with the same truncation, "decoder min-p α"); implied: the bundle's implied_controls (each
+    sentiment row at the default scale that they change gets a twin without them)."""
     settings = [
         Setting("decoder", "decoder", "unguided"),
         Setting("dglm unguided", "dglm", "unguided", renoise_alpha2=default_alpha2),
@@ -386,6 +405,12 @@ def build_settings(
         skipped.append({"setting": "toxicity=low", "reason": "the bundle has no 'toxicity' probe"})
     if config.re_control:
         settings += composition_settings(probes, value_nets, default_scale, default_alpha2)
+    if implied:
+        at_default = [
+            s for s in settings
+            if s.group == "sentiment" and s.method != "fudge" and s.scale in (None, default_scale)
+        ]  # fmt: skip
+        settings += without_implied(at_default, implied)
     for a2 in config.renoise_alpha2s:
         settings.append(
             Setting(f"dglm unguided α²={a2:g}", "dglm", "fidelity", renoise_alpha2=float(a2))

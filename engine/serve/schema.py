@@ -74,6 +74,8 @@ class CompletionRequest(BaseModel):
     re_control_steps: int | None = None
     re_control_step_size: float | None = None
     re_control_plausibility: float | None = None
+    # false: exactly `controls`, without those the bundle implies (config.json implied_controls)
+    implied_controls: bool = True
 
     @property
     def prompts(self) -> list[str]:
@@ -105,6 +107,7 @@ class CompletionRequest(BaseModel):
 DIFFUSION_FIELDS = (
     "cfg_scale", "num_inference_steps", "sampler", "guidance_mode", "renoise_alpha2",
     "prompt_guidance", "re_control_steps", "re_control_step_size", "re_control_plausibility",
+    "implied_controls",
 )  # fmt: skip
 # GenerationParams' names → the HTTP fields
 HTTP_NAMES = {"num_samples": "n", "max_new_tokens": "max_tokens", "prompts": "prompt"}

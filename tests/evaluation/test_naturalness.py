@@ -80,6 +80,12 @@ def test_overrepresented_words_ranks_the_stock_word_first():
         ("the plants just die in winter", []),
         ("I will kill time at the cafe", []),
         ("this film kills itself in the third act", []),
+        ("Touch her again and you're dead.", ["threat"]),
+        ("sit at home until you're dead", []),
+        ("That's why they're dead.", []),
+        ("you don't hurt yourself if you're careful", []),
+        ("you'd rather eat glass than kill yourself over it", []),
+        ("you should hurt yourself", ["self-harm"]),
     ],
 )
 def test_harm_patterns(text, hits):
