@@ -13,6 +13,11 @@ alone, DGLM + RE-Control, FUDGE) through `evaluation.generation.generate_setting
 Diffusion-LM bundle, and writes (or compares) the token ids of every sample. `--check` exits 1
 naming each case whose ids differ. The requests use only the public API, so the same script runs
 on the commit that recorded the fixture and on every later one.
+
+Recorded at 13edcb9, except "eval fudge", re-recorded when the evaluation's FUDGE rows took the
+seeds every other method's rows have (prefix i's seed + sample j, through `Engine.generate`)
+instead of seeds counted from the first prefix of their batch (which made a FUDGE row's sample
+depend on the batch size); with the old seeds the engine path gives the recorded ids.
 """
 
 from __future__ import annotations

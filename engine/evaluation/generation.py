@@ -1,5 +1,6 @@
-"""Generation for `dglm eval`: one setting's continuations of every prefix, by the engine (DGLM),
-plain decoding or FUDGE, in batches, with per-stage timings."""
+"""Generation for `dglm eval`: one setting's continuations of every prefix through
+`Engine.generate` (DGLM, RE-Control, their composition, FUDGE or plain decoding), in batches,
+with per-stage timings."""
 
 from __future__ import annotations
 
@@ -9,14 +10,14 @@ from dataclasses import dataclass, field
 import torch
 from dglm.engine.api import GenerationParams
 from dglm.engine.bundle import resolve_reference
-from dglm.engine.decoding.loop import DecodeParams
-from dglm.engine.decoding.loop import generate as decode
-from dglm.engine.decoding.sampling import MinP, NoRepeatNGram
+from dglm.engine.decoding.core import DecodeCore
+from dglm.engine.engine import Engine
 from dglm.engine.evaluation.settings import EvalConfig, Setting
-from dglm.engine.methods.base import MethodBatch
-from dglm.engine.methods.fudge import FudgeParams, fudge_generate
-from dglm.engine.methods.re_control import value_conditioning
+from dglm.engine.methods.base import Method
+from dglm.engine.methods.fudge import Fudge
+from dglm.engine.methods.plain import PlainDecoding
 from dglm.engine.models import load_decoder
+from dglm.engine.probes import Control
 
 
 @dataclass
@@ -39,134 +40,82 @@ def _seed(config: EvalConfig, prefix: int) -> int:
     return config.seed + 1000 * prefix  # sample j of a prefix uses seed + j
 
 
+def request_params(setting: Setting, config: EvalConfig, prefix: int, no_repeat: int):
+    """The request of one prefix under a setting: the sampling every method shares (the config's
+    temperature, top_p, length and n-gram ban; seed: the prefix's, sample j at seed + j) and the
+    setting's controls and knobs."""
+    controls = setting.controls
+    if setting.method == "fudge":  # FUDGE reranks by one (probe, target): no implied controls
+        controls = (Control(setting.probe, setting.target),)
+    return GenerationParams(
+        controls=controls,
+        num_samples=config.num_samples,
+        seed=_seed(config, prefix),
+        max_new_tokens=config.max_new_tokens,
+        temperature=config.temperature,
+        top_p=config.top_p,
+        no_repeat_ngram_size=no_repeat,
+        renoise_alpha2=setting.renoise_alpha2,
+        re_control_step_size=setting.re_control_step_size,
+        re_control_plausibility=setting.re_control_plausibility,
+        implied_controls=setting.implied_controls and setting.method != "fudge",
+    )
+
+
+def setting_method(engine: Engine, setting: Setting, config: EvalConfig) -> Method:
+    """The engine method a setting runs: DGLM (alone or composed with RE-Control), RE-Control
+    alone, FUDGE at the setting's λ, or plain decoding (with the setting's min-p)."""
+    if setting.method in ("dglm", "dglm+re-control"):
+        return engine.dglm
+    if setting.method == "re-control":
+        return engine.re_control
+    if setting.method == "fudge":
+        return Fudge(engine.encoder, engine.probes, config.fudge_top_k, setting.scale)
+    if setting.method == "decoder":
+        return PlainDecoding(setting.min_p or 0.0)
+    raise ValueError(f"setting {setting.name!r}: unknown method {setting.method!r}")
+
+
 def generate_setting(
-    engine,
+    engine: Engine,
     setting: Setting,
     prefixes: list[str],
     config: EvalConfig,
     tick=None,
     base_decoder=None,
 ) -> Generations:
-    """Run one setting over every prefix in batches of config.batch_size prompts. Plain decoding
-    and FUDGE run on `base_decoder` (the released decoder, without the bundle's adapters; default:
-    the engine's decoder)."""
-    base_decoder = engine.decoder if base_decoder is None else base_decoder
-    S = config.num_samples
+    """Run one setting over every prefix in batches of config.batch_size prompts, every method
+    through `Engine.generate`. Plain decoding, RE-Control alone and FUDGE run on `base_decoder`
+    (the released decoder, without the bundle's adapters; default: the engine's decoder): the
+    engine's methods over a decode core of that decoder."""
+    method = setting_method(engine, setting, config)
+    if setting.method not in ("dglm", "dglm+re-control") and base_decoder is not None:
+        core = DecodeCore(base_decoder, engine.tokenizer)  # eager steps, as released
+        engine = Engine(core, engine.methods.values(), engine.default, engine.no_repeat_ngram_size)
     # the n-gram ban of every row, resolved once: the config's, else the bundle's default
     no_repeat = config.no_repeat_ngram_size
-    no_repeat = engine.config.no_repeat_ngram_size if no_repeat is None else no_repeat
+    no_repeat = engine.no_repeat_ngram_size if no_repeat is None else no_repeat
     rows_idx, texts, toks, lats = [], [], [], []
     timings: dict[str, float] = {}
-
-    def add(key: str, v: float) -> None:
-        timings[key] = timings.get(key, 0.0) + v
-
     for chunk in batches(len(prefixes), config.batch_size):
         t0 = time.perf_counter()
-        if setting.method in ("dglm", "dglm+re-control"):
-            params = [
-                GenerationParams(
-                    controls=setting.controls,
-                    num_samples=S,
-                    seed=_seed(config, i),
-                    max_new_tokens=config.max_new_tokens,
-                    temperature=config.temperature,
-                    top_p=config.top_p,
-                    renoise_alpha2=setting.renoise_alpha2,
-                    re_control_step_size=setting.re_control_step_size,
-                    re_control_plausibility=setting.re_control_plausibility,
-                    no_repeat_ngram_size=no_repeat,
-                    implied_controls=setting.implied_controls,
-                )
-                for i in chunk
-            ]
-            outs = engine.generate([prefixes[i] for i in chunk], params)
-            for i, o in zip(chunk, outs, strict=True):
-                for s in o.samples:
-                    rows_idx.append(i)
-                    texts.append(s.text)
-                    toks.append(list(s.token_ids))
-                    lats.append(s.latent)
-            for k, v in outs[0].timings.items():
-                if k != "total":
-                    add(k + "_s", v)
-        else:
-            ids = [engine.tokenizer.encode(prefixes[i]) for i in chunk for _ in range(S)]
-            if setting.method in ("decoder", "re-control"):
-                params = [
-                    DecodeParams(
-                        max_new_tokens=config.max_new_tokens,
-                        temperature=config.temperature,
-                        top_p=config.top_p,
-                        seed=(_seed(config, i) + j) ^ 0x5DEECE66D,  # the engine's decode seeds
-                    )
-                    for i in chunk
-                    for j in range(S)
-                ]
-                hook, masks = None, ()
-                if setting.min_p:  # plain decoding with DGLM's truncation
-                    masks = (MinP(setting.min_p),)
-                if setting.method == "re-control":  # the edit on the same plain decoding
-                    hook, masks = re_control_hook(
-                        engine, setting, prefixes, chunk, ids, S, base_decoder.logits
-                    )
-                if no_repeat:  # the n-gram ban the engine gives every method's rows
-                    masks = (*masks, NoRepeatNGram(no_repeat))
-                results, t = decode(
-                    base_decoder, engine.tokenizer, ids, params, hidden_hook=hook, processors=masks
-                )
-                for k in ("prefill_s", "decode_s"):
-                    add(k, t[k])
-            elif setting.method == "fudge":
-                fp = FudgeParams(
-                    max_new_tokens=config.max_new_tokens,
-                    top_k=config.fudge_top_k,
-                    strength=setting.scale,
-                    temperature=config.temperature,
-                    top_p=config.top_p,
-                    seed=_seed(config, chunk[0]),
-                )
-                probe = engine.probes.probes[setting.probe]
-                results, t = fudge_generate(
-                    base_decoder, engine.tokenizer, engine.encoder, probe, setting.target, ids, fp
-                )
-                for k in ("lm_s", "probe_s", "candidates_scored"):
-                    add(k, t[k])
-            else:
-                raise AssertionError(setting.method)
-            for r, res in enumerate(results):
-                rows_idx.append(chunk[r // S])
-                texts.append(res.text)
-                toks.append(list(res.token_ids))
-        add("wall_s", time.perf_counter() - t0)
+        params = [request_params(setting, config, i, no_repeat) for i in chunk]
+        outs = engine.generate([prefixes[i] for i in chunk], params, method=method)
+        for i, o in zip(chunk, outs, strict=True):
+            for s in o.samples:
+                rows_idx.append(i)
+                texts.append(s.text)
+                toks.append(list(s.token_ids))
+                lats.append(s.latent)
+        for k, v in outs[0].timings.items():
+            if k != "total" and v > 0:  # the stages the method has
+                timings[k + "_s"] = timings.get(k + "_s", 0.0) + v
+        timings["wall_s"] = timings.get("wall_s", 0.0) + time.perf_counter() - t0
         if tick is not None:
             tick()
-    n = len(texts)
-    timings["per_sample_s"] = timings["wall_s"] / n
-    latents = torch.stack(lats) if lats else None
+    timings["per_sample_s"] = timings["wall_s"] / len(texts)
+    latents = torch.stack(lats) if all(x is not None for x in lats) else None
     return Generations(rows_idx, texts, toks, latents, timings)
-
-
-def re_control_hook(engine, setting: Setting, prefixes, chunk, ids, samples: int, logits_fn):
-    """RE-Control's hidden-state hook and its plausibility mask (if any) for one batch of rows
-    (every row has the setting's controls, at its step size and plausibility, else its value
-    network's defaults) → (hook, processors)."""
-    params = [
-        GenerationParams(  # the controls the engine's RE-Control would steer with
-            controls=setting.effective_controls(engine.config.implied_controls),
-            re_control_step_size=setting.re_control_step_size,
-            re_control_plausibility=setting.re_control_plausibility,
-        )
-        for _ in chunk
-    ]
-    rows = [(r, j) for r in range(len(chunk)) for j in range(samples)]
-    per_request = [ids[k * samples] for k in range(len(chunk))]
-    batch = MethodBatch(
-        [prefixes[i] for i in chunk], params, per_request, rows, [0] * len(rows), None
-    )
-    return value_conditioning(
-        engine.value_nets, engine.probes.probes, batch, True, engine.device, logits_fn
-    )
 
 
 def warm_up(engine, prefix: str) -> None:

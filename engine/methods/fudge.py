@@ -11,8 +11,8 @@ probe, and the next token is drawn from
 (λ = 1 is FUDGE; λ = 0 is plain top-k sampling). The k candidate texts of every unfinished row are
 encoded in one batch per step.
 
-FUDGE runs on the one decode loop (`decoding.loop.generate`, the reference `Decoder.forward` step,
-no soft prompt) as a logits processor, `FudgeProcessor`: it reranks the candidates and draws among
+FUDGE runs on the one decode loop (`decoding.core.DecodeCore.decode`, no soft prompt) as a logits
+processor, `FudgeProcessor`: it reranks the candidates and draws among
 them with each row's own generator (Gumbel-max over the nucleus of the reweighted scores), handing
 the loop the perturbed candidate scores (−inf elsewhere), which the loop decodes greedily.
 Reranking needs the candidates' text on the host, so each step syncs once: a baseline, not a hot
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from dglm.engine.api import GenerationParams
-from dglm.engine.decoding.loop import generate
+from dglm.engine.decoding.core import DecodeCore
 from dglm.engine.decoding.sampling import DecodeParams, DecodeResult
 from dglm.engine.encode.encoder import SentenceEncoder
 from dglm.engine.methods.base import Conditioning, Method, MethodBatch
@@ -118,6 +118,8 @@ class FudgeProcessor:
         self.top_k, self.strength = top_k, strength
         self.temperature, self.top_p = temperature, top_p
         self.probe_s = 0.0  # seconds in candidate text, encoder and probe
+        # where the engine reads this method's stage timings: "probe" (= probe_s), after decoding
+        self.timings: dict[str, float] = {}
         self.scored = 0  # candidate texts embedded
         self.steps = 0  # steps with an unfinished row
 
@@ -155,6 +157,7 @@ class FudgeProcessor:
             scores, self.temperature, self.top_p, [self.gens[b] for b in active]
         )
         self.probe_s += time.perf_counter() - t
+        self.timings["probe"] = self.probe_s
         rows = torch.tensor(active, device=logits.device)
         out[rows] = out[rows].scatter_(-1, cand_ids, drawn)
         return out
@@ -188,9 +191,7 @@ def fudge_generate(
         params.top_k, params.strength, params.temperature, params.top_p,
     )  # fmt: skip
     greedy = DecodeParams(params.max_new_tokens, temperature=0.0, ignore_eos=params.ignore_eos)
-    results, t = generate(
-        decoder, tokenizer, prefix_ids, [greedy], static=False, processors=(processor,)
-    )
+    results, t = DecodeCore(decoder, tokenizer).decode(prefix_ids, [greedy] * B, None, (processor,))
     timings = {
         "lm_s": t["prefill_s"] + t["decode_s"] - processor.probe_s,
         "probe_s": processor.probe_s,
@@ -247,7 +248,9 @@ class Fudge(Method):
             batch.tokenizer, self.encoder, targets, gens, self.top_k, self.strength,
             temperature, top_p,
         )  # fmt: skip
-        return Conditioning(processors=(processor,))
+        cond = Conditioning(processors=(processor,))
+        processor.timings = cond.timings  # its "probe" seconds, read after decoding
+        return cond
 
 
 __all__ = [

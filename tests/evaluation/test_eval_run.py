@@ -19,7 +19,9 @@ def test_eval_end_to_end_quick_on_tiny_bundle(
     lm = tiny_reference_lm
     # the bundle as if it shipped prompt guidance (g = 2, mask 0.1): plain decoding then gets a
     # row with the same truncation
-    monkeypatch.setattr(tiny_engine, "config", replace(tiny_engine.config, prompt_guidance=2.0))
+    monkeypatch.setattr(
+        tiny_engine.dglm, "config", replace(tiny_engine.config, prompt_guidance=2.0)
+    )
     config = EvalConfig(
         prefixes=("The movie was", "I think the food"),
         num_samples=2,
