@@ -84,6 +84,13 @@ class Engine:
         self._holder: int | None = None  # that call's thread (threading.get_ident())
         self.onnx_models: OrtModels | None = None  # the ONNX backend's graphs (info)
 
+    def register(self, method: Method) -> None:
+        """Add (or replace) a method, reachable by its name: `generate(..., method=method.name)`."""
+        if not isinstance(method, Method):
+            raise ValueError(f"method must be a Method, got {method!r}")
+        with self._exclusive("register"):
+            self.methods[method.name] = method
+
     def method(self, method: Method | str | None = None) -> Method:
         """The method a request names: a registered one by name, the default for None, or a
         `Method` object as given (one built apart, e.g. FUDGE at another top_k)."""
@@ -177,8 +184,8 @@ class Engine:
         (models.quant.resolve_quantize); "none": the checkpoint's weights in `dtype`.
         A bad device, or a bundle file that is missing or unreadable, raises ValueError naming it.
         A Diffusion-LM bundle (config.json "method": "diffusion-lm") loads as its own engine,
-        `DiffusionLMEngine` (the same `generate(prompts, params)` → RequestOutput list); the
-        decoder options do not apply to it."""
+        `DiffusionLMEngine` (the same `generate(prompts, params)` → RequestOutput list; not yet
+        behind `Engine`, issue 34); the decoder options do not apply to it."""
         device = resolve_device(device)
         if backend == "torch":
             from dglm.engine.methods.diffusion_lm.bundle import is_diffusion_lm_bundle
@@ -205,14 +212,7 @@ class Engine:
         quantize = resolve_quantize(quantize, device, dtype)
         bundle_dir = bundle_io.resolve_bundle_dir(path_or_name)
         config = bundle_io.read_config(bundle_dir)
-        score_net = ScoreNetwork(config.score_network)
-        bundle_io.load_state(score_net, bundle_dir / bundle_io.SCORE_NET_FILE)
-        prompt_gen = PromptGenerator(config.prompt_generator)
-        bundle_io.load_state(prompt_gen, bundle_dir / bundle_io.PROMPT_GEN_FILE)
-        student = None
-        if config.student is not None:
-            student = ScoreNetwork(config.student)
-            bundle_io.load_state(student, bundle_dir / bundle_io.STUDENT_FILE)
+        score_net, prompt_gen, student = load_networks(config, bundle_dir)
         probes = bundle_io.load_bundle_probes(bundle_dir)
         encoder = SentenceEncoder(
             bundle_io.resolve_reference(config.encoder, bundle_dir), device=device
@@ -541,6 +541,21 @@ class Engine:
         if self.onnx_models is not None:
             info.update(self.onnx_models.info())
         return info
+
+
+def load_networks(
+    config: BundleConfig, bundle_dir: Path
+) -> tuple[ScoreNetwork, PromptGenerator, ScoreNetwork | None]:
+    """DGLM's networks from a bundle directory: (score network, prompt generator, student)."""
+    score_net = ScoreNetwork(config.score_network)
+    bundle_io.load_state(score_net, bundle_dir / bundle_io.SCORE_NET_FILE)
+    prompt_gen = PromptGenerator(config.prompt_generator)
+    bundle_io.load_state(prompt_gen, bundle_dir / bundle_io.PROMPT_GEN_FILE)
+    student = None
+    if config.student is not None:
+        student = ScoreNetwork(config.student)
+        bundle_io.load_state(student, bundle_dir / bundle_io.STUDENT_FILE)
+    return score_net, prompt_gen, student
 
 
 def expand_rows(params: list[GenerationParams]) -> tuple[list[tuple[int, int]], list[int]]:
