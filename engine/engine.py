@@ -32,6 +32,7 @@ from dglm.engine.diffusion.captured import CapturedSampler
 from dglm.engine.diffusion.score_network import ScoreNetwork
 from dglm.engine.encode.encoder import SentenceEncoder
 from dglm.engine.methods.base import Method, MethodBatch
+from dglm.engine.methods.caa import CAA, SteeringVector, check_decoder, save_steering_vectors
 from dglm.engine.methods.dglm import DGLM
 from dglm.engine.methods.re_control import ReControl, ValueNetwork
 from dglm.engine.models.base import Decoder, HiddenHook
@@ -137,6 +138,8 @@ class Engine:
         self.dglm = DGLM(self)  # the default method
         # RE-Control's value networks by probe (`dglm train value`); from_pretrained loads them
         self.value_nets: dict[str, ValueNetwork] = {}
+        # CAA's steering vectors by probe (`dglm train steering-vector`); from_pretrained loads them
+        self.steering_vectors: dict[str, SteeringVector] = {}
         self._lock = threading.Lock()  # held by the call in progress (see the class docstring)
         self._holder: int | None = None  # that call's thread (threading.get_ident())
         if not config.trained:
@@ -147,6 +150,25 @@ class Engine:
         """RE-Control on its own (no soft prompt): every control of a request acts through its
         probe's value network; `engine.generate(prompts, params, method=engine.re_control)`."""
         return ReControl(self.value_nets, self.probes.probes, getattr(self.decoder, "logits", None))
+
+    @property
+    def caa(self) -> CAA:
+        """CAA on its own (no soft prompt): every control of a request acts through its probe's
+        steering vector (RE-Control's through their value networks);
+        `engine.generate(prompts, params, method=engine.caa)`."""
+        dec = self.decoder
+        return CAA(
+            self.steering_vectors, dec.num_layers, dec.hidden_size, self.value_nets,
+            self.probes.probes, getattr(dec, "logits", None),
+        )  # fmt: skip
+
+    def add_steering_vector(self, vector: SteeringVector) -> None:
+        """Use `vector` for its probe (checked against the decoder and the probe's labels)."""
+        with self._exclusive("add_steering_vector"):
+            c = vector.config
+            probe = self.probes.probes.get(c.probe)
+            check_decoder(vector, probe, self.decoder.num_layers, self.decoder.hidden_size)
+            self.steering_vectors[c.probe] = vector
 
     # ---------------------------------------------------------------- loading and saving
     @classmethod
@@ -236,6 +258,11 @@ class Engine:
         engine.bundle_dir = bundle_dir
         nets = bundle_io.load_value_networks(config, bundle_dir)
         engine.value_nets = {k: v.to(device) for k, v in nets.items()}
+        for vector in bundle_io.load_bundle_steering_vectors(config, bundle_dir).values():
+            try:
+                engine.add_steering_vector(vector)
+            except ValueError as e:
+                raise ValueError(f"{bundle_dir / bundle_io.STEERING_VECTORS_FILE}: {e}") from None
         if config.decoder_lora is not None:  # already merged; kept to write the bundle back
             engine.decoder_lora_state = bundle_io.read_safetensors(bundle_dir / bundle_io.LORA_FILE)
         engine.check_implied_controls()
@@ -272,6 +299,8 @@ class Engine:
             bundle_io.save_value_networks(self.value_nets, out / bundle_io.VALUE_NETS_FILE)
         if self.student is not None:
             bundle_io.save_state(self.student, out / bundle_io.STUDENT_FILE)
+        if self.steering_vectors:
+            save_steering_vectors(self.steering_vectors, out / bundle_io.STEERING_VECTORS_FILE)
         if self.config.decoder_lora is not None:
             if self.decoder_lora_state is None:
                 raise ValueError(
@@ -453,6 +482,8 @@ class Engine:
         hooks = {"processors": processors} if processors else {}
         if cond.hidden_hook is not None:
             hooks["hidden_hook"] = cond.hidden_hook
+        if cond.residual is not None:
+            hooks["residual"] = cond.residual
         if on_tokens is not None:
             hooks["on_tokens"] = on_tokens
         row_ids = [prefix_ids[i] for i, _ in rows]
@@ -494,6 +525,7 @@ class Engine:
         processors: tuple[LogitsProcessor, ...] = (),
         hidden_hook: HiddenHook | None = None,
         on_tokens: TokenStream | None = None,
+        residual: torch.Tensor | None = None,
     ) -> tuple[list[DecodeResult], dict[str, float]]:
         """The decoding stage: the one loop on this engine's backend → (results, timings).
         The torch backend's persistent runner takes the batches it can (see its can_run)."""
@@ -509,6 +541,7 @@ class Engine:
         return decode(
             self.decoder, self.tokenizer, prefix_ids, params, soft_prompt, runner=runner,
             processors=processors, hidden_hook=hidden_hook, on_tokens=on_tokens,
+            residual=residual,
         )  # fmt: skip
 
     def info(self) -> dict:
@@ -555,6 +588,9 @@ class Engine:
             "value_networks": {  # RE-Control, by probe
                 name: {**net.config.to_dict(), **parameters(net)}
                 for name, net in self.value_nets.items()
+            },
+            "steering_vectors": {  # CAA, by probe
+                name: v.config.to_dict() for name, v in self.steering_vectors.items()
             },
             "guided_update": getattr(self.update_fn, "__name__", str(self.update_fn)),
             "fast_decode": self.decode_runner is not None,

@@ -14,6 +14,7 @@ from dglm.engine.decoding.loop import generate as decode
 from dglm.engine.decoding.sampling import MinP, NoRepeatNGram
 from dglm.engine.evaluation.settings import EvalConfig, Setting
 from dglm.engine.methods.base import MethodBatch
+from dglm.engine.methods.caa import CAA, SteeringVector
 from dglm.engine.methods.fudge import FudgeParams, fudge_generate
 from dglm.engine.methods.re_control import value_conditioning
 from dglm.engine.models import load_decoder
@@ -46,10 +47,12 @@ def generate_setting(
     config: EvalConfig,
     tick=None,
     base_decoder=None,
+    steering_vectors: dict[str, SteeringVector] | None = None,
 ) -> Generations:
-    """Run one setting over every prefix in batches of config.batch_size prompts. Plain decoding
-    and FUDGE run on `base_decoder` (the released decoder, without the bundle's adapters; default:
-    the engine's decoder)."""
+    """Run one setting over every prefix in batches of config.batch_size prompts. Plain decoding,
+    RE-Control, CAA and FUDGE run on `base_decoder` (the released decoder, without the bundle's
+    adapters; default: the engine's decoder); CAA with `steering_vectors` (default: the
+    engine's)."""
     base_decoder = engine.decoder if base_decoder is None else base_decoder
     S = config.num_samples
     # the n-gram ban of every row, resolved once: the config's, else the bundle's default
@@ -92,7 +95,7 @@ def generate_setting(
                     add(k + "_s", v)
         else:
             ids = [engine.tokenizer.encode(prefixes[i]) for i in chunk for _ in range(S)]
-            if setting.method in ("decoder", "re-control"):
+            if setting.method in ("decoder", "re-control", "caa"):
                 params = [
                     DecodeParams(
                         max_new_tokens=config.max_new_tokens,
@@ -103,18 +106,26 @@ def generate_setting(
                     for i in chunk
                     for j in range(S)
                 ]
-                hook, masks = None, ()
+                hook, masks, residual = None, (), None
                 if setting.min_p:  # plain decoding with DGLM's truncation
                     masks = (MinP(setting.min_p),)
                 if setting.method == "re-control":  # the edit on the same plain decoding
                     hook, masks = re_control_hook(
                         engine, setting, prefixes, chunk, ids, S, base_decoder.logits
                     )
+                if setting.method == "caa":  # the vector on the same plain decoding
+                    vectors = (
+                        engine.steering_vectors if steering_vectors is None else steering_vectors
+                    )
+                    hook, masks, residual = caa_conditioning(
+                        engine, vectors, setting, prefixes, chunk, ids, S, base_decoder
+                    )
                 if no_repeat:  # the n-gram ban the engine gives every method's rows
                     masks = (*masks, NoRepeatNGram(no_repeat))
                 results, t = decode(
-                    base_decoder, engine.tokenizer, ids, params, hidden_hook=hook, processors=masks
-                )
+                    base_decoder, engine.tokenizer, ids, params, hidden_hook=hook,
+                    processors=masks, residual=residual,
+                )  # fmt: skip
                 for k in ("prefill_s", "decode_s"):
                     add(k, t[k])
             elif setting.method == "fudge":
@@ -167,6 +178,33 @@ def re_control_hook(engine, setting: Setting, prefixes, chunk, ids, samples: int
     return value_conditioning(
         engine.value_nets, engine.probes.probes, batch, True, engine.device, logits_fn
     )
+
+
+def caa_conditioning(
+    engine, vectors, setting: Setting, prefixes, chunk, ids, samples: int, decoder
+) -> tuple:
+    """CAA's residual (and RE-Control's hook and masks for the controls the bundle implies that
+    act through it) for one batch of rows, as the engine's CAA method gives them, at the setting's
+    blocks and multiplier (else the vector's defaults) → (hook, processors, residual)."""
+    params = [
+        GenerationParams(
+            controls=setting.effective_controls(engine.config.implied_controls),
+            caa_multiplier=setting.caa_multiplier,
+        )
+        for _ in chunk
+    ]
+    rows = [(r, j) for r in range(len(chunk)) for j in range(samples)]
+    per_request = [ids[k * samples] for k in range(len(chunk))]
+    batch = MethodBatch(
+        [prefixes[i] for i in chunk], params, per_request, rows, [0] * len(rows), None
+    )
+    method = CAA(
+        vectors, decoder.num_layers, decoder.hidden_size, engine.value_nets,
+        engine.probes.probes, decoder.logits, setting.caa_layers,
+    )  # fmt: skip
+    method.validate(params)
+    cond = method.condition(batch)
+    return cond.hidden_hook, cond.processors, cond.residual
 
 
 def warm_up(engine, prefix: str) -> None:

@@ -3,8 +3,8 @@
 The engine owns everything methods share (validation, rows and seeds, the decoder backend, the
 loop, the outputs); a method turns a batch of rows into a `Conditioning`: soft-prompt vectors
 spliced after each prefix (DGLM), logits processors acting on each step's logits (FUDGE), a
-hidden-state hook between the decoder's blocks and its LM head (RE-Control), and the per-row
-latents it reports. A new method is one module with one `Method` subclass:
+hidden-state hook between the decoder's blocks and its LM head (RE-Control), vectors added to the
+residual stream after the decoder's blocks (CAA), and the per-row latents it reports. A new method is one module with one `Method` subclass:
 
     engine.generate(prompts, params, method=Fudge(engine.encoder, engine.probes))
 """
@@ -43,6 +43,8 @@ class Conditioning:
     soft_prompt: torch.Tensor | None = None  # (R, P, H) after each row's prefix, or None
     processors: tuple[LogitsProcessor, ...] = ()  # rewrite each step's logits (R, V)
     hidden_hook: HiddenHook | None = None  # edits final-norm hidden states (R, T, H)
+    # (R, L, H) added to the decoder's residual stream after each block (CAA), or None
+    residual: torch.Tensor | None = None
     latents: torch.Tensor | None = None  # (R, d) reported per sample (fp32 CPU), or None
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage of the method
 

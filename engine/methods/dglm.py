@@ -17,6 +17,7 @@ from dglm.engine.decoding.guidance import PromptGuidance
 from dglm.engine.diffusion.sampler import Guidance, SamplerConfig, draw_noise, sample
 from dglm.engine.diffusion.schedule import MULTISTEP_SAMPLERS
 from dglm.engine.methods.base import Conditioning, Method, MethodBatch
+from dglm.engine.methods.caa import caa_residual, check_caa_controls
 from dglm.engine.methods.re_control import value_conditioning
 
 if TYPE_CHECKING:  # annotations only: the engine builds its DGLM method
@@ -77,6 +78,12 @@ class DGLM(Method):
                         f"network in this bundle (value networks: {sorted(e.value_nets) or 'none'}"
                         "); train one with `dglm train value` or use method='dglm'"
                     )
+                if c.residual and e.backend != "torch":
+                    raise ValueError(
+                        f"params[{i}].controls: method='caa' adds a steering vector inside the "
+                        "decoder's blocks, which the ONNX decode graph does not include: use "
+                        "method='dglm' or backend='torch'"
+                    )
             guided = (
                 p.prompt_guidance if p.prompt_guidance is not None else e.config.prompt_guidance
             )
@@ -92,6 +99,7 @@ class DGLM(Method):
                     "guidance_mode='exact' differentiates through the score network, which the "
                     "ONNX backend cannot; use guidance_mode='fast' or backend='torch'"
                 )
+        check_caa_controls(e.steering_vectors, params, False)
 
     def condition(self, batch: MethodBatch) -> Conditioning:
         e, rows, params = self.engine, batch.rows, batch.params
@@ -127,10 +135,17 @@ class DGLM(Method):
             e.value_nets, e.probes.probes, batch, False, e.device, head
         )
         processors = (*processors, *masks)  # the mask acts on the guided scores
+        residual = None  # controls with method "caa": their steering vectors (methods.caa)
+        if e.steering_vectors:
+            dec = e.decoder
+            residual = caa_residual(
+                e.steering_vectors, batch, False, dec.num_layers, dec.hidden_size
+            )
         return Conditioning(
             soft_prompt=soft_prompt,
             processors=processors,
             hidden_hook=hook,
+            residual=residual,
             latents=x0.float().cpu(),
             timings=timings,
         )
