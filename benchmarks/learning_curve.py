@@ -14,6 +14,7 @@ step × the run's batch size.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import tempfile
 from dataclasses import replace
@@ -47,11 +48,17 @@ def samples_seen(snapshot: Path, base: int) -> tuple[int, int]:
     return state["step"], base + state["step"] * state["meta"]["train_config"]["batch_size"]
 
 
-def point(bundle_dir: Path, config: EvalConfig, reference_lm, label: str) -> dict:
-    """One point: the dev eval of one bundle → {label, rows: {setting: metrics}, bounds}."""
+def point(
+    bundle_dir: Path, config: EvalConfig, reference_lm, label: str, plain: bool = True
+) -> dict:
+    """One point: the dev eval of one bundle → {label, rows: {setting: metrics}, bounds}.
+    The steering networks alone: the bundle's implied controls are left out (they are the same
+    at every point). plain: also plain decoding (the same at every point: the released decoder)."""
     engine = Engine.from_pretrained(bundle_dir)
+    engine.config = replace(engine.config, implied_controls={})
     scale = float(engine.config.control_scale)
-    only = ("decoder", f"dglm sentiment=positive:{scale:g}", f"dglm sentiment=negative:{scale:g}")
+    only = (f"dglm sentiment=positive:{scale:g}", f"dglm sentiment=negative:{scale:g}")
+    only = ("decoder", *only) if plain else only
     report, _ = run_eval(
         engine, replace(config, only=only), bundle=label, reference_lm=reference_lm
     )
@@ -64,19 +71,45 @@ def point(bundle_dir: Path, config: EvalConfig, reference_lm, label: str) -> dic
 
 
 def learning_curve(
-    bundle: str, run: Path, config: EvalConfig, base_samples: int, reference_lm=None
+    bundle: str,
+    run: Path,
+    config: EvalConfig,
+    base_samples: int,
+    reference_lm=None,
+    cache: Path | None = None,
 ) -> list[dict]:
-    """Every point of the curve, the base bundle first."""
-    points = [{"step": 0, "samples": base_samples, **point(
-        bundle_io.resolve_bundle_dir(bundle), config, reference_lm, "base")}]  # fmt: skip
+    """Every point of the curve, the base bundle first; plain decoding is run with the base
+    point only and its rows are copied into the others. cache: a directory keeping each point
+    as `<label>.json`, reused by the next call (run it as snapshots appear, one point at a
+    time beside the training; the same config each time)."""
+
+    def cached(label: str, make) -> dict:
+        path = None if cache is None else cache / f"{label}.json"
+        if path is not None and path.exists():
+            return json.loads(path.read_text())
+        p = make()
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(p))
+        return p
+
+    base_dir = bundle_io.resolve_bundle_dir(bundle)
+    points = [cached("base", lambda: {"step": 0, "samples": base_samples,
+                                      **point(base_dir, config, reference_lm, "base")})]  # fmt: skip
+    plain = {k: v for k, v in points[0]["rows"].items() if k.startswith("decoder")}
     with tempfile.TemporaryDirectory() as tmp:
         for snap in snapshots(run):
             step, seen = samples_seen(snap, base_samples)
-            out = Path(tmp) / snap.stem
-            add_steering(bundle, run, out, snapshot=snap)
-            points.append(
-                {"step": step, "samples": seen, **point(out, config, reference_lm, snap.stem)}
-            )
+
+            def make(snap=snap, step=step, seen=seen) -> dict:
+                out = Path(tmp) / snap.stem
+                add_steering(bundle, run, out, snapshot=snap)
+                p = point(out, config, reference_lm, snap.stem, plain=False)
+                return {"step": step, "samples": seen, **p}
+
+            p = cached(snap.stem, make)
+            p["rows"] = {**plain, **p["rows"]}
+            points.append(p)
     return points
 
 
@@ -131,7 +164,9 @@ def main(argv: list[str] | None = None) -> int:
         guidance_scales=(), renoise_alpha2s=(), fudge_strengths=(), gemma=args.gemma,
     )  # fmt: skip
     reference_lm, _ = resolve_reference_lm(config, torch.device("cpu"))
-    points = learning_curve(args.bundle, args.run, config, args.base_samples, reference_lm)
+    points = learning_curve(
+        args.bundle, args.run, config, args.base_samples, reference_lm, args.out / "points"
+    )
     env = common.environment(torch.device("cpu"))
     report = {"config": {**vars(args), "run": str(args.run), "out": str(args.out)},
               "points": points, "environment": env}  # fmt: skip

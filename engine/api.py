@@ -20,6 +20,8 @@ MAX_CFG_SCALE = 100.0  # |w| of classifier-free guidance, a request's or a bundl
 MAX_RE_CONTROL_STEPS = 1000
 MAX_RE_CONTROL_STEP = 1e4
 MAX_NO_REPEAT_NGRAM = 64
+# |m| of contrastive activation addition's multiplier (dglm.engine.methods.caa)
+MAX_CAA_MULTIPLIER = 1e3
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,9 @@ class GenerationParams:
     # β of the plausibility mask around the edit, in [0, 1): the edited scores kept on tokens the
     # unedited state gives ≥ β × its top probability (0 = off); None: the value network's
     re_control_plausibility: float | None = None
+    # CAA (controls with method "caa", or the CAA method): the multiplier m of each control's
+    # steering vector (m · v added after its blocks; negative steers away); None: the vector's
+    caa_multiplier: float | None = None
     # add the controls the bundle implies for this request's controls (BundleConfig.
     # implied_controls, e.g. toxicity=low with sentiment=negative); False: exactly `controls`
     implied_controls: bool = True
@@ -107,6 +112,9 @@ class GenerationParams:
             int_in("re_control_steps", self.re_control_steps, 0, MAX_RE_CONTROL_STEPS)
         if self.re_control_step_size is not None:
             finite_in("re_control_step_size", self.re_control_step_size, 0.0, MAX_RE_CONTROL_STEP)
+        if self.caa_multiplier is not None:
+            m = MAX_CAA_MULTIPLIER
+            finite_in("caa_multiplier", self.caa_multiplier, -m, m)
         if self.re_control_plausibility is not None:
             b = self.re_control_plausibility
             if isinstance(b, bool) or not isinstance(b, int | float) or not 0 <= b < 1:

@@ -11,6 +11,8 @@
                                          steering`), merged into its weights at load
     <bundle>/value_networks.safetensors  optional: RE-Control's value networks, one per probe
                                          (`dglm train value`, `dglm bundle add-value-network`)
+    <bundle>/steering_vectors.safetensors optional: CAA's steering vectors, one per probe (`dglm
+                                         train steering-vector`, `dglm bundle add-steering-vector`)
 
 Encoder and decoder are references (a name or a path; relative paths resolve against the bundle).
 """
@@ -28,6 +30,11 @@ from dglm.engine.api import MAX_CFG_SCALE, MAX_NO_REPEAT_NGRAM, finite_in, int_i
 from dglm.engine.decoding.guidance import DEFAULT_PLAUSIBILITY, check_prompt_guidance
 from dglm.engine.diffusion.sampler import SamplerConfig
 from dglm.engine.diffusion.score_network import ScoreNetConfig
+from dglm.engine.methods.caa import (
+    SteeringVector,
+    SteeringVectorConfig,
+    load_steering_vectors,
+)
 from dglm.engine.methods.re_control import ValueNetConfig, ValueNetwork
 from dglm.engine.models import load_decoder
 from dglm.engine.models.lora import LoraConfig, merge_lora
@@ -47,6 +54,7 @@ PROBES_FILE = "probes.safetensors"
 STUDENT_FILE = "student.safetensors"
 LORA_FILE = "decoder_lora.safetensors"
 VALUE_NETS_FILE = "value_networks.safetensors"  # RE-Control: "<probe>.<param>" per network
+STEERING_VECTORS_FILE = "steering_vectors.safetensors"  # CAA: a (labels, L, H) tensor per probe
 BUNDLES_DIR = Path(__file__).resolve().parent / "bundles"
 T = TypeVar("T")
 
@@ -112,6 +120,9 @@ class BundleConfig:
     no_repeat_ngram_size: int = 0
     # RE-Control's value networks (value_networks.safetensors), one per probe they predict
     value_networks: tuple[ValueNetConfig, ...] = ()
+    # CAA's steering vectors (steering_vectors.safetensors), one per probe they steer toward; each
+    # config holds its default blocks and multiplier
+    steering_vectors: tuple[SteeringVectorConfig, ...] = ()
     # controls a request gets with a control of one probe=target, unless it controls their probe
     # itself or sets GenerationParams.implied_controls=False (probes.with_implied), e.g.
     # {"sentiment=negative": ["toxicity=low@re-control"]}: negative opinion without abuse
@@ -133,13 +144,16 @@ class BundleConfig:
             nested_config(f"value_networks[{i}]", ValueNetConfig, v) for i, v in enumerate(nets)
         )
         object.__setattr__(self, "value_networks", nets)
-        probes = [v.probe for v in nets]
-        for i, probe in enumerate(probes):
-            if (first := probes.index(probe)) < i:
-                raise ValueError(
-                    f"value_networks[{i}]: probe {probe!r} already has a network "
-                    f"(value_networks[{first}]): one network per probe"
-                )
+        one_per_probe("value_networks", [v.probe for v in nets], "network")
+        vecs = self.steering_vectors
+        if isinstance(vecs, str | dict) or not isinstance(vecs, list | tuple):
+            raise ValueError(f"steering_vectors must be a list of steering vectors, got {vecs!r}")
+        vecs = tuple(
+            nested_config(f"steering_vectors[{i}]", SteeringVectorConfig, v)
+            for i, v in enumerate(vecs)
+        )
+        object.__setattr__(self, "steering_vectors", vecs)
+        one_per_probe("steering_vectors", [v.probe for v in vecs], "vector")
         finite_in("cfg_scale", self.cfg_scale, -MAX_CFG_SCALE, MAX_CFG_SCALE)
         if not isinstance(self.trained, bool):
             raise ValueError(f"trained must be true or false, got {self.trained!r}")
@@ -206,6 +220,16 @@ class BundleConfig:
         if unknown := sorted(set(data) - names):
             raise ValueError(f"unknown keys {unknown}")
         return cls(**data)  # nested configs from their dicts in __post_init__
+
+
+def one_per_probe(field_name: str, probes: list[str], what: str) -> None:
+    """ValueError naming the entry of `field_name` whose probe an earlier entry has already."""
+    for i, probe in enumerate(probes):
+        if (first := probes.index(probe)) < i:
+            raise ValueError(
+                f"{field_name}[{i}]: probe {probe!r} already has a {what} "
+                f"({field_name}[{first}]): one {what} per probe"
+            )
 
 
 def resolve_bundle_dir(name_or_path: str | Path) -> Path:
@@ -281,6 +305,28 @@ def load_value_networks(config: BundleConfig, bundle_dir: Path) -> dict[str, Val
         net.load_state_dict({k: v.float() for k, v in own.items()})
         nets[vc.probe] = net.eval()
     return nets
+
+
+def load_bundle_steering_vectors(
+    config: BundleConfig, bundle_dir: Path
+) -> dict[str, SteeringVector]:
+    """The bundle's CAA steering vectors by probe (fp32), {} when it has none; each with its
+    config from config.json (its default blocks and multiplier), its tensor from the file."""
+    if not config.steering_vectors:
+        return {}
+    path = bundle_dir / STEERING_VECTORS_FILE
+    if not path.is_file():
+        raise ValueError(f"{path} is missing: config.json names steering vectors")
+    stored = load_steering_vectors(path)
+    out = {}
+    for vc in config.steering_vectors:
+        if vc.probe not in stored:
+            raise ValueError(f"{path} holds no steering vector for probe {vc.probe!r}")
+        try:
+            out[vc.probe] = SteeringVector(vc, stored[vc.probe].vectors)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e} (config.json's steering_vectors entry)") from None
+    return out
 
 
 def save_value_networks(nets: dict[str, ValueNetwork], path: Path) -> None:

@@ -26,6 +26,7 @@ from dglm.engine.decoding.sampling import NoRepeatNGram
 from dglm.engine.diffusion.score_network import ScoreNetwork
 from dglm.engine.encode.encoder import SentenceEncoder
 from dglm.engine.methods.base import Method, MethodBatch
+from dglm.engine.methods.caa import CAA, SteeringVector, check_decoder, save_steering_vectors
 from dglm.engine.methods.dglm import DGLM, check_encoder
 from dglm.engine.methods.fudge import Fudge
 from dglm.engine.methods.plain import PlainDecoding
@@ -135,6 +136,24 @@ class Engine:
         return self.methods["re-control"]
 
     @property
+    def caa(self) -> CAA:
+        """CAA on its own (no soft prompt): every control of a request acts through its probe's
+        steering vector (RE-Control's through their value networks); `method="caa"`."""
+        return self.methods["caa"]
+
+    @property
+    def steering_vectors(self) -> dict[str, SteeringVector]:
+        return self.dglm.steering_vectors
+
+    def add_steering_vector(self, vector: SteeringVector) -> None:
+        """Use `vector` for its probe (checked against the decoder and the probe's labels)."""
+        with self._exclusive("add_steering_vector"):
+            c = vector.config
+            probe = self.probes.probes.get(c.probe)
+            check_decoder(vector, probe, self.decoder.num_layers, self.decoder.hidden_size)
+            self.steering_vectors[c.probe] = vector
+
+    @property
     def config(self) -> BundleConfig:
         return self.dglm.config
 
@@ -231,6 +250,11 @@ class Engine:
             guided_update, cuda_graphs,
         )  # fmt: skip
         engine.bundle_dir = bundle_dir
+        for vector in bundle_io.load_bundle_steering_vectors(config, bundle_dir).values():
+            try:
+                engine.add_steering_vector(vector)
+            except ValueError as e:
+                raise ValueError(f"{bundle_dir / bundle_io.STEERING_VECTORS_FILE}: {e}") from None
         if config.decoder_lora is not None:  # already merged; kept to write the bundle back
             engine.decoder_lora_state = bundle_io.read_safetensors(bundle_dir / bundle_io.LORA_FILE)
         engine.check_implied_controls()
@@ -261,13 +285,18 @@ class Engine:
                 f"generator emits {config.prompt_generator.decoder_dim}-d vectors"
             )
         probe_set = ProbeSet(probes, encoder.dim, config.control_scale)
+        dec = core.decoder
+        vectors: dict[str, SteeringVector] = {}  # CAA's, by probe: from_pretrained adds them
         dglm = DGLM(
             config, encoder, score_net, prompt_gen, probe_set, value_nets, device, dtype,
-            student, guided_update, cuda_graphs, core.backend,
+            student, guided_update, cuda_graphs, core.backend, vectors,
+            (dec.num_layers, dec.hidden_size),
         )  # fmt: skip
+        caa = CAA(vectors, dec.num_layers, dec.hidden_size, value_nets, probe_set.probes)
         methods = (
             dglm,
             ReControl(value_nets, probe_set),
+            caa,
             Fudge(encoder, probe_set),
             PlainDecoding(),
         )
@@ -308,6 +337,8 @@ class Engine:
             bundle_io.save_value_networks(d.value_nets, out / bundle_io.VALUE_NETS_FILE)
         if d.student is not None:
             bundle_io.save_state(d.student, out / bundle_io.STUDENT_FILE)
+        if d.steering_vectors:
+            save_steering_vectors(d.steering_vectors, out / bundle_io.STEERING_VECTORS_FILE)
         if d.config.decoder_lora is not None:
             if self.decoder_lora_state is None:
                 raise ValueError(
@@ -455,8 +486,9 @@ class Engine:
         processors = (*cond.processors, *self.repetition_processors(params, rows))
         row_ids = [prefix_ids[i] for i, _ in rows]
         results, dec_t = self.core.decode(
-            row_ids, decode_params, cond.soft_prompt, processors, cond.hidden_hook, on_tokens
-        )
+            row_ids, decode_params, cond.soft_prompt, processors, cond.hidden_hook, on_tokens,
+            cond.residual,
+        )  # fmt: skip
         timings.update(cond.timings)  # (after decoding: a processor may time its own share)
         timings["prefill"] = dec_t.get("prefill_s", 0.0)
         timings["decode"] = dec_t.get("decode_s", 0.0)
@@ -531,6 +563,9 @@ class Engine:
             "value_networks": {  # RE-Control, by probe
                 name: {**net.config.to_dict(), **parameters(net)}
                 for name, net in d.value_nets.items()
+            },
+            "steering_vectors": {  # CAA, by probe
+                name: v.config.to_dict() for name, v in d.steering_vectors.items()
             },
             "guided_update": getattr(d.update_fn, "__name__", str(d.update_fn)),
             "fast_decode": self.decode_runner is not None,

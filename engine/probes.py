@@ -168,7 +168,7 @@ def load_probes(path: str | Path) -> list[Probe]:
         raise ValueError(f"{path}: not a probes file written by save_probes ({e!r})") from e
 
 
-CONTROL_METHODS = ("dglm", "re-control", "both")
+CONTROL_METHODS = ("dglm", "re-control", "both", "caa")
 
 
 @dataclass(frozen=True)
@@ -180,7 +180,8 @@ class Control:
     scale: float | None = None
     # how the control acts: "dglm" through DGLM's latent (probe guidance of the diffusion),
     # "re-control" through the decoder's hidden states (the probe's RE-Control value network,
-    # methods.re_control), "both"
+    # methods.re_control), "both", "caa" through the probe's steering vector added to the
+    # decoder's residual stream (methods.caa; its multiplier: GenerationParams.caa_multiplier)
     method: str = "dglm"
 
     def __post_init__(self) -> None:
@@ -204,10 +205,15 @@ class Control:
         """Whether it acts through RE-Control's hidden-state edit."""
         return self.method in ("re-control", "both")
 
+    @property
+    def residual(self) -> bool:
+        """Whether it acts through CAA's steering vector on the residual stream."""
+        return self.method == "caa"
+
     @classmethod
     def parse(cls, spec: str) -> Control:
         """ "probe=target[:scale][@method]", e.g. "sentiment=positive:20",
-        "sentiment=positive@re-control", "sentiment=negative:1000@both"."""
+        "sentiment=positive@re-control", "sentiment=negative:1000@both", "sentiment=negative@caa"."""
         spec, _, method = spec.partition("@")
         name, sep, rest = spec.partition("=")
         if not sep or not name or not rest:

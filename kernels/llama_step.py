@@ -5,7 +5,8 @@ grouped-query attention over the cache, the output projection, the SwiGLU MLP) a
 in C++ (kernels/cpp/llama_step.cpp): the matrices through the int8 kernel's blocks
 (dglm.kernels.int8_linear), everything between them as plain loops, all threads inside one
 parallel region. It returns the final-norm hidden states; the LM head stays with the caller, so a
-hidden-state hook (RE-Control) still acts before it.
+hidden-state hook (RE-Control) still acts before it. An optional residual (B, L, H) is added to the
+residual stream after every layer (contrastive activation addition, methods.caa).
 
 It serves decoders quantized by `models.quant.quantize_decoder(..., kernel="cpu")`: fp32
 activations and caches, int8 weights with per-row scales; or with kernel "cpu-bf16" (quantize
@@ -108,6 +109,7 @@ class LlamaInt8Step:
         slot: int,  # cache slot of the fed tokens, < S
         key_mask: torch.Tensor,  # (B, S) bool, False at pads
         out: torch.Tensor | None = None,  # (B, H) fp32 contiguous, or None for a fresh one
+        residual: torch.Tensor | None = None,  # (B, L, H) fp32, H contiguous: added after layer l
     ) -> torch.Tensor:
         B = x.shape[0]
         L, nkv, dh = self.shape
@@ -130,6 +132,12 @@ class LlamaInt8Step:
             raise ValueError(f"LlamaInt8Step: key_mask must be bool ({B}, {S}), rows contiguous")
         if not 0 <= slot < S:
             raise ValueError(f"LlamaInt8Step: slot {slot} is outside the cache's {S} slots")
+        if residual is not None and (residual.shape != (B, L, self.hidden_size)
+                                     or residual.dtype != torch.float32 or residual.stride(2) != 1):  # fmt: skip
+            raise ValueError(
+                f"LlamaInt8Step: residual must be fp32 ({B}, {L}, {self.hidden_size}) with "
+                f"contiguous rows, got {residual.dtype} {tuple(residual.shape)}"
+            )
         x = x.contiguous()
         positions = positions.contiguous()
         if out is None:
@@ -137,6 +145,14 @@ class LlamaInt8Step:
         self._plan.run(
             _addr(x), _addr(out), _addr(positions), _addr(k), _addr(v), tuple(k.stride()[:4]),
             int(slot), _addr(key_mask), key_mask.stride(0) if B > 1 else S, B,
-            torch.get_num_threads(),
+            torch.get_num_threads(), **self._residual_args(residual),
         )  # fmt: skip
         return out
+
+    @staticmethod
+    def _residual_args(residual: torch.Tensor | None) -> dict:
+        """The run's residual arguments, none when there is no residual (the call without them
+        is the one every build of the extension takes)."""
+        if residual is None:
+            return {}
+        return {"residual": _addr(residual), "residual_stride": tuple(residual.stride()[:2])}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from dglm.engine.cli.common import command_group
+from dglm.engine.cli.common import comma_separated, command_group
 
 
 def add_parser(sub) -> None:
@@ -92,6 +92,19 @@ def add_parser(sub) -> None:
         default=None,
         help="its default β when the control also acts through DGLM (method both)",
     )
+    bc = bsub.add_parser(
+        "add-steering-vector",
+        help="put a `dglm train steering-vector` file's vector (CAA) in a bundle",
+    )
+    bc.add_argument("bundle", help="bundle directory or shipped name")
+    bc.add_argument("--vector", required=True, help="file of `dglm train steering-vector`")
+    bc.add_argument("--out", default=None, help="write a copy here instead of in place")
+    bc.add_argument(
+        "--layers", type=comma_separated(int, "block indices"), default=None,
+        help="its default blocks (0-based), e.g. 10,11 (default: the file's)",
+    )  # fmt: skip
+    bc.add_argument("--multiplier", type=float, default=None, help="its default multiplier m")
+    bc.set_defaults(func=cmd_bundle_add_steering_vector)
     bt = _add_run_parser(
         bsub,
         "add-steering",
@@ -207,6 +220,15 @@ def cmd_bundle_add_value_network(args: argparse.Namespace) -> int:
     )  # fmt: skip
     nets = [v.to_dict() for v in config.value_networks]
     print(json.dumps({"bundle": str(args.out or args.bundle), "value_networks": nets}))
+    return 0
+
+
+def cmd_bundle_add_steering_vector(args: argparse.Namespace) -> int:
+    from dglm.engine.training.recipes import add_steering_vector
+
+    config = add_steering_vector(args.bundle, args.vector, args.out, args.layers, args.multiplier)
+    vecs = [v.to_dict() for v in config.steering_vectors]
+    print(json.dumps({"bundle": str(args.out or args.bundle), "steering_vectors": vecs}))
     return 0
 
 

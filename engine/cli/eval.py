@@ -13,6 +13,12 @@ from dglm.engine.cli.common import comma_separated, progress_bar
 _floats = comma_separated(float, "numbers")
 
 
+def _layer_sets(text: str) -> tuple[tuple[int, ...], ...]:
+    """ "8;10;8+10" → ((8,), (10,), (8, 10)): block sets for --caa-layers."""
+    blocks = comma_separated(int, "block indices")
+    return tuple(blocks(s.replace("+", ",")) for s in text.split(";") if s.strip())
+
+
 def add_parser(sub) -> None:
     """Register `dglm eval` on the CLI's subparsers."""
     e = sub.add_parser(
@@ -68,6 +74,19 @@ def add_parser(sub) -> None:
         "--re-control-scales", type=_floats, default=None,
         help="extra DGLM + RE-Control rows with DGLM at these guidance scales (each compared "
         "with DGLM alone at the same scale when --scales holds it), e.g. 100,300",
+    )  # fmt: skip
+    e.add_argument(
+        "--caa-layers", type=_layer_sets, default=None,
+        help="dev: CAA rows at each of these block sets, sets separated by ';' and blocks by "
+        "',' or '+', e.g. '8;10;8+10' (default: the steering vector's)",
+    )  # fmt: skip
+    e.add_argument(
+        "--caa-multipliers", type=_floats, default=None,
+        help="dev: CAA rows at these multipliers m, e.g. 2,4,8 (default: the vector's)",
+    )  # fmt: skip
+    e.add_argument(
+        "--caa-vector", default=None,
+        help="dev: a `dglm train steering-vector` file to evaluate instead of the bundle's",
     )  # fmt: skip
     e.add_argument(
         "--only", default=None,
@@ -164,6 +183,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
             "--re-control-step-sizes": args.re_control_step_sizes,
             "--re-control-plausibilities": args.re_control_plausibilities,
             "--re-control-scales": args.re_control_scales,
+            "--caa-layers": args.caa_layers, "--caa-multipliers": args.caa_multipliers,
+            "--caa-vector": args.caa_vector,
             "--prompt-guidance": args.prompt_guidance,
             "--no-repeat-ngram-size": args.no_repeat_ngram_size,
         }  # fmt: skip
@@ -189,6 +210,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "re_control_step_sizes": args.re_control_step_sizes,
         "re_control_plausibilities": args.re_control_plausibilities,
         "re_control_scales": args.re_control_scales,
+        "caa_layer_sets": args.caa_layers,
+        "caa_multipliers": args.caa_multipliers,
+        "caa_vector": args.caa_vector,
         "only": tuple(args.only.split(",")) if args.only else None,
         "no_repeat_ngram_size": args.no_repeat_ngram_size,
     }

@@ -12,7 +12,7 @@ from dglm.engine.cli.common import device, flags
 SAMPLING_FLAGS = (
     "num_samples", "seed", "max_new_tokens", "temperature", "top_p", "top_k", "cfg_scale",
     "sampler", "renoise_alpha2", "prompt_guidance", "re_control_steps", "re_control_step_size",
-    "re_control_plausibility", "implied_controls",
+    "re_control_plausibility", "implied_controls", "caa_multiplier",
 )  # fmt: skip
 
 
@@ -27,15 +27,22 @@ def add_parser(sub) -> None:
         metavar="PROBE=TARGET[:SCALE][@METHOD]",
         help="steer with a probe, e.g. sentiment=positive:20 (repeatable: losses add); @METHOD: "
         "dglm (the default: through the diffusion latent), re-control (the probe's value network "
-        "edits the decoder's hidden states), both; with a Diffusion-LM bundle: its classifiers, "
+        "edits the decoder's hidden states), both, caa (the probe's steering vector is added to "
+        "the decoder's residual stream); with a Diffusion-LM bundle: its classifiers, "
         "and length=N (the same as --length N)",
     )
     g.add_argument(
         "--method",
-        choices=("dglm", "re-control"),
+        choices=("dglm", "re-control", "caa"),
         default="dglm",
         help="re-control: RE-Control alone (no soft prompt, no diffusion): every control acts "
-        "through its value network",
+        "through its value network; caa: CAA alone, every control through its steering vector",
+    )
+    g.add_argument(
+        "--caa-multiplier",
+        type=float,
+        default=None,
+        help="CAA: the multiplier m of the steering vectors (default: each vector's)",
     )
     g.add_argument(
         "--re-control-steps",
@@ -211,7 +218,7 @@ def _generate_engine(args: argparse.Namespace):
         backend=args.backend,
         quantize=args.quantize,
     )
-    method = engine.re_control if args.method == "re-control" else None
+    method = {"re-control": engine.re_control, "caa": engine.caa}.get(args.method)
     return engine.generate(list(args.prompt), params, method=method)
 
 

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from dglm.engine.cli.common import (
+    comma_separated,
     command_group,
     configure_logging,
     flags,
@@ -147,6 +148,26 @@ def add_parser(sub) -> None:
     )
     tv.set_defaults(func=cmd_train_value, preset="small", warmup=100, ema_decay=0.99)
     _add_diffusion_lm_parsers(tsub)
+    ts = tsub.add_parser(
+        "steering-vector",
+        help="CAA's steering vector: mean residual-activation differences of the bundle's "
+        "decoder (as released) between a probe's labelled texts (training split)",
+    )
+    ts.add_argument("which", choices=("sentiment", "topic", "toxicity"))
+    ts.add_argument("--bundle", default="default", help="the bundle whose decoder and probe")
+    ts.add_argument(
+        "--layers", required=True, type=comma_separated(int, "block indices"),
+        help="its default blocks (0-based), e.g. 10,11 (every block's vector is kept)",
+    )  # fmt: skip
+    ts.add_argument("--multiplier", type=float, default=1.0, help="its default multiplier m")
+    ts.add_argument(
+        "--position", choices=("mean", "last"), default="mean",
+        help="activations averaged over each text's tokens, or at its last token",
+    )  # fmt: skip
+    ts.add_argument("--per-label", type=int, default=256, help="labelled texts per label")
+    ts.add_argument("--seed", type=int, default=0)
+    ts.add_argument("--out", required=True, help="steering-vector safetensors file")
+    ts.set_defaults(func=cmd_train_steering_vector)
     tb = tsub.add_parser("probe", help="a logistic probe from the offline labelled sets")
     tb.add_argument("which", choices=("sentiment", "topic", "toxicity"))
     tb.add_argument("--out", required=True, help="probe safetensors file")
@@ -300,6 +321,20 @@ def cmd_train_value(args: argparse.Namespace) -> int:
             args.state_noise,
         ),
     )
+
+
+def cmd_train_steering_vector(args: argparse.Namespace) -> int:
+    from dglm.engine.methods.caa import save_steering_vectors
+    from dglm.engine.training.recipes import train_steering_vector
+
+    vector = train_steering_vector(
+        args.which, args.bundle, args.layers, args.multiplier, args.position, args.per_label,
+        args.seed,
+    )  # fmt: skip
+    save_steering_vectors({vector.config.probe: vector}, args.out)
+    norms = vector.vectors[-1].norm(dim=-1)  # (L,): the last label's vector per block
+    print(json.dumps({**vector.config.to_dict(), "norms": [round(float(x), 3) for x in norms]}))
+    return 0
 
 
 def cmd_train_probe(args: argparse.Namespace) -> int:

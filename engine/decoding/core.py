@@ -40,6 +40,7 @@ class Core(Protocol):
         processors: tuple[LogitsProcessor, ...] = (),
         hidden_hook: HiddenHook | None = None,
         on_tokens: TokenStream | None = None,
+        residual: torch.Tensor | None = None,
     ) -> tuple[list[DecodeResult], dict[str, float]]: ...
 
 
@@ -85,8 +86,10 @@ class DecodeCore:
         processors: tuple[LogitsProcessor, ...] = (),
         hidden_hook: HiddenHook | None = None,
         on_tokens: TokenStream | None = None,
+        residual: torch.Tensor | None = None,
     ) -> tuple[list[DecodeResult], dict[str, float]]:
-        """The one decode loop on this core's backend → (results in row order, timings)."""
+        """The one decode loop on this core's backend → (results in row order, timings);
+        residual (R, L, H): added to the residual stream after each block (CAA)."""
         runner: StepBackend | None = self.decoder if self.backend == "onnx" else self.runner
         if self.backend == "torch" and runner is not None:
             slots = max(map(len, prefix_ids)) + max(p.max_new_tokens for p in params)
@@ -97,6 +100,7 @@ class DecodeCore:
         return generate(
             self.decoder, self.tokenizer, prefix_ids, params, soft_prompt, runner=runner,
             processors=processors, hidden_hook=hidden_hook, on_tokens=on_tokens,
+            residual=residual,
         )  # fmt: skip
 
 

@@ -13,7 +13,9 @@ LM head (torch backends, op by op). A processor with companion rows (`CompanionR
 guidance's unconditional stream) gets extra rows decoded in the same batched forward as the
 batch's own: after them in the step's batch, without the soft prompt, fed the sampled token of the
 row each one follows; a hidden hook with `with_companions(follow)` is extended to them (RE-Control
-edits both streams alike), any other sees them pass through.
+edits both streams alike), any other sees them pass through. `residual (B, L, H)` is added to the
+decoder's residual stream after each block (contrastive activation addition, methods.caa), at the
+prefill and every step, on the torch backends; companion rows get the rows' they follow.
 """
 
 from __future__ import annotations
@@ -49,8 +51,10 @@ class StepBackend(Protocol):
     can_run: whether it takes a batch of that many rows × KV slots (with a hidden-state hook when
     `hooked`: the hook itself, or True for any hook); max_batch: its most rows per batch; split_batches: whether the loop runs a larger
     batch in chunks of max_batch (else `start` refuses it, naming the setting to raise); start:
-    prefill a PaddedBatch → fp32 logits (B, V) of its last position; step: feed tokens (B,) long
-    at the next slot → fp32 logits (B, V), valid until the next step. Neither syncs with the host.
+    prefill a PaddedBatch → fp32 logits (B, V) of its last position (`residual (B, L, H)`: added
+    after each decoder block for the whole batch, the torch backends only); step: feed tokens (B,)
+    long at the next slot → fp32 logits (B, V), valid until the next step. Neither syncs with the
+    host.
     """
 
     max_batch: int
@@ -58,7 +62,12 @@ class StepBackend(Protocol):
 
     def can_run(self, batch_size: int, slots: int, hooked: object = False) -> bool: ...
 
-    def start(self, batch: PaddedBatch, hidden_hook: HiddenHook | None = None) -> torch.Tensor: ...
+    def start(
+        self,
+        batch: PaddedBatch,
+        hidden_hook: HiddenHook | None = None,
+        residual: torch.Tensor | None = None,
+    ) -> torch.Tensor: ...
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor: ...
 
@@ -105,15 +114,21 @@ class ReferenceStep:
     def can_run(self, batch_size: int, slots: int, hooked: object = False) -> bool:
         return batch_size <= self.cache.batch_size and slots <= self.cache.max_len
 
-    def start(self, batch: PaddedBatch, hidden_hook: HiddenHook | None = None) -> torch.Tensor:
+    def start(
+        self,
+        batch: PaddedBatch,
+        hidden_hook: HiddenHook | None = None,
+        residual: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         self.cache.reset()
         self.key_mask = batch.key_mask if batch.padded else None  # (B, slots) or None
-        self.hidden_hook = hidden_hook
+        self.hidden_hook, self.residual = hidden_hook, residual
         km = None if self.key_mask is None else self.key_mask[:, : batch.prefill_len]
         x = batch.embeds(self.decoder)  # (B, T0, H)
         logits = self.decoder(
-            x, batch.positions, self.cache, km, last_only=True, hidden_hook=hidden_hook
-        )
+            x, batch.positions, self.cache, km, last_only=True, hidden_hook=hidden_hook,
+            residual=residual,
+        )  # fmt: skip
         self.next_pos = batch.next_positions()  # (B, 1)
         return logits[:, -1]
 
@@ -121,7 +136,9 @@ class ReferenceStep:
         x = self.decoder.embed(tokens[:, None])  # (B, 1, H)
         n = self.cache.length + 1
         km = None if self.key_mask is None else self.key_mask[:, :n]
-        logits = self.decoder(x, self.next_pos, self.cache, km, hidden_hook=self.hidden_hook)
+        logits = self.decoder(
+            x, self.next_pos, self.cache, km, hidden_hook=self.hidden_hook, residual=self.residual
+        )
         self.next_pos += 1
         return logits[:, -1]  # (B, V)
 
@@ -163,6 +180,7 @@ def generate(
     processors: tuple[LogitsProcessor, ...] = (),
     hidden_hook: HiddenHook | None = None,
     on_tokens: TokenStream | None = None,
+    residual: torch.Tensor | None = None,
 ) -> tuple[list[DecodeResult], dict[str, float]]:
     """Generate a continuation per row → (results in row order, timings: "prefill_s",
     "decode_s" (wall), "decode_steps" (steps after the first token), "decode_cpu_s").
@@ -178,7 +196,9 @@ def generate(
     DecodeRunner over `cache` (the same static step, `Decoder.forward_static`); static=False runs
     the reference loop instead, `Decoder.forward` over a growing KVCache.
     processors rewrite each step's logits before sampling; hidden_hook edits the final-norm hidden
-    states before the LM head at every step (the runner must be able to run it, see can_run).
+    states before the LM head at every step (the runner must be able to run it, see can_run);
+    residual (B, L, H) is added to the residual stream after each decoder block, at every
+    position (a torch backend's; zero rows decode bit-identically).
     on_tokens (streaming, `TokenStream`) sees each step's tokens: a host read every step when
     set; None costs nothing and changes nothing.
 
@@ -208,6 +228,19 @@ def generate(
                 f"{decoder.hidden_size}"
             )
         P = soft_prompt.shape[1]
+    if residual is not None:
+        expected = (B, decoder.num_layers, decoder.hidden_size)
+        if residual.shape != expected:
+            raise ValueError(
+                f"residual has shape {tuple(residual.shape)}, expected (rows, layers, hidden) = "
+                f"{expected}"
+            )
+        if runner is not None and not isinstance(runner, DecodeRunner | ReferenceStep):
+            raise ValueError(
+                "a residual-stream addition (CAA) runs on the torch step backends only, not on "
+                f"{type(runner).__name__}"
+            )
+        residual = residual.to(device=decoder.device, dtype=decoder.dtype)
     lens = [len(p) for p in prefix_ids]
     if P == 0 and min(lens) == 0:
         raise ValueError(f"prefix_ids[{lens.index(0)}] is empty and there is no soft prompt")
@@ -237,6 +270,7 @@ def generate(
             return _in_chunks(
                 decoder, tokenizer, prefix_ids, params, soft_prompt, runner,
                 processors=processors, hidden_hook=hidden_hook, on_tokens=on_tokens,
+                residual=residual,
             )  # fmt: skip
         if hidden_hook is not None and not runner.can_run(1, 1, hidden_hook):
             raise ValueError(
@@ -272,6 +306,8 @@ def generate(
         extend = getattr(hidden_hook, "with_companions", None)
         if extend is not None:  # a hook that edits rows: the companions as the rows they follow
             hidden_hook = extend(comp.companion_rows)
+        if residual is not None:  # the companions steered as the rows they follow
+            residual = torch.cat((residual, residual[follow]))
         if not runner.can_run(B + G, total, hidden_hook):
             raise ValueError(
                 f"the runner cannot take {B} rows + {G} companion rows × {total} KV slots: "
@@ -291,7 +327,10 @@ def generate(
         return tok if not G else torch.cat((tok, tok[follow]))
 
     # ---- prefill: pads, prefix, soft prompt in one causal pass
-    tok = sample(runner.start(batch, hidden_hook))
+    if residual is not None:
+        tok = sample(runner.start(batch, hidden_hook, residual))
+    else:  # (a backend without residual support is called as before)
+        tok = sample(runner.start(batch, hidden_hook))
     sync(device)
     t_prefill, c_prefill = time.perf_counter(), time.process_time()
 
@@ -313,13 +352,16 @@ def generate(
 
 
 def _in_chunks(
-    decoder, tokenizer, prefix_ids, params, soft_prompt, runner, on_tokens=None, **hooks
-):
+    decoder, tokenizer, prefix_ids, params, soft_prompt, runner, on_tokens=None, residual=None,
+    **hooks,
+):  # fmt: skip
     """`generate` over chunks of runner.max_batch rows; results in row order, timings summed."""
     results: list[DecodeResult] = []
     timings: dict[str, float] = {}
     for rows in row_chunks(len(prefix_ids), runner.max_batch):
         soft = None if soft_prompt is None else soft_prompt[rows]
+        if residual is not None:
+            hooks["residual"] = residual[rows]
         stream = None
         if on_tokens is not None:  # the chunk's rows counted from its first
 

@@ -124,13 +124,15 @@ def decode_logits(
     v: torch.Tensor,
     write_pos: torch.Tensor,  # (1,) long
     key_mask: torch.Tensor,  # (b, s) bool
+    residual: torch.Tensor | None = None,  # (b, L, H): added after each block (zeros: off)
     hidden_hook: HiddenHook | None = None,
 ) -> torch.Tensor:
     """One decode step through `forward_static`, K/V written in place → fp32 logits (b, V)."""
     x = decoder.embed(tokens[:, None])  # (b, 1, H)
     return decoder.forward_static(
-        x, positions[:, None], k, v, write_pos, key_mask, hidden_hook=hidden_hook
-    )[:, 0]
+        x, positions[:, None], k, v, write_pos, key_mask, hidden_hook=hidden_hook,
+        residual=residual,
+    )[:, 0]  # fmt: skip
 
 
 def decode_hidden(
@@ -141,11 +143,12 @@ def decode_hidden(
     v: torch.Tensor,
     write_pos: torch.Tensor,
     key_mask: torch.Tensor,
+    residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`decode_logits` up to the final norm: K/V written in place → hidden states (b, 1, H)."""
     x = decoder.embed(tokens[:, None])  # (b, 1, H)
     return decoder.forward_static(
-        x, positions[:, None], k, v, write_pos, key_mask, return_hidden=True
+        x, positions[:, None], k, v, write_pos, key_mask, return_hidden=True, residual=residual
     )
 
 
@@ -173,15 +176,15 @@ class _DecodeModule(nn.Module):
         super().__init__()
         self.decoder = decoder
 
-    def forward(self, tokens, positions, k, v, write_pos, key_mask) -> torch.Tensor:
-        return decode_logits(self.decoder, tokens, positions, k, v, write_pos, key_mask)
+    def forward(self, tokens, positions, k, v, write_pos, key_mask, residual) -> torch.Tensor:
+        return decode_logits(self.decoder, tokens, positions, k, v, write_pos, key_mask, residual)
 
 
 class _DecodeHiddenModule(_DecodeModule):
     """decode_hidden as a module: the traced body of a hooked step (hook and head run after)."""
 
-    def forward(self, tokens, positions, k, v, write_pos, key_mask) -> torch.Tensor:
-        return decode_hidden(self.decoder, tokens, positions, k, v, write_pos, key_mask)
+    def forward(self, tokens, positions, k, v, write_pos, key_mask, residual) -> torch.Tensor:
+        return decode_hidden(self.decoder, tokens, positions, k, v, write_pos, key_mask, residual)
 
 
 class _EagerStep:
@@ -214,10 +217,14 @@ class _EagerStep:
             self.traced = self._trace(_DecodeModule(decoder), args)
         return self.traced(*args)
 
-    def _fused(self, decoder, tokens, positions, k, v, write_pos, key_mask) -> torch.Tensor:
+    def _fused(
+        self, decoder, tokens, positions, k, v, write_pos, key_mask, residual
+    ) -> torch.Tensor:
         runner = self.runner
         x = decoder.embed(tokens)  # (b, H)
-        hidden = runner.fused(x, positions, k, v, runner.slot, key_mask)[:, None]  # (b, 1, H)
+        residual = residual if runner.residual_on else None  # the C++ loop skips the adds
+        hidden = runner.fused(x, positions, k, v, runner.slot, key_mask, residual=residual)
+        hidden = hidden[:, None]  # (b, 1, H)
         return decoder.hooked_logits(hidden, runner.hidden_hook)[:, 0]
 
     def replay(self) -> None:
@@ -281,6 +288,11 @@ class DecodeRunner:
             self.write_pos = torch.zeros(1, dtype=torch.long, device=device)  # slot of the token
             self.key_mask = torch.ones(bmax, S, dtype=torch.bool, device=device)  # False = pad
             self.logits = torch.zeros(bmax, decoder.vocab_size, device=device)  # fp32
+            # per row and block, added to the residual stream after the block (methods.caa):
+            # always an input of the step (zeros when no row is steered: x + 0 = x), so a trace
+            # or a graph records one step for both
+            shape = (bmax, decoder.num_layers, decoder.hidden_size)
+            self.residual = torch.zeros(shape, dtype=decoder.dtype, device=device)
         except torch.OutOfMemoryError as e:
             raise RuntimeError(
                 f"allocating the decode buffers ({bmax} rows × {S} KV slots) ran out of device "
@@ -305,6 +317,7 @@ class DecodeRunner:
         self.hidden_hook: HiddenHook | None = None  # of the current batch, set by start()
         self._static: tuple[Hashable, Any] | None = None  # (key, static form) of that hook
         self.split_batches = False  # a batch above the largest bucket is refused (step backend)
+        self.residual_on = False  # whether the current batch's residual buffer holds nonzeros
 
     # ------------------------------------------------------------------ buckets
     @property
@@ -337,6 +350,7 @@ class DecodeRunner:
             self.v[:, :b, :, :s],
             self.write_pos,
             self.key_mask[:b, :s],
+            self.residual[:b],
         )
         if decode is not None:  # a traced step (hooked or not: see _EagerStep._decode)
             logits = decode(*args)
@@ -428,9 +442,16 @@ class DecodeRunner:
         return batch_size <= self.max_batch and slots <= self.max_len and (hookable or not hooked)
 
     @torch.inference_mode()
-    def start(self, batch: PaddedBatch, hidden_hook: HiddenHook | None = None) -> torch.Tensor:
+    def start(
+        self,
+        batch: PaddedBatch,
+        hidden_hook: HiddenHook | None = None,
+        residual: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Begin `batch` and prefill it (pads, prefix, soft prompt in one causal pass) → fp32
-        logits (B, V) of its last position; `hidden_hook` acts at every step of this batch."""
+        logits (B, V) of its last position; `hidden_hook` acts at every step of this batch, and
+        `residual (B, L, H)` is added after each decoder block at every position (copied into the
+        runner's static buffer; None: zeros)."""
         if hidden_hook is not None and not self.can_run(1, 1, hidden_hook):
             raise ValueError(
                 "a hidden-state hook runs op by op, traced, fused, or in CUDA graphs when it has "
@@ -439,6 +460,14 @@ class DecodeRunner:
             )
         self.begin(batch.batch_size, batch.slots, batch.key_mask if batch.padded else None)
         self.hidden_hook = hidden_hook
+        if residual is not None:
+            if residual.shape != (batch.batch_size, *self.residual.shape[1:]):
+                raise ValueError(
+                    f"residual has shape {tuple(residual.shape)}, expected (rows, layers, hidden) "
+                    f"= ({batch.batch_size}, {self.residual.shape[1]}, {self.residual.shape[2]})"
+                )
+            self.residual[: batch.batch_size].copy_(residual)
+            self.residual_on = True
         if self.graphs and hidden_hook is not None:  # the graphs replay its static form
             key = hidden_hook.static_key()
             if key not in self._static_hooks:
@@ -463,6 +492,7 @@ class DecodeRunner:
         h = self.decoder.forward_static(
             main.embeds(self.decoder), main.positions, self.k[:, :B, :, :T0],
             self.v[:, :B, :, :T0], write_pos, self.key_mask[:B, :T0], return_hidden=True,
+            residual=self.residual[:B],
         )  # fmt: skip
         hidden = torch.cat([h[:, -1:], h.index_select(0, follow)[:, tp - 1 : tp]])  # (n, 1, H)
         logits = self.decoder.hooked_logits(hidden, self.hidden_hook)[:, 0]
@@ -496,6 +526,9 @@ class DecodeRunner:
         self.slot = 0
         self.hidden_hook = None
         self._static = None
+        if self.residual_on:  # the last batch's vectors: zeros again (rows past B stay zero)
+            self.residual.zero_()
+            self.residual_on = False
 
     @torch.inference_mode()
     def prefill(self, inputs_embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -508,7 +541,7 @@ class DecodeRunner:
         write_pos = torch.arange(T0, device=self.write_pos.device)
         logits = self.decoder.forward_static(
             inputs_embeds, positions, self.k[:, :B, :, :T0], self.v[:, :B, :, :T0], write_pos, km,
-            last_only=True, hidden_hook=self.hidden_hook,
+            last_only=True, hidden_hook=self.hidden_hook, residual=self.residual[:B],
         )[:, -1]  # fmt: skip
         self.positions[:B].copy_(positions[:, -1] + 1)
         self.write_pos.fill_(T0)

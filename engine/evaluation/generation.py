@@ -14,6 +14,7 @@ from dglm.engine.decoding.core import DecodeCore
 from dglm.engine.engine import Engine
 from dglm.engine.evaluation.settings import EvalConfig, Setting
 from dglm.engine.methods.base import Method
+from dglm.engine.methods.caa import CAA, SteeringVector
 from dglm.engine.methods.fudge import Fudge
 from dglm.engine.methods.plain import PlainDecoding
 from dglm.engine.models import load_decoder
@@ -58,17 +59,29 @@ def request_params(setting: Setting, config: EvalConfig, prefix: int, no_repeat:
         renoise_alpha2=setting.renoise_alpha2,
         re_control_step_size=setting.re_control_step_size,
         re_control_plausibility=setting.re_control_plausibility,
+        caa_multiplier=setting.caa_multiplier,
         implied_controls=setting.implied_controls and setting.method != "fudge",
     )
 
 
-def setting_method(engine: Engine, setting: Setting, config: EvalConfig) -> Method:
+def setting_method(
+    engine: Engine,
+    setting: Setting,
+    config: EvalConfig,
+    steering_vectors: dict[str, SteeringVector] | None = None,
+) -> Method:
     """The engine method a setting runs: DGLM (alone or composed with RE-Control), RE-Control
-    alone, FUDGE at the setting's λ, or plain decoding (with the setting's min-p)."""
+    alone, CAA alone (at the setting's blocks, with `steering_vectors`, default: the engine's),
+    FUDGE at the setting's λ, or plain decoding (with the setting's min-p)."""
     if setting.method in ("dglm", "dglm+re-control"):
         return engine.dglm
     if setting.method == "re-control":
         return engine.re_control
+    if setting.method == "caa":
+        vectors = engine.steering_vectors if steering_vectors is None else steering_vectors
+        dec = engine.decoder
+        return CAA(vectors, dec.num_layers, dec.hidden_size, engine.value_nets,
+                   engine.probes.probes, None, setting.caa_layers)  # fmt: skip
     if setting.method == "fudge":
         return Fudge(engine.encoder, engine.probes, config.fudge_top_k, setting.scale)
     if setting.method == "decoder":
@@ -83,12 +96,14 @@ def generate_setting(
     config: EvalConfig,
     tick=None,
     base_decoder=None,
+    steering_vectors: dict[str, SteeringVector] | None = None,
 ) -> Generations:
     """Run one setting over every prefix in batches of config.batch_size prompts, every method
-    through `Engine.generate`. Plain decoding, RE-Control alone and FUDGE run on `base_decoder`
+    through `Engine.generate`. Plain decoding, RE-Control, CAA and FUDGE run on `base_decoder`
     (the released decoder, without the bundle's adapters; default: the engine's decoder): the
-    engine's methods over a decode core of that decoder."""
-    method = setting_method(engine, setting, config)
+    engine's methods over a decode core of that decoder; CAA with `steering_vectors` (default:
+    the engine's)."""
+    method = setting_method(engine, setting, config, steering_vectors)
     if setting.method not in ("dglm", "dglm+re-control") and base_decoder is not None:
         core = DecodeCore(base_decoder, engine.tokenizer)  # eager steps, as released
         engine = Engine(core, engine.methods.values(), engine.default, engine.no_repeat_ngram_size)

@@ -86,6 +86,9 @@ def guidance_label(r: dict) -> str:
         if alpha is not None:
             return f"RE-Control α={alpha:g}{mask}"
         return "RE-Control (value network's n, α" + (")" if beta is None else f"){mask}")
+    if r["method"] == "caa":
+        layers = "+".join(map(str, r.get("caa_layers") or ()))
+        return f"CAA L={layers} m={r.get('caa_multiplier', 0):g}"
     if r["method"] == "dglm+re-control":
         alpha = r.get("re_control_step_size")
         return f"s={r['scale']:g} + RE-Control" + ("" if alpha is None else f" α={alpha:g}") + mask

@@ -32,6 +32,7 @@ from dglm.engine.evaluation.settings import (
     target_rate,
 )
 from dglm.engine.evaluation.targets import combined_by_scale, target_checks
+from dglm.engine.methods.caa import check_decoder, load_steering_vectors
 
 logger = logging.getLogger(__name__)
 
@@ -119,9 +120,16 @@ def run_eval(
             config, guidance_scales=tuple(sorted({*config.guidance_scales, default_scale}))
         )
     plausibility = engine.config.prompt_plausibility if engine.config.prompt_guidance != 1 else 0
+    # CAA's vectors: the bundle's, or (dev) a steering-vector file's, checked against the decoder
+    vectors = engine.steering_vectors
+    if config.caa_vector is not None:
+        vectors = load_steering_vectors(config.caa_vector)
+        for v in vectors.values():
+            check_decoder(v, engine.probes.probes.get(v.config.probe), base.num_layers,
+                          base.hidden_size)  # fmt: skip
     settings, skipped = build_settings(
         config, engine.probes.probes, default_a2, tuple(engine.value_nets), default_scale,
-        plausibility, engine.config.implied_controls,
+        plausibility, engine.config.implied_controls, tuple(vectors),
     )  # fmt: skip
     logger.info("evaluating %d settings on %d prefixes", len(settings), len(prefixes))
 
@@ -130,7 +138,8 @@ def run_eval(
         return (
             s.method, s.effective_controls(engine.config.implied_controls), s.renoise_alpha2,
             s.probe, s.target, s.scale,
-            s.re_control_step_size, s.re_control_plausibility, s.min_p,
+            s.re_control_step_size, s.re_control_plausibility, s.min_p, s.caa_layers,
+            s.caa_multiplier,
         )  # fmt: skip
 
     warm_up(engine, prefixes[0])
@@ -152,7 +161,7 @@ def run_eval(
                 if progress is not None:
                     progress(name, done, total)
 
-            gens = generate_setting(engine, s, prefixes, config, tick, base)
+            gens = generate_setting(engine, s, prefixes, config, tick, base, vectors)
             metrics, cos = score_setting(
                 engine, gens, prefixes, reference_lm, base, sentiment_judge
             )
@@ -186,6 +195,7 @@ def run_eval(
             "re_control_step_size": s.re_control_step_size,
             "re_control_plausibility": s.re_control_plausibility,
             "min_p": s.min_p,
+            **caa_row(s, vectors),
             "default": s.method == "dglm" and s.scale == default_scale,
             "n": len(gens.texts),
             "metrics": metrics,
@@ -219,6 +229,17 @@ def run_eval(
         "wall_s": time.perf_counter() - t_start,
     }
     return report, samples
+
+
+def caa_row(s: Setting, vectors: dict) -> dict:
+    """A CAA row's blocks and multiplier as run (the vector's defaults where the setting gives
+    none); {} for other methods."""
+    if s.method != "caa":
+        return {}
+    c = vectors[s.probe].config
+    layers = c.layers if s.caa_layers is None else s.caa_layers
+    m = c.multiplier if s.caa_multiplier is None else s.caa_multiplier
+    return {"caa_layers": list(layers), "caa_multiplier": m, "caa_position": c.position}
 
 
 def add_sentiment_judge(

@@ -1,6 +1,7 @@
 """What `dglm eval` runs: its configuration and presets, and the list of settings (plain decoding,
 unguided DGLM, probe-guided DGLM over guidance scales, a re-noising sweep, the FUDGE baseline with
-the same probe) made from it and a bundle's probes."""
+the same probe, RE-Control, CAA with the bundle's steering vector) made from it and a bundle's
+probes."""
 
 from __future__ import annotations
 
@@ -30,8 +31,10 @@ SWEEPS = (  # those that hold a sequence
     "re_control_step_sizes",
     "re_control_plausibilities",
     "re_control_scales",
+    "caa_layer_sets",
+    "caa_multipliers",
 )
-SWEEP_FIELDS = (*SWEEPS, "seed", "no_repeat_ngram_size")
+SWEEP_FIELDS = (*SWEEPS, "seed", "no_repeat_ngram_size", "caa_vector")
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,15 @@ class EvalConfig:
     # for a combined control): the composition across guidance strengths, each compared in a paired
     # test with DGLM alone at the same scale when `guidance_scales` holds it
     re_control_scales: tuple[float, ...] = ()
+    # CAA rows (plain decoding of the released decoder with a steering vector, methods.caa) for
+    # every probe with a steering vector, at the vector's default blocks and multiplier
+    caa: bool = True
+    # dev sweep: CAA rows at each of these block sets × multipliers instead (empty: the vector's)
+    caa_layer_sets: tuple[tuple[int, ...], ...] = ()
+    caa_multipliers: tuple[float, ...] = ()
+    # a `dglm train steering-vector` file to use instead of the bundle's vectors (dev: choosing
+    # the defaults of a vector before it goes into the bundle)
+    caa_vector: str | None = None
     # run only the settings whose names contain one of these strings (empty: all)
     only: tuple[str, ...] = ()
 
@@ -109,6 +121,12 @@ class EvalConfig:
                 f"re_control_plausibilities must be numbers in [0, 1), got "
                 f"{self.re_control_plausibilities}"
             )
+        sets = tuple(tuple(int(x) for x in s) for s in self.caa_layer_sets)
+        if any(not s or min(s) < 0 for s in sets):
+            raise ValueError(f"caa_layer_sets must hold non-empty sets of blocks ≥ 0, got {sets}")
+        object.__setattr__(self, "caa_layer_sets", sets)
+        if any(not math.isfinite(m) for m in self.caa_multipliers):
+            raise ValueError(f"caa_multipliers must be finite, got {self.caa_multipliers}")
         if any(not isinstance(o, str) or not o for o in self.only):
             raise ValueError(f"only must hold non-empty strings, got {self.only}")
         if any(not (math.isfinite(s) and s >= 0) for s in self.fudge_strengths):
@@ -173,6 +191,7 @@ def check_test_config(config: EvalConfig) -> None:
 class Setting:
     name: str  # unique, e.g. "dglm sentiment=positive:20"
     # "decoder" (plain decoding) | "dglm" | "fudge" | "re-control" (alone) | "dglm+re-control"
+    # | "caa" (alone: plain decoding with a steering vector)
     method: str
     # "unguided" | "sentiment" | "toxicity" | "fidelity" | "composition" (controls of two probes,
     # each through its own method: `composition_settings`)
@@ -186,6 +205,8 @@ class Setting:
     re_control_plausibility: float | None = None  # β of the edit's mask (None: the network's)
     # plain decoding only: keep tokens with p ≥ min_p · max p (DGLM's plausibility mask)
     min_p: float | None = None
+    caa_layers: tuple[int, ...] | None = None  # caa: the blocks (None: the vector's default)
+    caa_multiplier: float | None = None  # caa: m (None: the vector's default)
     # the controls the bundle implies for `controls` go along (BundleConfig.implied_controls), as
     # in every request that does not turn them off; False: exactly `controls`
     implied_controls: bool = True
@@ -328,6 +349,7 @@ def build_settings(
     default_scale: float = DEFAULT_SCALE,
     plausibility: float = 0.0,
     implied: dict[str, tuple[str, ...]] | None = None,
+    steering_vectors: tuple[str, ...] = (),
 ):
     """(settings to run, skipped [{setting, reason}]); value_nets: the probes with a RE-Control
     value network; plausibility: the bundle's prompt-guidance mask α (> 0 adds plain decoding
@@ -411,6 +433,9 @@ def build_settings(
             if s.group == "sentiment" and s.method != "fudge" and s.scale in (None, default_scale)
         ]  # fmt: skip
         settings += without_implied(at_default, implied)
+    if config.caa and "sentiment" in steering_vectors and "sentiment" in probes:
+        labels = probes["sentiment"].labels
+        settings += caa_settings(config, [t for t in ("positive", "negative") if t in labels])
     for a2 in config.renoise_alpha2s:
         settings.append(
             Setting(f"dglm unguided α²={a2:g}", "dglm", "fidelity", renoise_alpha2=float(a2))
@@ -418,6 +443,27 @@ def build_settings(
     if config.only:
         settings = [s for s in settings if any(o in s.name for o in config.only)]
     return settings, skipped
+
+
+def caa_settings(config: EvalConfig, targets: list[str]) -> list[Setting]:
+    """CAA on the sentiment targets: at the steering vector's default blocks and multiplier, or
+    (dev) at every block set × multiplier of the config's sweep."""
+    sets = config.caa_layer_sets or (None,)
+    mults = config.caa_multipliers or (None,)
+    out = []
+    for target in targets:
+        control = (Control("sentiment", target, method="caa"),)
+        for layers in sets:
+            for m in mults:
+                suffix = ("" if layers is None else " L=" + "+".join(map(str, layers))) + (
+                    "" if m is None else f" m={m:g}"
+                )
+                out.append(Setting(
+                    f"caa sentiment={target}{suffix}", "caa", "sentiment", control,
+                    probe="sentiment", target=target, caa_layers=layers,
+                    caa_multiplier=None if m is None else float(m),
+                ))  # fmt: skip
+    return out
 
 
 def target_rate(setting: Setting, m: dict) -> float | None:

@@ -5,7 +5,8 @@ A method is built from the bundle parts it needs (never from the Engine); the En
 core (`decoding.core`), the outputs — and routes each request to its method, which turns a batch
 of rows into a `Conditioning`: soft-prompt vectors spliced after each prefix (DGLM), logits
 processors acting on each step's logits (FUDGE), a hidden-state hook between the decoder's blocks
-and its LM head (RE-Control), and the per-row latents it reports. A new method is one module with
+and its LM head (RE-Control), vectors added to the residual stream after the decoder's blocks
+(CAA), and the per-row latents it reports. A new method is one module with
 one `Method` subclass, used by name once registered or passed as an object:
 
     engine.generate(prompts, params, method="fudge")
@@ -49,6 +50,8 @@ class Conditioning:
     soft_prompt: torch.Tensor | None = None  # (R, P, H) after each row's prefix, or None
     processors: tuple[LogitsProcessor, ...] = ()  # rewrite each step's logits (R, V)
     hidden_hook: HiddenHook | None = None  # edits final-norm hidden states (R, T, H)
+    # (R, L, H) added to the decoder's residual stream after each block (CAA), or None
+    residual: torch.Tensor | None = None
     latents: torch.Tensor | None = None  # (R, d) reported per sample (fp32 CPU), or None
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage of the method
 

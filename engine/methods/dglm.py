@@ -21,6 +21,7 @@ from dglm.engine.diffusion.schedule import MULTISTEP_SAMPLERS
 from dglm.engine.diffusion.score_network import ScoreNetwork
 from dglm.engine.encode.encoder import SentenceEncoder
 from dglm.engine.methods.base import Conditioning, Method, MethodBatch
+from dglm.engine.methods.caa import SteeringVector, caa_residual, check_caa_controls
 from dglm.engine.methods.re_control import ValueNetwork, value_conditioning
 from dglm.engine.probes import Probe, ProbeSet
 from dglm.engine.prompt.generator import PromptGenerator
@@ -94,7 +95,11 @@ class DGLM(Method):
         guided_update: str = "auto",
         cuda_graphs: bool = True,
         backend: str = "torch",
+        steering_vectors: dict[str, SteeringVector] | None = None,
+        decoder_shape: tuple[int, int] = (0, 0),
     ) -> None:
+        """steering_vectors: CAA's, by probe, for controls with method "caa"; decoder_shape: the
+        decoder's (blocks, width) they are added in."""
         if backend == "onnx" and config.prompt_guidance != 1.0:
             # prompt guidance's unconditional stream is a PyTorch decoder pass: not exported yet
             logger.warning(
@@ -123,6 +128,8 @@ class DGLM(Method):
         )
         self.score_net, self.prompt_gen, self.student = score_net, prompt_gen, student
         self.device, self.dtype, self.backend = device, dtype, backend
+        self.steering_vectors = {} if steering_vectors is None else steering_vectors
+        self.decoder_shape = decoder_shape
         self.prompt_len = config.prompt_generator.prompt_len
         self.guided_update = guided_update
         self.update_fn = select_guided_update(device, guided_update)
@@ -163,6 +170,12 @@ class DGLM(Method):
                         f"network in this bundle (value networks: {sorted(self.value_nets) or 'none'}"
                         "); train one with `dglm train value` or use method='dglm'"
                     )
+                if c.residual and self.backend != "torch":
+                    raise ValueError(
+                        f"params[{i}].controls: method='caa' adds a steering vector inside the "
+                        "decoder's blocks, which the ONNX decode graph does not include: use "
+                        "method='dglm' or backend='torch'"
+                    )
             guided = (
                 p.prompt_guidance if p.prompt_guidance is not None else self.config.prompt_guidance
             )
@@ -178,6 +191,7 @@ class DGLM(Method):
                     "guidance_mode='exact' differentiates through the score network, which the "
                     "ONNX backend cannot; use guidance_mode='fast' or backend='torch'"
                 )
+        check_caa_controls(self.steering_vectors, params, False)
 
     def condition(self, batch: MethodBatch) -> Conditioning:
         rows, params = batch.rows, batch.params
@@ -211,10 +225,15 @@ class DGLM(Method):
             self.value_nets, self.probes.probes, batch, False, self.device, batch.lm_head
         )
         processors = (*processors, *masks)  # the mask acts on the guided scores
+        residual = None  # controls with method "caa": their steering vectors (methods.caa)
+        if self.steering_vectors:
+            layers, width = self.decoder_shape
+            residual = caa_residual(self.steering_vectors, batch, False, layers, width)
         return Conditioning(
             soft_prompt=soft_prompt,
             processors=processors,
             hidden_hook=hook,
+            residual=residual,
             latents=x0.float().cpu(),
             timings=timings,
         )

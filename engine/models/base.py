@@ -12,7 +12,11 @@ graph, `torch.compile` and an ONNX export need (see its docstring for the exact 
 
 Both take an optional `hidden_hook`: a function (B, T, H) → (B, T, H) applied to the final-norm
 hidden states right before the LM head (where a method such as RE-Control nudges them); rows it
-leaves alone give bit-identical logits.
+leaves alone give bit-identical logits. And an optional `residual (B, L, H)`: a vector per row and
+decoder block added to the residual stream after that block, at every position (contrastive
+activation addition, methods.caa); zero where a row or a block is not steered, and x + 0 = x, so a
+zero residual gives bit-identical logits. Its shape is fixed by the batch and the decoder, never
+by which blocks are steered: the static form a trace or a CUDA graph records.
 """
 
 from __future__ import annotations
@@ -160,6 +164,26 @@ def static_attention_mask(
     return torch.cat([old, new], dim=-1)[:, None]  # (B, 1, T, S + T)
 
 
+def check_residual(residual: torch.Tensor | None, decoder: Decoder, batch: int) -> None:
+    """ValueError unless `residual` is None or (batch, L, H) for this decoder."""
+    if residual is None:
+        return
+    expected = (batch, decoder.num_layers, decoder.hidden_size)
+    if residual.shape != expected:
+        raise ValueError(
+            f"residual has shape {tuple(residual.shape)}, expected (batch, layers, hidden) = "
+            f"{expected}"
+        )
+
+
+def add_residual(x: torch.Tensor, residual: torch.Tensor | None, layer: int) -> torch.Tensor:
+    """The residual stream x (B, T, H) after block `layer`, plus that block's row vectors
+    residual[:, layer] (B, H) at every position; x itself when residual is None."""
+    if residual is None:
+        return x
+    return x + residual[:, layer, None]  # (B, 1, H) broadcast over T
+
+
 def attend(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -214,7 +238,15 @@ class Decoder(nn.Module):
         cache: KVCache | None,
         mask: torch.Tensor | None,
         is_causal: bool,
+        residual: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """Embeddings (B, T, H) → final-norm hidden states (B, T, H); `residual (B, L, H)` (or
+        None) is added to the residual stream after block l (`add_residual`)."""
+        raise NotImplementedError
+
+    def blocks(self) -> nn.ModuleList:
+        """The decoder's L transformer blocks in order (each maps the residual stream
+        (B, T, H) → (B, T, H)): what `training.caa` reads activations from."""
         raise NotImplementedError
 
     def lm_head_weight(self) -> torch.Tensor:
@@ -276,6 +308,7 @@ class Decoder(nn.Module):
         positions: torch.Tensor,
         cache: KVCache | None = None,
         key_mask: torch.Tensor | None = None,
+        residual: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Final-norm hidden states (B, T, H), the LM head's input (arguments as in forward)."""
         B, T, _ = inputs_embeds.shape
@@ -294,8 +327,9 @@ class Decoder(nn.Module):
                     f"cache overflow: {start} + {T} tokens > max_len={cache.max_len}; "
                     "allocate a longer cache with new_cache(..., max_len=...)"
                 )
+        check_residual(residual, self, B)
         mask, is_causal = attention_mask(B, T, start, key_mask, inputs_embeds.device)
-        h = self.blocks_forward(inputs_embeds, positions, cache, mask, is_causal)
+        h = self.blocks_forward(inputs_embeds, positions, cache, mask, is_causal, residual)
         if cache is not None:
             cache.length = start + T
         return h
@@ -360,6 +394,7 @@ class Decoder(nn.Module):
         last_only: bool = False,
         hidden_hook: HiddenHook | None = None,
         return_hidden: bool = False,
+        residual: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One static-shape step: the form for CUDA graphs, `torch.compile` and ONNX export.
 
@@ -384,6 +419,8 @@ class Decoder(nn.Module):
             hidden_hook: applied to the final-norm hidden states before the LM head.
             return_hidden: return those final-norm hidden states (B, T | 1, H) instead of the
                 logits (a traced step whose hook and head run outside the trace).
+            residual (B, L, H) in the decoder's dtype: added to the residual stream after each
+                block, at every position (zero rows and blocks: bit-identical); None: nothing.
 
         Returns fp32 logits. Equals `forward` with a KVCache holding the same slots (the parity
         tests check < 1e-5 in fp32); attention runs over all S slots, so cost grows with S.
@@ -401,12 +438,13 @@ class Decoder(nn.Module):
                 f"positions {tuple(positions.shape)}, write_pos {tuple(write_pos.shape)}, "
                 f"key_mask {tuple(key_mask.shape)}: expected ({B}, {T}), ({T},), ({B}, {S})"
             )
+        check_residual(residual, self, B)
         kv = StaticKV(k_cache, v_cache, write_pos, functional)
         allowed = static_attention_mask(write_pos, key_mask, functional)  # (B, 1, T, S[+T])
         # additive form, built once for all layers (SDPA would convert a bool mask per call)
         mask = torch.zeros(allowed.shape, dtype=inputs_embeds.dtype, device=allowed.device)
         mask = mask.masked_fill_(~allowed, float("-inf"))
-        h = self.blocks_forward(inputs_embeds, positions, kv, mask, False)  # (B, T, H)
+        h = self.blocks_forward(inputs_embeds, positions, kv, mask, False, residual)  # (B, T, H)
         logits = self.head(h, last_only, hidden_hook, return_hidden)
         if not functional:
             return logits
@@ -421,8 +459,10 @@ class Decoder(nn.Module):
         *,
         last_only: bool = False,
         hidden_hook: HiddenHook | None = None,
+        residual: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """fp32 logits (B, T, V), or (B, 1, V) for the last position only with `last_only`;
-        `hidden_hook` edits the final-norm hidden states before the LM head."""
-        h = self.hidden_states(inputs_embeds, positions, cache, key_mask)
+        `hidden_hook` edits the final-norm hidden states before the LM head; `residual (B, L, H)`
+        is added to the residual stream after each block."""
+        h = self.hidden_states(inputs_embeds, positions, cache, key_mask, residual)
         return self.head(h, last_only, hidden_hook)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from dglm.engine.models.base import Decoder, KVCache, StaticKV, attend
+from dglm.engine.models.base import Decoder, KVCache, StaticKV, add_residual, attend
 from dglm.engine.models.configs import check_positive, hf_lm_head, hf_special_ids
 from torch import nn
 
@@ -132,10 +132,13 @@ class GPT2Decoder(Decoder):
     def lm_head_weight(self) -> torch.Tensor:
         return self.wte.weight if self.lm_head is None else self.lm_head.weight
 
-    def blocks_forward(self, x, positions, cache, mask, is_causal):
+    def blocks(self) -> nn.ModuleList:
+        return self.h
+
+    def blocks_forward(self, x, positions, cache, mask, is_causal, residual=None):
         x = x + self.wpe(positions)  # (B, T, H)
-        for block in self.h:
-            x = block(x, cache, mask, is_causal)
+        for i, block in enumerate(self.h):
+            x = add_residual(block(x, cache, mask, is_causal), residual, i)
         return self.ln_f(x)
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from dglm.engine.models.base import Decoder, KVCache, StaticKV, attend
+from dglm.engine.models.base import Decoder, KVCache, StaticKV, add_residual, attend
 from dglm.engine.models.configs import check_positive, hf_lm_head, hf_special_ids
 from torch import nn
 
@@ -228,11 +228,14 @@ class LlamaDecoder(Decoder):
     def lm_head_weight(self) -> torch.Tensor:
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
-    def blocks_forward(self, x, positions, cache, mask, is_causal):
+    def blocks(self) -> nn.ModuleList:
+        return self.layers
+
+    def blocks_forward(self, x, positions, cache, mask, is_causal, residual=None):
         cos = self.rope_cos[positions].unsqueeze(2)  # (B, T, 1, Dh)
         sin = self.rope_sin[positions].unsqueeze(2)
-        for block in self.layers:
-            x = block(x, cos, sin, cache, mask, is_causal)
+        for i, block in enumerate(self.layers):
+            x = add_residual(block(x, cos, sin, cache, mask, is_causal), residual, i)
         return self.norm(x)
 
 

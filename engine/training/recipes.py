@@ -181,20 +181,29 @@ def load_token_pairs(
     return pre, cont, cont_lat[:n]
 
 
+# the offline labelled sets of the named probes: (loader, label names in the probe's order)
+LABELLED_SETS = {
+    "sentiment": (data_mod.sentiment_set, ("negative", "positive")),
+    "topic": (data_mod.topic_set, data_mod.TOPICS),
+    "toxicity": (data_mod.toxicity_set, ("low", "high")),
+}
+
+
+def labelled_set(which: str) -> tuple[list[str], list[str], tuple[str, ...], str]:
+    """(texts, labels, label names, the loader's name) of a named probe's labelled set."""
+    if which not in LABELLED_SETS:
+        raise ValueError(f"probe must be one of {sorted(LABELLED_SETS)}, got {which!r}")
+    loader, label_names = LABELLED_SETS[which]
+    texts, labels = loader()
+    return texts, labels, label_names, loader.__name__
+
+
 def train_named_probe(which: str, encoder: str = "all-MiniLM-L6-v2", device: str = "cpu") -> Probe:
     """sentiment (Rotten Tomatoes fresh vs rotten) or topic (fortunes categories, one-vs-rest).
 
     The held-out split is the engine-wide hash split, so evaluation texts are never trained on.
     """
-    sets = {
-        "sentiment": (data_mod.sentiment_set, ("negative", "positive")),
-        "topic": (data_mod.topic_set, data_mod.TOPICS),
-        "toxicity": (data_mod.toxicity_set, ("low", "high")),
-    }
-    if which not in sets:
-        raise ValueError(f"probe must be one of {sorted(sets)}, got {which!r}")
-    loader, label_names = sets[which]
-    texts, labels = loader()
+    texts, labels, label_names, source = labelled_set(which)
     enc = SentenceEncoder(encoder, device=device)
     emb = enc.embed(texts).cpu()
     y = torch.tensor([label_names.index(label) for label in labels])
@@ -202,7 +211,7 @@ def train_named_probe(which: str, encoder: str = "all-MiniLM-L6-v2", device: str
     probe = train_probe(which, emb[~is_eval], y[~is_eval], label_names)
     pred = torch.tensor([label_names.index(p) for p in probe.predict(emb)])
     metrics = {
-        "source": loader.__name__,
+        "source": source,
         "train_size": int((~is_eval).sum()),
         "test_size": int(is_eval.sum()),
         "train_accuracy": float((pred[~is_eval] == y[~is_eval]).float().mean()),
@@ -352,6 +361,70 @@ def add_value_network(
     configs = tuple(n.config for n in nets.values())
     config = replace(config, value_networks=configs)
     bundle_io.save_value_networks(nets, dst / bundle_io.VALUE_NETS_FILE)
+    bundle_io.write_config(config, dst)
+    return config
+
+
+def train_steering_vector(
+    which: str,
+    bundle: str | Path,
+    layers: tuple[int, ...],
+    multiplier: float = 1.0,
+    position: str = "mean",
+    per_label: int = 256,
+    seed: int = 0,
+):
+    """CAA's steering vector for a named probe (training.caa): mean differences of the residual
+    activations of the bundle's decoder *as released* (without its adapters: the decoder plain
+    decoding, RE-Control and FUDGE run on in `dglm eval`) over the probe's labelled texts of the
+    training split only (the hash split: no held-out text, no judge's test review, is read)."""
+    from dglm.engine.training.caa import steering_vector
+
+    src = bundle_io.resolve_bundle_dir(bundle)
+    config = bundle_io.read_config(src)
+    texts, labels, label_names, _ = labelled_set(which)
+    keep = [data_mod.split_of(t) == "train" for t in texts]
+    texts = [t for t, k in zip(texts, keep, strict=True) if k]
+    labels = [y for y, k in zip(labels, keep, strict=True) if k]
+    decoder, tokenizer = load_decoder(bundle_io.resolve_reference(config.decoder, src))
+    return steering_vector(
+        which, decoder, tokenizer, texts, labels, label_names, layers, multiplier, position,
+        per_label, seed,
+    )  # fmt: skip
+
+
+def add_steering_vector(
+    bundle: str | Path,
+    vector_file: str | Path,
+    out: str | Path | None = None,
+    layers: tuple[int, ...] | None = None,
+    multiplier: float | None = None,
+) -> BundleConfig:
+    """Put a `dglm train steering-vector` file's vector into a bundle (in place, or a copy at
+    `out`), replacing one for the same probe; `layers` / `multiplier`: its defaults (chosen on
+    dev), else the file's."""
+    from dglm.engine.methods.caa import (
+        SteeringVector,
+        check_decoder,
+        load_steering_vectors,
+        save_steering_vectors,
+    )
+
+    src = bundle_io.resolve_bundle_dir(bundle)
+    (vector,) = load_steering_vectors(vector_file).values()
+    given = {"layers": layers, "multiplier": multiplier}
+    overrides = {k: v for k, v in given.items() if v is not None}
+    if overrides:
+        vector = SteeringVector(replace(vector.config, **overrides), vector.vectors)
+    config = bundle_io.read_config(src)
+    probes = {p.name: p for p in load_probes(src / bundle_io.PROBES_FILE)}
+    c = vector.config
+    check_decoder(vector, probes.get(c.probe), c.num_layers, c.hidden_size)
+    dst = bundle_destination(src, out)
+    vectors = bundle_io.load_bundle_steering_vectors(config, dst)
+    vectors[c.probe] = vector
+    config = replace(config, steering_vectors=tuple(v.config for v in vectors.values()))
+    save_steering_vectors(vectors, dst / bundle_io.STEERING_VECTORS_FILE)
     bundle_io.write_config(config, dst)
     return config
 

@@ -191,6 +191,15 @@ void llama_int8_step(const LlamaModel& m, const LlamaStepArgs& a) {
       barrier();
       matmul_part(L.w2, act.data(), h.data(), B, I, H, true, tid, T, wbuf.data(), m.bf16);
       barrier();
+      if (a.residual) {  // this thread's rows, which its next norm reads: no barrier needed
+        for (int64_t b = rlo; b < rhi; ++b) {
+          const float* r = a.residual + b * a.residual_stride[0] +
+                           static_cast<int64_t>(l) * a.residual_stride[1];
+          float* hb = h.data() + b * H;
+#pragma omp simd
+          for (int64_t i = 0; i < H; ++i) hb[i] += r[i];
+        }
+      }
     }
     for (int64_t b = rlo; b < rhi; ++b)
       vec_rms_norm(h.data() + b * H, m.final_norm, a.out + b * H, H, c.eps);

@@ -56,9 +56,14 @@ struct LlamaStepArgs {
   int64_t mask_stride = 0;
   int64_t batch = 0;                   // B
   int threads = 1;                     // OpenMP threads for the whole step
+  // optional (nullptr: none): added to the residual stream after layer l, row b, at
+  // residual + b·residual_stride[0] + l·residual_stride[1] (H floats each; methods.caa)
+  const float* residual = nullptr;
+  int64_t residual_stride[2] = {0, 0};
 };
 
-// Runs the step: writes K/V of every layer at `slot`, and `out`. Key j of row b is attended
+// Runs the step: writes K/V of every layer at `slot`, and `out`; adds `residual` (if any) to the
+// residual stream after every layer. Key j of row b is attended
 // iff j < slot and key_mask[b, j], or j == slot (the token's own key).
 void llama_int8_step(const LlamaModel& m, const LlamaStepArgs& a);
 

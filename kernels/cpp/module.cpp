@@ -219,7 +219,8 @@ class LlamaInt8Step {
 
   void run(uintptr_t x, uintptr_t out, uintptr_t positions, uintptr_t k, uintptr_t v,
            const std::array<int64_t, 4>& kv_stride, int64_t slot, uintptr_t key_mask,
-           int64_t mask_stride, int64_t batch, int threads) const {
+           int64_t mask_stride, int64_t batch, int threads, uintptr_t residual,
+           const std::array<int64_t, 2>& residual_stride) const {
     if (!x || !out || !positions || !k || !v || !key_mask)
       throw py::value_error("LlamaInt8Step.run: null buffer address");
     if (batch < 0 || slot < 0 || kv_stride[3] < m_.shape.head_dim || mask_stride <= slot)
@@ -237,6 +238,8 @@ class LlamaInt8Step {
     a.mask_stride = mask_stride;
     a.batch = batch;
     a.threads = threads;
+    a.residual = reinterpret_cast<const float*>(residual);
+    std::copy(residual_stride.begin(), residual_stride.end(), a.residual_stride);
     py::gil_scoped_release release;
     dglm::llama_int8_step(m_, a);
   }
@@ -356,8 +359,11 @@ PYBIND11_MODULE(cpu_ops, m) {
       .def("run", &LlamaInt8Step::run, py::arg("x"), py::arg("out"), py::arg("positions"),
            py::arg("k"), py::arg("v"), py::arg("kv_stride"), py::arg("slot"),
            py::arg("key_mask"), py::arg("mask_stride"), py::arg("batch"), py::arg("threads"),
+           py::arg("residual") = 0, py::arg("residual_stride") = std::array<int64_t, 2>{0, 0},
            "One decode step (releases the GIL): x (B, H) fp32 → out (B, H) final-norm hidden "
-           "states; writes K/V of every layer at `slot`.")
+           "states; writes K/V of every layer at `slot`; residual (0: none) is added to the "
+           "residual stream after layer l of row b at b·residual_stride[0] + "
+           "l·residual_stride[1].")
       .def_property_readonly("num_layers", &LlamaInt8Step::num_layers);
 #ifdef _OPENMP
   m.attr("openmp") = true;

@@ -3,6 +3,8 @@ three points (the base bundle, then each snapshot), each a dev eval with the sam
 
 from __future__ import annotations
 
+import json
+
 import torch
 from dglm.engine.evaluation.settings import EvalConfig
 from dglm.engine.models.lora import LoraConfig
@@ -33,7 +35,8 @@ def test_learning_curve_points(tmp_path, tiny_bundle):
     config = EvalConfig(prefixes=("The movie was", "I think the food"), num_samples=1,
                         max_new_tokens=3, guidance_scales=(), renoise_alpha2s=(),
                         fudge_strengths=(), batch_size=2)  # fmt: skip
-    points = learning_curve(str(tiny_bundle), tmp_path / "run", config, base_samples=100)
+    cache = tmp_path / "points"
+    points = learning_curve(str(tiny_bundle), tmp_path / "run", config, 100, cache=cache)
     assert [(p["label"], p["step"], p["samples"]) for p in points] == [
         ("base", 0, 100),
         ("step-0000001", 1, 108),
@@ -49,3 +52,19 @@ def test_learning_curve_points(tmp_path, tiny_bundle):
         assert points[0]["rows"]["decoder"][key] == points[2]["rows"]["decoder"][key]
     md = markdown(points, environment(torch.device("cpu")), config)
     assert md.count("| step-0000002 | 116 |") == 2
+    # each point is kept, and a second call reuses them (a changed cached value shows through)
+    assert sorted(f.name for f in cache.iterdir()) == [
+        "base.json",
+        "step-0000001.json",
+        "step-0000002.json",
+    ]
+    kept = json.loads((cache / "step-0000001.json").read_text())
+    kept["rows"]["dglm sentiment=positive:10"]["dist_3"] = -1.0
+    (cache / "step-0000001.json").write_text(json.dumps(kept))
+    again = learning_curve(str(tiny_bundle), tmp_path / "run", config, 100, cache=cache)
+    assert again[1]["rows"]["dglm sentiment=positive:10"]["dist_3"] == -1.0
+
+    def as_json(rows: dict) -> str:  # NaN ≠ NaN, tuples come back as lists
+        return json.dumps(rows, sort_keys=True)
+
+    assert as_json(again[2]["rows"]) == as_json(points[2]["rows"])

@@ -145,7 +145,8 @@ def test_test_split_refuses_every_sweep():
         "guidance_scales": (10.0,), "renoise_alpha2s": (0.95,), "fudge_strengths": (1.0,),
         "re_control_step_sizes": (8.0,), "re_control_plausibilities": (0.1,),
         "re_control_scales": (100.0,), "seed": 1, "prefixes": ("a prefix",),
-        "no_repeat_ngram_size": 0,
+        "no_repeat_ngram_size": 0, "caa_layer_sets": ((10,),), "caa_multipliers": (4.0,),
+        "caa_vector": "v.safetensors",
     }  # fmt: skip
     assert set(changed) == set(SWEEP_FIELDS)
     for field, value in changed.items():
