@@ -55,7 +55,7 @@ def point(
     The steering networks alone: the bundle's implied controls are left out (they are the same
     at every point). plain: also plain decoding (the same at every point: the released decoder)."""
     engine = Engine.from_pretrained(bundle_dir)
-    engine.config = replace(engine.config, implied_controls={})
+    engine.dglm.config = replace(engine.config, implied_controls={})
     scale = float(engine.config.control_scale)
     only = (f"dglm sentiment=positive:{scale:g}", f"dglm sentiment=negative:{scale:g}")
     only = ("decoder", *only) if plain else only

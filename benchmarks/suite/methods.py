@@ -270,8 +270,8 @@ class HFSoftPromptCore:
         return None
 
     def decode(self, prefix_ids, params, soft_prompt, processors=(), hidden_hook=None,
-               on_tokens=None):  # fmt: skip
-        if processors or hidden_hook is not None or on_tokens is not None:
+               on_tokens=None, residual=None):  # fmt: skip
+        if processors or hidden_hook is not None or on_tokens is not None or residual is not None:
             raise ValueError("the HF reference decodes plainly: no processors, hooks or streaming")
         hf, pad = self.hf, _pad_id(self.tokenizer)
         ids, mask = _left_pad(prefix_ids, pad)  # (B, T)
