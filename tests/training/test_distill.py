@@ -263,7 +263,7 @@ def test_student_bundle_defaults_to_the_student_and_keeps_the_teacher(student_bu
     engine.save_pretrained(student_bundle.parent / "resaved")
     again = Engine.from_pretrained(student_bundle.parent / "resaved")
     torch.testing.assert_close(
-        again.student.state_dict()["guidance_mlp.fc2.weight"],
+        again.dglm.student.state_dict()["guidance_mlp.fc2.weight"],
         engine.dglm.student.state_dict()["guidance_mlp.fc2.weight"],
     )
 
