@@ -42,7 +42,7 @@ class ControlSpec(BaseModel):
     probe: str  # probe name, e.g. "sentiment"
     target: str | int  # one of the probe's labels (or its index)
     scale: float | None = None  # None: the bundle's control_scale
-    method: str = "dglm"  # "dglm" | "re-control" | "both"
+    method: str = "dglm"  # "dglm" | "re-control" | "both" | "caa"
 
 
 class CompletionRequest(BaseModel):
@@ -74,6 +74,7 @@ class CompletionRequest(BaseModel):
     re_control_steps: int | None = None
     re_control_step_size: float | None = None
     re_control_plausibility: float | None = None
+    caa_multiplier: float | None = None  # CAA controls' steering-vector multiplier m
     # false: exactly `controls`, without those the bundle implies (config.json implied_controls)
     implied_controls: bool = True
 
@@ -107,7 +108,7 @@ class CompletionRequest(BaseModel):
 DIFFUSION_FIELDS = (
     "cfg_scale", "num_inference_steps", "sampler", "guidance_mode", "renoise_alpha2",
     "prompt_guidance", "re_control_steps", "re_control_step_size", "re_control_plausibility",
-    "implied_controls",
+    "implied_controls", "caa_multiplier",
 )  # fmt: skip
 # GenerationParams' names → the HTTP fields
 HTTP_NAMES = {"num_samples": "n", "max_new_tokens": "max_tokens", "prompts": "prompt"}

@@ -171,3 +171,22 @@ def test_residual_shape_is_checked(fp32):
     bad = torch.zeros(2, decoder.num_layers + 1, decoder.hidden_size)
     with pytest.raises(ValueError, match="residual has shape"):
         generate(decoder, tok, [[5, 6], [7, 8]], [DecodeParams(max_new_tokens=2)], residual=bad)
+
+
+@pytest.mark.gpu
+def test_residual_in_cuda_graphs(tmp_path, gen):
+    """CUDA graphs record the residual buffer: graph replays give the eager step's logits with a
+    nonzero residual, and the same graphs give the unsteered logits for the next batch (the buffer
+    zeroed), a zero residual bit-identical to none."""
+    make_tiny_hf_dir("llama_gqa", tmp_path, seed=3)
+    decoder, tok = load_decoder(str(tmp_path), device="cuda")
+    ids = rows(gen, 3)
+    res = residual(decoder, gen, 3).cuda()
+    graphs = DecodeRunner(decoder, DecodeRunnerConfig(batch_sizes=(4,), max_len=40))
+    graphs.warmup()
+    params = [DecodeParams(max_new_tokens=12, temperature=0.0, ignore_eos=True)] * 3
+    eager = runner(decoder, "eager", 3)
+    for r in (res, torch.zeros_like(res), None):
+        got, _ = generate(decoder, tok, ids, params, runner=graphs, residual=r)
+        want, _ = generate(decoder, tok, ids, params, runner=eager, residual=r)
+        assert [x.token_ids for x in got] == [x.token_ids for x in want]

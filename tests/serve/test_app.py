@@ -86,7 +86,7 @@ def test_stream_adds_up_to_the_completion(client, tiny_engine):
         ("seed", True), ("stop", [""]), ("stop", 3), ("cfg_scale", 1e9), ("sampler", "euler"),
         ("guidance_mode", "slow"), ("num_inference_steps", 0), ("renoise_alpha2", 2.0),
         ("prompt_guidance", 25.0), ("re_control_steps", -1), ("re_control_plausibility", 1.0),
-        ("top_k", -1), ("prompt", ""),
+        ("caa_multiplier", 1e9), ("top_k", -1), ("prompt", ""),
         ("prompt", []), ("prompt", [1, 2]), ("controls", [{"probe": "nope", "target": "x"}]),
         ("controls", [{"probe": "sentiment", "target": "happy"}]),
         ("controls", [{"probe": "sentiment", "target": "positive", "scale": 1e12}]),
