@@ -60,6 +60,8 @@ BAD = [
     (("implied_controls",), {"sentiment=negative": ["toxicity=low@caa-x"]}),  # no such method
     (("implied_controls",), {"sentiment=negative": ["sentiment=positive"]}),  # the same probe
     (("implied_controls",), {"sentiment=negative": [3]}),
+    (("steering_vectors",), {}),
+    (("steering_vectors",), "sentiment"),
     (("value_networks",), {}),
     (("value_networks",), "sentiment"),
     (("score_network", "latent_dim"), 384.0),
