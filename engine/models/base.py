@@ -10,7 +10,7 @@ cache slots. `key_mask (B, S)` marks real (non-pad) keys; S = T without a cache 
 at slots given by a device tensor and attends over all S slots under a mask, which is what a CUDA
 graph, `torch.compile` and an ONNX export need (see its docstring for the exact contract).
 
-Both take an optional `hidden_hook`: a function (B, T, H) → (B, T, H) applied to the final-norm
+Both take an optional `hidden_hook` (`HiddenHook`): an edit (B, T, H) → (B, T, H) applied to the final-norm
 hidden states right before the LM head (where a method such as RE-Control nudges them); rows it
 leaves alone give bit-identical logits. And an optional `residual (B, L, H)`: a vector per row and
 decoder block added to the residual stream after that block, at every position (contrastive
@@ -21,15 +21,75 @@ by which blocks are steered: the static form a trace or a CUDA graph records.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-# final-norm hidden states (B, T, H) → edited hidden states (B, T, H), before the LM head
-HiddenHook = Callable[[torch.Tensor], torch.Tensor]
+
+class HiddenHook(Protocol):
+    """A method's edit of the final-norm hidden states (B, T, H) → (B, T, H), before the LM head.
+
+    `__call__` is the edit; the other members are optional capabilities, each off in the defaults
+    a hook inherits by subclassing this protocol (`FunctionHook` wraps a plain function):
+    - `head_extra` / `see_head_extra`: logits of other states from the same LM-head call
+      (`Decoder.hooked_logits`; RE-Control's unedited states for its plausibility mask);
+    - `with_companions`: the hook over the batch's rows and then companion rows (the decode loop's
+      prompt-guidance stream; default: the same hook over every row of the step);
+    - `static_key` / `static_copy`: a static form a CUDA graph can record (`StaticHook`;
+      default: none, so the hook runs op by op or after a traced step).
+    """
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor: ...
+
+    def head_extra(self) -> torch.Tensor | None:
+        """States (M, H) whose logits the same LM-head call computes beside the edited ones (T = 1),
+        handed back through `see_head_extra`; None: none."""
+        return None
+
+    def see_head_extra(self, logits: torch.Tensor) -> None:
+        """The logits (M, V) of the states `head_extra` gave."""
+
+    def with_companions(self, follow: list[int]) -> HiddenHook:
+        """This hook over the batch's rows and then companion rows, companion j following row
+        follow[j]."""
+        return self
+
+    def static_key(self) -> Hashable | None:
+        """What a graph recording the static form depends on beyond per-row values; None: the hook
+        has no static form."""
+        return None
+
+    def static_copy(self, capacity: int) -> StaticHook:
+        """The static form over buffers of `capacity` rows (only when `static_key` is not None)."""
+        raise NotImplementedError(f"{type(self).__name__} has no static form")
+
+
+class StaticHook(HiddenHook, Protocol):
+    """A hook's static form (`HiddenHook.static_copy`): per-row settings in fixed buffers, what a
+    CUDA graph records once and replays for every batch whose hook has the same `static_key`."""
+
+    def load(self, hook: HiddenHook) -> None:
+        """Copy `hook`'s per-row settings into the buffers (before a batch's first step)."""
+        ...
+
+    def publish(self) -> None:
+        """After each replayed step: hand the loaded hook what the step computed for it (through
+        the loaded hook's own members, e.g. `see_head_extra`)."""
+        ...
+
+
+class FunctionHook(HiddenHook):
+    """A plain function (B, T, H) → (B, T, H) as a hook with no other capability."""
+
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.fn = fn
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.fn(hidden)
 
 
 @dataclass
@@ -372,8 +432,7 @@ class Decoder(nn.Module):
         if hidden_hook is None:
             return self.logits(hidden)
         edited = hidden_hook(hidden)
-        extra = getattr(hidden_hook, "head_extra", None)
-        states = extra() if extra is not None else None
+        states = hidden_hook.head_extra()
         if states is None or edited.shape[1] != 1:
             return self.logits(edited)
         B = edited.shape[0]
