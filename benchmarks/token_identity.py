@@ -15,8 +15,11 @@ naming each case whose ids differ. The requests use only the public API, so the 
 on the commit that recorded the fixture and on every later one.
 
 Recorded at adc7ed0 (re-recorded for the default bundle's new defaults: no_repeat_ngram_size 3,
-sentiment=negative implying toxicity=low through RE-Control; first recorded at 13edcb9); "onnx"
-at the commit that re-recorded it (see its message).
+sentiment=negative implying toxicity=low through RE-Control; first recorded at 13edcb9), except
+the FUDGE cases ("fudge", "eval fudge"), re-recorded when FUDGE's token came to be drawn by the
+loop's one Sampler (V uniforms per row and step, indexed by token, from the row's decode seed)
+instead of inside its logits processor (k uniforms per row and step, indexed by rank, from the
+row's seed): the same distribution, other noise. The "onnx" cases are still those of 13edcb9.
 """
 
 from __future__ import annotations
