@@ -8,7 +8,8 @@ cache slots. `key_mask (B, S)` marks real (non-pad) keys; S = T without a cache 
 
 `Decoder.forward_static` is the same computation with every shape fixed by its buffers: it writes
 at slots given by a device tensor and attends over all S slots under a mask, which is what a CUDA
-graph, `torch.compile` and an ONNX export need (see its docstring for the exact contract).
+graph and `torch.compile` need (see its docstring for the exact contract; the ONNX export
+spells out its own static step, `dglm.export.modules`).
 
 Both take an optional `hidden_hook` (`HiddenHook`): an edit (B, T, H) → (B, T, H) applied to the final-norm
 hidden states right before the LM head (where a method such as RE-Control nudges them); rows it
@@ -171,57 +172,33 @@ def attention_mask(
 
 
 class StaticKV:
-    """The key/value store `forward_static` hands to the blocks, with KVCache's `write` interface.
+    """The key/value store `forward_static` hands to the blocks, with KVCache's `write` interface:
+    `write` stores the T new keys/values of a layer at slots `write_pos` of the full buffers with
+    `index_copy_` and returns the full buffers (B, n_kv, S, Dh)."""
 
-    In place (functional=False): `write` stores the T new keys/values of a layer at slots
-    `write_pos` of the full buffers with `index_copy_` and returns the full buffers
-    (B, n_kv, S, Dh).
-    Functional: the buffers are only read; `write` returns them with the T new keys/values appended
-    (B, n_kv, S + T, Dh) and collects the new ones for the caller.
-    """
-
-    def __init__(
-        self, k: torch.Tensor, v: torch.Tensor, write_pos: torch.Tensor, functional: bool
-    ) -> None:
-        self.k, self.v, self.write_pos, self.functional = k, v, write_pos, functional
-        self.new_k: list[torch.Tensor] = []
-        self.new_v: list[torch.Tensor] = []
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, write_pos: torch.Tensor) -> None:
+        self.k, self.v, self.write_pos = k, v, write_pos
 
     def write(
         self, layer: int, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.functional:
-            self.new_k.append(k)
-            self.new_v.append(v)
-            return torch.cat([self.k[layer], k], dim=2), torch.cat([self.v[layer], v], dim=2)
         self.k[layer].index_copy_(2, self.write_pos, k)  # slots write_pos of (B, n_kv, S, Dh)
         self.v[layer].index_copy_(2, self.write_pos, v)
         return self.k[layer], self.v[layer]
 
 
-def static_attention_mask(
-    write_pos: torch.Tensor, key_mask: torch.Tensor, functional: bool = False
-) -> torch.Tensor:
-    """Bool mask (B, 1, T, S) for `forward_static`, True = attend; (B, 1, T, S + T) when functional.
+def static_attention_mask(write_pos: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+    """Bool mask (B, 1, T, S) for `forward_static`, True = attend.
 
     Query t sits at slot p_t = write_pos[t]. Key slot j is visible iff j ≤ p_t and (key_mask[b, j]
     or j = p_t): the self key keeps a pad query's row finite, and slots after p_t (stale or not yet
-    written) are never read. Functional: the cache's slots that are being written this call are
-    hidden, and the T new keys (appended after the S cache slots) follow the same rule.
-    Built from tensors only: no host sync, static shapes.
+    written) are never read. Built from tensors only: no host sync, static shapes.
     """
     S = key_mask.shape[1]
     slots = torch.arange(S, device=key_mask.device)  # (S,)
     q = write_pos[:, None]  # (T, 1)
-    if not functional:
-        allowed = (slots <= q) & (key_mask[:, None, :] | (slots == q))  # (B, T, S)
-        return allowed[:, None]
-    written = (slots[:, None] == write_pos[None, :]).any(dim=1)  # (S,): overwritten this call
-    old = (slots <= q) & ~written & key_mask[:, None, :]  # (B, T, S)
-    own = write_pos[None, :] == q  # (T, T): the query's own key (write slots are distinct)
-    new_real = key_mask.index_select(1, write_pos)  # (B, T)
-    new = (write_pos[None, :] <= q) & (new_real[:, None, :] | own)  # (B, T, T)
-    return torch.cat([old, new], dim=-1)[:, None]  # (B, 1, T, S + T)
+    allowed = (slots <= q) & (key_mask[:, None, :] | (slots == q))  # (B, T, S)
+    return allowed[:, None]
 
 
 def check_residual(residual: torch.Tensor | None, decoder: Decoder, batch: int) -> None:
@@ -449,13 +426,12 @@ class Decoder(nn.Module):
         write_pos: torch.Tensor,
         key_mask: torch.Tensor,
         *,
-        functional: bool = False,
         last_only: bool = False,
         hidden_hook: HiddenHook | None = None,
         return_hidden: bool = False,
         residual: torch.Tensor | None = None,
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One static-shape step: the form for CUDA graphs, `torch.compile` and ONNX export.
+    ) -> torch.Tensor:
+        """One static-shape step: the form for CUDA graphs and `torch.compile`.
 
         Arguments (every shape fixed by the buffers, nothing read back to the host):
             inputs_embeds (B, T, H): embeddings of the T new tokens (`embed(ids)` or soft-prompt
@@ -469,11 +445,6 @@ class Decoder(nn.Module):
             key_mask (B, S) bool: False at pad slots, True elsewhere. Slots beyond the query need
                 no clearing: key slot j is visible to the query at slot p iff j ≤ p and
                 (key_mask[b, j] or j = p), so the mask can stay constant for a whole generation.
-            functional: False → the new keys/values are written in place at `write_pos`
-                (`index_copy_`) and logits (B, T, V) are returned. True → the caches are read
-                only (their slots at `write_pos` are ignored) and (logits, k_new, v_new) are
-                returned, k_new / v_new (L, B, n_kv, T, Dh): what the in-place call would have
-                written, for a graph without in-place updates (the caller scatters them).
             last_only: logits for the last of the T positions only, (B, 1, V).
             hidden_hook: applied to the final-norm hidden states before the LM head.
             return_hidden: return those final-norm hidden states (B, T | 1, H) instead of the
@@ -498,16 +469,13 @@ class Decoder(nn.Module):
                 f"key_mask {tuple(key_mask.shape)}: expected ({B}, {T}), ({T},), ({B}, {S})"
             )
         check_residual(residual, self, B)
-        kv = StaticKV(k_cache, v_cache, write_pos, functional)
-        allowed = static_attention_mask(write_pos, key_mask, functional)  # (B, 1, T, S[+T])
+        kv = StaticKV(k_cache, v_cache, write_pos)  # the new keys / values written in place
+        allowed = static_attention_mask(write_pos, key_mask)  # (B, 1, T, S)
         # additive form, built once for all layers (SDPA would convert a bool mask per call)
         mask = torch.zeros(allowed.shape, dtype=inputs_embeds.dtype, device=allowed.device)
         mask = mask.masked_fill_(~allowed, float("-inf"))
         h = self.blocks_forward(inputs_embeds, positions, kv, mask, False, residual)  # (B, T, H)
-        logits = self.head(h, last_only, hidden_hook, return_hidden)
-        if not functional:
-            return logits
-        return logits, torch.stack(kv.new_k), torch.stack(kv.new_v)  # (L, B, n_kv, T, Dh)
+        return self.head(h, last_only, hidden_hook, return_hidden)
 
     def forward(
         self,
