@@ -427,15 +427,16 @@ def build_settings(
         skipped.append({"setting": "toxicity=low", "reason": "the bundle has no 'toxicity' probe"})
     if config.re_control:
         settings += composition_settings(probes, value_nets, default_scale, default_alpha2)
-    if implied:
-        at_default = [
-            s for s in settings
-            if s.group == "sentiment" and s.method != "fudge" and s.scale in (None, default_scale)
-        ]  # fmt: skip
-        settings += without_implied(at_default, implied)
     if config.caa and "sentiment" in steering_vectors and "sentiment" in probes:
         labels = probes["sentiment"].labels
         settings += caa_settings(config, [t for t in ("positive", "negative") if t in labels])
+    if implied:  # (CAA at the vector's defaults too, not its dev sweep)
+        at_default = [
+            s for s in settings
+            if s.group == "sentiment" and s.method != "fudge" and s.scale in (None, default_scale)
+            and (s.caa_layers, s.caa_multiplier) == (None, None)
+        ]  # fmt: skip
+        settings += without_implied(at_default, implied)
     for a2 in config.renoise_alpha2s:
         settings.append(
             Setting(f"dglm unguided α²={a2:g}", "dglm", "fidelity", renoise_alpha2=float(a2))

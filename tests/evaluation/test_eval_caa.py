@@ -50,6 +50,15 @@ def test_caa_settings(sentiment_probe):
            if s.method == "caa"]  # fmt: skip
     assert len(caa) == 2 * 2 * 2 and caa[1].name == "caa sentiment=positive L=0 m=4"
     assert caa[2].caa_layers == (0, 1) and caa[2].caa_multiplier == 2.0
+    # a bundle's implied controls: a twin without them for CAA at its defaults, not for the sweep
+    implied = {"sentiment=negative": ("sentiment2=x@re-control",)}
+    names = [s.name for s in build_settings(EvalConfig(), probes, 0.95, (), 10.0, 0.0, implied,
+                                            ("sentiment",))[0]]  # fmt: skip
+    assert "caa sentiment=negative without implied" in names
+    assert "caa sentiment=positive without implied" not in names  # nothing implied for it
+    names = [s.name for s in build_settings(sweep, probes, 0.95, (), 10.0, 0.0, implied,
+                                            ("sentiment",))[0]]  # fmt: skip
+    assert not [n for n in names if n.startswith("caa") and "without implied" in n]
     with pytest.raises(ValueError, match="caa_layer_sets"):
         EvalConfig(caa_layer_sets=((),))
     for field, value in (("caa_layer_sets", ((3,),)), ("caa_multipliers", (2.0,)),
