@@ -14,10 +14,12 @@ Diffusion-LM bundle, and writes (or compares) the token ids of every sample. `--
 naming each case whose ids differ. The requests use only the public API, so the same script runs
 on the commit that recorded the fixture and on every later one.
 
-Recorded at 13edcb9, except "eval fudge", re-recorded when the evaluation's FUDGE rows took the
-seeds every other method's rows have (prefix i's seed + sample j, through `Engine.generate`)
-instead of seeds counted from the first prefix of their batch (which made a FUDGE row's sample
-depend on the batch size); with the old seeds the engine path gives the recorded ids.
+Recorded at adc7ed0 (re-recorded for the default bundle's new defaults: no_repeat_ngram_size 3,
+sentiment=negative implying toxicity=low through RE-Control; first recorded at 13edcb9), except
+the FUDGE cases ("fudge", "eval fudge"), re-recorded when FUDGE's token came to be drawn by the
+loop's one Sampler (V uniforms per row and step, indexed by token, from the row's decode seed)
+instead of inside its logits processor (k uniforms per row and step, indexed by rank, from the
+row's seed): the same distribution, other noise. The "onnx" cases are still those of 13edcb9.
 """
 
 from __future__ import annotations

@@ -11,6 +11,13 @@ from dglm.engine.diffusion.sampler import GUIDANCE_MODES, MAX_INFERENCE_STEPS, S
 from dglm.engine.diffusion.schedule import SAMPLERS
 from dglm.engine.probes import Control
 
+# The sampling defaults of the Python API, the CLI (`dglm generate`) and the evaluation: nucleus
+# 0.95, temperature 1, 32 new tokens. The server keeps OpenAI's (top_p 1, max_tokens 16: see
+# serve.schema); the low-level DecodeParams / FudgeParams default to top_p 1 (off), as HF's
+# GenerationConfig.
+DEFAULT_TOP_P = 0.95
+DEFAULT_TEMPERATURE = 1.0
+DEFAULT_MAX_NEW_TOKENS = 32
 # the smallest positive temperature: logits / T must stay finite in fp32 (T = 1e-40 is subnormal
 # and turns every score into ±inf); below it sampling is argmax anyway, so ask for 0 (greedy)
 MIN_TEMPERATURE = 1e-4
@@ -29,9 +36,11 @@ class GenerationParams:
     controls: tuple[Control, ...] = ()  # probe guidance, composed by summed loss
     num_samples: int = 1  # continuations per prompt
     seed: int | None = None  # None: fresh randomness
-    max_new_tokens: int = 32
-    temperature: float = 1.0  # 0 = greedy, else in [MIN_TEMPERATURE, MAX_TEMPERATURE]
-    top_p: float = 0.95
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    temperature: float = (
+        DEFAULT_TEMPERATURE  # 0 = greedy, else in [MIN_TEMPERATURE, MAX_TEMPERATURE]
+    )
+    top_p: float = DEFAULT_TOP_P
     top_k: int = 0  # 0 = off
     # no token may repeat an n-gram of the continuation (HF's no_repeat_ngram_size); 0 = off,
     # None: the bundle's default

@@ -18,9 +18,9 @@ shape in the decode graph is static except the batch, which the runtime fixes to
 graph has no If/Loop/Scan and no Shape-dependent reshapes (all reshapes use −1 for the batch), so
 ONNX Runtime's CUDA graphs can capture it.
 
-Why not `Decoder.forward_static(..., functional=True)`: it exports too, but for SmolLM2 its decode
-graph carries 245 Shape ops and a folded transposed copy of the tied LM head (651 MB of weights
-against 538 MB here); the wrapper below reuses the decoders' modules and weights, spells out only
+Why not `Decoder.forward_static`: a functional form of it (read-only caches, the new keys and
+values returned) exported too, but for SmolLM2 its decode graph carried 245 Shape ops and a folded
+transposed copy of the tied LM head (651 MB of weights against 538 MB here); the wrapper below reuses the decoders' modules and weights, spells out only
 the per-layer wiring with static shapes, and is checked against `Decoder.forward` in the tests.
 """
 

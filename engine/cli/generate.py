@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from dglm.engine.api import DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE, DEFAULT_TOP_P
 from dglm.engine.cli.common import device, flags
 
 # flags passed to GenerationParams under their own names
@@ -65,9 +66,9 @@ def add_parser(sub) -> None:
     )
     g.add_argument("--num-samples", "-n", type=int, default=1)
     g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--max-new-tokens", type=int, default=32)
-    g.add_argument("--temperature", type=float, default=1.0)
-    g.add_argument("--top-p", type=float, default=0.95)
+    g.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
+    g.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE)
+    g.add_argument("--top-p", type=float, default=DEFAULT_TOP_P)
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     g.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance weight")

@@ -12,8 +12,8 @@ sampling; `hidden_hook` (`models.base.HiddenHook`) edits the final-norm hidden s
 LM head (torch backends, op by op). A processor with companion rows (`CompanionRows`, prompt
 guidance's unconditional stream) gets extra rows decoded in the same batched forward as the
 batch's own: after them in the step's batch, without the soft prompt, fed the sampled token of the
-row each one follows; a hidden hook with `with_companions(follow)` is extended to them (RE-Control
-edits both streams alike), any other sees them pass through. `residual (B, L, H)` is added to the
+row each one follows; the hidden hook is extended to them by its `with_companions(follow)`
+(RE-Control edits both streams alike; by default a hook acts on every row of the step). `residual (B, L, H)` is added to the
 decoder's residual stream after each block (contrastive activation addition, methods.caa), at the
 prefill and every step, on the torch backends; companion rows get the rows' they follow.
 """
@@ -303,9 +303,8 @@ def generate(
                 "companion rows (prompt guidance) run on the torch step backends only, not on "
                 f"{type(runner).__name__}"
             )
-        extend = getattr(hidden_hook, "with_companions", None)
-        if extend is not None:  # a hook that edits rows: the companions as the rows they follow
-            hidden_hook = extend(comp.companion_rows)
+        if hidden_hook is not None:  # RE-Control: the companions edited as the rows they follow
+            hidden_hook = hidden_hook.with_companions(comp.companion_rows)
         if residual is not None:  # the companions steered as the rows they follow
             residual = torch.cat((residual, residual[follow]))
         if not runner.can_run(B + G, total, hidden_hook):

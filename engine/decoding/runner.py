@@ -39,12 +39,11 @@ import logging
 import warnings
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from dglm.engine.decoding.buckets import round_up
 from dglm.engine.decoding.padding import PaddedBatch, StackedBatch
-from dglm.engine.models.base import Decoder, HiddenHook, KVCache
+from dglm.engine.models.base import Decoder, HiddenHook, KVCache, StaticHook
 from dglm.kernels import llama_step
 from dglm.kernels.llama_step import LlamaInt8Step
 from torch import nn
@@ -54,13 +53,11 @@ logger = logging.getLogger(__name__)
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
 
 
-def capturable(hook: object) -> bool:
-    """Whether a hidden-state hook has a static form a CUDA graph can record: `static_key()` (what
-    the recorded graph depends on beyond per-row values) and `static_copy(rows)` → an object
-    with `load(hook)`, `publish()`, called as a hook on the step's rows."""
-    return callable(getattr(hook, "static_key", None)) and callable(
-        getattr(hook, "static_copy", None)
-    )
+def capturable(hook: HiddenHook | bool) -> bool:
+    """Whether a hidden-state hook has a static form a CUDA graph can record (its `static_key()`
+    is not None; `static_copy` then gives the `models.base.StaticHook`); True / False (any hook,
+    no hook) are not known to."""
+    return not isinstance(hook, bool) and hook.static_key() is not None
 
 
 # How a runner without graphs runs the step:
@@ -311,11 +308,11 @@ class DecodeRunner:
         self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph | _EagerStep] = {}
         # CUDA graphs with a hook's static form: (batch bucket, KV bucket, the hook's static key)
         self._hooked_graphs: dict[tuple[int, int, Hashable], torch.cuda.CUDAGraph] = {}
-        self._static_hooks: dict[Hashable, Any] = {}  # static_key → the hook's static form
+        self._static_hooks: dict[Hashable, StaticHook] = {}  # static_key → the hook's static form
         self._pool = torch.cuda.graph_pool_handle() if self.graphs else None
         self.batch = self.rows = self.slot = self.slots = 0  # current batch, set by begin()
         self.hidden_hook: HiddenHook | None = None  # of the current batch, set by start()
-        self._static: tuple[Hashable, Any] | None = None  # (key, static form) of that hook
+        self._static: tuple[Hashable, StaticHook] | None = None  # (key, static form) of that hook
         self.split_batches = False  # a batch above the largest bucket is refused (step backend)
         self.residual_on = False  # whether the current batch's residual buffer holds nonzeros
 
@@ -338,7 +335,7 @@ class DecodeRunner:
 
     # ------------------------------------------------------------------ the step
     def _step(
-        self, b: int, s: int, decode: Callable | None = None, static_hook: Any = None
+        self, b: int, s: int, decode: Callable | None = None, static_hook: StaticHook | None = None
     ) -> None:
         """One decode step on rows [0, b) and slots [0, s) of the buffers (what a graph records;
         `static_hook`: a hook's static form, recorded with the step)."""
@@ -366,7 +363,7 @@ class DecodeRunner:
 
     @torch.no_grad()
     def _capture(
-        self, b: int, s: int, static: tuple[Hashable, Any] | None = None
+        self, b: int, s: int, static: tuple[Hashable, StaticHook] | None = None
     ) -> torch.cuda.CUDAGraph | _EagerStep:
         if not self.graphs:
             self._graphs[b, s] = _EagerStep(self, b, s)
@@ -430,7 +427,7 @@ class DecodeRunner:
         return self.fused is not None and rows <= FUSED_MAX_BATCH
 
     # ------------------------------------------------------------------ step backend
-    def can_run(self, batch_size: int, slots: int, hooked: object = False) -> bool:
+    def can_run(self, batch_size: int, slots: int, hooked: HiddenHook | bool = False) -> bool:
         """Whether this runner can take a batch of `batch_size` rows × `slots` KV slots, with a
         hidden-state hook when `hooked` (the hook, or True for any hook): op by op, or a trace of
         the step's body with the hook and the LM head after it; in CUDA graphs only a
@@ -474,7 +471,7 @@ class DecodeRunner:
                 self._static_hooks[key] = hidden_hook.static_copy(self.max_batch)
             self._static_hooks[key].load(hidden_hook)
             self._static = (key, self._static_hooks[key])
-        if getattr(batch, "follow", None) is not None:
+        if isinstance(batch, StackedBatch) and batch.follow is not None:
             return self._prefill_following(batch)
         return self.prefill(batch.embeds(self.decoder), batch.positions)
 

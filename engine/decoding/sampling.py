@@ -185,7 +185,7 @@ PARTIAL_SORT_SIZES = (256, 2048, 8192)
 
 def sample_tokens(
     logits: torch.Tensor,
-    gumbel: torch.Tensor | None,
+    uniforms: torch.Tensor | None,
     temperature: torch.Tensor,
     top_k: torch.Tensor,
     top_p: torch.Tensor,
@@ -193,7 +193,6 @@ def sample_tokens(
     max_k: int = 0,
     full_sort: bool = False,
     partial_sizes: tuple[int, ...] = (),
-    uniform: bool = False,
     native: bool = False,
 ) -> torch.Tensor:
     """Next tokens (B,) long from logits (B, V) fp32. No host sync unless `partial_sizes`.
@@ -201,30 +200,29 @@ def sample_tokens(
     Sampled rows draw the Gumbel-max sample argmax(filtered logits / T + G), G = −log(−log U)
     (the exponential race; Gumbel 1954, as used by Kool et al., 2019, "Stochastic Beams and
     Where to Find Them"); every other row is greedy (argmax of the raw logits, as HF).
-    gumbel (S, V) noise for the S sampled rows, None = every row greedy; rows (S,) long indexes
-    them (None = all B rows); temperature (S, 1), top_k (S, 1) long (0 = off), top_p (S, 1).
+    uniforms (S, V): the uniforms U of the S sampled rows, None = every row greedy; G is taken only
+    where a token is scored (the candidates of a partial filter), not over the whole vocabulary.
+    rows (S,) long indexes them (None = all B rows); temperature (S, 1), top_k (S, 1) long (0 =
+    off), top_p (S, 1).
     Host-side choices of the filter: full_sort sorts (exact top-k then top-p, as HF's warpers);
     else max_k > 0 (every sampled row has 0 < top_k ≤ max_k) masks below the k-th score found
     with torch.topk (ties kept, as HF); else no filtering. partial_sizes (CPU, where reading a
     flag back costs nothing): before the full sort, try `filter_top` with each size; a row it
     covers samples from it (same token, see filter_top), the others go on to the next size and
     finally the full sort; every row's top_k must be 0 or ≤ the sizes tried.
-    uniform: `gumbel` holds the uniforms U, transformed to −log(−log U) only where a token is
-    scored (the candidates of a partial filter), not over the whole vocabulary: the same noise,
-    the same tokens, less work.
-    native (CPU, with full_sort and uniform): the C++ sampler (dglm.kernels.nucleus) instead of
-    the torch filter: the same tokens without sorting the vocabulary.
+    native (CPU, with full_sort): the C++ sampler (dglm.kernels.nucleus) instead of the torch
+    filter: the same tokens without sorting the vocabulary.
     """
-    if gumbel is None:
+    if uniforms is None:
         return logits.argmax(dim=-1)
-    if native and full_sort and uniform:
-        sampled = nucleus.sample_nucleus(logits, gumbel, temperature, top_k, top_p, rows)
+    if native and full_sort:
+        sampled = nucleus.sample_nucleus(logits, uniforms, temperature, top_k, top_p, rows)
         return _scatter_rows(logits, sampled, rows)
 
     def noise(u: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
         """The Gumbel noise of rows `u` at token `ids` (None: every token)."""
         g = u if ids is None else u.gather(-1, ids)
-        return -(-g.log()).log() if uniform else g
+        return -(-g.log()).log()
 
     scores = logits if rows is None else logits.index_select(0, rows)  # (S, V)
     scores = scores / temperature
@@ -239,16 +237,23 @@ def sample_tokens(
             part, part_ids, covered = filter_top(scores, top_k, top_p, size)
             if bool(covered.any()):  # host branch: CPU only (see above)
                 cov = covered.nonzero()[:, 0]
-                pick = (part[cov] + noise(gumbel[cov], part_ids[cov])).argmax(dim=-1, keepdim=True)
+                pick = (part[cov] + noise(uniforms[cov], part_ids[cov])).argmax(
+                    dim=-1, keepdim=True
+                )
                 won = part_ids[cov].gather(-1, pick)[:, 0]
                 sampled.index_copy_(0, cov if left is None else left[cov], won)
             if bool(covered.all()):
                 return _scatter_rows(logits, sampled, rows)
             rest = (~covered).nonzero()[:, 0]
             left = rest if left is None else left[rest]
-            scores, top_k, top_p, gumbel = (scores[rest], top_k[rest], top_p[rest], gumbel[rest])
+            scores, top_k, top_p, uniforms = (
+                scores[rest],
+                top_k[rest],
+                top_p[rest],
+                uniforms[rest],
+            )
         top, ids = filter_logits(scores, top_k, top_p)  # sorted, (R, V) each
-        choice = (top + noise(gumbel, ids)).argmax(dim=-1, keepdim=True)  # (R, 1)
+        choice = (top + noise(uniforms, ids)).argmax(dim=-1, keepdim=True)  # (R, 1)
         won = ids.gather(-1, choice)[:, 0]
         if left is None:
             sampled = won
@@ -259,7 +264,7 @@ def sample_tokens(
             best = scores.topk(max_k, dim=-1).values  # (S, max_k), descending
             kth = best.gather(-1, (top_k.clamp(1, max_k) - 1))  # (S, 1)
             scores = scores.masked_fill(scores < kth, float("-inf"))
-        sampled = (scores + noise(gumbel)).argmax(dim=-1)  # (S,)
+        sampled = (scores + noise(uniforms)).argmax(dim=-1)  # (S,)
     return _scatter_rows(logits, sampled, rows)
 
 
@@ -382,7 +387,7 @@ class Sampler:
             # −log(−log U) is taken in sample_tokens, only where tokens are scored
         tok = sample_tokens(
             logits, self.gumbel, self.temperature, self.top_k, self.top_p, self.rows,
-            self.max_k, self.full_sort, self.partial, uniform=True, native=self.native,
+            self.max_k, self.full_sort, self.partial, native=self.native,
         ).masked_fill_(self.finished, self.pad)  # fmt: skip
         self.out[:, self.steps] = tok
         self.finished |= torch.isin(tok, self.eos_t)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
-from dglm.engine.api import MAX_RE_CONTROL_STEP
+from dglm.engine.api import DEFAULT_TEMPERATURE, DEFAULT_TOP_P, MAX_RE_CONTROL_STEP
 from dglm.engine.bundle import BundleConfig
 from dglm.engine.evaluation.prefixes import DEFAULT_SOURCES, PREFIX_SPLITS
 from dglm.engine.probes import Control, Probe, with_implied
@@ -54,8 +54,8 @@ class EvalConfig:
     renoise_alpha2s: tuple[float, ...] = RENOISE_SWEEP  # proposal-fidelity sweep (unguided)
     fudge_top_k: int = 50  # FUDGE candidates per step
     fudge_strengths: tuple[float, ...] = (1.0, 3.0)  # FUDGE λ on log p(target | text)
-    temperature: float = 1.0
-    top_p: float = 0.95  # nucleus sampling for every method
+    temperature: float = DEFAULT_TEMPERATURE
+    top_p: float = DEFAULT_TOP_P  # nucleus sampling for every method
     # every method's (plain decoding's too) n-gram ban; None: the bundle's no_repeat_ngram_size
     no_repeat_ngram_size: int | None = None
     batch_size: int = 16  # prompts per generation call (every method alike)

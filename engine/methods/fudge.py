@@ -12,11 +12,11 @@ probe, and the next token is drawn from
 encoded in one batch per step.
 
 FUDGE runs on the one decode loop (`decoding.core.DecodeCore.decode`, no soft prompt) as a logits
-processor, `FudgeProcessor`: it reranks the candidates and draws among
-them with each row's own generator (Gumbel-max over the nucleus of the reweighted scores), handing
-the loop the perturbed candidate scores (−inf elsewhere), which the loop decodes greedily.
-Reranking needs the candidates' text on the host, so each step syncs once: a baseline, not a hot
-path. `Fudge` is the same as an engine `Method`.
+processor, `FudgeProcessor`: it returns the reweighted candidate scores (−inf elsewhere), and the
+loop's one `Sampler` draws from them at temperature 1 with the request's top_p and seed (greedy:
+their argmax), as it draws every other method's tokens. Reranking needs the candidates' text on the
+host, so each step syncs once: a baseline, not a hot path. `Fudge` is the same as an engine
+`Method`.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from dglm.engine.api import GenerationParams
 from dglm.engine.decoding.core import DecodeCore
 from dglm.engine.decoding.sampling import DecodeParams, DecodeResult
 from dglm.engine.encode.encoder import SentenceEncoder
-from dglm.engine.methods.base import Conditioning, Method, MethodBatch
+from dglm.engine.methods.base import DECODE_SEED_XOR, Conditioning, Method, MethodBatch
 from dglm.engine.models.base import Decoder
 from dglm.engine.probes import Probe, ProbeSet
 
@@ -73,33 +73,14 @@ def target_logprob(probe: Probe, target: str | int, emb: torch.Tensor) -> torch.
     return out
 
 
-def perturbed_scores(
-    scores: torch.Tensor, temperature: float, top_p: float, gens: list[torch.Generator]
-) -> torch.Tensor:
-    """Reweighted candidate scores (A, k), sorted descending by log p_lm → the scores whose argmax
-    is the row's draw: the scores themselves when greedy (temperature 0), else Gumbel-max over the
-    nucleus of softmax(scores), each row's k uniforms from its own generator; −inf outside it."""
-    if temperature == 0:
-        return scores
-    s, order = scores.sort(-1, descending=True)  # (A, k)
-    if top_p < 1:
-        probs = s.softmax(-1)
-        tail = probs.flip(-1).cumsum(-1).flip(-1)  # mass of this and every less likely candidate
-        remove = tail <= 1 - top_p
-        remove[:, 0] = False
-        s = s.masked_fill(remove, float("-inf"))
-    u = torch.stack([torch.rand(s.shape[1], generator=g) for g in gens]).to(s.device)  # (A, k)
-    gumbel = -torch.log(-torch.log(u.clamp_min(1e-20)))
-    return torch.empty_like(s).scatter_(-1, order, s + gumbel)  # back in candidate order
-
-
 class FudgeProcessor:
-    """FUDGE as a logits processor of the decode loop (rows must decode greedily: temperature 0).
+    """FUDGE as a logits processor of the decode loop, whose sampler then draws at temperature 1
+    (`sampling_params`: the temperature T is applied here).
 
-    Per step and unfinished row: the top-k candidates of log_softmax(logits / T), reweighted by λ ·
-    log p(target | text) of each row's (probe, target) (None: no reweighting), drawn from with the
-    row's own generator (`perturbed_scores`); returns those scores at the candidates' ids, −inf
-    elsewhere. One encoder batch per step for every unfinished row's candidates.
+    Per step and unfinished row: the top-k candidates of log_softmax(logits / T) (T = 0: 1),
+    reweighted by λ · log p(target | text) of each row's (probe, target) (None: no reweighting);
+    returns those scores at the candidates' ids, −inf elsewhere. One encoder batch per step for
+    every unfinished row's candidates.
     """
 
     def __init__(
@@ -107,16 +88,12 @@ class FudgeProcessor:
         tokenizer,
         encoder: SentenceEncoder,
         targets: list[tuple[Probe, str | int] | None],  # per row
-        generators: list[torch.Generator],  # per row
         top_k: int,
         strength: float,
         temperature: float,
-        top_p: float,
     ) -> None:
-        self.tokenizer, self.encoder = tokenizer, encoder
-        self.targets, self.gens = targets, generators
-        self.top_k, self.strength = top_k, strength
-        self.temperature, self.top_p = temperature, top_p
+        self.tokenizer, self.encoder, self.targets = tokenizer, encoder, targets
+        self.top_k, self.strength, self.temperature = top_k, strength, temperature
         self.probe_s = 0.0  # seconds in candidate text, encoder and probe
         # where the engine reads this method's stage timings: "probe" (= probe_s), after decoding
         self.timings: dict[str, float] = {}
@@ -153,14 +130,27 @@ class FudgeProcessor:
                 lp[i] = row_lp.to(lp.device)
             scores = cand_lp + self.strength * lp
             self.scored += len(texts)
-        drawn = perturbed_scores(
-            scores, self.temperature, self.top_p, [self.gens[b] for b in active]
-        )
         self.probe_s += time.perf_counter() - t
         self.timings["probe"] = self.probe_s
         rows = torch.tensor(active, device=logits.device)
-        out[rows] = out[rows].scatter_(-1, cand_ids, drawn)
+        out[rows] = out[rows].scatter_(-1, cand_ids, scores)
         return out
+
+
+def sampling_params(
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    seed: int,
+    stop: tuple[str, ...] = (),
+    ignore_eos: bool = False,
+) -> DecodeParams:
+    """A FUDGE row's sampling: the processor's scores already carry the temperature, so the
+    sampler draws at 1 (0: greedy), over the nucleus top_p, from the row's seed."""
+    return DecodeParams(
+        max_new_tokens, temperature=1.0 if temperature > 0 else 0.0, top_p=top_p, seed=seed,
+        stop=stop, ignore_eos=ignore_eos,
+    )  # fmt: skip
 
 
 @torch.inference_mode()
@@ -186,12 +176,20 @@ def fudge_generate(
         raise ValueError("every row of prefix_ids needs at least one token")
     t_start = time.perf_counter()
     processor = FudgeProcessor(
-        tokenizer, encoder, [(probe, target)] * B,
-        [torch.Generator().manual_seed(params.seed + b) for b in range(B)],
-        params.top_k, params.strength, params.temperature, params.top_p,
+        tokenizer, encoder, [(probe, target)] * B, params.top_k, params.strength,
+        params.temperature,
     )  # fmt: skip
-    greedy = DecodeParams(params.max_new_tokens, temperature=0.0, ignore_eos=params.ignore_eos)
-    results, t = DecodeCore(decoder, tokenizer).decode(prefix_ids, [greedy] * B, None, (processor,))
+    rows = [
+        sampling_params(
+            params.max_new_tokens,
+            params.temperature,
+            params.top_p,
+            params.seed + b,
+            ignore_eos=params.ignore_eos,
+        )  # fmt: skip
+        for b in range(B)
+    ]
+    results, t = DecodeCore(decoder, tokenizer).decode(prefix_ids, rows, None, (processor,))
     timings = {
         "lm_s": t["prefill_s"] + t["decode_s"] - processor.probe_s,
         "probe_s": processor.probe_s,
@@ -212,7 +210,8 @@ def fudge_generate(
 class Fudge(Method):
     """FUDGE as an engine method: each request's first control (probe, target) reweights its
     rows' top-k candidates; requests without one decode plain top-k. Temperature and top_p come
-    from each request (rows of one call must share them); seeds from the engine's rows."""
+    from each request (rows of one call must share the temperature); seeds from the engine's
+    rows."""
 
     name = "fudge"
 
@@ -227,27 +226,26 @@ class Fudge(Method):
             self.probes.validate(p.controls)
 
     def decode_params(self, p: GenerationParams, seed: int) -> DecodeParams:
-        # the processor draws the token: the loop takes its argmax
-        return DecodeParams(p.max_new_tokens, temperature=0.0, stop=p.stop, ignore_eos=p.ignore_eos)
+        # the seed plain decoding's rows take: with λ = 0 a row draws plain top-k sampling's token
+        seed ^= DECODE_SEED_XOR
+        return sampling_params(p.max_new_tokens, p.temperature, p.top_p, seed, p.stop, p.ignore_eos)
 
     def condition(self, batch: MethodBatch) -> Conditioning:
         params = [batch.params[i] for i, _ in batch.rows]
-        settings = {(p.temperature, p.top_p) for p in params}
+        settings = {p.temperature for p in params}
         if len(settings) > 1:
             raise ValueError(
-                f"FUDGE runs one temperature and top_p per call, got {sorted(settings)}: "
-                "generate requests with different settings in separate calls"
+                f"FUDGE runs one temperature per call, got {sorted(settings)}: "
+                "generate requests with different temperatures in separate calls"
             )
-        ((temperature, top_p),) = settings
+        (temperature,) = settings
         targets = []
         for p in params:
             c = p.controls[0] if p.controls else None
             targets.append(None if c is None else (self.probes.probes[c.probe], c.target))
-        gens = [torch.Generator().manual_seed(s) for s in batch.seeds]
         processor = FudgeProcessor(
-            batch.tokenizer, self.encoder, targets, gens, self.top_k, self.strength,
-            temperature, top_p,
-        )  # fmt: skip
+            batch.tokenizer, self.encoder, targets, self.top_k, self.strength, temperature
+        )
         cond = Conditioning(processors=(processor,))
         processor.timings = cond.timings  # its "probe" seconds, read after decoding
         return cond
@@ -258,6 +256,6 @@ __all__ = [
     "FudgeParams",
     "FudgeProcessor",
     "fudge_generate",
-    "perturbed_scores",
+    "sampling_params",
     "target_logprob",
 ]

@@ -46,6 +46,7 @@ from dglm.engine.api import MAX_RE_CONTROL_STEP as MAX_STEP_SIZE
 from dglm.engine.api import MAX_RE_CONTROL_STEPS as MAX_STEPS
 from dglm.engine.api import GenerationParams
 from dglm.engine.methods.base import Conditioning, Method, MethodBatch
+from dglm.engine.models.base import HiddenHook, StaticHook
 from dglm.kernels import value_edit
 from torch import nn
 
@@ -210,17 +211,24 @@ class RowEdit:
     step_size: torch.Tensor  # (R, 1) fp32
 
 
-class ValueEdit:
+class ValueEdit(HiddenHook):
     """The `HiddenHook` of one batch of R rows: every value network's edit, applied in turn to the
     final-norm hidden states (R' ≥ R, T, H) of each step; rows past R and rows with no edit pass
     through unchanged (bit-identical). The decode loop extends it to its companion rows
     (`with_companions`).
 
     plausibility (R,) fp32, optional: β per row (0 = off); rows with β > 0 that the hook edits
-    have their unedited last-position states kept each step (`unedited`) for `PlausibleEdit`."""
+    have their unedited last-position states kept each step (`unedited`) for `PlausibleEdit`.
+    extends: the hook this one extends to companion rows (`with_companions`): its masked rows and
+    what each step's call saw are that hook's, so its readers see this one's steps."""
 
     def __init__(
-        self, edits: list[RowEdit], rows: int, plausibility: torch.Tensor | None = None
+        self,
+        edits: list[RowEdit],
+        rows: int,
+        plausibility: torch.Tensor | None = None,
+        *,
+        extends: ValueEdit | None = None,
     ) -> None:
         if not edits:
             raise ValueError("ValueEdit needs at least one edit: decode without the hook")
@@ -236,10 +244,13 @@ class ValueEdit:
         if plausibility.shape != (rows,):
             raise ValueError(f"plausibility has shape {tuple(plausibility.shape)}, want ({rows},)")
         self.plausibility = plausibility.float()
-        masked = (active & (self.plausibility > 0)).nonzero()[:, 0]  # host-side, once
-        self.masked = masked if masked.numel() else None  # rows PlausibleEdit masks
         # what this step's call saw, shared with the hook's companion-row extension
         self._seen: dict[str, torch.Tensor] = {}
+        if extends is not None:
+            self.masked, self._seen = extends.masked, extends._seen
+        else:
+            masked = (active & (self.plausibility > 0)).nonzero()[:, 0]  # host-side, once
+            self.masked = masked if masked.numel() else None  # rows PlausibleEdit masks
 
     @property
     def unedited(self) -> torch.Tensor:
@@ -278,9 +289,8 @@ class ValueEdit:
         ]
         # companions are not masked (PlausibleEdit acts on the batch's own rows)
         quiet = torch.zeros(len(follow), device=self.plausibility.device)
-        out = ValueEdit(edits, self.rows + len(follow), torch.cat((self.plausibility, quiet)))
-        out.masked, out._seen = self.masked, self._seen  # reports to this hook's readers
-        return out
+        plausibility = torch.cat((self.plausibility, quiet))
+        return ValueEdit(edits, self.rows + len(follow), plausibility, extends=self)
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
         R = self.rows
@@ -326,7 +336,7 @@ def _edit_rows(
     return torch.where(keep, edited.to(own.dtype), h).reshape(R, T, H)
 
 
-class StaticValueEdit:
+class StaticValueEdit(StaticHook):
     """A `ValueEdit`'s static form: its per-row tensors in buffers of `capacity` rows, refilled
     for each batch by `load` — what the decode runner records in a CUDA graph (one per batch
     bucket, KV bucket and `ValueEdit.static_key`) and replays for every batch whose hook has that
@@ -356,9 +366,9 @@ class StaticValueEdit:
         self._unedited: torch.Tensor | None = None
         self.source: ValueEdit | None = None
 
-    def load(self, hook: ValueEdit) -> None:
+    def load(self, hook: HiddenHook) -> None:
         """Copy `hook`'s per-row settings into the buffers (rows past it: inactive)."""
-        if hook.static_key() != self.key:
+        if not isinstance(hook, ValueEdit) or hook.static_key() != self.key:
             raise ValueError("this static edit was built for another set of value networks")
         R = hook.rows
         if R > self.capacity:
@@ -394,7 +404,7 @@ class StaticValueEdit:
         """After a step: the loaded hook's masked rows' unedited logits, for `PlausibleEdit`."""
         hook = self.source
         if hook is not None and hook.masked is not None and self.extra is not None:
-            hook._seen["unedited_logits"] = self.extra[hook.masked]
+            hook.see_head_extra(self.extra[hook.masked])
 
 
 class PlausibleEdit:

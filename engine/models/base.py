@@ -8,9 +8,10 @@ cache slots. `key_mask (B, S)` marks real (non-pad) keys; S = T without a cache 
 
 `Decoder.forward_static` is the same computation with every shape fixed by its buffers: it writes
 at slots given by a device tensor and attends over all S slots under a mask, which is what a CUDA
-graph, `torch.compile` and an ONNX export need (see its docstring for the exact contract).
+graph and `torch.compile` need (see its docstring for the exact contract; the ONNX export
+spells out its own static step, `dglm.export.modules`).
 
-Both take an optional `hidden_hook`: a function (B, T, H) → (B, T, H) applied to the final-norm
+Both take an optional `hidden_hook` (`HiddenHook`): an edit (B, T, H) → (B, T, H) applied to the final-norm
 hidden states right before the LM head (where a method such as RE-Control nudges them); rows it
 leaves alone give bit-identical logits. And an optional `residual (B, L, H)`: a vector per row and
 decoder block added to the residual stream after that block, at every position (contrastive
@@ -21,15 +22,75 @@ by which blocks are steered: the static form a trace or a CUDA graph records.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-# final-norm hidden states (B, T, H) → edited hidden states (B, T, H), before the LM head
-HiddenHook = Callable[[torch.Tensor], torch.Tensor]
+
+class HiddenHook(Protocol):
+    """A method's edit of the final-norm hidden states (B, T, H) → (B, T, H), before the LM head.
+
+    `__call__` is the edit; the other members are optional capabilities, each off in the defaults
+    a hook inherits by subclassing this protocol (`FunctionHook` wraps a plain function):
+    - `head_extra` / `see_head_extra`: logits of other states from the same LM-head call
+      (`Decoder.hooked_logits`; RE-Control's unedited states for its plausibility mask);
+    - `with_companions`: the hook over the batch's rows and then companion rows (the decode loop's
+      prompt-guidance stream; default: the same hook over every row of the step);
+    - `static_key` / `static_copy`: a static form a CUDA graph can record (`StaticHook`;
+      default: none, so the hook runs op by op or after a traced step).
+    """
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor: ...
+
+    def head_extra(self) -> torch.Tensor | None:
+        """States (M, H) whose logits the same LM-head call computes beside the edited ones (T = 1),
+        handed back through `see_head_extra`; None: none."""
+        return None
+
+    def see_head_extra(self, logits: torch.Tensor) -> None:
+        """The logits (M, V) of the states `head_extra` gave."""
+
+    def with_companions(self, follow: list[int]) -> HiddenHook:
+        """This hook over the batch's rows and then companion rows, companion j following row
+        follow[j]."""
+        return self
+
+    def static_key(self) -> Hashable | None:
+        """What a graph recording the static form depends on beyond per-row values; None: the hook
+        has no static form."""
+        return None
+
+    def static_copy(self, capacity: int) -> StaticHook:
+        """The static form over buffers of `capacity` rows (only when `static_key` is not None)."""
+        raise NotImplementedError(f"{type(self).__name__} has no static form")
+
+
+class StaticHook(HiddenHook, Protocol):
+    """A hook's static form (`HiddenHook.static_copy`): per-row settings in fixed buffers, what a
+    CUDA graph records once and replays for every batch whose hook has the same `static_key`."""
+
+    def load(self, hook: HiddenHook) -> None:
+        """Copy `hook`'s per-row settings into the buffers (before a batch's first step)."""
+        ...
+
+    def publish(self) -> None:
+        """After each replayed step: hand the loaded hook what the step computed for it (through
+        the loaded hook's own members, e.g. `see_head_extra`)."""
+        ...
+
+
+class FunctionHook(HiddenHook):
+    """A plain function (B, T, H) → (B, T, H) as a hook with no other capability."""
+
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.fn = fn
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.fn(hidden)
 
 
 @dataclass
@@ -111,57 +172,33 @@ def attention_mask(
 
 
 class StaticKV:
-    """The key/value store `forward_static` hands to the blocks, with KVCache's `write` interface.
+    """The key/value store `forward_static` hands to the blocks, with KVCache's `write` interface:
+    `write` stores the T new keys/values of a layer at slots `write_pos` of the full buffers with
+    `index_copy_` and returns the full buffers (B, n_kv, S, Dh)."""
 
-    In place (functional=False): `write` stores the T new keys/values of a layer at slots
-    `write_pos` of the full buffers with `index_copy_` and returns the full buffers
-    (B, n_kv, S, Dh).
-    Functional: the buffers are only read; `write` returns them with the T new keys/values appended
-    (B, n_kv, S + T, Dh) and collects the new ones for the caller.
-    """
-
-    def __init__(
-        self, k: torch.Tensor, v: torch.Tensor, write_pos: torch.Tensor, functional: bool
-    ) -> None:
-        self.k, self.v, self.write_pos, self.functional = k, v, write_pos, functional
-        self.new_k: list[torch.Tensor] = []
-        self.new_v: list[torch.Tensor] = []
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, write_pos: torch.Tensor) -> None:
+        self.k, self.v, self.write_pos = k, v, write_pos
 
     def write(
         self, layer: int, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.functional:
-            self.new_k.append(k)
-            self.new_v.append(v)
-            return torch.cat([self.k[layer], k], dim=2), torch.cat([self.v[layer], v], dim=2)
         self.k[layer].index_copy_(2, self.write_pos, k)  # slots write_pos of (B, n_kv, S, Dh)
         self.v[layer].index_copy_(2, self.write_pos, v)
         return self.k[layer], self.v[layer]
 
 
-def static_attention_mask(
-    write_pos: torch.Tensor, key_mask: torch.Tensor, functional: bool = False
-) -> torch.Tensor:
-    """Bool mask (B, 1, T, S) for `forward_static`, True = attend; (B, 1, T, S + T) when functional.
+def static_attention_mask(write_pos: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+    """Bool mask (B, 1, T, S) for `forward_static`, True = attend.
 
     Query t sits at slot p_t = write_pos[t]. Key slot j is visible iff j ≤ p_t and (key_mask[b, j]
     or j = p_t): the self key keeps a pad query's row finite, and slots after p_t (stale or not yet
-    written) are never read. Functional: the cache's slots that are being written this call are
-    hidden, and the T new keys (appended after the S cache slots) follow the same rule.
-    Built from tensors only: no host sync, static shapes.
+    written) are never read. Built from tensors only: no host sync, static shapes.
     """
     S = key_mask.shape[1]
     slots = torch.arange(S, device=key_mask.device)  # (S,)
     q = write_pos[:, None]  # (T, 1)
-    if not functional:
-        allowed = (slots <= q) & (key_mask[:, None, :] | (slots == q))  # (B, T, S)
-        return allowed[:, None]
-    written = (slots[:, None] == write_pos[None, :]).any(dim=1)  # (S,): overwritten this call
-    old = (slots <= q) & ~written & key_mask[:, None, :]  # (B, T, S)
-    own = write_pos[None, :] == q  # (T, T): the query's own key (write slots are distinct)
-    new_real = key_mask.index_select(1, write_pos)  # (B, T)
-    new = (write_pos[None, :] <= q) & (new_real[:, None, :] | own)  # (B, T, T)
-    return torch.cat([old, new], dim=-1)[:, None]  # (B, 1, T, S + T)
+    allowed = (slots <= q) & (key_mask[:, None, :] | (slots == q))  # (B, T, S)
+    return allowed[:, None]
 
 
 def check_residual(residual: torch.Tensor | None, decoder: Decoder, batch: int) -> None:
@@ -372,8 +409,7 @@ class Decoder(nn.Module):
         if hidden_hook is None:
             return self.logits(hidden)
         edited = hidden_hook(hidden)
-        extra = getattr(hidden_hook, "head_extra", None)
-        states = extra() if extra is not None else None
+        states = hidden_hook.head_extra()
         if states is None or edited.shape[1] != 1:
             return self.logits(edited)
         B = edited.shape[0]
@@ -390,13 +426,12 @@ class Decoder(nn.Module):
         write_pos: torch.Tensor,
         key_mask: torch.Tensor,
         *,
-        functional: bool = False,
         last_only: bool = False,
         hidden_hook: HiddenHook | None = None,
         return_hidden: bool = False,
         residual: torch.Tensor | None = None,
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One static-shape step: the form for CUDA graphs, `torch.compile` and ONNX export.
+    ) -> torch.Tensor:
+        """One static-shape step: the form for CUDA graphs and `torch.compile`.
 
         Arguments (every shape fixed by the buffers, nothing read back to the host):
             inputs_embeds (B, T, H): embeddings of the T new tokens (`embed(ids)` or soft-prompt
@@ -410,11 +445,6 @@ class Decoder(nn.Module):
             key_mask (B, S) bool: False at pad slots, True elsewhere. Slots beyond the query need
                 no clearing: key slot j is visible to the query at slot p iff j ≤ p and
                 (key_mask[b, j] or j = p), so the mask can stay constant for a whole generation.
-            functional: False → the new keys/values are written in place at `write_pos`
-                (`index_copy_`) and logits (B, T, V) are returned. True → the caches are read
-                only (their slots at `write_pos` are ignored) and (logits, k_new, v_new) are
-                returned, k_new / v_new (L, B, n_kv, T, Dh): what the in-place call would have
-                written, for a graph without in-place updates (the caller scatters them).
             last_only: logits for the last of the T positions only, (B, 1, V).
             hidden_hook: applied to the final-norm hidden states before the LM head.
             return_hidden: return those final-norm hidden states (B, T | 1, H) instead of the
@@ -439,16 +469,13 @@ class Decoder(nn.Module):
                 f"key_mask {tuple(key_mask.shape)}: expected ({B}, {T}), ({T},), ({B}, {S})"
             )
         check_residual(residual, self, B)
-        kv = StaticKV(k_cache, v_cache, write_pos, functional)
-        allowed = static_attention_mask(write_pos, key_mask, functional)  # (B, 1, T, S[+T])
+        kv = StaticKV(k_cache, v_cache, write_pos)  # the new keys / values written in place
+        allowed = static_attention_mask(write_pos, key_mask)  # (B, 1, T, S)
         # additive form, built once for all layers (SDPA would convert a bool mask per call)
         mask = torch.zeros(allowed.shape, dtype=inputs_embeds.dtype, device=allowed.device)
         mask = mask.masked_fill_(~allowed, float("-inf"))
         h = self.blocks_forward(inputs_embeds, positions, kv, mask, False, residual)  # (B, T, H)
-        logits = self.head(h, last_only, hidden_hook, return_hidden)
-        if not functional:
-            return logits
-        return logits, torch.stack(kv.new_k), torch.stack(kv.new_v)  # (L, B, n_kv, T, Dh)
+        return self.head(h, last_only, hidden_hook, return_hidden)
 
     def forward(
         self,

@@ -16,7 +16,7 @@ from dglm.engine.api import GenerationParams
 from dglm.engine.probes import Control
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-# OpenAI's defaults where the engine's differ (max_tokens 16, top_p 1)
+# OpenAI's defaults where the engine's (api.DEFAULT_*) differ: max_tokens 16, top_p 1
 DEFAULT_MAX_TOKENS = 16
 MAX_PROMPTS = 256  # prompts in one request (each runs n samples)
 

@@ -37,6 +37,7 @@ from dglm.engine.decoding.loop import generate as decode
 from dglm.engine.decoding.sampling import DecodeParams
 from dglm.engine.methods.base import Conditioning, Method, MethodBatch
 from dglm.engine.methods.re_control import ValueNetConfig, ValueNetwork
+from dglm.engine.models.base import HiddenHook
 from dglm.engine.probes import Control
 from dglm.engine.training.loop import Progress, Run, TrainConfig
 from safetensors.torch import load_file, save_file
@@ -73,7 +74,7 @@ class RolloutConfig:
             raise ValueError(f"rollouts: dglm_fraction must be in [0, 1], got {self.dglm_fraction}")
 
 
-class StateRecorder:
+class StateRecorder(HiddenHook):
     """A hidden-state hook that records each step's final-norm states of the first `rows` rows
     (a loop's companion rows are skipped) and leaves them unchanged."""
 

@@ -8,9 +8,10 @@ import pytest
 import torch
 from decoder_fixtures import VOCAB, make_tiny_hf_dir, one_thread  # noqa: F401 - autouse fixture
 from dglm.engine.decoding.loop import generate
-from dglm.engine.decoding.runner import DecodeRunner, DecodeRunnerConfig
+from dglm.engine.decoding.runner import DecodeRunner, DecodeRunnerConfig, capturable
 from dglm.engine.decoding.sampling import DecodeParams
 from dglm.engine.models import load_decoder
+from dglm.engine.models.base import FunctionHook, HiddenHook
 
 SAMPLED = DecodeParams(max_new_tokens=10, top_p=0.9, ignore_eos=True)
 
@@ -28,7 +29,7 @@ def rows_and_params(gen: torch.Generator) -> tuple[list[list[int]], list[DecodeP
     return rows, [DecodeParams(10, top_p=0.9, seed=s, ignore_eos=True) for s in seeds]
 
 
-class RowNudge:
+class RowNudge(HiddenHook):
     """h[rows] += scale · direction: an edit of some rows' final hidden states (RE-Control's
     place), recording the shapes it saw."""
 
@@ -50,7 +51,7 @@ def test_identity_and_empty_hooks_leave_tokens_bit_identical(tiny, gen, static):
     rows, params = rows_and_params(gen)
     soft = torch.randn(3, 2, decoder.hidden_size, generator=gen)
     ref, _ = generate(decoder, tok, rows, params, soft, static=static)
-    for hook in (lambda h: h, RowNudge([], torch.zeros(decoder.hidden_size), 1.0)):
+    for hook in (FunctionHook(lambda h: h), RowNudge([], torch.zeros(decoder.hidden_size), 1.0)):
         got, _ = generate(decoder, tok, rows, params, soft, static=static, hidden_hook=hook)
         assert [r.token_ids for r in got] == [r.token_ids for r in ref]
 
@@ -113,3 +114,38 @@ def test_logits_processor_sees_history_and_finished_rows(tiny, gen):
     assert got[1].token_ids[0] != banned
     assert got[0].token_ids == ref[0].token_ids and got[2].token_ids == ref[2].token_ids
     assert seen == [((3, t), (3,)) for t in range(10)]
+
+
+class ExtraHead(HiddenHook):
+    """Leaves the states alone and asks for the logits of other states from the same LM-head
+    call (what RE-Control's plausibility mask reads)."""
+
+    def __init__(self, states: torch.Tensor) -> None:
+        self.states, self.seen = states, []
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        return h
+
+    def head_extra(self) -> torch.Tensor:
+        return self.states
+
+    def see_head_extra(self, logits: torch.Tensor) -> None:
+        self.seen.append(logits)
+
+
+def test_hook_capabilities_are_members_off_by_default(tiny, gen):
+    decoder, _ = tiny
+    plain = FunctionHook(lambda h: h)
+    assert plain.head_extra() is None and plain.with_companions([0, 0]) is plain
+    assert plain.static_key() is None and not capturable(plain) and not capturable(True)
+    with pytest.raises(NotImplementedError, match="no static form"):
+        plain.static_copy(4)
+    H = decoder.hidden_size
+    hidden = torch.randn(3, 1, H, generator=gen).to(decoder.dtype)
+    hook = ExtraHead(torch.randn(2, H, generator=gen).to(decoder.dtype))
+    with torch.no_grad():
+        got = decoder.hooked_logits(hidden, hook)
+        want, want_extra = decoder.logits(hidden), decoder.logits(hook.states[:, None])[:, 0]
+    torch.testing.assert_close(got, want)
+    (extra,) = hook.seen
+    torch.testing.assert_close(extra, want_extra)

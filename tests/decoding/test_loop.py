@@ -157,10 +157,10 @@ def test_gumbel_sampling_follows_the_filtered_softmax(gen, temperature, top_k, t
     """20k draws of the exponential race match softmax(top-k/top-p filtered logits / T)."""
     n, V = 20000, 8
     logits = torch.randn(1, V, generator=gen).expand(n, V)
-    gumbel = -(-torch.rand(n, V, generator=gen).log()).log()
+    u = torch.rand(n, V, generator=gen)
     tokens = sample_tokens(
         logits,
-        gumbel,
+        u,
         torch.full((n, 1), temperature),
         torch.full((n, 1), top_k),
         torch.full((n, 1), top_p),
@@ -200,7 +200,7 @@ def test_partial_sort_samples_the_same_tokens(gen):
     peaked rows (covered) and flat ones (fallback to the sort)."""
     n, V = 64, 500
     logits = torch.randn(n, V, generator=gen) * torch.linspace(0.2, 6.0, n)[:, None]
-    gumbel = -(-torch.rand(n, V, generator=gen).log()).log()
+    gumbel = torch.rand(n, V, generator=gen)  # the uniforms U of the Gumbel noise
     t = torch.full((n, 1), 0.9)
     for top_k, top_p in ((0, 0.9), (16, 0.95), (0, 0.99)):
         k = torch.full((n, 1), top_k)
@@ -230,15 +230,15 @@ def test_native_sampler_draws_the_torch_paths_tokens(gen):
     for top_k, top_p in ((0, 0.9), (16, 0.95), (0, 0.999), (40, 1.0), (0, 0.3), (1, 0.5)):
         k = torch.full((n, 1), top_k)
         p = torch.full((n, 1), top_p, dtype=torch.float64)
-        want = sample_tokens(logits, u, t, k, p, full_sort=True, uniform=True)
-        got = sample_tokens(logits, u, t, k, p, full_sort=True, uniform=True, native=True)
+        want = sample_tokens(logits, u, t, k, p, full_sort=True)
+        got = sample_tokens(logits, u, t, k, p, full_sort=True, native=True)
         assert torch.equal(got, want)
         checked += int((want != logits.argmax(-1)).sum())
     assert checked > n  # the draws are not all the greedy token
     rows = torch.arange(1, n, 2)  # every other row greedy
     k, p = torch.zeros(len(rows), 1, dtype=torch.long), torch.full((len(rows), 1), 0.8).double()
-    want = sample_tokens(logits, u[rows], t[rows], k, p, rows, full_sort=True, uniform=True)
-    got = sample_tokens(logits, u[rows], t[rows], k, p, rows, full_sort=True, uniform=True,
+    want = sample_tokens(logits, u[rows], t[rows], k, p, rows, full_sort=True)
+    got = sample_tokens(logits, u[rows], t[rows], k, p, rows, full_sort=True,
                         native=True)  # fmt: skip
     assert torch.equal(got, want)
     with pytest.raises(ValueError, match="need `rows`"):
@@ -247,13 +247,14 @@ def test_native_sampler_draws_the_torch_paths_tokens(gen):
 
 def test_sample_tokens_mixes_greedy_and_sampled_rows(gen):
     logits = torch.randn(4, 30, generator=gen)
-    gumbel = -(-torch.rand(2, 30, generator=gen).log()).log()
+    u = torch.rand(2, 30, generator=gen)
+    gumbel = -(-u.log()).log()
     rows = torch.tensor([1, 3])
     one = torch.ones(2, 1)
     for kw in (dict(max_k=1), dict(full_sort=True), dict(full_sort=True, partial_sizes=(4,)),
                dict()):  # fmt: skip
         k = torch.full((2, 1), 1 if kw else 0)
-        tokens = sample_tokens(logits, gumbel, one, k, one, rows, **kw)
+        tokens = sample_tokens(logits, u, one, k, one, rows, **kw)
         assert tokens[[0, 2]].tolist() == logits[[0, 2]].argmax(-1).tolist()
         if kw:  # top-k = 1 is greedy too
             assert tokens.tolist() == logits.argmax(-1).tolist()

@@ -14,6 +14,7 @@ from dglm.engine.decoding.loop import generate
 from dglm.engine.decoding.runner import FUSED_MAX_BATCH, DecodeRunner, DecodeRunnerConfig
 from dglm.engine.decoding.sampling import DecodeParams
 from dglm.engine.models import load_decoder
+from dglm.engine.models.base import FunctionHook
 from dglm.kernels import int8_linear as int8_kernel
 from dglm.kernels import llama_step
 from dglm.kernels.llama_step import LlamaInt8Step
@@ -123,7 +124,7 @@ def test_same_tokens_and_the_hook_through_generate(int8, gen):
         r = runner(decoder, impl, 2)
         with torch.inference_mode():
             r.begin(2, 10, None)
-            r.hidden_hook = hook
+            r.hidden_hook = FunctionHook(hook)
             r.prefill(decoder.embed(ids[:, :6]), torch.arange(6).expand(2, 6))
             logits[impl] = torch.stack([r.step(ids[:, t]).clone() for t in range(6, 10)])
     assert seen[-1] == (2, 1, decoder.hidden_size)

@@ -83,3 +83,10 @@ def test_fudge_method_on_the_engine(tiny_engine):
     first, again = e.generate(PROMPTS, q, method=sampled), e.generate(PROMPTS, q, method=sampled)
     assert [o.samples[0].token_ids for o in first] == [o.samples[0].token_ids for o in again]
     assert torch.is_tensor(e.generate(PROMPTS, q)[0].samples[0].latent)
+    # the loop's one sampler draws FUDGE's tokens: sampled with λ = 0 it is plain top-k sampling
+    r = GenerationParams(seed=5, num_samples=2, max_new_tokens=6, top_p=1.0, top_k=4)
+    plain = e.generate(PROMPTS, r, method="plain")
+    unweighted = e.generate(PROMPTS, r, method=Fudge(e.encoder, e.probes, top_k=4, strength=0.0))
+    ids = [[s.token_ids for s in o.samples] for o in plain]
+    assert [[s.token_ids for s in o.samples] for o in unweighted] == ids
+    assert len({tuple(t) for o in ids for t in o}) > 1  # sampled, not one greedy answer

@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from dglm.engine.decoding.loop import DecodeParams, generate
-from dglm.engine.methods.fudge import FudgeParams, fudge_generate, perturbed_scores, target_logprob
+from dglm.engine.decoding.sampling import filter_logits
+from dglm.engine.methods.fudge import FudgeParams, fudge_generate, target_logprob
 from dglm.engine.probes import Probe
 
 PROMPTS = ["The movie was", "I loved the story, but", "Prices are"]
@@ -50,16 +51,6 @@ def test_target_logprob_binary_and_one_vs_rest(gen):
     torch.testing.assert_close(target_logprob(ovr, "c", emb), F.logsigmoid(u @ w3[2] + b3[2]))
     with pytest.raises(ValueError, match="not a label of probe 's'"):
         target_logprob(binary, "neutral", emb)
-
-
-def test_sample_nucleus_and_greedy(gen):
-    scores = torch.randn(4, 6, generator=gen)
-    gens = [torch.Generator().manual_seed(i) for i in range(4)]
-    greedy = scores.argmax(-1)
-    assert torch.equal(perturbed_scores(scores, 0.0, 1.0, gens).argmax(-1), greedy)
-    assert torch.equal(perturbed_scores(scores, 1.0, 1e-6, gens).argmax(-1), greedy)
-    drawn = perturbed_scores(scores, 1.0, 1.0, gens).argmax(-1)
-    assert drawn.shape == (4,) and int(drawn.max()) < 6
 
 
 def test_params_validation():
@@ -124,8 +115,10 @@ def test_reweighting_moves_the_probe_toward_the_target(tiny_engine):
 
 @torch.inference_mode()
 def standalone_fudge(decoder, tok, encoder, probe, target, prefix_ids, params: FudgeParams):
-    """FUDGE's own KV-cached loop, as it stood before it moved onto the shared decode loop: the
-    reference the processor must reproduce token for token."""
+    """FUDGE's own KV-cached loop, as it stood before it moved onto the shared decode loop, drawing
+    as the loop's sampler does (Gumbel-max over the nucleus of the reweighted scores, each row's V
+    uniforms per step from its generator seeded seed + b): the reference the processor and the one
+    sampler must reproduce token for token."""
     B, k = len(prefix_ids), min(params.top_k, decoder.vocab_size)
     lens = [len(r) for r in prefix_ids]
     t_prefix, eos = max(lens), list(decoder.eos_token_ids) + [tok.eos_token_id]
@@ -154,19 +147,16 @@ def standalone_fudge(decoder, tok, encoder, probe, target, prefix_ids, params: F
                                   for c in cand_ids[i].tolist()], skip_special_tokens=True)  # fmt: skip
         lp = target_logprob(probe, target, encoder.embed(texts)).view(len(active), k)
         scores = cand_lp + params.strength * lp
+        u = torch.stack([torch.empty(decoder.vocab_size).uniform_(generator=g) for g in gens])
         if params.temperature == 0:
-            choice = scores.argmax(-1)
+            tok_ids = cand_ids.gather(-1, scores.argmax(-1, keepdim=True))[:, 0].tolist()
         else:
-            s, order = scores.sort(-1, descending=True)
-            if params.top_p < 1:
-                tail = s.softmax(-1).flip(-1).cumsum(-1).flip(-1)
-                remove = tail <= 1 - params.top_p
-                remove[:, 0] = False
-                s = s.masked_fill(remove, float("-inf"))
-            u = torch.stack([torch.rand(k, generator=gens[b]) for b in active])
-            g = -torch.log(-torch.log(u.clamp_min(1e-20)))
-            choice = order.gather(-1, (s + g).argmax(-1, keepdim=True))[:, 0]
-        tok_ids = cand_ids.gather(-1, choice[:, None])[:, 0].tolist()
+            full = torch.full((len(active), decoder.vocab_size), float("-inf"))
+            full.scatter_(-1, cand_ids, scores)
+            top_p = torch.full((len(active), 1), params.top_p)
+            s, order = filter_logits(full, torch.zeros(len(active), 1, dtype=torch.long), top_p)
+            g = -torch.log(-torch.log(u[active].gather(-1, order)))
+            tok_ids = order.gather(-1, (s + g).argmax(-1, keepdim=True))[:, 0].tolist()
         next_tok = torch.full((B,), pad)
         for i, b in enumerate(active):
             finished[b] = finished[b] or tok_ids[i] in eos

@@ -19,6 +19,7 @@ from dglm.engine.methods.re_control import (
     value_ascent,
 )
 from dglm.engine.models import load_decoder
+from dglm.engine.models.base import FunctionHook
 from dglm.engine.training.loop import TrainConfig
 from dglm.engine.training.value import Rollouts, td_loss, train_value
 from dglm.kernels import value_edit
@@ -150,7 +151,7 @@ def test_edit_in_the_decode_loop(tiny, gen):
 
         with torch.no_grad():
             logits = decoder(decoder.embed(ids), torch.arange(ids.shape[1])[None], last_only=True,
-                             hidden_hook=hook)  # fmt: skip
+                             hidden_hook=FunctionHook(hook))  # fmt: skip
         logits[0, -1, EOS] = float("-inf")
         out.append(int(logits[0, -1].argmax()))
     assert got[1].token_ids == out

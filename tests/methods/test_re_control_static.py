@@ -20,6 +20,7 @@ from dglm.engine.methods.re_control import (
     ValueNetwork,
 )
 from dglm.engine.models import load_decoder
+from dglm.engine.models.base import FunctionHook
 
 
 def nets(h: int, device: str = "cpu") -> tuple[ValueNetwork, ValueNetwork]:
@@ -52,7 +53,7 @@ def test_static_form_equals_the_hook_and_refills_per_batch(gen):
     H = 16
     pair = nets(H)
     hook = ValueEdit(two_edits(pair, gen, 3), rows=3).with_companions([0, 2])
-    assert capturable(hook) and not capturable(lambda h: h)
+    assert capturable(hook) and not capturable(FunctionHook(lambda h: h))
     static = hook.static_copy(8)
     assert isinstance(static, StaticValueEdit)
     static.load(hook)
@@ -216,7 +217,7 @@ def test_graph_path_replays_the_static_form(tiny_dir, gen, beta):
     again, _ = generate(decoder, tok, rows, params, runner=runner)
     assert [r.token_ids for r in again] == [r.token_ids for r in plain]
     with pytest.raises(ValueError, match="hidden-state hook"):
-        generate(decoder, tok, rows, params, runner=runner, hidden_hook=lambda h: h)
+        generate(decoder, tok, rows, params, runner=runner, hidden_hook=FunctionHook(lambda h: h))
 
 
 # ------------------------------------------------------------------------- on a GPU

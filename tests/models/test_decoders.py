@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import json
-import warnings
 
 import pytest
 import torch
@@ -404,33 +403,6 @@ def test_forward_static_matches_forward(tiny: Tiny, ours, gen, chunks):
     assert max_diff(cache.k[:, :, :, written], k[:, :, :, written]) < 1e-5
 
 
-def test_forward_static_functional_matches_in_place(tiny: Tiny, ours, gen):
-    """functional=True reads the buffers only, returns the K/V the in-place call writes; the
-    caller scatters them and gets the same logits step after step."""
-    x, positions, real, T0, S = static_inputs(ours, gen, steps=4)
-    B, N, _ = x.shape
-    k, v = junk_cache(ours, B, S, gen)
-    kf, vf = k.clone(), v.clone()
-    key_mask = torch.ones(B, S, dtype=torch.bool)
-    key_mask[:, :N] = real
-    start = 0
-    with torch.inference_mode():
-        for n in (T0, 1, 2, 1):
-            sl, write_pos = slice(start, start + n), torch.arange(start, start + n)
-            before = kf.clone(), vf.clone()
-            logits = ours.forward_static(x[:, sl], positions[:, sl], k, v, write_pos, key_mask)
-            out, k_new, v_new = ours.forward_static(
-                x[:, sl], positions[:, sl], kf, vf, write_pos, key_mask, functional=True
-            )
-            assert torch.equal(kf, before[0]) and torch.equal(vf, before[1])  # read only
-            assert k_new.shape == (ours.num_layers, B, ours.num_kv_heads, n, ours.head_dim)
-            assert max_diff(out, logits) < 1e-5
-            assert max_diff(k_new, k[:, :, :, sl]) < 1e-5
-            assert max_diff(v_new, v[:, :, :, sl]) < 1e-5
-            kf[:, :, :, sl], vf[:, :, :, sl] = k_new, v_new
-            start += n
-
-
 def test_forward_static_last_only_and_gap(ours, gen):
     """last_only gives the last position's logits; a skipped slot masked off in key_mask changes
     nothing (write slots need not be contiguous)."""
@@ -491,52 +463,6 @@ def test_input_major_weights(tiny: Tiny, ours, gen):
         a = static_run(ours, x, positions, real, T0, S, k, v, (1, 1, 1))
         b = static_run(fast, x, positions, real, T0, S, k2, v2, (1, 1, 1))
     assert max_diff(a[real], b[real]) < 1e-5
-
-
-class _FunctionalStep(torch.nn.Module):
-    """Token ids → forward_static(functional=True): the decode graph an ONNX export wants."""
-
-    def __init__(self, decoder) -> None:
-        super().__init__()
-        self.decoder = decoder
-
-    def forward(self, ids, positions, write_pos, key_mask, k_cache, v_cache):
-        x = self.decoder.embed(ids)
-        return self.decoder.forward_static(
-            x, positions, k_cache, v_cache, write_pos, key_mask, functional=True
-        )
-
-
-def test_forward_static_functional_exports_to_onnx(tiny: Tiny, ours, gen, tmp_path):
-    """The functional step exports (TorchScript exporter, dynamic batch) and ONNX Runtime
-    reproduces its logits and new K/V at another batch size."""
-    ort = pytest.importorskip("onnxruntime")
-    pytest.importorskip("onnx")
-    S = 12
-    k, v = junk_cache(ours, 2, S, gen)
-    km = torch.ones(2, S, dtype=torch.bool)
-    args = (rand_ids(gen, 2, 1), torch.tensor([[7], [5]]), torch.tensor([7]), km, k, v)
-    path = tmp_path / "decode.onnx"
-    names = ["ids", "positions", "write_pos", "key_mask", "k_cache", "v_cache"]
-    batch = {"ids": {0: "b"}, "positions": {0: "b"}, "key_mask": {0: "b"}}
-    batch |= {n: {1: "b"} for n in ("k_cache", "v_cache", "k_new", "v_new")}
-    batch["logits"] = {0: "b"}
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            _FunctionalStep(ours).eval(), args, str(path), dynamo=False, opset_version=17,
-            input_names=names, output_names=["logits", "k_new", "v_new"], dynamic_axes=batch,
-        )  # fmt: skip
-    k3, v3 = junk_cache(ours, 3, S, gen)
-    km3 = torch.ones(3, S, dtype=torch.bool)
-    km3[2, :3] = False  # a row with pads
-    args3 = (rand_ids(gen, 3, 1), torch.tensor([[7], [5], [4]]), torch.tensor([7]), km3, k3, v3)
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    got = session.run(None, {n: a.numpy() for n, a in zip(names, args3, strict=True)})
-    with torch.inference_mode():
-        ref = _FunctionalStep(ours)(*args3)
-    for g, r in zip(got, ref, strict=True):
-        assert max_diff(torch.from_numpy(g), r) < 1e-4
 
 
 def test_forward_static_shape_errors(ours):
