@@ -393,13 +393,14 @@ class Engine:
         for i, p in enumerate(params):
             if isinstance(p, GenerationParams) and p.implied_controls:
                 controls = with_implied(p.controls, table)
-                if self.backend != "torch" and any(c.hidden for c in controls[len(p.controls) :]):
+                added = controls[len(p.controls) :]
+                if any(c.hidden for c in added) and self.backend != "torch":
                     raise ValueError(
                         f"params[{i}]: the bundle implies "
-                        f"{[f'{c.probe}={c.target}@{c.method}' for c in controls[len(p.controls) :]]}"
+                        f"{[f'{c.probe}={c.target}@{c.method}' for c in added]}"
                         f" for these controls (config.json implied_controls), which act through "
-                        "RE-Control, not in the ONNX decode graph: pass implied_controls=False or "
-                        "use backend='torch'"
+                        f"RE-Control, which the {self.backend!r} decode backend does not run: pass "
+                        "implied_controls=False or use backend='torch'"
                     )
                 p = replace(p, controls=controls)
             out.append(p)

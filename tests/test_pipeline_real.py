@@ -85,7 +85,11 @@ def test_shipped_toxicity_value_network_composes_with_dglm(real_engine):
     negative = Control("sentiment", "negative")
     both = (negative, Control("toxicity", "low", method="re-control"))
     prompts = ["The food at this place", "The food at this place"]
-    params = [GenerationParams(seed=3, max_new_tokens=16, controls=c) for c in (both, (negative,))]
+    # the DGLM-only row without the bundle's implied toxicity=low (else it is the edited row)
+    params = [
+        GenerationParams(seed=3, max_new_tokens=16, controls=both),
+        GenerationParams(seed=3, max_new_tokens=16, controls=(negative,), implied_controls=False),
+    ]
     edited, plain = real_engine.generate(prompts, params)
     (alone,) = real_engine.generate(prompts[:1], params[1:])
     assert plain.samples[0].token_ids == alone.samples[0].token_ids

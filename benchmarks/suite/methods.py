@@ -263,6 +263,7 @@ class HFSoftPromptCore:
 
     def __init__(self, hf, tokenizer, temperature: float, top_p: float) -> None:
         self.hf, self.tokenizer = hf, tokenizer
+        self.backend = "hf-generate"  # no hidden-state hooks: no RE-Control rows
         self.temperature, self.top_p = temperature, top_p
         self.max_context = hf.config.max_position_embeddings
 
@@ -301,12 +302,15 @@ def reference_method(
     # the engine's methods (its networks) over another decode core
     core = HFSoftPromptCore(hf, engine.tokenizer, temperature, top_p)
     ref = Engine(core, engine.methods.values(), engine.default, engine.no_repeat_ngram_size)
-    # the reference decodes plainly from the soft prompt: no prompt guidance
+    # the reference decodes plainly from the soft prompt: no prompt guidance, no n-gram ban, no
+    # controls beyond the row's own
     overrides = {
         "sampler": "ddpm",
         "num_inference_steps": steps,
         "guidance_mode": "exact",
         "prompt_guidance": 1.0,
+        "no_repeat_ngram_size": 0,
+        "implied_controls": False,
     }
 
     def run(prompts: list[str], length: int, seeds: list[int]) -> Run:

@@ -29,6 +29,7 @@ class Core(Protocol):
 
     tokenizer: object
     max_context: int
+    backend: str  # "torch" runs hidden-state hooks (RE-Control); anything else does not
 
     def lm_head(self) -> Callable[[torch.Tensor], torch.Tensor] | None: ...
 
