@@ -126,19 +126,20 @@ def markdown(points: list[dict], env: dict, config: EvalConfig) -> str:
         f"dev split, {config.num_prefixes} prefixes × {config.num_samples}",
     )
     lines += [
-        "| point | samples seen | target | VADER | Gemma PPL (plain) | repeats a trigram | Dist-3 "
-        "| relevance |",
+        "| point | samples seen | setting | VADER target | Gemma PPL (plain, same truncation) "
+        "| repeats a trigram | Dist-3 | relevance |",
         "|---|---:|---|---:|---:|---:|---:|---:|",
     ]
     for p in points:
         plain = p["rows"]["decoder"]
+        masked = next((m for k, m in p["rows"].items() if k.startswith("decoder min-p")), plain)
         for s, m in p["rows"].items():
             if not s.startswith("dglm"):
                 continue
             target = "positive" if "positive" in s else "negative"
-            ppl, base = _ppl(m), _ppl(plain)
+            ppl, base = _ppl(m), _ppl(masked)
             lines.append(
-                f"| {p['label']} | {p['samples']} | {target} | {m[f'vader_{target}']:.3f} | "
+                f"| {p['label']} | {p['samples']} | {s} | {m[f'vader_{target}']:.3f} | "
                 f"{ppl:.1f} ({base:.1f}) | {m['repeat_trigram']:.3f} | {m['dist_3']:.3f} | "
                 f"{m['relevance']:.3f} |"
             )
