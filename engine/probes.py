@@ -142,15 +142,23 @@ def save_probes(path: str | Path, probes: list[Probe]) -> None:
     save_file(tensors, str(path), metadata={"probes": json.dumps(meta)})
 
 
+def read_with_header(
+    path: str | Path, key: str, what: str, default: str = "null"
+) -> tuple[object, dict[str, torch.Tensor]]:
+    """(the JSON of header entry `key`, the tensors) of a safetensors file; ValueError naming the
+    file as not a readable `what` file when it is missing, truncated or its entry is not JSON."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get(key, default))
+        return meta, load_file(str(path))
+    except (OSError, SafetensorError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not a readable {what} file ({e})") from e
+
+
 def load_probes(path: str | Path) -> list[Probe]:
     """The probes of a `save_probes` file; ValueError naming the file if it is missing, not
     safetensors (e.g. truncated) or not a probes file."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = json.loads((f.metadata() or {}).get("probes", "{}"))
-        tensors = load_file(str(path))
-    except (OSError, SafetensorError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: not a readable probes file ({e})") from e
+    meta, tensors = read_with_header(path, "probes", "probes", "{}")
     try:
         return [
             Probe(

@@ -31,9 +31,8 @@ import torch
 from dglm.engine.api import MAX_CAA_MULTIPLIER, GenerationParams
 from dglm.engine.methods.base import Conditioning, Method, MethodBatch
 from dglm.engine.methods.re_control import ValueNetwork, value_conditioning
-from dglm.engine.probes import Control, Probe
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from dglm.engine.probes import Control, Probe, read_with_header
+from safetensors.torch import save_file
 
 POSITIONS = (
     "mean",
@@ -183,12 +182,7 @@ def save_steering_vectors(vectors: dict[str, SteeringVector], path: str | Path) 
 def load_steering_vectors(path: str | Path) -> dict[str, SteeringVector]:
     """The vectors of a `save_steering_vectors` file by probe; ValueError naming the file when it
     is missing, unreadable or not such a file."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = json.loads((f.metadata() or {}).get("steering_vectors", "null"))
-        tensors = load_file(str(path))
-    except (OSError, SafetensorError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: not a readable steering-vector file ({e})") from e
+    meta, tensors = read_with_header(path, "steering_vectors", "steering-vector")
     if not isinstance(meta, dict):
         raise ValueError(f"{path}: not a steering-vector file (no 'steering_vectors' header)")
     try:
